@@ -1,0 +1,195 @@
+//! Calyx IPAM: cluster pools carved into per-node blocks, addresses allocated to
+//! handles (one per attachment: network + container + interface), all kept as JSON
+//! documents in a `Store` (embedded file store or etcd).
+
+pub mod allocator;
+pub mod model;
+pub mod store;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use serde::de::DeserializeOwned;
+
+use crate::allocator::{plan_allocation, plan_release, AllocationRequest, StoredBlock};
+use crate::model::{handle_key, pool_key, Handle, Pool};
+use crate::store::{conflict_backoff, Expect, Store, StoreError, Versioned, Write};
+
+#[derive(Debug, thiserror::Error)]
+pub enum IpamError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("pool exhausted: {0}")]
+    PoolExhausted(String),
+    #[error("no enabled address pool to allocate from")]
+    NoPools,
+    #[error(
+        "gave up after {attempts} conflicting updates in {elapsed:?}; the datastore is too busy"
+    )]
+    TooManyConflicts { attempts: u32, elapsed: Duration },
+}
+
+/// How long an operation keeps retrying compare-and-swap conflicts.
+const CONFLICT_DEADLINE: Duration = Duration::from_secs(10);
+
+pub struct Ipam<'s> {
+    store: &'s dyn Store,
+}
+
+impl<'s> Ipam<'s> {
+    pub fn new(store: &'s dyn Store) -> Ipam<'s> {
+        Ipam { store }
+    }
+
+    pub fn store(&self) -> &'s dyn Store {
+        self.store
+    }
+
+    pub async fn pools(&self) -> Result<Vec<Pool>, IpamError> {
+        Ok(decode_all(self.store, &self.store.list("pools/").await?)?
+            .into_iter()
+            .map(|(_, pool, _)| pool)
+            .collect())
+    }
+
+    /// Creates the given pools when the store has none yet (first use of a cluster).
+    pub async fn ensure_pools(&self, wanted: &[Pool]) -> Result<(), IpamError> {
+        if wanted.is_empty() || !self.store.list("pools/").await?.is_empty() {
+            return Ok(());
+        }
+        let writes = wanted
+            .iter()
+            .map(|pool| Write::Put {
+                key: pool_key(&pool.name),
+                value: serde_json::to_value(pool).expect("pool serialises"),
+                expect: Expect::Absent,
+            })
+            .collect();
+        match self.store.commit(writes).await {
+            // Someone else created them at the same moment: fine either way.
+            Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub async fn blocks(&self) -> Result<BTreeMap<String, StoredBlock>, IpamError> {
+        Ok(decode_all(self.store, &self.store.list("blocks/").await?)?
+            .into_iter()
+            .map(|(key, block, revision)| (key, StoredBlock { block, revision }))
+            .collect())
+    }
+
+    pub async fn handle(&self, id: &str) -> Result<Option<(Handle, u64)>, IpamError> {
+        let key = handle_key(id);
+        match self.store.get(&key).await? {
+            Some(v) => Ok(Some((decode(self.store, &key, &v)?, v.revision))),
+            None => Ok(None),
+        }
+    }
+
+    pub async fn handles(&self) -> Result<Vec<Handle>, IpamError> {
+        Ok(decode_all(self.store, &self.store.list("handles/").await?)?
+            .into_iter()
+            .map(|(_, handle, _)| handle)
+            .collect())
+    }
+
+    /// Gives the request's handle one address per family. Idempotent: when the handle
+    /// already holds addresses, returns them and allocates nothing. The second value
+    /// says whether this call created the allocation.
+    pub async fn allocate(&self, request: &AllocationRequest) -> Result<(Handle, bool), IpamError> {
+        self.retry_conflicts(|| async {
+            if let Some((existing, _)) = self.handle(&request.handle_id).await? {
+                return Ok((existing, false));
+            }
+            let pools = self.pools().await?;
+            let blocks = self.blocks().await?;
+            let plan = plan_allocation(&pools, &blocks, request)?;
+            self.store.commit(plan.writes).await?;
+            Ok((plan.handle, true))
+        })
+        .await
+    }
+
+    /// Frees every address of a handle and deletes it. Returns what was released, or
+    /// None when the handle did not exist (releasing twice is fine).
+    pub async fn release(&self, handle_id: &str) -> Result<Option<Handle>, IpamError> {
+        self.retry_conflicts(|| async {
+            let Some((handle, revision)) = self.handle(handle_id).await? else {
+                return Ok(None);
+            };
+            let blocks = self.blocks().await?;
+            self.store
+                .commit(plan_release(&handle, revision, &blocks))
+                .await?;
+            Ok(Some(handle))
+        })
+        .await
+    }
+
+    /// Releases every handle of `network` on `node` that is not in `keep`; returns the
+    /// released handle IDs.
+    pub async fn garbage_collect(
+        &self,
+        network: &str,
+        node: &str,
+        keep: &BTreeSet<String>,
+    ) -> Result<Vec<String>, IpamError> {
+        let stale: Vec<String> = self
+            .handles()
+            .await?
+            .into_iter()
+            .filter(|h| h.network == network && h.attrs.node == node && !keep.contains(&h.id))
+            .map(|h| h.id)
+            .collect();
+        for id in &stale {
+            self.release(id).await?;
+        }
+        Ok(stale)
+    }
+
+    async fn retry_conflicts<T, F, Fut>(&self, mut attempt_once: F) -> Result<T, IpamError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, IpamError>>,
+    {
+        let started = Instant::now();
+        let mut attempts = 0;
+        loop {
+            match attempt_once().await {
+                Err(IpamError::Store(StoreError::Conflict { key })) => {
+                    attempts += 1;
+                    let elapsed = started.elapsed();
+                    if elapsed > CONFLICT_DEADLINE {
+                        return Err(IpamError::TooManyConflicts { attempts, elapsed });
+                    }
+                    tracing::debug!(%key, attempts, "conflicting update, retrying");
+                    tokio::time::sleep(conflict_backoff(attempts)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+fn decode<T: DeserializeOwned>(
+    store: &dyn Store,
+    key: &str,
+    v: &Versioned,
+) -> Result<T, StoreError> {
+    serde_json::from_value(v.value.clone()).map_err(|e| StoreError::Corrupt {
+        location: store.location(),
+        key: key.to_string(),
+        reason: e.to_string(),
+    })
+}
+
+fn decode_all<T: DeserializeOwned>(
+    store: &dyn Store,
+    entries: &[(String, Versioned)],
+) -> Result<Vec<(String, T, u64)>, StoreError> {
+    entries
+        .iter()
+        .map(|(key, v)| Ok((key.clone(), decode(store, key, v)?, v.revision)))
+        .collect()
+}

@@ -1,0 +1,360 @@
+//! The documents IPAM keeps in the store, and the pure arithmetic on them.
+//!
+//! Key layout (under the store's prefix, `/calyx/v1/` by default):
+//! `pools/<name>`, `blocks/<cidr with '/' as '-'>`, `handles/<id>`, `nodes/<name>`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+use serde::{Deserialize, Serialize};
+
+pub const DEFAULT_BLOCK_SIZE_V4: u8 = 26;
+pub const DEFAULT_BLOCK_SIZE_V6: u8 = 122;
+
+/// A cluster address pool; blocks are carved from it and handed to nodes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Pool {
+    pub name: String,
+    pub cidr: IpNetwork,
+    pub block_size: u8,
+    #[serde(default = "yes")]
+    pub vxlan: bool,
+    #[serde(default = "yes")]
+    pub nat_outgoing: bool,
+    #[serde(default)]
+    pub disabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Pool {
+    /// A pool with the default block size for its family and a name derived from the CIDR.
+    pub fn with_defaults(cidr: IpNetwork, block_size: Option<u8>) -> Result<Pool, String> {
+        let block_size = block_size.unwrap_or(match cidr {
+            IpNetwork::V4(_) => DEFAULT_BLOCK_SIZE_V4,
+            IpNetwork::V6(_) => DEFAULT_BLOCK_SIZE_V6,
+        });
+        let pool = Pool {
+            name: default_pool_name(&cidr),
+            cidr: IpNetwork::new(cidr.network(), cidr.prefix()).map_err(|e| e.to_string())?,
+            block_size,
+            vxlan: true,
+            nat_outgoing: true,
+            disabled: false,
+        };
+        pool.validate()?;
+        Ok(pool)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let max = max_prefix(&self.cidr);
+        if self.block_size < self.cidr.prefix() || self.block_size > max {
+            return Err(format!(
+                "blockSize {} does not fit pool {}: it must be between /{} and /{}",
+                self.block_size,
+                self.cidr,
+                self.cidr.prefix(),
+                max
+            ));
+        }
+        if max - self.block_size > 20 {
+            return Err(format!(
+                "blockSize {} is too large a block (more than 2^20 addresses); use /{} or longer",
+                self.block_size,
+                max - 20
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.cidr.is_ipv4()
+    }
+
+    /// How many blocks the pool holds (capped: a v6 pool can hold astronomically many).
+    pub fn block_count(&self) -> u128 {
+        let bits = u32::from(self.block_size - self.cidr.prefix());
+        if bits >= 64 {
+            u64::MAX as u128
+        } else {
+            1u128 << bits
+        }
+    }
+
+    /// The `index`th block of the pool.
+    pub fn block_cidr(&self, index: u128) -> IpNetwork {
+        let host_bits = u32::from(max_prefix(&self.cidr) - self.block_size);
+        let base = ip_to_u128(self.cidr.network());
+        let addr = base + (index << host_bits);
+        IpNetwork::new(u128_to_ip(addr, self.cidr.is_ipv4()), self.block_size)
+            .expect("block prefix validated against the pool")
+    }
+}
+
+pub fn default_pool_name(cidr: &IpNetwork) -> String {
+    let family = if cidr.is_ipv4() { "ipv4" } else { "ipv6" };
+    format!(
+        "default-{family}-{}",
+        cidr.to_string().replace(['/', ':', '.'], "-")
+    )
+}
+
+/// One allocated address inside a block.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Allocation {
+    pub handle: String,
+    /// Block-local sequence number of this allocation; a release names it, so a stale
+    /// release can never free an address that was handed out again since.
+    pub seq: u64,
+    #[serde(flatten)]
+    pub attrs: AllocationAttrs,
+}
+
+/// Who an allocation is for; informational, used by `ipamctl` and GC.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AllocationAttrs {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    pub node: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ifname: Option<String>,
+    /// Unix seconds.
+    pub time: u64,
+}
+
+/// A block of a pool, affine to one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Block {
+    pub cidr: IpNetwork,
+    pub pool: String,
+    pub affinity: Option<String>,
+    /// ordinal -> allocation
+    pub allocations: BTreeMap<u32, Allocation>,
+    /// Ordinals at or above this were never handed out.
+    pub never_used_from: u32,
+    /// Freed ordinals, oldest first: reuse is FIFO so a freed address rests as long as
+    /// possible before it is handed out again.
+    pub released: VecDeque<u32>,
+    /// Incremented on every allocation.
+    pub seq: u64,
+}
+
+impl Block {
+    pub fn new(cidr: IpNetwork, pool: &str, affinity: &str) -> Block {
+        Block {
+            cidr,
+            pool: pool.to_string(),
+            affinity: Some(affinity.to_string()),
+            allocations: BTreeMap::new(),
+            never_used_from: 0,
+            released: VecDeque::new(),
+            seq: 0,
+        }
+    }
+
+    pub fn size(&self) -> u32 {
+        let bits = u32::from(max_prefix(&self.cidr) - self.cidr.prefix());
+        1u32 << bits
+    }
+
+    pub fn free_count(&self) -> u32 {
+        self.size() - self.allocations.len() as u32
+    }
+
+    pub fn is_ipv4(&self) -> bool {
+        self.cidr.is_ipv4()
+    }
+
+    pub fn ip_at(&self, ordinal: u32) -> IpAddr {
+        u128_to_ip(
+            ip_to_u128(self.cidr.network()) + u128::from(ordinal),
+            self.is_ipv4(),
+        )
+    }
+
+    pub fn ordinal_of(&self, ip: IpAddr) -> Option<u32> {
+        if !self.cidr.contains(ip) {
+            return None;
+        }
+        Some((ip_to_u128(ip) - ip_to_u128(self.cidr.network())) as u32)
+    }
+
+    /// Takes the next free ordinal: never-used ones first, then the oldest released.
+    pub fn allocate(&mut self, handle: &str, attrs: AllocationAttrs) -> Option<(u32, u64)> {
+        let ordinal = if self.never_used_from < self.size() {
+            self.never_used_from += 1;
+            self.never_used_from - 1
+        } else {
+            self.released.pop_front()?
+        };
+        self.seq += 1;
+        let allocation = Allocation {
+            handle: handle.to_string(),
+            seq: self.seq,
+            attrs,
+        };
+        self.allocations.insert(ordinal, allocation);
+        Some((ordinal, self.seq))
+    }
+
+    /// Frees `ordinal` if it is still held by `handle` at sequence `seq`.
+    pub fn release(&mut self, ordinal: u32, handle: &str, seq: u64) -> bool {
+        match self.allocations.get(&ordinal) {
+            Some(a) if a.handle == handle && a.seq == seq => {
+                self.allocations.remove(&ordinal);
+                self.released.push_back(ordinal);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+/// One address a handle holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HandleAddress {
+    pub ip: IpAddr,
+    pub block: IpNetwork,
+    pub seq: u64,
+}
+
+/// What one attachment (network + container + interface) holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Handle {
+    pub id: String,
+    pub network: String,
+    pub addresses: Vec<HandleAddress>,
+    #[serde(flatten)]
+    pub attrs: AllocationAttrs,
+}
+
+pub fn pool_key(name: &str) -> String {
+    format!("pools/{name}")
+}
+
+pub fn block_key(cidr: &IpNetwork) -> String {
+    format!("blocks/{}", cidr.to_string().replace('/', "-"))
+}
+
+pub fn handle_key(id: &str) -> String {
+    format!("handles/{id}")
+}
+
+/// The handle ID of one attachment, as in the data model: network + container + ifname.
+pub fn handle_id(network: &str, container_id: &str, ifname: &str) -> String {
+    format!("{network}.{container_id}.{ifname}")
+}
+
+pub fn max_prefix(net: &IpNetwork) -> u8 {
+    if net.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+pub fn ip_to_u128(ip: IpAddr) -> u128 {
+    match ip {
+        IpAddr::V4(v4) => u128::from(u32::from(v4)),
+        IpAddr::V6(v6) => u128::from(v6),
+    }
+}
+
+pub fn u128_to_ip(value: u128, v4: bool) -> IpAddr {
+    if v4 {
+        IpAddr::V4((value as u32).into())
+    } else {
+        IpAddr::V6(value.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> IpNetwork {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn pool_blocks_are_carved_in_order() {
+        let pool = Pool::with_defaults(net("10.244.0.0/16"), None).unwrap();
+        assert_eq!(pool.block_size, 26);
+        assert_eq!(pool.block_count(), 1024);
+        assert_eq!(pool.block_cidr(0), net("10.244.0.0/26"));
+        assert_eq!(pool.block_cidr(5), net("10.244.1.64/26"));
+        assert_eq!(pool.block_cidr(1023), net("10.244.255.192/26"));
+    }
+
+    #[test]
+    fn ipv6_pool_defaults_to_122_blocks() {
+        let pool = Pool::with_defaults(net("fd00:10:244::/56"), None).unwrap();
+        assert_eq!(pool.block_size, 122);
+        assert_eq!(pool.block_cidr(1), net("fd00:10:244::40/122"));
+        // 2^66 blocks: capped, the allocator only ever walks the first few.
+        assert_eq!(pool.block_count(), u64::MAX as u128);
+    }
+
+    #[test]
+    fn pool_cidr_is_normalised_and_block_size_checked() {
+        let pool = Pool::with_defaults(net("10.244.3.7/16"), Some(24)).unwrap();
+        assert_eq!(pool.cidr, net("10.244.0.0/16"));
+        let err = Pool::with_defaults(net("10.244.0.0/16"), Some(8)).unwrap_err();
+        assert!(err.contains("blockSize 8"), "{err}");
+        let err = Pool::with_defaults(net("10.244.0.0/16"), Some(33)).unwrap_err();
+        assert!(err.contains("blockSize 33"), "{err}");
+    }
+
+    #[test]
+    fn block_reuses_freed_addresses_oldest_first_after_never_used() {
+        let mut block = Block::new(net("10.0.0.0/30"), "p", "n1");
+        let attrs = AllocationAttrs::default();
+        let (a, sa) = block.allocate("a", attrs.clone()).unwrap();
+        let (b, sb) = block.allocate("b", attrs.clone()).unwrap();
+        assert_eq!((a, b), (0, 1));
+        assert!(block.release(b, "b", sb));
+        assert!(block.release(a, "a", sa));
+        // Never-used ordinals come first, then b (freed first), then a.
+        let order: Vec<u32> = (0..4)
+            .map(|i| block.allocate(&format!("h{i}"), attrs.clone()).unwrap().0)
+            .collect();
+        assert_eq!(order, vec![2, 3, 1, 0]);
+        assert!(block.allocate("full", attrs).is_none());
+        assert_eq!(block.free_count(), 0);
+    }
+
+    #[test]
+    fn stale_release_does_not_free_a_newer_allocation() {
+        let mut block = Block::new(net("10.0.0.0/31"), "p", "n1");
+        let attrs = AllocationAttrs::default();
+        let (o, s) = block.allocate("h", attrs.clone()).unwrap();
+        assert!(block.release(o, "h", s));
+        block.allocate("x", attrs.clone()).unwrap();
+        let (o2, s2) = block.allocate("h", attrs).unwrap();
+        assert_eq!(o2, o);
+        assert!(!block.release(o, "h", s), "old sequence must not free it");
+        assert!(block.release(o, "h", s2));
+    }
+
+    #[test]
+    fn ordinals_map_to_addresses_both_ways() {
+        let block = Block::new(net("fd00::40/122"), "p", "n1");
+        assert_eq!(block.ip_at(3), "fd00::43".parse::<IpAddr>().unwrap());
+        assert_eq!(block.ordinal_of("fd00::7f".parse().unwrap()), Some(63));
+        assert_eq!(block.ordinal_of("fd00::80".parse().unwrap()), None);
+        assert_eq!(block_key(&net("10.1.0.0/26")), "blocks/10.1.0.0-26");
+    }
+}

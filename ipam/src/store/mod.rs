@@ -1,0 +1,132 @@
+//! The datastore abstraction: versioned JSON documents under one key prefix, written
+//! only by compare-and-swap on each key's revision. Both backends (the embedded file
+//! store and etcd) implement it with the same semantics.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::mpsc;
+
+pub mod file;
+
+/// A document and the revision at which it was last written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Versioned {
+    pub value: serde_json::Value,
+    pub revision: u64,
+}
+
+/// What a write expects to find before it applies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    /// The key must not exist.
+    Absent,
+    /// The key must exist at exactly this revision.
+    Revision(u64),
+}
+
+impl Expect {
+    pub fn from_current(current: Option<&Versioned>) -> Expect {
+        current.map_or(Expect::Absent, |v| Expect::Revision(v.revision))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Write {
+    Put {
+        key: String,
+        value: serde_json::Value,
+        expect: Expect,
+    },
+    Delete {
+        key: String,
+        expect: Expect,
+    },
+}
+
+impl Write {
+    pub fn key(&self) -> &str {
+        match self {
+            Write::Put { key, .. } | Write::Delete { key, .. } => key,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum WatchEvent {
+    Put { key: String, value: Versioned },
+    Delete { key: String, revision: u64 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// One of the writes' expectations did not hold; nothing was written.
+    #[error("conflicting update on {key}")]
+    Conflict { key: String },
+    /// The store cannot be reached or used right now; worth retrying later.
+    #[error("datastore {location} unavailable: {reason}")]
+    Unavailable { location: String, reason: String },
+    #[error("datastore {location}: {reason}")]
+    Io { location: String, reason: String },
+    #[error("datastore {location}: corrupt document {key}: {reason}")]
+    Corrupt {
+        location: String,
+        key: String,
+        reason: String,
+    },
+    #[error("bad datastore URL {url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
+}
+
+pub type WatchReceiver = mpsc::Receiver<Result<WatchEvent, StoreError>>;
+
+#[async_trait]
+pub trait Store: Send + Sync {
+    /// Where the store lives, for messages.
+    fn location(&self) -> String;
+
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError>;
+
+    /// Every key under `prefix`, sorted by key, read at one consistent revision.
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError>;
+
+    /// Applies all writes atomically if every expectation holds, else none and
+    /// `StoreError::Conflict`. Returns the new store revision.
+    async fn commit(&self, writes: Vec<Write>) -> Result<u64, StoreError>;
+
+    /// Streams changes under `prefix` made after `after_revision`.
+    async fn watch(&self, prefix: &str, after_revision: u64) -> Result<WatchReceiver, StoreError>;
+
+    /// Checks that the store can be written (CNI STATUS).
+    async fn check_writable(&self) -> Result<(), StoreError>;
+}
+
+/// Opens the store a datastore URL names: `file:///path` (the default embedded store)
+/// or `etcd://host:port[,host:port]`.
+pub fn open(url: &str) -> Result<Box<dyn Store>, StoreError> {
+    let bad = |reason: &str| StoreError::BadUrl {
+        url: url.to_string(),
+        reason: reason.to_string(),
+    };
+    let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
+    match parsed.scheme() {
+        "file" => {
+            if parsed.path().is_empty() || parsed.path() == "/" {
+                return Err(bad(
+                    "file:// needs a path, e.g. file:///var/lib/calyx/store",
+                ));
+            }
+            Ok(Box::new(file::FileStore::new(parsed.path())))
+        }
+        "etcd" | "etcds" => Err(bad("the etcd backend is not built yet (issue 3)")),
+        other => Err(bad(&format!(
+            "unknown scheme {other:?}; use file:///path or etcd://host:port"
+        ))),
+    }
+}
+
+/// Jittered exponential backoff for compare-and-swap retries.
+pub fn conflict_backoff(attempt: u32) -> Duration {
+    let base_us = 200u64 << attempt.min(6);
+    Duration::from_micros(base_us / 2 + fastrand::u64(0..=base_us))
+}
