@@ -1,1 +1,92 @@
-pub fn placeholder() {}
+//! The one place in Calyx that talks to the kernel's networking: typed netlink calls
+//! (over rtnetlink), network-namespace entry (over netns-rs) and sysctls. Nothing
+//! else in the workspace builds netlink messages.
+
+pub mod netlink;
+pub mod sysctl;
+
+pub use netlink::{Link, Netlink, RouteSpec, CALYX_ROUTE_PROTOCOL};
+pub use netns_rs::NetNs;
+
+use std::io;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    /// A netlink request the kernel refused; `op` says what and on what.
+    #[error("{op}: {source}")]
+    Netlink {
+        op: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("network namespace {path}: {reason}")]
+    Netns {
+        path: String,
+        reason: String,
+        not_found: bool,
+    },
+    #[error("{op}: {source}")]
+    Io {
+        op: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl DataplaneError {
+    fn errno(&self) -> Option<i32> {
+        match self {
+            DataplaneError::Netlink { source, .. } | DataplaneError::Io { source, .. } => {
+                source.raw_os_error()
+            }
+            DataplaneError::Netns { .. } => None,
+        }
+    }
+
+    /// The object was already there (EEXIST).
+    pub fn is_exists(&self) -> bool {
+        self.errno() == Some(17)
+    }
+
+    /// The object (link, route, address, namespace) was not there.
+    pub fn is_not_found(&self) -> bool {
+        match self {
+            DataplaneError::Netns { not_found, .. } => *not_found,
+            // ENOENT, ESRCH, ENODEV, EADDRNOTAVAIL
+            _ => matches!(self.errno(), Some(2 | 3 | 19 | 99)),
+        }
+    }
+}
+
+pub type Result<T> = std::result::Result<T, DataplaneError>;
+
+/// Formats a MAC address the usual way (`ee:ee:ee:ee:ee:ee`).
+pub fn format_mac(mac: &[u8]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in out.iter_mut() {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mac_round_trips() {
+        let mac = parse_mac("ee:ee:ee:ee:ee:0a").unwrap();
+        assert_eq!(format_mac(&mac), "ee:ee:ee:ee:ee:0a");
+        assert!(parse_mac("ee:ee").is_none());
+        assert!(parse_mac("ee:ee:ee:ee:ee:ee:ee").is_none());
+        assert!(parse_mac("zz:ee:ee:ee:ee:ee").is_none());
+    }
+}

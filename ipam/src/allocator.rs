@@ -27,6 +27,7 @@ pub struct AllocationRequest {
     pub handle_id: String,
     pub network: String,
     pub attrs: AllocationAttrs,
+    pub host_interface: Option<String>,
     /// Allocate only from these pools (by CIDR); empty means every enabled pool.
     pub pool_filter: Vec<ipnetwork::IpNetwork>,
 }
@@ -51,6 +52,7 @@ pub fn plan_allocation(
         id: request.handle_id.clone(),
         network: request.network.clone(),
         addresses: Vec::new(),
+        host_interface: request.host_interface.clone(),
         attrs: request.attrs.clone(),
     };
     let mut writes = Vec::new();
@@ -184,6 +186,7 @@ mod tests {
                 node: node.into(),
                 ..Default::default()
             },
+            host_interface: None,
             pool_filter: vec![],
         }
     }

@@ -127,25 +127,20 @@ impl<'s> Ipam<'s> {
         .await
     }
 
-    /// Releases every handle of `network` on `node` that is not in `keep`; returns the
-    /// released handle IDs.
-    pub async fn garbage_collect(
+    /// The handles of `network` on `node` that are not in `keep` (CNI GC's
+    /// valid attachments): the ones to tear down and release.
+    pub async fn stale_handles(
         &self,
         network: &str,
         node: &str,
         keep: &BTreeSet<String>,
-    ) -> Result<Vec<String>, IpamError> {
-        let stale: Vec<String> = self
+    ) -> Result<Vec<Handle>, IpamError> {
+        Ok(self
             .handles()
             .await?
             .into_iter()
             .filter(|h| h.network == network && h.attrs.node == node && !keep.contains(&h.id))
-            .map(|h| h.id)
-            .collect();
-        for id in &stale {
-            self.release(id).await?;
-        }
-        Ok(stale)
+            .collect())
     }
 
     async fn retry_conflicts<T, F, Fut>(&self, mut attempt_once: F) -> Result<T, IpamError>

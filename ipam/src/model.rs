@@ -237,6 +237,10 @@ pub struct Handle {
     pub id: String,
     pub network: String,
     pub addresses: Vec<HandleAddress>,
+    /// The host-side interface of the attachment, so teardown finds it even when the
+    /// runtime's arguments differ between ADD and DEL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_interface: Option<String>,
     #[serde(flatten)]
     pub attrs: AllocationAttrs,
 }

@@ -1,0 +1,333 @@
+//! The CNI commands. Each validates its whole input before its first side effect.
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use calyx_ipam::allocator::AllocationRequest;
+use calyx_ipam::model::{handle_id, AllocationAttrs, Handle};
+use calyx_ipam::store::{self, Store};
+use calyx_ipam::Ipam;
+use serde_json::Value;
+
+use crate::config::{CniEnv, NetConf};
+use crate::error::{CniError, CniResult, Code};
+use crate::pod_network::{
+    default_destination, gateway_for, host_veth_name, pod_address, pod_routes,
+};
+use crate::result::{CniOutput, Interface, IpConfig, Route};
+use crate::version::{version_info, CniVersion};
+use crate::wiring::{mac_text, unwire, Connections, PodAttachment};
+
+/// Runs one command; Ok carries what to print on stdout (nothing for DEL, GC, STATUS
+/// and a passing CHECK).
+pub async fn run(env: &CniEnv, stdin: &[u8]) -> CniResult<Option<Value>> {
+    if env.command == "VERSION" {
+        let asked = serde_json::from_slice::<Value>(stdin).ok();
+        let asked = asked
+            .as_ref()
+            .and_then(|v| v.get("cniVersion"))
+            .and_then(Value::as_str);
+        return Ok(Some(version_info(asked)));
+    }
+    let conf = NetConf::parse(stdin)?;
+    let version = conf.version()?;
+    version.require(&env.command)?;
+    conf.validate()?;
+    match env.command.as_str() {
+        "ADD" => add(env, &conf, version).await.map(Some),
+        "DEL" => del(env, &conf).await.map(|_| None),
+        "CHECK" => check(env, &conf).await.map(|_| None),
+        "GC" => gc(&conf).await.map(|_| None),
+        "STATUS" => status(&conf).await.map(|_| None),
+        other => Err(CniError::new(
+            Code::InvalidEnvironment,
+            format!("CNI_COMMAND {other:?} is not one of ADD, DEL, CHECK, VERSION, STATUS, GC"),
+        )),
+    }
+}
+
+fn open_store(conf: &NetConf) -> CniResult<Box<dyn Store>> {
+    Ok(store::open(conf.datastore())?)
+}
+
+fn veth_name_for(env: &CniEnv, container_id: &str, ifname: &str) -> String {
+    host_veth_name(env.pod_namespace(), env.pod_name(), container_id, ifname)
+}
+
+async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Value> {
+    let container_id = env.container_id()?;
+    let ifname = env.ifname()?;
+    let netns = env.netns()?;
+    let node = conf.node_name()?;
+    let mtu = conf.mtu()?;
+    let pools = conf.pools()?;
+    let host_veth = veth_name_for(env, container_id, ifname);
+
+    // Everything that can fail without side effects comes first.
+    let connections = Connections::open(netns)?;
+    let store = open_store(conf)?;
+    let ipam = Ipam::new(store.as_ref());
+    connections.clear_leftovers(&host_veth, ifname).await?;
+
+    ipam.ensure_pools(&pools).await?;
+    let request = AllocationRequest {
+        handle_id: handle_id(&conf.name, container_id, ifname),
+        network: conf.name.clone(),
+        attrs: AllocationAttrs {
+            pod: env.pod_name().map(str::to_string),
+            namespace: env.pod_namespace().map(str::to_string),
+            node,
+            container_id: Some(container_id.to_string()),
+            ifname: Some(ifname.to_string()),
+            time: unix_now(),
+        },
+        host_interface: Some(host_veth.clone()),
+        pool_filter: pools.iter().map(|p| p.cidr).collect(),
+    };
+    let (handle, created) = ipam.allocate(&request).await?;
+    let addresses: Vec<IpAddr> = handle.addresses.iter().map(|a| a.ip).collect();
+    tracing::info!(handle = %handle.id, ?addresses, created, "allocated");
+
+    let attachment = PodAttachment {
+        host_veth,
+        ifname: ifname.to_string(),
+        netns: netns.to_path_buf(),
+        mtu,
+        addresses: addresses.clone(),
+    };
+    let links = match connections.wire(&attachment).await {
+        Ok(links) => links,
+        Err(err) => {
+            // Only release what this call allocated: a retried ADD's address may
+            // still be the one the runtime recorded.
+            if created {
+                if let Err(e) = ipam.release(&handle.id).await {
+                    tracing::error!(error = %e, handle = %handle.id, "undo: release allocation");
+                }
+            }
+            return Err(err);
+        }
+    };
+
+    let output = CniOutput {
+        interfaces: vec![
+            Interface {
+                name: links.host.name.clone(),
+                mac: mac_text(&links.host),
+                sandbox: None,
+            },
+            Interface {
+                name: links.pod.name.clone(),
+                mac: mac_text(&links.pod),
+                sandbox: Some(netns.display().to_string()),
+            },
+        ],
+        ips: addresses
+            .iter()
+            .map(|ip| IpConfig {
+                address: pod_address(*ip),
+                gateway: Some(gateway_for(*ip)),
+                interface: Some(1),
+            })
+            .collect(),
+        routes: addresses
+            .iter()
+            .map(|ip| Route {
+                dst: default_destination(*ip),
+                gw: Some(gateway_for(*ip)),
+            })
+            .collect(),
+        dns: conf.dns.clone(),
+    };
+    Ok(output.to_json(version))
+}
+
+/// Tears one attachment down and releases its addresses; carries on past errors and
+/// reports them all at the end. Works when the netns is gone or CNI_NETNS is empty.
+async fn del(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
+    let container_id = env.container_id()?;
+    let ifname = env.ifname()?;
+    let store = open_store(conf)?;
+    let ipam = Ipam::new(store.as_ref());
+    let id = handle_id(&conf.name, container_id, ifname);
+    let handle = ipam.handle(&id).await?.map(|(h, _)| h);
+    let host_veth = handle
+        .as_ref()
+        .and_then(|h| h.host_interface.clone())
+        .unwrap_or_else(|| veth_name_for(env, container_id, ifname));
+    teardown(&ipam, &id, &host_veth, handle.as_ref()).await
+}
+
+async fn teardown(
+    ipam: &Ipam<'_>,
+    id: &str,
+    host_veth: &str,
+    handle: Option<&Handle>,
+) -> CniResult<()> {
+    let addresses: Vec<IpAddr> = handle
+        .map(|h| h.addresses.iter().map(|a| a.ip).collect())
+        .unwrap_or_default();
+    let mut errors: Vec<CniError> = Vec::new();
+    if let Err(e) = unwire(host_veth, &addresses).await {
+        errors.push(e);
+    }
+    if handle.is_some() {
+        if let Err(e) = ipam.release(id).await {
+            errors.push(e.into());
+        }
+    }
+    match errors.len() {
+        0 => Ok(()),
+        1 => Err(errors.remove(0)),
+        _ => {
+            let all: Vec<String> = errors.iter().map(ToString::to_string).collect();
+            Err(errors.remove(0).with_details(all.join("; ")))
+        }
+    }
+}
+
+/// Compares the attachment with prevResult and the allocation; names what differs.
+async fn check(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
+    let container_id = env.container_id()?;
+    let ifname = env.ifname()?;
+    let netns = env.netns()?;
+    let prev = conf.prev_result.as_ref().ok_or_else(|| {
+        CniError::new(
+            Code::InvalidConfig,
+            "CHECK needs prevResult in the network config",
+        )
+    })?;
+    let prev = CniOutput::from_json(prev)?;
+    let store = open_store(conf)?;
+    let ipam = Ipam::new(store.as_ref());
+    let id = handle_id(&conf.name, container_id, ifname);
+    let differs = |what: String| {
+        Err(CniError::new(
+            Code::CheckFailed,
+            format!("CHECK {id}: {what}"),
+        ))
+    };
+
+    let Some((handle, _)) = ipam.handle(&id).await? else {
+        return differs("no allocation is recorded for this attachment".into());
+    };
+    let host_veth = handle
+        .host_interface
+        .clone()
+        .unwrap_or_else(|| veth_name_for(env, container_id, ifname));
+    let connections = Connections::open(netns)?;
+    let seen = connections.observe(&host_veth, ifname).await?;
+    let Some(pod) = &seen.pod else {
+        return differs(format!(
+            "interface {ifname} is missing in {}",
+            netns.display()
+        ));
+    };
+    let Some(host) = &seen.host else {
+        return differs(format!("host interface {host_veth} is missing"));
+    };
+    if !pod.up {
+        return differs(format!("interface {ifname} is down"));
+    }
+    if !host.up {
+        return differs(format!("host interface {host_veth} is down"));
+    }
+    if let Some(iface) = prev.interfaces.iter().find(|i| i.name == ifname) {
+        let mac = mac_text(pod);
+        if !iface.mac.is_empty() && !iface.mac.eq_ignore_ascii_case(&mac) {
+            return differs(format!(
+                "interface {ifname} has MAC {mac}, prevResult says {}",
+                iface.mac
+            ));
+        }
+    }
+    for ip in &prev.ips {
+        let addr = ip.address.ip();
+        if !handle.addresses.iter().any(|a| a.ip == addr) {
+            return differs(format!(
+                "address {addr} is not allocated to this attachment"
+            ));
+        }
+        if !seen.pod_addresses.contains(&(addr, ip.address.prefix())) {
+            return differs(format!("interface {ifname} lacks address {}", ip.address));
+        }
+        for want in pod_routes(addr, pod.index) {
+            let present = seen.pod_routes.iter().any(|r| {
+                r.destination == want.destination
+                    && r.prefix_len == want.prefix_len
+                    && r.gateway == want.gateway
+                    && r.device == want.device
+            });
+            if !present {
+                let via = want
+                    .gateway
+                    .map(|g| format!(" via {g}"))
+                    .unwrap_or_default();
+                return differs(format!(
+                    "pod route {}/{}{via} dev {ifname} is missing",
+                    want.destination, want.prefix_len
+                ));
+            }
+        }
+        if !seen.host_routes.iter().any(|r| r.destination == addr) {
+            return differs(format!(
+                "host route {} dev {host_veth} is missing",
+                ip.address
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Releases every allocation of this network on this node whose attachment the
+/// runtime no longer lists, and removes its host veth.
+async fn gc(conf: &NetConf) -> CniResult<()> {
+    let valid = conf.valid_attachments.clone().unwrap_or_default();
+    let keep: BTreeSet<String> = valid
+        .iter()
+        .map(|a| handle_id(&conf.name, &a.container_id, &a.ifname))
+        .collect();
+    let node = conf.node_name()?;
+    let store = open_store(conf)?;
+    let ipam = Ipam::new(store.as_ref());
+    let mut first_error = None;
+    for handle in ipam.stale_handles(&conf.name, &node, &keep).await? {
+        let host_veth = handle.host_interface.clone().unwrap_or_default();
+        tracing::info!(handle = %handle.id, "GC: releasing");
+        if let Err(e) = teardown(&ipam, &handle.id, &host_veth, Some(&handle)).await {
+            tracing::error!(handle = %handle.id, error = %e, "GC: release failed");
+            first_error.get_or_insert(e);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Ready for ADD: the store can be written and there is a pool to allocate from.
+async fn status(conf: &NetConf) -> CniResult<()> {
+    let not_ready = |msg: String| CniError::new(Code::NotAvailable, msg);
+    let store = open_store(conf).map_err(|e| not_ready(e.msg))?;
+    store
+        .check_writable()
+        .await
+        .map_err(|e| not_ready(format!("datastore cannot be written: {e}")))?;
+    if conf.pools()?.is_empty() {
+        let pools = Ipam::new(store.as_ref())
+            .pools()
+            .await
+            .map_err(|e| not_ready(e.to_string()))?;
+        if !pools.iter().any(|p| !p.disabled) {
+            return Err(not_ready(
+                "no enabled address pool in the config or the datastore".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}

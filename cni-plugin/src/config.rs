@@ -1,0 +1,399 @@
+//! The network configuration (a conflist's plugin entry, as the runtime passes it on
+//! stdin) and the CNI_* environment. Everything is validated here, before any side
+//! effect.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ipnetwork::IpNetwork;
+use serde::Deserialize;
+
+use crate::error::{CniError, CniResult, Code};
+use crate::version::CniVersion;
+use calyx_ipam::model::Pool;
+
+pub const DEFAULT_DATASTORE: &str = "file:///var/lib/calyx/store";
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/calyx";
+pub const DEFAULT_MTU: u32 = 1450;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NetConf {
+    pub cni_version: Option<String>,
+    #[serde(default)]
+    pub name: String,
+    #[serde(rename = "type")]
+    pub plugin_type: Option<String>,
+    pub datastore: Option<String>,
+    pub node_name: Option<String>,
+    pub mtu: Option<u32>,
+    /// Where the agent leaves `nodename` and `mtu` for the plugin.
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub ipam: IpamConf,
+    pub dns: Option<serde_json::Value>,
+    pub log_level: Option<String>,
+    pub log_file: Option<PathBuf>,
+    pub prev_result: Option<serde_json::Value>,
+    #[serde(rename = "cni.dev/valid-attachments")]
+    pub valid_attachments: Option<Vec<Attachment>>,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct IpamConf {
+    #[serde(default)]
+    pub pools: Vec<IpNetwork>,
+    /// Block prefix length for IPv4 pools (default 26).
+    pub block_size: Option<u8>,
+    /// Block prefix length for IPv6 pools (default 122).
+    pub block_size_v6: Option<u8>,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Attachment {
+    #[serde(rename = "containerID")]
+    pub container_id: String,
+    pub ifname: String,
+}
+
+impl NetConf {
+    /// Parses stdin; a syntax error is code 6, a field of the wrong shape code 7 with
+    /// the field's path.
+    pub fn parse(stdin: &[u8]) -> CniResult<NetConf> {
+        if let Err(e) = serde_json::from_slice::<serde_json::Value>(stdin) {
+            return Err(CniError::new(
+                Code::Decode,
+                format!("network config on stdin is not valid JSON: {e}"),
+            ));
+        }
+        let mut de = serde_json::Deserializer::from_slice(stdin);
+        let conf: NetConf = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            CniError::new(
+                Code::InvalidConfig,
+                format!("network config field {}: {}", e.path(), e.inner()),
+            )
+        })?;
+        Ok(conf)
+    }
+
+    pub fn version(&self) -> CniResult<CniVersion> {
+        match &self.cni_version {
+            Some(v) => CniVersion::parse(v),
+            None => Err(CniError::new(
+                Code::IncompatibleVersion,
+                "network config has no cniVersion",
+            )),
+        }
+    }
+
+    /// Checks the fields every command needs.
+    pub fn validate(&self) -> CniResult<()> {
+        let invalid = |msg: String| Err(CniError::new(Code::InvalidConfig, msg));
+        match self.plugin_type.as_deref() {
+            Some("calyx") => {}
+            Some(other) => {
+                return invalid(format!(
+                    "network config field type: {other:?} is not \"calyx\""
+                ))
+            }
+            None => return invalid("network config field type is missing".into()),
+        }
+        if self.name.is_empty() {
+            return invalid("network config field name is missing".into());
+        }
+        if !self
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            return invalid(format!(
+                "network config field name: {:?} may hold only letters, digits, '-', '_' and '.'",
+                self.name
+            ));
+        }
+        if let Some(mtu) = self.mtu {
+            if !(576..=65535).contains(&mtu) {
+                return invalid(format!(
+                    "network config field mtu: {mtu} is outside 576..65535"
+                ));
+            }
+        }
+        self.pools()?;
+        Ok(())
+    }
+
+    /// The pools the config lists, with block sizes applied.
+    pub fn pools(&self) -> CniResult<Vec<Pool>> {
+        self.ipam
+            .pools
+            .iter()
+            .map(|cidr| {
+                let size = if cidr.is_ipv4() {
+                    self.ipam.block_size
+                } else {
+                    self.ipam.block_size_v6
+                };
+                Pool::with_defaults(*cidr, size).map_err(|e| {
+                    CniError::new(
+                        Code::InvalidConfig,
+                        format!("network config field ipam.pools {cidr}: {e}"),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    pub fn datastore(&self) -> &str {
+        self.datastore.as_deref().unwrap_or(DEFAULT_DATASTORE)
+    }
+
+    fn state_dir(&self) -> &Path {
+        self.state_dir
+            .as_deref()
+            .unwrap_or(Path::new(DEFAULT_STATE_DIR))
+    }
+
+    /// nodeName from the config, else what the agent wrote, else the hostname.
+    pub fn node_name(&self) -> CniResult<String> {
+        if let Some(name) = &self.node_name {
+            return Ok(name.clone());
+        }
+        if let Some(name) = read_trimmed(&self.state_dir().join("nodename")) {
+            return Ok(name);
+        }
+        read_trimmed(Path::new("/proc/sys/kernel/hostname")).ok_or_else(|| {
+            CniError::new(
+                Code::InvalidConfig,
+                "cannot tell the node name: set nodeName",
+            )
+        })
+    }
+
+    /// mtu from the config, else what the agent wrote, else 1450.
+    pub fn mtu(&self) -> CniResult<u32> {
+        if let Some(mtu) = self.mtu {
+            return Ok(mtu);
+        }
+        let path = self.state_dir().join("mtu");
+        match read_trimmed(&path) {
+            Some(text) => text.parse().map_err(|_| {
+                CniError::new(
+                    Code::InvalidConfig,
+                    format!("{}: {text:?} is not an MTU", path.display()),
+                )
+            }),
+            None => Ok(DEFAULT_MTU),
+        }
+    }
+}
+
+fn read_trimmed(path: &Path) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.to_string())
+}
+
+/// The CNI_* environment of one call.
+#[derive(Debug, Clone, Default)]
+pub struct CniEnv {
+    pub command: String,
+    pub container_id: Option<String>,
+    pub netns: Option<PathBuf>,
+    pub ifname: Option<String>,
+    pub args: BTreeMap<String, String>,
+}
+
+impl CniEnv {
+    pub fn from_vars(get: impl Fn(&str) -> Option<String>) -> CniResult<CniEnv> {
+        let nonempty = |k: &str| get(k).filter(|v| !v.is_empty());
+        let command = nonempty("CNI_COMMAND")
+            .ok_or_else(|| CniError::new(Code::InvalidEnvironment, "CNI_COMMAND is not set"))?;
+        let args = match nonempty("CNI_ARGS") {
+            Some(text) => parse_cni_args(&text)?,
+            None => BTreeMap::new(),
+        };
+        Ok(CniEnv {
+            command,
+            container_id: nonempty("CNI_CONTAINERID"),
+            netns: nonempty("CNI_NETNS").map(PathBuf::from),
+            ifname: nonempty("CNI_IFNAME"),
+            args,
+        })
+    }
+
+    pub fn container_id(&self) -> CniResult<&str> {
+        let id = self
+            .container_id
+            .as_deref()
+            .ok_or_else(|| CniError::new(Code::InvalidEnvironment, "CNI_CONTAINERID is not set"))?;
+        let ok = id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+        if !ok || id.starts_with(['-', '.']) {
+            return Err(CniError::new(
+                Code::InvalidEnvironment,
+                format!("CNI_CONTAINERID {id:?} may hold only letters, digits, '_', '.' and '-'"),
+            ));
+        }
+        Ok(id)
+    }
+
+    pub fn ifname(&self) -> CniResult<&str> {
+        let name = self
+            .ifname
+            .as_deref()
+            .ok_or_else(|| CniError::new(Code::InvalidEnvironment, "CNI_IFNAME is not set"))?;
+        validate_ifname(name).map_err(|why| {
+            CniError::new(
+                Code::InvalidEnvironment,
+                format!("CNI_IFNAME {name:?}: {why}"),
+            )
+        })?;
+        Ok(name)
+    }
+
+    pub fn netns(&self) -> CniResult<&Path> {
+        self.netns
+            .as_deref()
+            .ok_or_else(|| CniError::new(Code::InvalidEnvironment, "CNI_NETNS is not set"))
+    }
+
+    pub fn pod_namespace(&self) -> Option<&str> {
+        self.args.get("K8S_POD_NAMESPACE").map(String::as_str)
+    }
+
+    pub fn pod_name(&self) -> Option<&str> {
+        self.args.get("K8S_POD_NAME").map(String::as_str)
+    }
+}
+
+/// Linux interface names: 1 to 15 bytes, no '/', ':' or white space, not "." or "..".
+pub fn validate_ifname(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() || name.len() > 15 {
+        return Err("an interface name must be 1 to 15 characters");
+    }
+    if name == "." || name == ".." {
+        return Err("an interface name cannot be . or ..");
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
+        return Err("an interface name cannot hold '/', ':' or white space");
+    }
+    Ok(())
+}
+
+/// `K=V;K=V` pairs. Unknown keys are ignored: runtimes add their own.
+pub fn parse_cni_args(text: &str) -> CniResult<BTreeMap<String, String>> {
+    let mut args = BTreeMap::new();
+    for pair in text.split(';').filter(|p| !p.is_empty()) {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(CniError::new(
+                Code::InvalidEnvironment,
+                format!("CNI_ARGS: {pair:?} is not KEY=VALUE"),
+            ));
+        };
+        args.insert(key.to_string(), value.to_string());
+    }
+    Ok(args)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_config_parses() {
+        let conf = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"k8s","type":"calyx","datastore":"file:///tmp/s",
+                "nodeName":"node-1","mtu":1400,"dns":{"nameservers":["10.96.0.10"]},
+                "ipam":{"pools":["10.244.0.0/16","fd00:10:244::/56"],"blockSize":24}}"#,
+        )
+        .unwrap();
+        conf.validate().unwrap();
+        assert_eq!(conf.datastore(), "file:///tmp/s");
+        assert_eq!(conf.node_name().unwrap(), "node-1");
+        assert_eq!(conf.mtu().unwrap(), 1400);
+        let pools = conf.pools().unwrap();
+        assert_eq!((pools[0].block_size, pools[1].block_size), (24, 122));
+    }
+
+    #[test]
+    fn minimal_config_uses_defaults() {
+        let conf = NetConf::parse(br#"{"cniVersion":"0.3.1","name":"n","type":"calyx"}"#).unwrap();
+        conf.validate().unwrap();
+        assert_eq!(conf.datastore(), DEFAULT_DATASTORE);
+        assert!(conf.pools().unwrap().is_empty());
+    }
+
+    #[test]
+    fn malformed_json_is_code_6() {
+        let err = NetConf::parse(b"{\"cniVersion\":").unwrap_err();
+        assert_eq!(err.code, Code::Decode);
+    }
+
+    #[test]
+    fn wrong_field_shape_is_code_7_and_names_the_field() {
+        let err =
+            NetConf::parse(br#"{"type":"calyx","ipam":{"pools":["10.0.0.0/33"]}}"#).unwrap_err();
+        assert_eq!(err.code, Code::InvalidConfig);
+        assert!(err.msg.contains("ipam.pools[0]"), "{}", err.msg);
+        let err = NetConf::parse(br#"{"type":"calyx","mtu":"big"}"#).unwrap_err();
+        assert!(err.msg.contains("field mtu"), "{}", err.msg);
+    }
+
+    #[test]
+    fn bad_values_are_code_7_and_name_the_field() {
+        for (json, field) in [
+            (r#"{"name":"n","type":"bridge"}"#, "type"),
+            (r#"{"name":"n","type":"calyx","mtu":70000}"#, "mtu"),
+            (
+                r#"{"name":"n","type":"calyx","ipam":{"pools":["10.0.0.0/16"],"blockSize":12}}"#,
+                "ipam.pools",
+            ),
+            (r#"{"type":"calyx"}"#, "name"),
+        ] {
+            let err = NetConf::parse(json.as_bytes())
+                .unwrap()
+                .validate()
+                .unwrap_err();
+            assert_eq!(err.code, Code::InvalidConfig, "{json}");
+            assert!(err.msg.contains(field), "{json}: {}", err.msg);
+        }
+    }
+
+    #[test]
+    fn cni_args_parse_and_reject_garbage() {
+        let args =
+            parse_cni_args("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0").unwrap();
+        assert_eq!(args["K8S_POD_NAME"], "web-0");
+        assert_eq!(
+            parse_cni_args("oops").unwrap_err().code,
+            Code::InvalidEnvironment
+        );
+    }
+
+    #[test]
+    fn ifname_rules() {
+        assert!(validate_ifname("eth0").is_ok());
+        assert!(validate_ifname("a-very-long-ifname").is_err());
+        assert!(validate_ifname("").is_err());
+        assert!(validate_ifname("a/b").is_err());
+        assert!(validate_ifname("..").is_err());
+    }
+
+    #[test]
+    fn missing_environment_is_code_4() {
+        let env = CniEnv::from_vars(|k| (k == "CNI_COMMAND").then(|| "ADD".to_string())).unwrap();
+        assert_eq!(
+            env.container_id().unwrap_err().code,
+            Code::InvalidEnvironment
+        );
+        assert_eq!(env.ifname().unwrap_err().code, Code::InvalidEnvironment);
+        assert_eq!(env.netns().unwrap_err().code, Code::InvalidEnvironment);
+        assert!(CniEnv::from_vars(|_| None).is_err());
+    }
+}

@@ -1,0 +1,157 @@
+//! What a pod's network should look like, computed from its addresses: pure data, so
+//! ADD applies it, CHECK compares against it and the tests can read it.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use calyx_dataplane::{RouteSpec, CALYX_ROUTE_PROTOCOL};
+use ipnetwork::IpNetwork;
+use sha1::{Digest, Sha1};
+
+/// The host end of every pod veth has this MAC; pods reach their gateway through it.
+pub const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
+/// The IPv4 gateway every pod uses; answered by the host veth (static neighbour entry).
+pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// The IPv6 gateway: the link-local address the kernel derives from HOST_VETH_MAC.
+pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+
+/// `cyx` + 11 hex chars of sha1 of the pod's identity: "<namespace>.<pod>" when the
+/// runtime names the pod, else the container ID. A second interface of the same pod
+/// (CNI_IFNAME other than eth0) hashes its name in too, so it gets a veth of its own.
+pub fn host_veth_name(
+    pod_namespace: Option<&str>,
+    pod_name: Option<&str>,
+    container_id: &str,
+    ifname: &str,
+) -> String {
+    let mut identity = match (pod_namespace, pod_name) {
+        (Some(ns), Some(pod)) if !ns.is_empty() && !pod.is_empty() => format!("{ns}.{pod}"),
+        _ => container_id.to_string(),
+    };
+    if ifname != "eth0" {
+        identity.push('.');
+        identity.push_str(ifname);
+    }
+    let digest = Sha1::digest(identity.as_bytes());
+    format!("cyx{}", &hex::encode(digest)[..11])
+}
+
+pub fn gateway_for(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(GATEWAY_V4),
+        IpAddr::V6(_) => IpAddr::V6(GATEWAY_V6),
+    }
+}
+
+pub fn host_prefix(ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+/// The pod's address as a host network (/32 or /128).
+pub fn pod_address(ip: IpAddr) -> IpNetwork {
+    IpNetwork::new(ip, host_prefix(ip)).expect("host prefix is valid")
+}
+
+pub fn default_destination(ip: IpAddr) -> IpNetwork {
+    match ip {
+        IpAddr::V4(_) => "0.0.0.0/0".parse().expect("valid"),
+        IpAddr::V6(_) => "::/0".parse().expect("valid"),
+    }
+}
+
+/// Routes inside the pod for one address: the gateway as an on-link host, then the
+/// default route through it.
+pub fn pod_routes(ip: IpAddr, pod_ifindex: u32) -> [RouteSpec; 2] {
+    let gateway = gateway_for(ip);
+    let unspecified = default_destination(ip).ip();
+    [
+        RouteSpec {
+            destination: gateway,
+            prefix_len: host_prefix(gateway),
+            gateway: None,
+            device: pod_ifindex,
+            link_scope: true,
+            protocol: CALYX_ROUTE_PROTOCOL,
+        },
+        RouteSpec {
+            destination: unspecified,
+            prefix_len: 0,
+            gateway: Some(gateway),
+            device: pod_ifindex,
+            link_scope: false,
+            protocol: CALYX_ROUTE_PROTOCOL,
+        },
+    ]
+}
+
+/// The host's route to the pod address through its veth.
+pub fn host_route(ip: IpAddr, host_ifindex: u32) -> RouteSpec {
+    RouteSpec {
+        destination: ip,
+        prefix_len: host_prefix(ip),
+        gateway: None,
+        device: host_ifindex,
+        link_scope: true,
+        protocol: CALYX_ROUTE_PROTOCOL,
+    }
+}
+
+/// Sysctls on the host end, by family: answer ARP for the gateway at once (proxy ARP,
+/// no proxy delay), forward, and for IPv6 no router advertisements and no DAD on the
+/// link-local address the pod uses as its gateway.
+pub fn host_veth_sysctls(veth: &str, v4: bool, v6: bool) -> Vec<(String, &'static str)> {
+    use calyx_dataplane::sysctl::iface_key;
+    let mut out = Vec::new();
+    if v4 {
+        out.push((iface_key("net.ipv4.conf", veth, "proxy_arp"), "1"));
+        out.push((iface_key("net.ipv4.neigh", veth, "proxy_delay"), "0"));
+        out.push((iface_key("net.ipv4.conf", veth, "forwarding"), "1"));
+    }
+    if v6 {
+        out.push((iface_key("net.ipv6.conf", veth, "accept_ra"), "0"));
+        out.push((iface_key("net.ipv6.conf", veth, "accept_dad"), "0"));
+        out.push((iface_key("net.ipv6.conf", veth, "forwarding"), "1"));
+        out.push((iface_key("net.ipv6.conf", veth, "proxy_ndp"), "1"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_name_is_cyx_plus_11_hex_of_sha1() {
+        // printf 'default.web-0' | sha1sum | cut -c1-11
+        let name = host_veth_name(Some("default"), Some("web-0"), "abc", "eth0");
+        assert_eq!(name, "cyx0d7763386da");
+    }
+
+    #[test]
+    fn veth_name_falls_back_to_container_id_and_separates_interfaces() {
+        let by_id = host_veth_name(None, Some("web-0"), "c0ffee", "eth0");
+        assert_eq!(&by_id[3..], &hex::encode(Sha1::digest(b"c0ffee"))[..11]);
+        let eth0 = host_veth_name(Some("ns"), Some("p"), "c", "eth0");
+        let net1 = host_veth_name(Some("ns"), Some("p"), "c", "net1");
+        assert_ne!(eth0, net1);
+    }
+
+    #[test]
+    fn ipv6_gateway_is_the_eui64_link_local_of_the_host_mac() {
+        assert_eq!(GATEWAY_V6.to_string(), "fe80::ecee:eeff:feee:eeee");
+    }
+
+    #[test]
+    fn pod_routes_go_through_the_link_scope_gateway() {
+        let [gw, default] = pod_routes("10.244.0.5".parse().unwrap(), 7);
+        assert_eq!(gw.destination.to_string(), "169.254.1.1");
+        assert!(gw.link_scope && gw.prefix_len == 32);
+        assert_eq!(default.prefix_len, 0);
+        assert_eq!(default.gateway, Some(IpAddr::V4(GATEWAY_V4)));
+        let [gw6, _] = pod_routes("fd00::5".parse().unwrap(), 7);
+        assert_eq!(gw6.prefix_len, 128);
+    }
+}

@@ -1,0 +1,218 @@
+//! Applies a pod's network to the kernel (ADD), reads it back (CHECK) and removes it
+//! (DEL, GC). The plugin process runs in the host's network namespace; the pod's side
+//! is reached through a netlink socket opened inside the pod's namespace.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+
+use calyx_dataplane::netlink::open_namespace;
+use calyx_dataplane::{format_mac, sysctl, Link, Netlink, RouteSpec, CALYX_ROUTE_PROTOCOL};
+
+use crate::error::{CniError, CniResult, Code};
+use crate::pod_network::{
+    gateway_for, host_prefix, host_route, host_veth_sysctls, pod_routes, HOST_VETH_MAC,
+};
+
+/// One pod attachment as ADD wires it.
+#[derive(Debug, Clone)]
+pub struct PodAttachment {
+    pub host_veth: String,
+    pub ifname: String,
+    pub netns: PathBuf,
+    pub mtu: u32,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// Links as they exist after ADD.
+#[derive(Debug, Clone)]
+pub struct WiredLinks {
+    pub host: Link,
+    pub pod: Link,
+}
+
+/// Netlink connections to the host and to one pod namespace, opened before anything
+/// is changed so that a bad netns fails ADD before any allocation.
+pub struct Connections {
+    host: Netlink,
+    pod: Netlink,
+    netns: calyx_dataplane::NetNs,
+}
+
+impl Connections {
+    pub fn open(netns: &Path) -> CniResult<Connections> {
+        let ns = open_namespace(netns).map_err(|e| {
+            let mut err = CniError::from(e);
+            err.msg = format!("CNI_NETNS {}: {}", netns.display(), err.msg);
+            err
+        })?;
+        Ok(Connections {
+            host: Netlink::current()?,
+            pod: Netlink::in_namespace(netns)?,
+            netns: ns,
+        })
+    }
+
+    /// Removes what an earlier ADD of the same pod left (a retried ADD, or a stale
+    /// sandbox of a pod with the same name), and refuses when the pod already has an
+    /// interface of that name that is not ours.
+    pub async fn clear_leftovers(&self, host_veth: &str, ifname: &str) -> CniResult<()> {
+        if let Some(stale) = self.host.link_by_name(host_veth).await? {
+            tracing::info!(link = host_veth, "removing leftover host veth");
+            self.host.delete_link(&stale).await?;
+        }
+        if self.pod.link_by_name(ifname).await?.is_some() {
+            return Err(CniError::new(
+                Code::InvalidEnvironment,
+                format!("CNI_IFNAME {ifname}: the container already has an interface of that name"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Creates and configures the veth pair. On failure, deletes the pair (which takes
+    /// its addresses and routes with it) before returning the error.
+    pub async fn wire(&self, pod: &PodAttachment) -> CniResult<WiredLinks> {
+        self.host
+            .create_veth(
+                &pod.host_veth,
+                HOST_VETH_MAC,
+                &pod.ifname,
+                self.netns.file(),
+                pod.mtu,
+            )
+            .await?;
+        let result = self.configure(pod).await;
+        if result.is_err() {
+            if let Ok(Some(link)) = self.host.link_by_name(&pod.host_veth).await {
+                if let Err(e) = self.host.delete_link(&link).await {
+                    tracing::warn!(error = %e, "undo: delete veth");
+                }
+            }
+        }
+        result
+    }
+
+    async fn configure(&self, pod: &PodAttachment) -> CniResult<WiredLinks> {
+        let missing = |side: &str, name: &str| {
+            CniError::new(
+                Code::Io,
+                format!("{side} interface {name} vanished right after creation"),
+            )
+        };
+        let host = self
+            .host
+            .link_by_name(&pod.host_veth)
+            .await?
+            .ok_or_else(|| missing("host", &pod.host_veth))?;
+        let pod_link = self
+            .pod
+            .link_by_name(&pod.ifname)
+            .await?
+            .ok_or_else(|| missing("pod", &pod.ifname))?;
+        let has_v4 = pod.addresses.iter().any(IpAddr::is_ipv4);
+        let has_v6 = pod.addresses.iter().any(IpAddr::is_ipv6);
+
+        // Host end: sysctls before the link is up (accept_dad must be off before IPv6
+        // starts on it), then up.
+        for (key, value) in host_veth_sysctls(&pod.host_veth, has_v4, has_v6) {
+            sysctl::set(&key, value)?;
+        }
+        self.host.set_up(&host).await?;
+
+        // Pod end.
+        if has_v6 {
+            self.netns
+                .run(|_| sysctl::set("net.ipv6.conf.all.disable_ipv6", "0"))
+                .map_err(|e| {
+                    CniError::new(Code::Io, format!("enter {}: {e}", pod.netns.display()))
+                })??;
+        }
+        for ip in &pod.addresses {
+            self.pod
+                .add_address(&pod_link, *ip, host_prefix(*ip), ip.is_ipv6())
+                .await?;
+        }
+        self.pod.set_up(&pod_link).await?;
+        for ip in &pod.addresses {
+            for route in pod_routes(*ip, pod_link.index) {
+                self.pod.add_route(&route).await?;
+            }
+            self.pod
+                .add_permanent_neighbour(&pod_link, gateway_for(*ip), HOST_VETH_MAC)
+                .await?;
+        }
+
+        // The host's route to the pod.
+        for ip in &pod.addresses {
+            self.host.add_route(&host_route(*ip, host.index)).await?;
+        }
+        Ok(WiredLinks {
+            host,
+            pod: pod_link,
+        })
+    }
+
+    /// What CHECK compares: the pod interface, its addresses and routes, and the host
+    /// veth with its routes.
+    pub async fn observe(&self, host_veth: &str, ifname: &str) -> CniResult<Observed> {
+        let mut observed = Observed::default();
+        if let Some(pod) = self.pod.link_by_name(ifname).await? {
+            observed.pod_addresses = self.pod.addresses(&pod).await?;
+            for v4 in [true, false] {
+                observed.pod_routes.extend(self.pod.routes(v4).await?);
+            }
+            observed.pod = Some(pod);
+        }
+        if let Some(host) = self.host.link_by_name(host_veth).await? {
+            for v4 in [true, false] {
+                observed.host_routes.extend(
+                    self.host
+                        .routes_via(&host, v4, CALYX_ROUTE_PROTOCOL)
+                        .await?,
+                );
+            }
+            observed.host = Some(host);
+        }
+        Ok(observed)
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Observed {
+    pub host: Option<Link>,
+    pub pod: Option<Link>,
+    pub pod_addresses: Vec<(IpAddr, u8)>,
+    pub pod_routes: Vec<RouteSpec>,
+    pub host_routes: Vec<RouteSpec>,
+}
+
+/// Deletes the host veth of an attachment (its peer, addresses and routes go with
+/// it), whether or not the pod's namespace still exists. A veth whose Calyx routes
+/// lead to other addresses than `addresses` belongs to a newer pod of the same name
+/// and is left alone.
+pub async fn unwire(host_veth: &str, addresses: &[IpAddr]) -> CniResult<()> {
+    let host = Netlink::current()?;
+    let Some(link) = host.link_by_name(host_veth).await? else {
+        return Ok(());
+    };
+    let mut routed = Vec::new();
+    for v4 in [true, false] {
+        routed.extend(host.routes_via(&link, v4, CALYX_ROUTE_PROTOCOL).await?);
+    }
+    if let Some(foreign) = routed.iter().find(|r| !addresses.contains(&r.destination)) {
+        tracing::warn!(
+            link = host_veth,
+            route = %foreign.destination,
+            "host veth now serves another address; leaving it"
+        );
+        return Ok(());
+    }
+    match host.delete_link(&link).await {
+        Err(e) if e.is_not_found() => Ok(()),
+        other => Ok(other?),
+    }
+}
+
+pub fn mac_text(link: &Link) -> String {
+    format_mac(&link.mac)
+}

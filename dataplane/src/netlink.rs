@@ -1,0 +1,422 @@
+//! Typed netlink calls over one rtnetlink connection, bound to one network namespace.
+
+use std::net::IpAddr;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+
+use futures::TryStreamExt;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags};
+use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
+use netlink_packet_route::neighbour::NeighbourState;
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
+};
+use netlink_packet_route::AddressFamily;
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+
+use crate::{DataplaneError, Result};
+
+/// Routes Calyx installs carry this protocol number, so they can be told apart from
+/// everyone else's (`ip route show proto 201`).
+pub const CALYX_ROUTE_PROTOCOL: u8 = 201;
+
+/// The parts of a link Calyx cares about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub mac: Vec<u8>,
+    pub mtu: u32,
+    pub up: bool,
+}
+
+/// A route, as Calyx writes and compares them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub destination: IpAddr,
+    pub prefix_len: u8,
+    pub gateway: Option<IpAddr>,
+    pub device: u32,
+    /// Link scope (a directly attached host or gateway) rather than universe.
+    pub link_scope: bool,
+    pub protocol: u8,
+}
+
+/// A netlink connection bound to one network namespace.
+pub struct Netlink {
+    handle: Handle,
+}
+
+fn nl_err(op: impl Into<String>, err: rtnetlink::Error) -> DataplaneError {
+    let source = match err {
+        rtnetlink::Error::NetlinkError(msg) => msg.to_io(),
+        other => std::io::Error::other(other.to_string()),
+    };
+    DataplaneError::Netlink {
+        op: op.into(),
+        source,
+    }
+}
+
+impl Netlink {
+    /// A connection in the calling thread's current namespace. Needs a tokio runtime.
+    pub fn current() -> Result<Netlink> {
+        let (connection, handle, _) =
+            rtnetlink::new_connection_with_strict_check().map_err(|source| DataplaneError::Io {
+                op: "open netlink socket".into(),
+                source,
+            })?;
+        tokio::spawn(connection);
+        Ok(Netlink { handle })
+    }
+
+    /// A connection inside the namespace at `path`: enters it only long enough to open
+    /// the socket (a netlink socket stays bound to the namespace it was opened in), then
+    /// returns. Run it on a current-thread runtime: setns acts on the calling thread.
+    pub fn in_namespace(path: &Path) -> Result<Netlink> {
+        let ns = open_namespace(path)?;
+        let opened = ns
+            .run(|_| rtnetlink::new_connection_with_strict_check())
+            .map_err(|e| netns_err(path, e.to_string(), false))?;
+        let (connection, handle, _) = opened.map_err(|source| DataplaneError::Io {
+            op: format!("open netlink socket in {}", path.display()),
+            source,
+        })?;
+        tokio::spawn(connection);
+        Ok(Netlink { handle })
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(Some(link_from_message(&msg))),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                let err = nl_err(format!("get link {name}"), e);
+                if err.is_not_found() {
+                    Ok(None)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    /// Creates a veth pair whose peer is created directly inside the namespace open at
+    /// `peer_netns` (one request; no move afterwards).
+    pub async fn create_veth(
+        &self,
+        host_name: &str,
+        host_mac: [u8; 6],
+        peer_name: &str,
+        peer_netns: &std::fs::File,
+        mtu: u32,
+    ) -> Result<()> {
+        let peer = rtnetlink::LinkMessageBuilder::<LinkUnspec>::new()
+            .name(peer_name.to_string())
+            .mtu(mtu)
+            .setns_by_fd(peer_netns.as_raw_fd())
+            .build();
+        let message = LinkVeth::new(host_name, peer_name)
+            .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
+            .address(host_mac.to_vec())
+            .mtu(mtu)
+            .build();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(|e| {
+                nl_err(
+                    format!("create veth {host_name} (peer {peer_name}, mtu {mtu})"),
+                    e,
+                )
+            })
+    }
+
+    pub async fn set_up(&self, link: &Link) -> Result<()> {
+        let message = LinkUnspec::new_with_index(link.index).up().build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(|e| nl_err(format!("set link {} up", link.name), e))
+    }
+
+    pub async fn delete_link(&self, link: &Link) -> Result<()> {
+        self.handle
+            .link()
+            .del(link.index)
+            .execute()
+            .await
+            .map_err(|e| nl_err(format!("delete link {}", link.name), e))
+    }
+
+    /// Adds an address; `no_dad` marks IPv6 addresses usable at once (no duplicate
+    /// address detection: the address is ours by allocation).
+    pub async fn add_address(
+        &self,
+        link: &Link,
+        ip: IpAddr,
+        prefix_len: u8,
+        no_dad: bool,
+    ) -> Result<()> {
+        let mut request = self
+            .handle
+            .address()
+            .add(link.index, ip, prefix_len)
+            .replace();
+        if no_dad {
+            request
+                .message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        request
+            .execute()
+            .await
+            .map_err(|e| nl_err(format!("add address {ip}/{prefix_len} to {}", link.name), e))
+    }
+
+    /// Global (non link-local) addresses on a link.
+    pub async fn addresses(&self, link: &Link) -> Result<Vec<(IpAddr, u8)>> {
+        let mut stream = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(link.index)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| nl_err(format!("list addresses of {}", link.name), e))?
+        {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(ip) = attr {
+                    let link_local =
+                        matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80);
+                    if !link_local {
+                        out.push((*ip, msg.header.prefix_len));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn add_route(&self, route: &RouteSpec) -> Result<()> {
+        let message = route_message(route)?;
+        self.handle
+            .route()
+            .add(message)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| nl_err(format!("add route {}", describe_route(route)), e))
+    }
+
+    pub async fn delete_route(&self, route: &RouteSpec) -> Result<()> {
+        let message = route_message(route)?;
+        self.handle
+            .route()
+            .del(message)
+            .execute()
+            .await
+            .map_err(|e| nl_err(format!("delete route {}", describe_route(route)), e))
+    }
+
+    /// Main-table routes of one family.
+    pub async fn routes(&self, ipv4: bool) -> Result<Vec<RouteSpec>> {
+        let mut filter = if ipv4 {
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        };
+        // A strict dump filters on a non-zero protocol: ask for every protocol.
+        filter.header.protocol = RouteProtocol::Unspec;
+        let mut stream = self.handle.route().get(filter).execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| nl_err("list routes", e))?
+        {
+            if msg.header.table != RouteMessageBuilder::<IpAddr>::new().build().header.table {
+                continue;
+            }
+            if let Some(route) = route_from_message(&msg, ipv4) {
+                out.push(route);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Main-table routes of one family and protocol whose output device is `link`,
+    /// filtered by the kernel (strict dump), so it stays cheap on a node with many routes.
+    pub async fn routes_via(
+        &self,
+        link: &Link,
+        ipv4: bool,
+        protocol: u8,
+    ) -> Result<Vec<RouteSpec>> {
+        let mut filter = if ipv4 {
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        };
+        filter.header.protocol = RouteProtocol::from(protocol);
+        filter.attributes.push(RouteAttribute::Oif(link.index));
+        let mut stream = self.handle.route().get(filter).execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| nl_err(format!("list routes via {}", link.name), e))?
+        {
+            if let Some(route) = route_from_message(&msg, ipv4) {
+                // Older kernels ignore the filter: check again here.
+                if route.device == link.index && route.protocol == protocol {
+                    out.push(route);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// A permanent neighbour entry (ip -> mac) on a link.
+    pub async fn add_permanent_neighbour(
+        &self,
+        link: &Link,
+        ip: IpAddr,
+        mac: [u8; 6],
+    ) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(link.index, ip)
+            .link_layer_address(&mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                let mac = crate::format_mac(&mac);
+                nl_err(
+                    format!("add neighbour {ip} lladdr {mac} dev {}", link.name),
+                    e,
+                )
+            })
+    }
+}
+
+/// Opens the namespace file at `path`, telling "not there" apart from other failures.
+pub fn open_namespace(path: &Path) -> Result<netns_rs::NetNs> {
+    netns_rs::get_from_path(path).map_err(|e| {
+        let not_found = matches!(&e, netns_rs::Error::OpenNsError(_, io) if io.kind() == std::io::ErrorKind::NotFound);
+        netns_err(path, e.to_string(), not_found)
+    })
+}
+
+fn netns_err(path: &Path, reason: String, not_found: bool) -> DataplaneError {
+    DataplaneError::Netns {
+        path: path.display().to_string(),
+        reason,
+        not_found,
+    }
+}
+
+fn link_from_message(msg: &LinkMessage) -> Link {
+    let mut link = Link {
+        index: msg.header.index,
+        name: String::new(),
+        mac: Vec::new(),
+        mtu: 0,
+        up: msg.header.flags.contains(LinkFlags::Up),
+    };
+    for attr in &msg.attributes {
+        match attr {
+            LinkAttribute::IfName(name) => link.name = name.clone(),
+            LinkAttribute::Address(mac) => link.mac = mac.clone(),
+            LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+            _ => {}
+        }
+    }
+    link
+}
+
+fn route_message(route: &RouteSpec) -> Result<RouteMessage> {
+    let invalid = |e: Box<dyn std::error::Error>| DataplaneError::Io {
+        op: format!("build route {}", describe_route(route)),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
+    };
+    let mut builder = RouteMessageBuilder::<IpAddr>::new()
+        .destination_prefix(route.destination, route.prefix_len)
+        .map_err(|e| invalid(Box::new(e)))?
+        .output_interface(route.device)
+        .protocol(RouteProtocol::from(route.protocol))
+        .scope(if route.link_scope {
+            RouteScope::Link
+        } else {
+            RouteScope::Universe
+        });
+    if let Some(gateway) = route.gateway {
+        builder = builder.gateway(gateway).map_err(|e| invalid(Box::new(e)))?;
+    }
+    Ok(builder.build())
+}
+
+fn route_from_message(msg: &RouteMessage, ipv4: bool) -> Option<RouteSpec> {
+    let family_ok = matches!(
+        (msg.header.address_family, ipv4),
+        (AddressFamily::Inet, true) | (AddressFamily::Inet6, false)
+    );
+    if !family_ok {
+        return None;
+    }
+    let unspecified = if ipv4 {
+        IpAddr::from([0u8; 4])
+    } else {
+        IpAddr::from([0u16; 8])
+    };
+    let mut route = RouteSpec {
+        destination: unspecified,
+        prefix_len: msg.header.destination_prefix_length,
+        gateway: None,
+        device: 0,
+        link_scope: msg.header.scope == RouteScope::Link,
+        protocol: u8::from(msg.header.protocol),
+    };
+    for attr in &msg.attributes {
+        match attr {
+            RouteAttribute::Destination(addr) => route.destination = route_address(addr)?,
+            RouteAttribute::Gateway(addr) => route.gateway = route_address(addr),
+            RouteAttribute::Oif(index) => route.device = *index,
+            _ => {}
+        }
+    }
+    Some(route)
+}
+
+fn route_address(addr: &RouteAddress) -> Option<IpAddr> {
+    match addr {
+        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
+fn describe_route(route: &RouteSpec) -> String {
+    let mut text = format!("{}/{}", route.destination, route.prefix_len);
+    if let Some(gw) = route.gateway {
+        text.push_str(&format!(" via {gw}"));
+    }
+    text.push_str(&format!(" dev #{}", route.device));
+    text
+}
