@@ -85,13 +85,13 @@ pub fn plan_allocation(
         });
         writes.push(Write::Put {
             key: block_key(&block.cidr),
-            value: serde_json::to_value(&block).expect("block serialises"),
+            value: serde_json::to_string(&block).expect("block serialises"),
             expect,
         });
     }
     writes.push(Write::Put {
         key: handle_key(&handle.id),
-        value: serde_json::to_value(&handle).expect("handle serialises"),
+        value: serde_json::to_string(&handle).expect("handle serialises"),
         expect: Expect::Absent,
     });
     Ok(AllocationPlan { handle, writes })
@@ -150,7 +150,7 @@ pub fn plan_release(
         .into_iter()
         .map(|(key, (block, revision))| Write::Put {
             key,
-            value: serde_json::to_value(&block).expect("block serialises"),
+            value: serde_json::to_string(&block).expect("block serialises"),
             expect: Expect::Revision(revision),
         })
         .collect();
@@ -196,7 +196,7 @@ mod tests {
         for w in &plan.writes {
             if let Write::Put { key, value, .. } = w {
                 if key.starts_with("blocks/") {
-                    let block: Block = serde_json::from_value(value.clone()).unwrap();
+                    let block: Block = serde_json::from_str(value).unwrap();
                     let revision = blocks.get(key).map_or(1, |b| b.revision + 1);
                     blocks.insert(key.clone(), StoredBlock { block, revision });
                 }
@@ -279,7 +279,7 @@ mod tests {
             panic!()
         };
         assert_eq!(*expect, Expect::Revision(1));
-        let block: Block = serde_json::from_value(value.clone()).unwrap();
+        let block: Block = serde_json::from_str(value).unwrap();
         assert!(block.allocations.is_empty());
         assert_eq!(block.released, [0]);
         assert!(matches!(

@@ -61,7 +61,7 @@ impl<'s> Ipam<'s> {
             .iter()
             .map(|pool| Write::Put {
                 key: pool_key(&pool.name),
-                value: serde_json::to_value(pool).expect("pool serialises"),
+                value: serde_json::to_string(pool).expect("pool serialises"),
                 expect: Expect::Absent,
             })
             .collect();
@@ -172,7 +172,7 @@ fn decode<T: DeserializeOwned>(
     key: &str,
     v: &Versioned,
 ) -> Result<T, StoreError> {
-    serde_json::from_value(v.value.clone()).map_err(|e| StoreError::Corrupt {
+    serde_json::from_str(&v.value).map_err(|e| StoreError::Corrupt {
         location: store.location(),
         key: key.to_string(),
         reason: e.to_string(),

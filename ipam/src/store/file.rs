@@ -5,35 +5,65 @@
 //! sibling lock file, re-read, check every expectation, write a temporary file,
 //! fsync it, rename it over the store and fsync the directory: a crash leaves either
 //! the old or the new store, never half of one.
+//!
+//! Because the file is only ever replaced whole, its identity (inode, size, mtime)
+//! changes with every write; parsed contents are cached under that identity, so the
+//! several reads of one allocation parse the file once.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write as _};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
 use super::{Expect, Store, StoreError, Versioned, WatchEvent, WatchReceiver, Write};
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Contents {
     revision: u64,
     keys: BTreeMap<String, Entry>,
 }
 
+/// Values stay raw JSON text: reading the file only splits it into documents, and
+/// writing copies them back verbatim; each reader decodes just what it asks for.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Entry {
     #[serde(rename = "rev")]
     revision: u64,
-    value: serde_json::Value,
+    value: Box<RawValue>,
 }
 
 pub struct FileStore {
     path: PathBuf,
     lock_path: PathBuf,
+    cache: Mutex<Option<(FileId, Arc<Contents>)>>,
+}
+
+/// What tells one version of the store file from another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileId {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+}
+
+impl FileId {
+    fn of(meta: &fs::Metadata) -> FileId {
+        FileId {
+            dev: meta.dev(),
+            ino: meta.ino(),
+            size: meta.size(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+        }
+    }
 }
 
 /// How often a watcher looks at the file for new revisions.
@@ -45,7 +75,11 @@ impl FileStore {
         let mut lock_name = path.file_name().unwrap_or_default().to_os_string();
         lock_name.push(".lock");
         let lock_path = path.with_file_name(lock_name);
-        FileStore { path, lock_path }
+        FileStore {
+            path,
+            lock_path,
+            cache: Mutex::new(None),
+        }
     }
 
     fn io_error(&self, what: &str, err: std::io::Error) -> StoreError {
@@ -59,15 +93,19 @@ impl FileStore {
         }
     }
 
-    fn read(&self) -> Result<Contents, StoreError> {
-        read_contents(&self.path).map_err(|err| match err {
-            ReadError::Io(e) => self.io_error(&format!("read {}", self.path.display()), e),
-            ReadError::Parse(e) => StoreError::Corrupt {
-                location: self.location(),
-                key: "(whole file)".into(),
-                reason: e.to_string(),
-            },
-        })
+    fn read(&self) -> Result<Arc<Contents>, StoreError> {
+        let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+        let (id, contents) =
+            read_contents(&self.path, cache.as_ref()).map_err(|err| match err {
+                ReadError::Io(e) => self.io_error(&format!("read {}", self.path.display()), e),
+                ReadError::Parse(e) => StoreError::Corrupt {
+                    location: self.location(),
+                    key: "(whole file)".into(),
+                    reason: e.to_string(),
+                },
+            })?;
+        *cache = id.map(|id| (id, contents.clone()));
+        Ok(contents)
     }
 
     fn lock(&self) -> Result<File, StoreError> {
@@ -86,30 +124,39 @@ impl FileStore {
         Ok(file)
     }
 
-    fn write_atomically(&self, contents: &Contents) -> Result<(), StoreError> {
+    fn write_atomically(&self, contents: Contents) -> Result<(), StoreError> {
         let tmp = self
             .path
             .with_extension(format!("tmp.{}", std::process::id()));
-        let data = serde_json::to_vec(contents).expect("store contents serialise");
+        let data = serde_json::to_vec(&contents).expect("store contents serialise");
         let result = (|| {
             let mut file = File::create(&tmp)?;
             file.write_all(&data)?;
             file.sync_data()?;
+            let id = FileId::of(&file.metadata()?);
             fs::rename(&tmp, &self.path)?;
             if let Some(dir) = self.path.parent() {
                 File::open(dir)?.sync_all()?;
             }
-            Ok(())
+            Ok(id)
         })();
-        result.map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            self.io_error(&format!("write {}", self.path.display()), e)
-        })
+        match result {
+            Ok(id) => {
+                *self.cache.lock().unwrap_or_else(|e| e.into_inner()) =
+                    Some((id, Arc::new(contents)));
+                Ok(())
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(self.io_error(&format!("write {}", self.path.display()), e))
+            }
+        }
     }
 
     fn commit_locked(&self, writes: Vec<Write>) -> Result<u64, StoreError> {
         let _lock = self.lock()?;
-        let mut contents = self.read()?;
+        let current = self.read()?;
+        let mut contents = Contents::clone(&current);
         for write in &writes {
             let (key, expect) = match write {
                 Write::Put { key, expect, .. } | Write::Delete { key, expect } => (key, expect),
@@ -129,6 +176,11 @@ impl FileStore {
         for write in writes {
             match write {
                 Write::Put { key, value, .. } => {
+                    let value = RawValue::from_string(value).map_err(|e| StoreError::Corrupt {
+                        location: self.location(),
+                        key: key.clone(),
+                        reason: format!("refusing to write a value that is not JSON: {e}"),
+                    })?;
                     contents.keys.insert(key, Entry { revision, value });
                 }
                 Write::Delete { key, .. } => {
@@ -136,7 +188,7 @@ impl FileStore {
                 }
             }
         }
-        self.write_atomically(&contents)?;
+        self.write_atomically(contents)?;
         Ok(revision)
     }
 }
@@ -146,12 +198,29 @@ enum ReadError {
     Parse(serde_json::Error),
 }
 
-fn read_contents(path: &Path) -> Result<Contents, ReadError> {
-    match fs::read(path) {
-        Ok(data) => serde_json::from_slice(&data).map_err(ReadError::Parse),
-        Err(e) if e.kind() == ErrorKind::NotFound => Ok(Contents::default()),
-        Err(e) => Err(ReadError::Io(e)),
+type Cached = (FileId, Arc<Contents>);
+
+/// Reads and parses the store file, unless it is still the version in `cached`. A
+/// missing file is an empty store (with no id).
+fn read_contents(
+    path: &Path,
+    cached: Option<&Cached>,
+) -> Result<(Option<FileId>, Arc<Contents>), ReadError> {
+    let mut file = match File::open(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok((None, Arc::default())),
+        Err(e) => return Err(ReadError::Io(e)),
+    };
+    let id = FileId::of(&file.metadata().map_err(ReadError::Io)?);
+    if let Some((cached_id, contents)) = cached {
+        if *cached_id == id {
+            return Ok((Some(id), contents.clone()));
+        }
     }
+    let mut data = Vec::with_capacity(id.size as usize);
+    std::io::Read::read_to_end(&mut file, &mut data).map_err(ReadError::Io)?;
+    let contents = serde_json::from_slice(&data).map_err(ReadError::Parse)?;
+    Ok((Some(id), Arc::new(contents)))
 }
 
 fn snapshot_under(contents: &Contents, prefix: &str) -> BTreeMap<String, Entry> {
@@ -172,7 +241,7 @@ impl Store for FileStore {
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         let contents = self.read()?;
         Ok(contents.keys.get(key).map(|e| Versioned {
-            value: e.value.clone(),
+            value: e.value.get().to_string(),
             revision: e.revision,
         }))
     }
@@ -183,7 +252,7 @@ impl Store for FileStore {
             .into_iter()
             .map(|(k, e)| {
                 let v = Versioned {
-                    value: e.value,
+                    value: e.value.get().to_string(),
                     revision: e.revision,
                 };
                 (k, v)
@@ -201,17 +270,26 @@ impl Store for FileStore {
         let (tx, rx) = mpsc::channel(1024);
         let path = self.path.clone();
         let prefix = prefix.to_string();
-        let mut seen = snapshot_under(&self.read()?, &prefix);
+        let current = self.read()?;
+        let mut seen = snapshot_under(&current, &prefix);
+        let mut last: Option<Cached> = None;
         // Report what changed after `after_revision` in the first snapshot too.
         seen.retain(|_, e| e.revision <= after_revision);
         tokio::spawn(async move {
             loop {
-                if let Ok(contents) = read_contents(&path) {
+                let unchanged =
+                    |id: &Option<FileId>| id.is_some() && *id == last.as_ref().map(|(i, _)| *i);
+                if let Ok((id, contents)) = read_contents(&path, last.as_ref()) {
+                    if unchanged(&id) {
+                        tokio::time::sleep(WATCH_POLL).await;
+                        continue;
+                    }
+                    last = id.map(|id| (id, contents.clone()));
                     let now = snapshot_under(&contents, &prefix);
                     for (key, entry) in &now {
                         if seen.get(key).map(|e| e.revision) != Some(entry.revision) {
                             let value = Versioned {
-                                value: entry.value.clone(),
+                                value: entry.value.get().to_string(),
                                 revision: entry.revision,
                             };
                             let event = WatchEvent::Put {
@@ -261,7 +339,7 @@ mod tests {
     fn put(key: &str, value: serde_json::Value, expect: Expect) -> Write {
         Write::Put {
             key: key.into(),
-            value,
+            value: value.to_string(),
             expect,
         }
     }
@@ -290,7 +368,7 @@ mod tests {
             .await
             .unwrap();
         let a = store.get("a").await.unwrap().unwrap();
-        assert_eq!((a.value, a.revision), (json!(4), 2));
+        assert_eq!((a.value.as_str(), a.revision), ("4", 2));
         store
             .commit(vec![Write::Delete {
                 key: "a".into(),
@@ -376,7 +454,7 @@ mod tests {
                         let mut attempt = 0;
                         loop {
                             let cur = store.get("counter").await.unwrap();
-                            let n = cur.as_ref().map_or(0, |v| v.value.as_u64().unwrap());
+                            let n: u64 = cur.as_ref().map_or(0, |v| v.value.parse().unwrap());
                             let w =
                                 put("counter", json!(n + 1), Expect::from_current(cur.as_ref()));
                             match store.commit(vec![w]).await {
@@ -396,9 +474,6 @@ mod tests {
             t.join().unwrap();
         }
         let store = FileStore::new(path);
-        assert_eq!(
-            store.get("counter").await.unwrap().unwrap().value,
-            json!(200)
-        );
+        assert_eq!(store.get("counter").await.unwrap().unwrap().value, "200");
     }
 }

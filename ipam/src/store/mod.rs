@@ -9,10 +9,11 @@ use tokio::sync::mpsc;
 
 pub mod file;
 
-/// A document and the revision at which it was last written.
+/// A document (JSON text, decoded by its reader) and the revision at which it was last
+/// written.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Versioned {
-    pub value: serde_json::Value,
+    pub value: String,
     pub revision: u64,
 }
 
@@ -35,7 +36,8 @@ impl Expect {
 pub enum Write {
     Put {
         key: String,
-        value: serde_json::Value,
+        /// JSON text.
+        value: String,
         expect: Expect,
     },
     Delete {
