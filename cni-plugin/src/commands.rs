@@ -63,12 +63,20 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
     let mtu = conf.mtu()?;
     let pools = conf.pools()?;
     let host_veth = veth_name_for(env, container_id, ifname);
+    let started = std::time::Instant::now();
+    let stage = |name: &str| {
+        tracing::debug!(
+            stage = name,
+            elapsed_us = started.elapsed().as_micros() as u64
+        )
+    };
 
     // Everything that can fail without side effects comes first.
     let connections = Connections::open(netns)?;
     let store = open_store(conf)?;
     let ipam = Ipam::new(store.as_ref());
     connections.clear_leftovers(&host_veth, ifname).await?;
+    stage("opened");
 
     ipam.ensure_pools(&pools).await?;
     let request = AllocationRequest {
@@ -86,6 +94,7 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
         pool_filter: pools.iter().map(|p| p.cidr).collect(),
     };
     let (handle, created) = ipam.allocate(&request).await?;
+    stage("allocated");
     let addresses: Vec<IpAddr> = handle.addresses.iter().map(|a| a.ip).collect();
     tracing::info!(handle = %handle.id, ?addresses, created, "allocated");
 
@@ -97,7 +106,10 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
         addresses: addresses.clone(),
     };
     let links = match connections.wire(&attachment).await {
-        Ok(links) => links,
+        Ok(links) => {
+            stage("wired");
+            links
+        }
         Err(err) => {
             // Only release what this call allocated: a retried ADD's address may
             // still be the one the runtime recorded.

@@ -28,7 +28,7 @@ fn malformed_json_is_code_6() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let pod = lab.pod();
     let netns = format!("/run/netns/{pod}");
     let env = [
@@ -46,7 +46,7 @@ fn missing_environment_is_code_4() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let pod = lab.pod();
     let conf = lab.conf(json!({})).to_string();
     let netns = format!("/run/netns/{pod}");
@@ -72,7 +72,7 @@ fn unsupported_cni_version_is_code_1() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let pod = lab.pod();
     let conf = lab.conf(json!({"cniVersion": "0.2.0"}));
     let call = lab.cni("ADD", &conf, "c", Some(&pod));
@@ -84,7 +84,7 @@ fn bad_netns_path_is_code_3() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let pod = lab.pod();
     let conf = lab.conf(json!({}));
     let call = lab.cni("ADD", &conf, "c", Some("cyxt-no-such-namespace"));
@@ -96,7 +96,7 @@ fn ifname_over_15_chars_is_code_4() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let pod = lab.pod();
     let netns = format!("/run/netns/{pod}");
     let conf = lab.conf(json!({})).to_string();
@@ -115,7 +115,7 @@ fn bad_config_value_is_code_7_naming_the_field() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let pod = lab.pod();
     let conf = lab.conf(json!({"ipam": {"pools": ["10.244.0.0/16"], "blockSize": "big"}}));
     let call = lab.cni("ADD", &conf, "c", Some(&pod));
@@ -127,7 +127,7 @@ fn exhausted_pool_is_code_100_and_keeps_existing_pods() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     // A /30 pool in /30 blocks: four addresses in all.
     let conf = lab.conf(json!({"ipam": {"pools": ["10.250.0.0/30"], "blockSize": 30}}));
     let mut pods = Vec::new();
@@ -158,7 +158,7 @@ fn unwritable_store_is_code_11_and_status_50() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let pod = lab.pod();
     let ro = lab.dir.path().join("ro");
     lab.read_only_dir(&ro);

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{privileged, Lab, NODE_V4, NODE_V6};
+use common::{privileged, NODE_V4, NODE_V6};
 use serde_json::{json, Value};
 
 fn with_prev_result(conf: &Value, result: &Value) -> Value {
@@ -17,7 +17,7 @@ fn full_lifecycle(pools: Value, expect_v4: bool, expect_v6: bool) {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let pod = lab.pod();
     let conf = lab.conf(json!({"ipam": {"pools": pools}, "dns": {"nameservers": ["10.96.0.10"]}}));
     let add = lab.add(&conf, "c1", &pod);
@@ -75,7 +75,7 @@ fn each_cni_version_gets_a_result_in_its_own_shape() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     for version in ["0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
         let pod = lab.pod();
         let conf = lab.conf(json!({"cniVersion": version}));
@@ -97,7 +97,7 @@ fn check_names_what_differs() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let pod = lab.pod();
     let conf = lab.conf(json!({}));
     let add = lab.add(&conf, "c", &pod);
@@ -121,7 +121,7 @@ fn repeated_add_returns_the_same_address_and_allocates_once() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let pod = lab.pod();
     let conf = lab.conf(json!({}));
     let first = lab.add(&conf, "c", &pod).ips();
@@ -139,7 +139,7 @@ fn del_succeeds_when_netns_or_veth_are_already_gone() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let conf = lab.conf(json!({}));
 
     // The veth is deleted behind the plugin's back.
@@ -164,7 +164,7 @@ fn freed_addresses_are_not_reused_at_once() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let pod = lab.pod();
     let conf = lab.conf(json!({}));
     let first = lab.add(&conf, "a", &pod).ips();
@@ -183,7 +183,7 @@ fn gc_releases_every_attachment_the_runtime_no_longer_lists() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let conf = lab.conf(json!({"cniVersion": "1.1.0"}));
     let pods: Vec<String> = (0..3).map(|_| lab.pod()).collect();
     let mut ips = Vec::new();
@@ -212,7 +212,7 @@ fn status_reports_ready_and_version_lists_all_versions() {
     if !privileged() {
         return;
     }
-    let lab = Lab::new();
+    let lab = common::new_lab();
     let conf = lab.conf(json!({"cniVersion": "1.1.0"}));
     let status = lab.cni_raw(&[("CNI_COMMAND", "STATUS")], conf.to_string().as_bytes());
     assert!(status.ok, "{} {}", status.stdout, status.stderr);
@@ -239,7 +239,7 @@ fn late_del_of_an_old_sandbox_spares_the_new_pod_of_the_same_name() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let conf = lab.conf(json!({}));
     let (old_pod, new_pod) = (lab.pod(), lab.pod());
     let args = "K8S_POD_NAMESPACE=db;K8S_POD_NAME=web-0";

@@ -4,7 +4,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{privileged, Lab};
+use common::privileged;
 use serde_json::json;
 
 #[test]
@@ -12,7 +12,7 @@ fn hundred_parallel_adds_get_distinct_reachable_addresses() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let conf = lab.conf(json!({}));
     let pods: Vec<String> = (0..100).map(|_| lab.pod()).collect();
     let ips: Vec<String> = std::thread::scope(|s| {
@@ -55,7 +55,7 @@ fn thousand_add_del_cycles_leave_nothing_behind() {
     if !privileged() {
         return;
     }
-    let mut lab = Lab::new();
+    let mut lab = common::new_lab();
     let pod = lab.pod();
     let conf = lab.conf(json!({"ipam": {"pools": ["10.244.0.0/16", "fd00:10:244::/56"]}}));
     for i in 0..1000 {
