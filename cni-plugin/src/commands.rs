@@ -163,6 +163,12 @@ async fn del(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
     let store = open_store(conf)?;
     let ipam = Ipam::new(store.as_ref());
     let id = handle_id(&conf.name, container_id, ifname);
+    let netns = env
+        .netns
+        .as_ref()
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    tracing::info!(handle = %id, netns = %netns, "DEL");
     let handle = ipam.handle(&id).await?.map(|(h, _)| h);
     let host_veth = handle
         .as_ref()

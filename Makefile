@@ -1,0 +1,61 @@
+# Calyx: build, test, lab, bench. Privileged targets (test, lab, bench-*) need root.
+SHELL := /bin/bash
+CARGO ?= cargo
+RELEASE := target/release
+
+# Debian packages the tests and the lab use.
+DEB_PACKAGES := iproute2 iptables ipset nftables conntrack iputils-ping netcat-openbsd \
+	tcpdump iperf3 util-linux etcd-server etcd-client containernetworking-plugins \
+	podman containerd runc busybox-static catatonit python3-venv
+
+.PHONY: all build release deps test test-unit test-runtimes lint fmt bench bench-cni \
+	lab lab-down image clean
+
+all: build
+
+build:
+	$(CARGO) build --workspace
+
+release:
+	$(CARGO) build --workspace --release
+
+# Installs what is missing; a no-op when everything is there.
+deps:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+# Everything: lint, unit tests, privileged namespace tests, real runtimes.
+test: deps lint
+	$(CARGO) test --workspace
+	$(MAKE) test-runtimes
+
+test-unit:
+	$(CARGO) test --workspace --lib --bins
+
+# podman (CNI backend) and containerd's CRI plugin drive the plugin for real.
+test-runtimes: release
+	e2e/runtimes/run.sh $(RELEASE)/calyx
+
+bench: bench-cni
+
+bench-cni: deps release
+	$(RELEASE)/bench-cni --calyx $(RELEASE)/calyx
+
+lab: deps release
+	$(RELEASE)/calyx-lab up --plugin $(RELEASE)/calyx
+
+lab-down: release
+	$(RELEASE)/calyx-lab down
+
+clean:
+	$(CARGO) clean

@@ -1,0 +1,70 @@
+# Shared by the runtime tests: a node namespace, a private CNI setup around the calyx
+# binary under test, and local images (no registry here: built from busybox-static
+# and catatonit, saved in docker-archive format that podman and containerd both load).
+
+die() { echo "FAIL: $*" >&2; exit 1; }
+note() { echo "--- $*"; }
+
+# In CI a missing prerequisite fails; elsewhere the test says why it skips.
+require() {
+    local why=""
+    [ "$(id -u)" = 0 ] || why="not root"
+    for cmd in "$@"; do command -v "$cmd" >/dev/null || why="${why:+$why; }$cmd is not installed"; done
+    if [ -n "$why" ]; then
+        [ -n "${CI:-}" ] && die "runtime test cannot run in CI: $why"
+        echo "SKIPPED: $why"; exit 0
+    fi
+}
+
+# setup_lab NAME PLUGIN: a node namespace and a work dir with the plugin installed.
+setup_lab() {
+    LAB=$1; PLUGIN=$2
+    WORK=$(mktemp -d /tmp/calyx-rt-XXXXXX)
+    NODE=cyxrt-$LAB-$$
+    ip netns add "$NODE"
+    ip -n "$NODE" link set lo up
+    ip -n "$NODE" addr add 192.0.2.1/32 dev lo
+    mkdir -p "$WORK/cni-bin" "$WORK/net.d"
+    cp "$PLUGIN" "$WORK/cni-bin/calyx"
+    for p in loopback host-local; do cp "/usr/lib/cni/$p" "$WORK/cni-bin/" 2>/dev/null || true; done
+    cat > "$WORK/net.d/10-calyx.conflist" <<JSON
+{"cniVersion": "1.0.0", "name": "calyx",
+ "plugins": [{"type": "calyx", "datastore": "file://$WORK/store", "nodeName": "rt-node",
+              "mtu": 1450, "logFile": "$WORK/calyx.log", "logLevel": "info",
+              "ipam": {"pools": ["10.246.0.0/16"]}}]}
+JSON
+}
+
+innode() { nsenter --net="/run/netns/$NODE" "$@"; }
+
+# build_images: $WORK/busybox.tar and $WORK/pause.tar (docker-archive), via podman
+# with private storage.
+PODMAN_STORE=()
+build_images() {
+    PODMAN_STORE=(--root "$WORK/podman/root" --runroot "$WORK/podman/run" --storage-driver vfs)
+    local rootfs=$WORK/rootfs
+    mkdir -p "$rootfs/bin" "$rootfs/etc" "$rootfs/tmp"
+    cp /bin/busybox "$rootfs/bin/busybox"
+    for app in sh ip ping sleep cat nc wget ifconfig route; do ln -sf busybox "$rootfs/bin/$app"; done
+    echo "root:x:0:0:root:/:/bin/sh" > "$rootfs/etc/passwd"
+    tar -C "$rootfs" -cf "$WORK/busybox-rootfs.tar" .
+    podman "${PODMAN_STORE[@]}" import -q --change 'CMD ["/bin/sh"]' "$WORK/busybox-rootfs.tar" localhost/busybox:latest >/dev/null
+    local pause=$WORK/pause-rootfs
+    mkdir -p "$pause"
+    cp /usr/bin/catatonit "$pause/pause"
+    tar -C "$pause" -cf "$WORK/pause-rootfs.tar" .
+    podman "${PODMAN_STORE[@]}" import -q --change 'ENTRYPOINT ["/pause", "-P"]' "$WORK/pause-rootfs.tar" localhost/pause:latest >/dev/null
+    podman "${PODMAN_STORE[@]}" save -q --format docker-archive -o "$WORK/busybox.tar" localhost/busybox:latest >/dev/null
+    podman "${PODMAN_STORE[@]}" save -q --format docker-archive -o "$WORK/pause.tar" localhost/pause:latest >/dev/null
+}
+
+# assert_clean: no calyx veth or route left in the node, no handle in the store.
+assert_clean() {
+    local veths routes handles
+    veths=$(ip -n "$NODE" -o link show | grep -c ': cyx' || true)
+    routes=$(ip -n "$NODE" route show proto 201 | wc -l)
+    handles=$(python3 -c "import json,sys; d=json.load(open('$WORK/store')); print(sum(k.startswith('handles/') for k in d['keys']))")
+    [ "$veths" = 0 ] || die "$veths calyx veths left in the node"
+    [ "$routes" = 0 ] || die "$routes calyx routes left in the node"
+    [ "$handles" = 0 ] || die "$handles allocations left in the store"
+}
