@@ -57,5 +57,9 @@ lab: deps release
 lab-down: release
 	$(RELEASE)/calyx-lab down
 
+# Needs a container engine with registry access (not available on the dev machines).
+image:
+	$${ENGINE:-podman} build -t calyx:latest -f Containerfile .
+
 clean:
 	$(CARGO) clean

@@ -1,4 +1,5 @@
 //! Test hosts made of network namespaces on one machine: what Calyx's integration
 //! tests, benchmarks and the multi-node lab are built on.
 
+pub mod cluster;
 pub mod lab;

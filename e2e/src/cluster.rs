@@ -1,0 +1,344 @@
+//! A cluster of network namespaces that outlives the process that built it: an
+//! underlay switch (a bridge in a namespace of its own), node namespaces on it, and pod
+//! namespaces wired through the real `calyx` plugin, sharing one embedded store.
+//! `calyx-lab` uses it; every name starts with the cluster's prefix, so `destroy`
+//! finds everything again.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::lab::{must, sh};
+
+/// Where a cluster keeps its store and its description.
+pub fn state_dir(prefix: &str) -> PathBuf {
+    PathBuf::from(format!("/run/{prefix}"))
+}
+
+pub const POOL_V4: &str = "10.244.0.0/16";
+pub const UNDERLAY_PREFIX: &str = "192.0.2";
+
+#[derive(Debug, Clone)]
+pub struct Node {
+    pub name: String,
+    pub netns: String,
+    pub underlay_ip: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Pod {
+    pub name: String,
+    pub netns: String,
+    pub node: String,
+    pub ips: Vec<String>,
+}
+
+pub struct Cluster {
+    pub prefix: String,
+    pub plugin: PathBuf,
+    pub nodes: Vec<Node>,
+    pub pods: Vec<Pod>,
+}
+
+impl Cluster {
+    /// Builds the switch and `nodes` node namespaces. Fails if a cluster with this
+    /// prefix exists already.
+    pub fn create(prefix: &str, plugin: &Path, nodes: usize) -> Result<Cluster> {
+        let state = state_dir(prefix);
+        if state.exists() {
+            bail!(
+                "{} exists: the lab is up already (take it down first)",
+                state.display()
+            );
+        }
+        std::fs::create_dir_all(&state)?;
+        let plugin = std::fs::canonicalize(plugin)
+            .with_context(|| format!("plugin {}", plugin.display()))?;
+        let mut cluster = Cluster {
+            prefix: prefix.to_string(),
+            plugin,
+            nodes: Vec::new(),
+            pods: Vec::new(),
+        };
+        let sw = cluster.switch_netns();
+        must("ip", &["netns", "add", &sw]);
+        must("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        must("ip", &["-n", &sw, "link", "set", "br0", "up"]);
+        for i in 1..=nodes {
+            cluster.add_node(i)?;
+        }
+        cluster.save()?;
+        Ok(cluster)
+    }
+
+    fn switch_netns(&self) -> String {
+        format!("{}-sw", self.prefix)
+    }
+
+    pub fn state_dir(&self) -> PathBuf {
+        state_dir(&self.prefix)
+    }
+
+    pub fn store_url(&self) -> String {
+        format!("file://{}/store", self.state_dir().display())
+    }
+
+    /// Node `index` (1-based): eth0 on the switch with 192.0.2.(10+index)/24, forwarding
+    /// on, and a default route into the switch so the node has a source address.
+    pub fn add_node(&mut self, index: usize) -> Result<Node> {
+        let name = format!("node{index}");
+        let netns = format!("{}-{name}", self.prefix);
+        let underlay_ip = format!("{UNDERLAY_PREFIX}.{}", 10 + index);
+        let sw = self.switch_netns();
+        let port = format!("port{index}");
+        must("ip", &["netns", "add", &netns]);
+        must("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+        must(
+            "ip",
+            &[
+                "-n", &sw, "link", "add", &port, "type", "veth", "peer", "name", "eth0", "netns",
+                &netns,
+            ],
+        );
+        must(
+            "ip",
+            &["-n", &sw, "link", "set", &port, "master", "br0", "up"],
+        );
+        must(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{underlay_ip}/24"),
+                "dev",
+                "eth0",
+            ],
+        );
+        must("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
+        must(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "route",
+                "add",
+                "default",
+                "via",
+                &format!("{UNDERLAY_PREFIX}.1"),
+            ],
+        );
+        must(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ],
+        );
+        let node = Node {
+            name,
+            netns,
+            underlay_ip,
+        };
+        self.nodes.push(node.clone());
+        Ok(node)
+    }
+
+    fn conf(&self, node: &Node) -> Value {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "calyx-lab",
+            "type": "calyx",
+            "datastore": self.store_url(),
+            "nodeName": node.name,
+            "mtu": 1450,
+            "ipam": {"pools": [POOL_V4]}
+        })
+    }
+
+    /// Creates a pod namespace on `node` and runs CNI ADD for it, as a runtime would.
+    pub fn add_pod(&mut self, node_index: usize, name: &str) -> Result<Pod> {
+        let node = self.nodes[node_index].clone();
+        let netns = format!("{}-{name}", self.prefix);
+        must("ip", &["netns", "add", &netns]);
+        let result = self.cni(&node, "ADD", name, &netns)?;
+        let ips = result["ips"]
+            .as_array()
+            .map(|ips| {
+                ips.iter()
+                    .filter_map(|ip| ip["address"].as_str())
+                    .map(|a| a.split('/').next().unwrap_or(a).to_string())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let pod = Pod {
+            name: name.to_string(),
+            netns,
+            node: node.name.clone(),
+            ips,
+        };
+        self.pods.push(pod.clone());
+        self.save()?;
+        Ok(pod)
+    }
+
+    fn cni(&self, node: &Node, command: &str, pod: &str, netns: &str) -> Result<Value> {
+        use std::io::Write;
+        let mut child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", node.netns))
+            .arg(&self.plugin)
+            .env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", command)
+            .env("CNI_CONTAINERID", format!("{}-{pod}", self.prefix))
+            .env("CNI_NETNS", format!("/run/netns/{netns}"))
+            .env("CNI_IFNAME", "eth0")
+            .env("CNI_PATH", "/opt/cni/bin")
+            .env(
+                "CNI_ARGS",
+                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=lab;K8S_POD_NAME={pod}"),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run the calyx plugin")?;
+        child
+            .stdin
+            .take()
+            .expect("piped")
+            .write_all(self.conf(node).to_string().as_bytes())?;
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "CNI {command} {pod}: {stdout}{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(serde_json::from_str(&stdout).unwrap_or(Value::Null))
+    }
+
+    /// For every ordered pair of pods, whether the first reaches each address of the
+    /// second (one ping each, in parallel).
+    pub fn reachability(&self) -> Vec<(usize, usize, bool)> {
+        let pairs: Vec<(usize, usize)> = (0..self.pods.len())
+            .flat_map(|a| {
+                (0..self.pods.len())
+                    .filter(move |b| *b != a)
+                    .map(move |b| (a, b))
+            })
+            .collect();
+        std::thread::scope(|s| {
+            let handles: Vec<_> = pairs
+                .iter()
+                .map(|&(a, b)| {
+                    s.spawn(move || {
+                        let from = &self.pods[a];
+                        let ok = self.pods[b].ips.iter().all(|ip| ping(&from.netns, ip));
+                        (a, b, ok)
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("ping thread"))
+                .collect()
+        })
+    }
+
+    fn save(&self) -> Result<()> {
+        let nodes: Vec<Value> = self
+            .nodes
+            .iter()
+            .map(|n| json!({"name": n.name, "netns": n.netns, "underlayIp": n.underlay_ip}))
+            .collect();
+        let pods: Vec<Value> = self
+            .pods
+            .iter()
+            .map(|p| json!({"name": p.name, "netns": p.netns, "node": p.node, "ips": p.ips}))
+            .collect();
+        let doc = json!({"plugin": self.plugin, "nodes": nodes, "pods": pods});
+        std::fs::write(
+            self.state_dir().join("cluster.json"),
+            serde_json::to_vec_pretty(&doc)?,
+        )?;
+        Ok(())
+    }
+
+    /// Loads the description `create` and `add_pod` saved.
+    pub fn load(prefix: &str) -> Result<Cluster> {
+        let path = state_dir(prefix).join("cluster.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("no lab is up ({} missing)", path.display()))?;
+        let doc: Value = serde_json::from_str(&text)?;
+        let s = |v: &Value| v.as_str().unwrap_or_default().to_string();
+        Ok(Cluster {
+            prefix: prefix.to_string(),
+            plugin: PathBuf::from(s(&doc["plugin"])),
+            nodes: doc["nodes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|n| Node {
+                    name: s(&n["name"]),
+                    netns: s(&n["netns"]),
+                    underlay_ip: s(&n["underlayIp"]),
+                })
+                .collect(),
+            pods: doc["pods"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| Pod {
+                    name: s(&p["name"]),
+                    netns: s(&p["netns"]),
+                    node: s(&p["node"]),
+                    ips: p["ips"].as_array().into_iter().flatten().map(s).collect(),
+                })
+                .collect(),
+        })
+    }
+
+    /// Removes every namespace whose name starts with the prefix, and the state dir.
+    pub fn destroy(prefix: &str) -> Result<usize> {
+        let listing = must("ip", &["netns", "list"]);
+        let mut removed = 0;
+        for name in listing.lines().filter_map(|l| l.split_whitespace().next()) {
+            if name.starts_with(&format!("{prefix}-")) {
+                let out = sh("ip", &["netns", "del", name]);
+                if out.status.success() {
+                    removed += 1;
+                }
+            }
+        }
+        let state = state_dir(prefix);
+        if state.exists() {
+            std::fs::remove_dir_all(&state)?;
+        }
+        Ok(removed)
+    }
+}
+
+pub fn ping(netns: &str, ip: &str) -> bool {
+    sh(
+        "nsenter",
+        &[
+            &format!("--net=/run/netns/{netns}"),
+            "ping",
+            "-c1",
+            "-W2",
+            "-q",
+            ip,
+        ],
+    )
+    .status
+    .success()
+}
