@@ -52,7 +52,7 @@ bench-cni: deps release
 	$(RELEASE)/bench-cni --calyx $(RELEASE)/calyx
 
 lab: deps release
-	$(RELEASE)/calyx-lab up --plugin $(RELEASE)/calyx
+	$(RELEASE)/calyx-lab up --plugin $(RELEASE)/calyx --agent $(RELEASE)/calyx-agent
 
 lab-down: release
 	$(RELEASE)/calyx-lab down

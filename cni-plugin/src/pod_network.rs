@@ -68,35 +68,23 @@ pub fn pod_routes(ip: IpAddr, pod_ifindex: u32) -> [RouteSpec; 2] {
     let gateway = gateway_for(ip);
     let unspecified = default_destination(ip).ip();
     [
+        RouteSpec::direct(
+            gateway,
+            host_prefix(gateway),
+            pod_ifindex,
+            CALYX_ROUTE_PROTOCOL,
+        ),
         RouteSpec {
-            destination: gateway,
-            prefix_len: host_prefix(gateway),
-            gateway: None,
-            device: pod_ifindex,
-            link_scope: true,
-            protocol: CALYX_ROUTE_PROTOCOL,
-        },
-        RouteSpec {
-            destination: unspecified,
-            prefix_len: 0,
             gateway: Some(gateway),
-            device: pod_ifindex,
             link_scope: false,
-            protocol: CALYX_ROUTE_PROTOCOL,
+            ..RouteSpec::direct(unspecified, 0, pod_ifindex, CALYX_ROUTE_PROTOCOL)
         },
     ]
 }
 
 /// The host's route to the pod address through its veth.
 pub fn host_route(ip: IpAddr, host_ifindex: u32) -> RouteSpec {
-    RouteSpec {
-        destination: ip,
-        prefix_len: host_prefix(ip),
-        gateway: None,
-        device: host_ifindex,
-        link_scope: true,
-        protocol: CALYX_ROUTE_PROTOCOL,
-    }
+    RouteSpec::direct(ip, host_prefix(ip), host_ifindex, CALYX_ROUTE_PROTOCOL)
 }
 
 /// Sysctls on the host end, by family: answer ARP for the gateway at once (proxy ARP,

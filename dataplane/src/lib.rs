@@ -3,6 +3,7 @@
 //! else in the workspace builds netlink messages.
 
 pub mod netlink;
+pub mod overlay;
 pub mod sysctl;
 
 pub use netlink::{Link, Netlink, RouteSpec, CALYX_ROUTE_PROTOCOL};

@@ -40,14 +40,34 @@ pub struct RouteSpec {
     /// Link scope (a directly attached host or gateway) rather than universe.
     pub link_scope: bool,
     pub protocol: u8,
+    /// The gateway is on the link even though no address of ours says so (VTEPs).
+    pub onlink: bool,
+    /// Drop traffic (a node's own blocks: addresses not given out go nowhere).
+    pub blackhole: bool,
+}
+
+impl RouteSpec {
+    /// `dst dev <device> scope link`.
+    pub fn direct(destination: IpAddr, prefix_len: u8, device: u32, protocol: u8) -> RouteSpec {
+        RouteSpec {
+            destination,
+            prefix_len,
+            gateway: None,
+            device,
+            link_scope: true,
+            protocol,
+            onlink: false,
+            blackhole: false,
+        }
+    }
 }
 
 /// A netlink connection bound to one network namespace.
 pub struct Netlink {
-    handle: Handle,
+    pub(crate) handle: Handle,
 }
 
-fn nl_err(op: impl Into<String>, err: rtnetlink::Error) -> DataplaneError {
+pub(crate) fn nl_err(op: impl Into<String>, err: rtnetlink::Error) -> DataplaneError {
     let source = match err {
         rtnetlink::Error::NetlinkError(msg) => msg.to_io(),
         other => std::io::Error::other(other.to_string()),
@@ -105,6 +125,40 @@ impl Netlink {
                 }
             }
         }
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>> {
+        let mut links = self.handle.link().get().match_index(index).execute();
+        match links.try_next().await {
+            Ok(Some(msg)) => Ok(Some(link_from_message(&msg))),
+            Ok(None) => Ok(None),
+            Err(e) => {
+                let err = nl_err(format!("get link #{index}"), e);
+                if err.is_not_found() {
+                    Ok(None)
+                } else {
+                    Err(err)
+                }
+            }
+        }
+    }
+
+    /// Every address on every link: (link index, address, prefix length).
+    pub async fn all_addresses(&self) -> Result<Vec<(u32, IpAddr, u8)>> {
+        let mut stream = self.handle.address().get().execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| nl_err("list addresses", e))?
+        {
+            for attr in &msg.attributes {
+                if let AddressAttribute::Address(ip) = attr {
+                    out.push((msg.header.index, *ip, msg.header.prefix_len));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Creates a veth pair whose peer is created directly inside the namespace open at
@@ -233,6 +287,32 @@ impl Netlink {
             .map_err(|e| nl_err(format!("delete route {}", describe_route(route)), e))
     }
 
+    /// Main-table routes of one family and protocol (any device, blackholes too).
+    pub async fn routes_of_protocol(&self, ipv4: bool, protocol: u8) -> Result<Vec<RouteSpec>> {
+        let mut filter = if ipv4 {
+            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
+        } else {
+            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        };
+        filter.header.protocol = RouteProtocol::from(protocol);
+        // Unspec type: unicast and blackhole routes alike.
+        filter.header.kind = netlink_packet_route::route::RouteType::Unspec;
+        let mut stream = self.handle.route().get(filter).execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| nl_err("list routes", e))?
+        {
+            if let Some(route) = route_from_message(&msg, ipv4) {
+                if route.protocol == protocol {
+                    out.push(route);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Main-table routes of one family.
     pub async fn routes(&self, ipv4: bool) -> Result<Vec<RouteSpec>> {
         let mut filter = if ipv4 {
@@ -332,7 +412,7 @@ fn netns_err(path: &Path, reason: String, not_found: bool) -> DataplaneError {
     }
 }
 
-fn link_from_message(msg: &LinkMessage) -> Link {
+pub(crate) fn link_from_message(msg: &LinkMessage) -> Link {
     let mut link = Link {
         index: msg.header.index,
         name: String::new(),
@@ -351,7 +431,7 @@ fn link_from_message(msg: &LinkMessage) -> Link {
     link
 }
 
-fn route_message(route: &RouteSpec) -> Result<RouteMessage> {
+pub(crate) fn route_message(route: &RouteSpec) -> Result<RouteMessage> {
     let invalid = |e: Box<dyn std::error::Error>| DataplaneError::Io {
         op: format!("build route {}", describe_route(route)),
         source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
@@ -369,10 +449,20 @@ fn route_message(route: &RouteSpec) -> Result<RouteMessage> {
     if let Some(gateway) = route.gateway {
         builder = builder.gateway(gateway).map_err(|e| invalid(Box::new(e)))?;
     }
-    Ok(builder.build())
+    let mut message = builder.build();
+    if route.onlink {
+        message.header.flags |= netlink_packet_route::route::RouteFlags::Onlink;
+    }
+    if route.blackhole {
+        message.header.kind = netlink_packet_route::route::RouteType::BlackHole;
+        message
+            .attributes
+            .retain(|a| !matches!(a, RouteAttribute::Oif(_)));
+    }
+    Ok(message)
 }
 
-fn route_from_message(msg: &RouteMessage, ipv4: bool) -> Option<RouteSpec> {
+pub(crate) fn route_from_message(msg: &RouteMessage, ipv4: bool) -> Option<RouteSpec> {
     let family_ok = matches!(
         (msg.header.address_family, ipv4),
         (AddressFamily::Inet, true) | (AddressFamily::Inet6, false)
@@ -392,6 +482,11 @@ fn route_from_message(msg: &RouteMessage, ipv4: bool) -> Option<RouteSpec> {
         device: 0,
         link_scope: msg.header.scope == RouteScope::Link,
         protocol: u8::from(msg.header.protocol),
+        onlink: msg
+            .header
+            .flags
+            .contains(netlink_packet_route::route::RouteFlags::Onlink),
+        blackhole: msg.header.kind == netlink_packet_route::route::RouteType::BlackHole,
     };
     for attr in &msg.attributes {
         match attr {
@@ -412,11 +507,17 @@ fn route_address(addr: &RouteAddress) -> Option<IpAddr> {
     }
 }
 
-fn describe_route(route: &RouteSpec) -> String {
+pub(crate) fn describe_route(route: &RouteSpec) -> String {
     let mut text = format!("{}/{}", route.destination, route.prefix_len);
+    if route.blackhole {
+        return format!("blackhole {text}");
+    }
     if let Some(gw) = route.gateway {
         text.push_str(&format!(" via {gw}"));
     }
     text.push_str(&format!(" dev #{}", route.device));
+    if route.onlink {
+        text.push_str(" onlink");
+    }
     text
 }

@@ -18,6 +18,7 @@ pub fn state_dir(prefix: &str) -> PathBuf {
 }
 
 pub const POOL_V4: &str = "10.244.0.0/16";
+pub const POOL_V6: &str = "fd00:10:244::/56";
 pub const UNDERLAY_PREFIX: &str = "192.0.2";
 
 #[derive(Debug, Clone)]
@@ -38,14 +39,32 @@ pub struct Pod {
 pub struct Cluster {
     pub prefix: String,
     pub plugin: PathBuf,
+    /// The agent binary; None for a cluster without agents (no cross-node traffic).
+    pub agent: Option<PathBuf>,
+    /// Pool CIDRs the agents create.
+    pub pools: Vec<String>,
+    /// Extra agent flags (e.g. shorter resync or node timeout for tests).
+    pub agent_args: Vec<String>,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
+}
+
+/// How to build a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterSpec {
+    pub prefix: String,
+    pub plugin: PathBuf,
+    pub agent: Option<PathBuf>,
+    pub pools: Vec<String>,
+    pub agent_args: Vec<String>,
+    pub nodes: usize,
 }
 
 impl Cluster {
     /// Builds the switch and `nodes` node namespaces. Fails if a cluster with this
     /// prefix exists already.
-    pub fn create(prefix: &str, plugin: &Path, nodes: usize) -> Result<Cluster> {
+    pub fn create(spec: &ClusterSpec) -> Result<Cluster> {
+        let (prefix, nodes) = (spec.prefix.as_str(), spec.nodes);
         let state = state_dir(prefix);
         if state.exists() {
             bail!(
@@ -54,11 +73,14 @@ impl Cluster {
             );
         }
         std::fs::create_dir_all(&state)?;
-        let plugin = std::fs::canonicalize(plugin)
-            .with_context(|| format!("plugin {}", plugin.display()))?;
+        let canonical =
+            |p: &Path| std::fs::canonicalize(p).with_context(|| format!("binary {}", p.display()));
         let mut cluster = Cluster {
             prefix: prefix.to_string(),
-            plugin,
+            plugin: canonical(&spec.plugin)?,
+            agent: spec.agent.as_deref().map(canonical).transpose()?,
+            pools: spec.pools.clone(),
+            agent_args: spec.agent_args.clone(),
             nodes: Vec::new(),
             pods: Vec::new(),
         };
@@ -70,7 +92,94 @@ impl Cluster {
             cluster.add_node(i)?;
         }
         cluster.save()?;
+        for i in 0..nodes {
+            cluster.start_agent(i)?;
+        }
+        for i in 0..nodes {
+            cluster.wait_agent_ready(i)?;
+        }
         Ok(cluster)
+    }
+
+    pub fn node_state_dir(&self, node: &Node) -> PathBuf {
+        self.state_dir().join(&node.name)
+    }
+
+    fn agent_pid_file(&self, node: &Node) -> PathBuf {
+        self.node_state_dir(node).join("agent.pid")
+    }
+
+    /// Starts the node's agent in its namespace, detached (it outlives this process),
+    /// logging to `<state>/<node>/agent.log`. No-op for a cluster without agents.
+    pub fn start_agent(&self, index: usize) -> Result<()> {
+        use std::os::unix::process::CommandExt;
+        let Some(agent) = &self.agent else {
+            return Ok(());
+        };
+        let node = &self.nodes[index];
+        let dir = self.node_state_dir(node);
+        std::fs::create_dir_all(&dir)?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("agent.log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", node.netns))
+            .arg(agent)
+            .args(["--node-name", &node.name])
+            .args(["--datastore", &self.store_url()])
+            .args(["--state-dir", &dir.display().to_string()])
+            .args(["--pool", &self.pools.join(",")])
+            .args(["--metrics-addr", "127.0.0.1:9099"])
+            .args(&self.agent_args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .context("start calyx-agent")?;
+        std::fs::write(self.agent_pid_file(node), child.id().to_string())?;
+        Ok(())
+    }
+
+    /// Waits until the agent has written the plugin's state files and created its
+    /// VXLAN device.
+    pub fn wait_agent_ready(&self, index: usize) -> Result<()> {
+        if self.agent.is_none() {
+            return Ok(());
+        }
+        let node = &self.nodes[index];
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let has_mtu = self.node_state_dir(node).join("mtu").exists();
+            let has_device = sh("ip", &["-n", &node.netns, "link", "show", "vxlan.calyx"])
+                .status
+                .success();
+            if has_mtu && has_device {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                let log = std::fs::read_to_string(self.node_state_dir(node).join("agent.log"))
+                    .unwrap_or_default();
+                bail!("agent on {} not ready after 20 s; log:\n{log}", node.name);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// Sends `signal` (e.g. "KILL", "TERM") to the node's agent.
+    pub fn signal_agent(&self, index: usize, signal: &str) -> Result<()> {
+        let node = &self.nodes[index];
+        let pid = std::fs::read_to_string(self.agent_pid_file(node)).context("agent pid file")?;
+        // nsenter execs the agent, so the recorded pid is the agent's own.
+        sh("kill", &[&format!("-{signal}"), pid.trim()]);
+        for _ in 0..100 {
+            if !Path::new(&format!("/proc/{}", pid.trim())).exists() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        Ok(())
     }
 
     fn switch_netns(&self) -> String {
@@ -151,16 +260,22 @@ impl Cluster {
         Ok(node)
     }
 
+    /// The plugin's config on a node. With agents, node name and MTU come from the
+    /// files the agent writes, as on a real node.
     fn conf(&self, node: &Node) -> Value {
-        json!({
+        let mut conf = json!({
             "cniVersion": "1.0.0",
             "name": "calyx-lab",
             "type": "calyx",
             "datastore": self.store_url(),
-            "nodeName": node.name,
-            "mtu": 1450,
-            "ipam": {"pools": [POOL_V4]}
-        })
+            "ipam": {"pools": self.pools}
+        });
+        if self.agent.is_some() {
+            conf["stateDir"] = self.node_state_dir(node).display().to_string().into();
+        } else {
+            conf["nodeName"] = node.name.clone().into();
+        }
+        conf
     }
 
     /// Creates a pod namespace on `node` and runs CNI ADD for it, as a runtime would.
@@ -265,7 +380,8 @@ impl Cluster {
             .iter()
             .map(|p| json!({"name": p.name, "netns": p.netns, "node": p.node, "ips": p.ips}))
             .collect();
-        let doc = json!({"plugin": self.plugin, "nodes": nodes, "pods": pods});
+        let doc = json!({"plugin": self.plugin, "agent": self.agent, "pools": self.pools,
+                         "agentArgs": self.agent_args, "nodes": nodes, "pods": pods});
         std::fs::write(
             self.state_dir().join("cluster.json"),
             serde_json::to_vec_pretty(&doc)?,
@@ -283,6 +399,19 @@ impl Cluster {
         Ok(Cluster {
             prefix: prefix.to_string(),
             plugin: PathBuf::from(s(&doc["plugin"])),
+            agent: doc["agent"].as_str().map(PathBuf::from),
+            pools: doc["pools"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect(),
+            agent_args: doc["agentArgs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(s)
+                .collect(),
             nodes: doc["nodes"]
                 .as_array()
                 .into_iter()
@@ -307,8 +436,14 @@ impl Cluster {
         })
     }
 
-    /// Removes every namespace whose name starts with the prefix, and the state dir.
+    /// Stops the agents, removes every namespace whose name starts with the prefix,
+    /// and the state dir.
     pub fn destroy(prefix: &str) -> Result<usize> {
+        if let Ok(cluster) = Cluster::load(prefix) {
+            for i in 0..cluster.nodes.len() {
+                let _ = cluster.signal_agent(i, "KILL");
+            }
+        }
         let listing = must("ip", &["netns", "list"]);
         let mut removed = 0;
         for name in listing.lines().filter_map(|l| l.split_whitespace().next()) {

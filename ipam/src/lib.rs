@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use crate::allocator::{plan_allocation, plan_release, AllocationRequest, StoredBlock};
-use crate::model::{handle_key, pool_key, Handle, Pool};
+use crate::model::{handle_key, pool_key, Handle, NodeRecord, Pool};
 use crate::store::{conflict_backoff, Expect, Store, StoreError, Versioned, Write};
 
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +85,13 @@ impl<'s> Ipam<'s> {
             Some(v) => Ok(Some((decode(self.store, &key, &v)?, v.revision))),
             None => Ok(None),
         }
+    }
+
+    pub async fn nodes(&self) -> Result<Vec<(NodeRecord, u64)>, IpamError> {
+        Ok(decode_all(self.store, &self.store.list("nodes/").await?)?
+            .into_iter()
+            .map(|(_, node, revision)| (node, revision))
+            .collect())
     }
 
     pub async fn handles(&self) -> Result<Vec<Handle>, IpamError> {

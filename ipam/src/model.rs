@@ -245,6 +245,33 @@ pub struct Handle {
     pub attrs: AllocationAttrs,
 }
 
+/// A node as its agent registered it: what every other node needs to reach its pods.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRecord {
+    pub name: String,
+    /// The node's address on the underlay: VXLAN packets for it go there.
+    pub underlay_ip: IpAddr,
+    /// The VXLAN device's addresses (from the node's own block), per family.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_ipv4: Option<IpAddr>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vtep_ipv6: Option<IpAddr>,
+    /// The VXLAN device's MAC, `aa:bb:..` form.
+    pub vtep_mac: String,
+    /// Bumped by the agent periodically; others judge liveness by whether it moves.
+    pub heartbeat: u64,
+}
+
+pub fn node_key(name: &str) -> String {
+    format!("nodes/{name}")
+}
+
+/// The IPAM handle of a node's VXLAN tunnel addresses.
+pub fn tunnel_handle_id(node: &str) -> String {
+    format!("vxlan-tunnel-addr.{node}")
+}
+
 pub fn pool_key(name: &str) -> String {
     format!("pools/{name}")
 }

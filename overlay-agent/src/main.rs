@@ -1,6 +1,548 @@
-//! calyx-agent: the per-node overlay agent. Not built yet (issue 4); this binary
-//! says so instead of pretending to work.
-fn main() {
-    eprintln!("calyx-agent: the overlay agent is not implemented yet (see issue 4)");
-    std::process::exit(2);
+//! calyx-agent: one per node. Registers the node, keeps `vxlan.calyx` and the FDB,
+//! neighbour and route entries that reach every other node's blocks, and the
+//! FORWARD-accept and masquerade rules. Reconciles on datastore changes and kernel
+//! events at once, and on a periodic full resync; restarting it changes nothing that
+//! is already right, so pod traffic carries on through a restart.
+
+mod desired;
+mod kernel;
+mod liveness;
+mod metrics;
+mod registration;
+mod rules;
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use calyx_dataplane::overlay::{monitor, KernelEvent, VxlanSpec};
+use calyx_dataplane::{sysctl, Netlink, CALYX_ROUTE_PROTOCOL};
+use calyx_ipam::model::{Block, NodeRecord, Pool};
+use calyx_ipam::store::{self, Store, WatchEvent};
+use calyx_ipam::Ipam;
+use clap::{Parser, ValueEnum};
+use ipnetwork::IpNetwork;
+use tokio::sync::mpsc;
+
+use crate::kernel::DeviceConfig;
+use crate::liveness::Liveness;
+use crate::metrics::Metrics;
+
+/// Every flag can also come from its environment variable or, below both, from the
+/// JSON config file (`--config`, keys in camelCase: {"nodeName": ..., "datastore": ...}).
+#[derive(Parser, Debug)]
+#[command(name = "calyx-agent", about = "Calyx per-node overlay agent")]
+struct Args {
+    #[arg(long, env = "CALYX_NODE_NAME")]
+    node_name: String,
+    #[arg(
+        long,
+        env = "CALYX_DATASTORE",
+        default_value = "file:///var/lib/calyx/store"
+    )]
+    datastore: String,
+    #[arg(long, env = "CALYX_UNDERLAY_INTERFACE", conflicts_with = "underlay_ip")]
+    underlay_interface: Option<String>,
+    #[arg(long, env = "CALYX_UNDERLAY_IP")]
+    underlay_ip: Option<IpAddr>,
+    #[arg(long, env = "CALYX_VXLAN_DEVICE", default_value = "vxlan.calyx")]
+    vxlan_device: String,
+    #[arg(long, env = "CALYX_VXLAN_VNI", default_value_t = 4096)]
+    vxlan_vni: u32,
+    #[arg(long, env = "CALYX_VXLAN_PORT", default_value_t = 4789)]
+    vxlan_port: u16,
+    /// MTU of the VXLAN device and of pods; default: underlay MTU - 50 (IPv4) / - 70 (IPv6).
+    #[arg(long, env = "CALYX_MTU")]
+    mtu: Option<u32>,
+    /// Pools to create when the datastore has none (comma-separated CIDRs).
+    #[arg(long = "pool", env = "CALYX_POOLS", value_delimiter = ',')]
+    pools: Vec<IpNetwork>,
+    #[arg(long, env = "CALYX_METRICS_ADDR", default_value = "127.0.0.1:9099")]
+    metrics_addr: SocketAddr,
+    /// Where the plugin finds `nodename` and `mtu`.
+    #[arg(long, env = "CALYX_STATE_DIR", default_value = "/var/lib/calyx")]
+    state_dir: PathBuf,
+    #[arg(long, env = "CALYX_RESYNC_SECONDS", default_value_t = 10)]
+    resync_seconds: u64,
+    #[arg(long, env = "CALYX_HEARTBEAT_SECONDS", default_value_t = 5)]
+    heartbeat_seconds: u64,
+    /// A node whose heartbeat does not move for this long is treated as departed.
+    #[arg(long, env = "CALYX_NODE_TIMEOUT_SECONDS", default_value_t = 30)]
+    node_timeout_seconds: u64,
+    /// Do not write firewall rules (for hosts where something else owns them).
+    #[arg(long, env = "CALYX_NO_FIREWALL")]
+    no_firewall: bool,
+    #[arg(long, env = "CALYX_LOG", default_value = "info")]
+    log_level: String,
+    #[arg(long, env = "CALYX_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[arg(long, env = "CALYX_CONFIG")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    if let Err(e) = load_config_file() {
+        eprintln!("calyx-agent: {e:#}");
+        return ExitCode::from(2);
+    }
+    let args = Args::parse();
+    init_logging(&args);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("calyx-agent: start runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "calyx-agent stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Puts the config file's keys into the environment (unless already set there), so
+/// clap's order applies: flag, then environment, then file, then default. Runs before
+/// any thread exists.
+fn load_config_file() -> anyhow::Result<()> {
+    let argv: Vec<String> = std::env::args().collect();
+    let from_flag = argv
+        .iter()
+        .position(|a| a == "--config")
+        .and_then(|i| argv.get(i + 1).cloned())
+        .or_else(|| {
+            argv.iter()
+                .find_map(|a| a.strip_prefix("--config=").map(str::to_string))
+        });
+    let Some(path) = from_flag.or_else(|| std::env::var("CALYX_CONFIG").ok()) else {
+        return Ok(());
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("--config {path}"))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("--config {path}: not JSON"))?;
+    let obj = doc
+        .as_object()
+        .with_context(|| format!("--config {path}: expected a JSON object"))?;
+    for (key, value) in obj {
+        let mut env = String::from("CALYX_");
+        for c in key.chars() {
+            if c.is_ascii_uppercase() {
+                env.push('_');
+            }
+            env.push(c.to_ascii_uppercase());
+        }
+        let value = match value {
+            serde_json::Value::String(s) => s.clone(),
+            serde_json::Value::Array(items) => items
+                .iter()
+                .map(|i| i.as_str().map_or_else(|| i.to_string(), str::to_string))
+                .collect::<Vec<_>>()
+                .join(","),
+            other => other.to_string(),
+        };
+        if std::env::var_os(&env).is_none() {
+            std::env::set_var(env, value);
+        }
+    }
+    Ok(())
+}
+
+fn init_logging(args: &Args) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_new(&args.log_level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false);
+    match args.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Why a reconcile runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trigger {
+    Startup,
+    Datastore,
+    Kernel,
+    Resync,
+}
+
+struct Agent {
+    ipam: Ipam<'static>,
+    nl: Netlink,
+    node: String,
+    device: DeviceConfig,
+    liveness: Liveness,
+    metrics: Arc<Metrics>,
+    firewall: bool,
+    applied_rules: [Option<Vec<String>>; 2],
+    device_index: Arc<std::sync::atomic::AtomicU32>,
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    // The agent lives as long as the process; a 'static store lets every task share it.
+    let store: &'static dyn Store = Box::leak(store::open(&args.datastore)?);
+    let ipam = Ipam::new(store);
+    let nl = Netlink::current()?;
+    let underlay =
+        registration::detect_underlay(&nl, args.underlay_interface.as_deref(), args.underlay_ip)
+            .await?;
+    let mtu = args
+        .mtu
+        .unwrap_or(underlay.link.mtu - registration::vxlan_overhead(underlay.ip));
+    tracing::info!(node = %args.node_name, underlay = %underlay.ip, interface = %underlay.link.name, mtu, "starting");
+
+    let pools: Vec<Pool> = args
+        .pools
+        .iter()
+        .map(|cidr| {
+            Pool::with_defaults(*cidr, None).map_err(|e| anyhow::anyhow!("--pool {cidr}: {e}"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    ipam.ensure_pools(&pools).await?;
+    let vtep_ips = registration::tunnel_addresses(&ipam, &args.node_name).await?;
+    let mac = registration::vtep_mac(&args.node_name);
+    registration::write_state_files(&args.state_dir, &args.node_name, mtu)?;
+    let record = registration::register(
+        &ipam,
+        NodeRecord {
+            name: args.node_name.clone(),
+            underlay_ip: underlay.ip,
+            vtep_ipv4: vtep_ips.iter().copied().find(IpAddr::is_ipv4),
+            vtep_ipv6: vtep_ips.iter().copied().find(IpAddr::is_ipv6),
+            vtep_mac: registration::mac_text(mac),
+            heartbeat: 0,
+        },
+    )
+    .await?;
+    tracing::info!(node = %registration::describe(&record), "registered");
+
+    sysctl::set("net.ipv4.ip_forward", "1")?;
+    if vtep_ips.iter().any(IpAddr::is_ipv6) {
+        sysctl::set("net.ipv6.conf.all.forwarding", "1")?;
+    }
+
+    let metrics = Metrics::new(Duration::from_secs(args.resync_seconds));
+    {
+        let metrics = metrics.clone();
+        let addr = args.metrics_addr;
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, metrics).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
+
+    let (trigger_tx, mut trigger_rx) = mpsc::unbounded_channel::<Trigger>();
+    let device_index = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    spawn_watch(store, trigger_tx.clone());
+    spawn_kernel_events(trigger_tx.clone(), device_index.clone())?;
+    spawn_timers(&args, store, trigger_tx.clone());
+
+    let mut agent = Agent {
+        ipam,
+        nl,
+        node: args.node_name.clone(),
+        device: DeviceConfig {
+            spec: VxlanSpec {
+                name: args.vxlan_device.clone(),
+                vni: args.vxlan_vni,
+                port: args.vxlan_port,
+                local: underlay.ip,
+                underlay_index: underlay.link.index,
+                mac,
+                mtu,
+            },
+            vtep_ips,
+        },
+        liveness: Liveness::new(Duration::from_secs(args.node_timeout_seconds)),
+        metrics,
+        firewall: !args.no_firewall,
+        applied_rules: [None, None],
+        device_index,
+    };
+    trigger_tx.send(Trigger::Startup).ok();
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        let trigger = tokio::select! {
+            t = trigger_rx.recv() => t.unwrap_or(Trigger::Resync),
+            _ = sigterm.recv() => {
+                // Leave the dataplane as it is: pods keep working while the agent is away.
+                tracing::info!("SIGTERM: exiting, dataplane left in place");
+                return Ok(());
+            }
+        };
+        // Coalesce a burst of triggers into one run; a full run if any asked for it.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let mut full = matches!(trigger, Trigger::Startup | Trigger::Resync);
+        while let Ok(t) = trigger_rx.try_recv() {
+            full |= matches!(t, Trigger::Startup | Trigger::Resync);
+        }
+        agent.reconcile(trigger, full).await;
+    }
+}
+
+impl Agent {
+    async fn reconcile(&mut self, trigger: Trigger, full: bool) {
+        let started = Instant::now();
+        self.metrics.reconciles.inc();
+        match self.reconcile_once(full).await {
+            Ok(changes) => {
+                self.metrics.succeeded();
+                let elapsed = started.elapsed();
+                if changes > 0 || trigger == Trigger::Startup {
+                    tracing::info!(
+                        ?trigger,
+                        changes,
+                        elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                        "reconciled"
+                    );
+                } else {
+                    tracing::debug!(
+                        ?trigger,
+                        elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                        "reconciled, nothing to do"
+                    );
+                }
+            }
+            Err(e) => {
+                self.metrics.reconcile_errors.inc();
+                tracing::error!(
+                    ?trigger,
+                    error = format!("{e:#}"),
+                    "reconcile failed; will retry"
+                );
+            }
+        }
+        self.metrics
+            .reconcile_seconds
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    async fn reconcile_once(&mut self, full: bool) -> anyhow::Result<usize> {
+        let nodes: Vec<NodeRecord> = self
+            .ipam
+            .nodes()
+            .await?
+            .into_iter()
+            .map(|(n, _)| n)
+            .collect();
+        let blocks: Vec<Block> = self
+            .ipam
+            .blocks()
+            .await?
+            .into_values()
+            .map(|b| b.block)
+            .collect();
+        let now = Instant::now();
+        self.liveness.observe(&nodes, now);
+        let (device, device_changed) = kernel::ensure_device(&self.nl, &self.device).await?;
+        self.device_index
+            .store(device.index, std::sync::atomic::Ordering::Relaxed);
+
+        let me = self.node.clone();
+        let liveness = &self.liveness;
+        let desired = desired::desired_overlay(&me, &nodes, &|n| liveness.is_live(n, now), &blocks);
+        let actual = kernel::actual_overlay(&self.nl, &device).await?;
+        let changes = desired::diff(&desired, &actual);
+        let errors = kernel::apply(&self.nl, &device, &changes).await;
+
+        self.metrics.nodes_known.set(nodes.len() as i64);
+        self.metrics.nodes_live.set(
+            nodes
+                .iter()
+                .filter(|n| self.liveness.is_live(&n.name, now))
+                .count() as i64,
+        );
+        self.metrics.routes.set(desired.routes.len() as i64);
+        self.metrics.fdb_entries.set(desired.fdb.len() as i64);
+        self.metrics.neighbours.set(desired.neighbours.len() as i64);
+        self.metrics.kernel_changes.inc_by(changes.count() as u64);
+
+        let mut rule_changes = 0;
+        if self.firewall && (full || device_changed) {
+            rule_changes = self.ensure_firewall().await?;
+        }
+        if !errors.is_empty() {
+            anyhow::bail!(
+                "{} of {} overlay changes failed: {}",
+                errors.len(),
+                changes.count(),
+                errors.join("; ")
+            );
+        }
+        Ok(changes.count() + usize::from(device_changed) + rule_changes)
+    }
+
+    async fn ensure_firewall(&mut self) -> anyhow::Result<usize> {
+        let pools = self.ipam.pools().await?;
+        let mut changed = 0;
+        for (i, family) in [rules::Family::V4, rules::Family::V6]
+            .into_iter()
+            .enumerate()
+        {
+            let wanted = pools
+                .iter()
+                .any(|p| p.is_ipv4() == (family == rules::Family::V4));
+            if !wanted {
+                continue;
+            }
+            if rules::ensure(&pools, family, &mut self.applied_rules[i]).await? {
+                self.metrics.firewall_repairs.inc();
+                changed += 1;
+            }
+        }
+        Ok(changed)
+    }
+}
+
+/// Datastore changes to nodes and blocks trigger a reconcile. A node record whose only
+/// change is its heartbeat does not (liveness is judged at each resync). Watch errors
+/// are retried with backoff, never fatal.
+fn spawn_watch(store: &'static dyn Store, trigger: mpsc::UnboundedSender<Trigger>) {
+    for prefix in ["nodes/", "blocks/"] {
+        let trigger = trigger.clone();
+        tokio::spawn(async move {
+            let mut last_shape: std::collections::HashMap<String, String> = Default::default();
+            let mut delay = Duration::from_millis(200);
+            loop {
+                let start_rev = match store.list(prefix).await {
+                    Ok(items) => items.iter().map(|(_, v)| v.revision).max().unwrap_or(0),
+                    Err(e) => {
+                        tracing::warn!(prefix, error = %e, "list for watch failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                };
+                let mut rx = match store.watch(prefix, start_rev).await {
+                    Ok(rx) => rx,
+                    Err(e) => {
+                        tracing::warn!(prefix, error = %e, "watch failed; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                };
+                delay = Duration::from_millis(200);
+                // Catch up on anything between our last run and this watch.
+                trigger.send(Trigger::Datastore).ok();
+                while let Some(event) = rx.recv().await {
+                    match event {
+                        Ok(WatchEvent::Put { key, value }) => {
+                            if prefix == "nodes/" {
+                                let shape = without_heartbeat(&value.value);
+                                if last_shape.get(&key) == Some(&shape) {
+                                    continue;
+                                }
+                                last_shape.insert(key, shape);
+                            }
+                            trigger.send(Trigger::Datastore).ok();
+                        }
+                        Ok(WatchEvent::Delete { key, .. }) => {
+                            last_shape.remove(&key);
+                            trigger.send(Trigger::Datastore).ok();
+                        }
+                        Err(e) => {
+                            tracing::warn!(prefix, error = %e, "watch error; re-listing");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+fn without_heartbeat(json: &str) -> String {
+    match serde_json::from_str::<serde_json::Value>(json) {
+        Ok(mut v) => {
+            if let Some(obj) = v.as_object_mut() {
+                obj.remove("heartbeat");
+            }
+            v.to_string()
+        }
+        Err(_) => json.to_string(),
+    }
+}
+
+/// Someone deleting our device, a neighbour or FDB entry on it, or one of our routes
+/// triggers a reconcile at once.
+fn spawn_kernel_events(
+    trigger: mpsc::UnboundedSender<Trigger>,
+    device_index: Arc<std::sync::atomic::AtomicU32>,
+) -> anyhow::Result<()> {
+    let mut events = monitor()?;
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            let ours = device_index.load(std::sync::atomic::Ordering::Relaxed);
+            let relevant = match event {
+                KernelEvent::Link { index, deleted } => deleted && index == ours,
+                KernelEvent::Neighbour { index, deleted } => deleted && index == ours,
+                KernelEvent::Route { deleted, protocol } => {
+                    deleted && protocol == CALYX_ROUTE_PROTOCOL
+                }
+            };
+            if relevant {
+                trigger.send(Trigger::Kernel).ok();
+            }
+        }
+    });
+    Ok(())
+}
+
+fn spawn_timers(args: &Args, store: &'static dyn Store, trigger: mpsc::UnboundedSender<Trigger>) {
+    let resync = Duration::from_secs(args.resync_seconds.max(1));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(resync);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if trigger.send(Trigger::Resync).is_err() {
+                return;
+            }
+        }
+    });
+    let heartbeat = Duration::from_secs(args.heartbeat_seconds.max(1));
+    let node = args.node_name.clone();
+    tokio::spawn(async move {
+        let ipam = Ipam::new(store);
+        let mut tick = tokio::time::interval(heartbeat);
+        loop {
+            tick.tick().await;
+            let key = calyx_ipam::model::node_key(&node);
+            let current = match ipam.store().get(&key).await {
+                Ok(Some(v)) => v,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::warn!(error = %e, "heartbeat: datastore unavailable");
+                    continue;
+                }
+            };
+            let Ok(mut record) = serde_json::from_str::<NodeRecord>(&current.value) else {
+                continue;
+            };
+            record.heartbeat += 1;
+            if let Err(e) = registration::register(&ipam, record).await {
+                tracing::warn!(error = %format!("{e:#}"), "heartbeat failed");
+            }
+        }
+    });
 }

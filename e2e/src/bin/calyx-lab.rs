@@ -1,17 +1,19 @@
 //! calyx-lab: a Calyx cluster made of network namespaces on this machine.
 //!
 //!   calyx-lab up [--nodes 3] [--pods-per-node 2] [--plugin target/release/calyx]
+//!                [--agent target/release/calyx-agent]
 //!   calyx-lab status
 //!   calyx-lab down
 //!
-//! Nodes sit on an underlay bridge (192.0.2.0/24) in a namespace of their own; pods are
-//! wired by the real `calyx` CNI binary; all nodes share one embedded store under
-//! /run/calyx-lab. Only addresses inside these namespaces are ever used.
+//! Nodes sit on an underlay bridge (192.0.2.0/24) in a namespace of their own, each
+//! running the real `calyx-agent`; pods are wired by the real `calyx` CNI binary; all
+//! nodes share one embedded store under /run/calyx-lab. Only addresses inside these
+//! namespaces are ever used.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use calyx_e2e::cluster::Cluster;
+use calyx_e2e::cluster::{Cluster, ClusterSpec, POOL_V4};
 use calyx_e2e::lab::privileged;
 
 const PREFIX: &str = "calyx-lab";
@@ -22,17 +24,19 @@ fn main() -> Result<()> {
     let mut nodes = 3usize;
     let mut pods_per_node = 2usize;
     let mut plugin = PathBuf::from("target/release/calyx");
+    let mut agent = PathBuf::from("target/release/calyx-agent");
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
         match arg.as_str() {
             "--nodes" => nodes = value()?.parse().context("--nodes")?,
             "--pods-per-node" => pods_per_node = value()?.parse().context("--pods-per-node")?,
             "--plugin" => plugin = value()?.into(),
+            "--agent" => agent = value()?.into(),
             other => bail!("unknown argument {other}"),
         }
     }
     match command.as_str() {
-        "up" => up(nodes, pods_per_node, &plugin),
+        "up" => up(nodes, pods_per_node, plugin, agent),
         "status" => status(&Cluster::load(PREFIX)?),
         "down" => {
             let removed = Cluster::destroy(PREFIX)?;
@@ -46,14 +50,28 @@ fn main() -> Result<()> {
     }
 }
 
-fn up(nodes: usize, pods_per_node: usize, plugin: &std::path::Path) -> Result<()> {
+fn up(nodes: usize, pods_per_node: usize, plugin: PathBuf, agent: PathBuf) -> Result<()> {
     if !privileged() {
         bail!("calyx-lab needs root and network namespaces");
     }
     if !(1..=200).contains(&nodes) {
         bail!("--nodes must be 1 to 200");
     }
-    let mut cluster = Cluster::create(PREFIX, plugin, nodes)?;
+    let spec = ClusterSpec {
+        prefix: PREFIX.into(),
+        plugin,
+        agent: Some(agent),
+        pools: vec![POOL_V4.into()],
+        agent_args: vec![],
+        nodes,
+    };
+    let mut cluster = match Cluster::create(&spec) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = Cluster::destroy(PREFIX);
+            return Err(e);
+        }
+    };
     for n in 0..nodes {
         for p in 1..=pods_per_node {
             let name = format!("{}-pod{p}", cluster.nodes[n].name);
@@ -64,9 +82,17 @@ fn up(nodes: usize, pods_per_node: usize, plugin: &std::path::Path) -> Result<()
 }
 
 fn status(cluster: &Cluster) -> Result<()> {
-    println!("{:<8} {:<14} {:<22}", "NODE", "UNDERLAY", "NAMESPACE");
+    let blocks = blocks_by_node(cluster);
+    println!(
+        "{:<8} {:<14} {:<22} {}",
+        "NODE", "UNDERLAY", "NAMESPACE", "BLOCKS"
+    );
     for n in &cluster.nodes {
-        println!("{:<8} {:<14} {:<22}", n.name, n.underlay_ip, n.netns);
+        let owned = blocks.get(&n.name).map(|b| b.join(",")).unwrap_or_default();
+        println!(
+            "{:<8} {:<14} {:<22} {}",
+            n.name, n.underlay_ip, n.netns, owned
+        );
     }
     println!();
     println!(
@@ -116,4 +142,27 @@ fn status(cluster: &Cluster) -> Result<()> {
         bail!("some pods cannot reach each other");
     }
     Ok(())
+}
+
+/// Node name -> the blocks affine to it, read from the lab's store.
+fn blocks_by_node(cluster: &Cluster) -> std::collections::BTreeMap<String, Vec<String>> {
+    let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let path = cluster.state_dir().join("store");
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return out;
+    };
+    let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return out;
+    };
+    for (key, entry) in doc["keys"].as_object().into_iter().flatten() {
+        if key.starts_with("blocks/") {
+            let block = &entry["value"];
+            if let (Some(node), Some(cidr)) = (block["affinity"].as_str(), block["cidr"].as_str()) {
+                out.entry(node.to_string())
+                    .or_default()
+                    .push(cidr.to_string());
+            }
+        }
+    }
+    out
 }

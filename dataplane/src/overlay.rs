@@ -1,0 +1,384 @@
+//! Netlink calls of the overlay: the VXLAN device, its FDB and neighbour entries, and
+//! the stream of kernel events the agent reacts to.
+
+use std::net::IpAddr;
+
+use futures::{StreamExt, TryStreamExt};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo};
+use netlink_packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{LinkUnspec, LinkVxlan, MulticastGroup};
+use tokio::sync::mpsc;
+
+use crate::netlink::{link_from_message, nl_err};
+use crate::{format_mac, DataplaneError, Link, Netlink, Result};
+
+/// What a VXLAN device is configured with; compared to decide whether to recreate it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanSpec {
+    pub name: String,
+    pub vni: u32,
+    pub port: u16,
+    pub local: IpAddr,
+    pub underlay_index: u32,
+    pub mac: [u8; 6],
+    pub mtu: u32,
+}
+
+/// A VXLAN device as the kernel has it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VxlanLink {
+    pub link: Link,
+    pub vni: Option<u32>,
+    pub port: Option<u16>,
+    pub local: Option<IpAddr>,
+    pub learning: Option<bool>,
+}
+
+impl VxlanLink {
+    /// Whether the parameters that need a new device (VNI, port, local address,
+    /// learning) match; MTU and MAC can be changed in place.
+    pub fn matches(&self, spec: &VxlanSpec) -> bool {
+        self.vni == Some(spec.vni)
+            && self.port == Some(spec.port)
+            && self.local == Some(spec.local)
+            && self.learning == Some(false)
+    }
+}
+
+/// An FDB entry of the VXLAN device: frames for `mac` go to `dst` over the underlay.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FdbEntry {
+    pub mac: [u8; 6],
+    pub dst: IpAddr,
+}
+
+/// A permanent neighbour entry.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Neighbour {
+    pub ip: IpAddr,
+    pub mac: [u8; 6],
+}
+
+/// Something changed in the kernel's links, neighbours or routes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KernelEvent {
+    Link { index: u32, deleted: bool },
+    Neighbour { index: u32, deleted: bool },
+    Route { deleted: bool, protocol: u8 },
+}
+
+impl Netlink {
+    pub async fn vxlan_by_name(&self, name: &str) -> Result<Option<VxlanLink>> {
+        let mut links = self
+            .handle
+            .link()
+            .get()
+            .match_name(name.to_string())
+            .execute();
+        let msg = match links.try_next().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => return Ok(None),
+            Err(e) => {
+                let err = nl_err(format!("get link {name}"), e);
+                return if err.is_not_found() {
+                    Ok(None)
+                } else {
+                    Err(err)
+                };
+            }
+        };
+        let mut out = VxlanLink {
+            link: link_from_message(&msg),
+            vni: None,
+            port: None,
+            local: None,
+            learning: None,
+        };
+        for attr in &msg.attributes {
+            let LinkAttribute::LinkInfo(infos) = attr else {
+                continue;
+            };
+            for info in infos {
+                let LinkInfo::Data(InfoData::Vxlan(opts)) = info else {
+                    continue;
+                };
+                for opt in opts {
+                    match opt {
+                        InfoVxlan::Id(id) => out.vni = Some(*id),
+                        InfoVxlan::Port(port) => out.port = Some(*port),
+                        InfoVxlan::Local(ip) => out.local = Some(IpAddr::V4(*ip)),
+                        InfoVxlan::Local6(ip) => out.local = Some(IpAddr::V6(*ip)),
+                        InfoVxlan::Learning(on) => out.learning = Some(*on),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    pub async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<()> {
+        let mut builder = LinkVxlan::new(&spec.name, spec.vni)
+            .port(spec.port)
+            .dev(spec.underlay_index)
+            .learning(false)
+            .address(spec.mac.to_vec())
+            .mtu(spec.mtu);
+        builder = match spec.local {
+            IpAddr::V4(v4) => builder.local(v4),
+            IpAddr::V6(v6) => builder.local6(v6),
+        };
+        self.handle
+            .link()
+            .add(builder.build())
+            .execute()
+            .await
+            .map_err(|e| {
+                nl_err(
+                    format!(
+                        "create vxlan {} (vni {}, port {}, local {}, mtu {})",
+                        spec.name, spec.vni, spec.port, spec.local, spec.mtu
+                    ),
+                    e,
+                )
+            })
+    }
+
+    pub async fn set_mtu_and_mac(&self, link: &Link, mtu: u32, mac: [u8; 6]) -> Result<()> {
+        let message = LinkUnspec::new_with_index(link.index)
+            .mtu(mtu)
+            .address(mac.to_vec())
+            .build();
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(|e| nl_err(format!("set mtu {mtu} on {}", link.name), e))
+    }
+
+    /// The kind of a link ("vxlan", "veth", ...), for checks.
+    pub async fn link_kind(&self, link: &Link) -> Result<Option<String>> {
+        let mut links = self.handle.link().get().match_index(link.index).execute();
+        let Some(msg) = links.try_next().await.map_err(|e| nl_err("get link", e))? else {
+            return Ok(None);
+        };
+        for attr in &msg.attributes {
+            if let LinkAttribute::LinkInfo(infos) = attr {
+                for info in infos {
+                    if let LinkInfo::Kind(kind) = info {
+                        return Ok(Some(match kind {
+                            InfoKind::Vxlan => "vxlan".to_string(),
+                            other => format!("{other:?}").to_lowercase(),
+                        }));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Permanent neighbour entries on a link, both families.
+    pub async fn permanent_neighbours(&self, link: &Link) -> Result<Vec<Neighbour>> {
+        let mut out = Vec::new();
+        for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            let mut request = self.handle.neighbours().get().set_address_family(family);
+            request.message_mut().header.ifindex = link.index;
+            let mut stream = request.execute();
+            while let Some(msg) = stream
+                .try_next()
+                .await
+                .map_err(|e| nl_err(format!("list neighbours of {}", link.name), e))?
+            {
+                if msg.header.ifindex != link.index || msg.header.state != NeighbourState::Permanent
+                {
+                    continue;
+                }
+                if let (Some(ip), Some(mac)) = (neighbour_ip(&msg), neighbour_mac(&msg)) {
+                    out.push(Neighbour { ip, mac });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn delete_neighbour(&self, link: &Link, neighbour: &Neighbour) -> Result<()> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = family_of(neighbour.ip);
+        msg.header.ifindex = link.index;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(neighbour_address(
+                neighbour.ip,
+            )));
+        self.handle
+            .neighbours()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(|e| {
+                nl_err(
+                    format!("delete neighbour {} dev {}", neighbour.ip, link.name),
+                    e,
+                )
+            })
+    }
+
+    /// FDB entries of a VXLAN device that send a MAC to a remote underlay address.
+    pub async fn fdb_entries(&self, link: &Link) -> Result<Vec<FdbEntry>> {
+        let mut request = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge);
+        request.message_mut().header.ifindex = link.index;
+        let mut stream = request.execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| nl_err(format!("list fdb of {}", link.name), e))?
+        {
+            if msg.header.ifindex != link.index {
+                continue;
+            }
+            if let (Some(dst), Some(mac)) = (neighbour_ip(&msg), neighbour_mac(&msg)) {
+                out.push(FdbEntry { mac, dst });
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn add_fdb(&self, link: &Link, entry: &FdbEntry) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add_bridge(link.index, &entry.mac)
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .destination(entry.dst)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                let mac = format_mac(&entry.mac);
+                nl_err(
+                    format!("add fdb {mac} dev {} dst {}", link.name, entry.dst),
+                    e,
+                )
+            })
+    }
+
+    pub async fn delete_fdb(&self, link: &Link, entry: &FdbEntry) -> Result<()> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = link.index;
+        msg.header.flags = NeighbourFlags::Own;
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(entry.mac.to_vec()));
+        msg.attributes
+            .push(NeighbourAttribute::Destination(neighbour_address(
+                entry.dst,
+            )));
+        self.handle
+            .neighbours()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(|e| {
+                let mac = format_mac(&entry.mac);
+                nl_err(
+                    format!("delete fdb {mac} dev {} dst {}", link.name, entry.dst),
+                    e,
+                )
+            })
+    }
+}
+
+/// Subscribes to link, neighbour and route changes; events arrive on the receiver
+/// until it is dropped. Needs a tokio runtime.
+pub fn monitor() -> Result<mpsc::UnboundedReceiver<KernelEvent>> {
+    let groups = [
+        MulticastGroup::Link,
+        MulticastGroup::Neigh,
+        MulticastGroup::Ipv4Route,
+        MulticastGroup::Ipv6Route,
+    ];
+    let (connection, _handle, mut messages) = rtnetlink::new_multicast_connection(&groups)
+        .map_err(|source| DataplaneError::Io {
+            op: "subscribe to netlink events".into(),
+            source,
+        })?;
+    tokio::spawn(connection);
+    let (tx, rx) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some((message, _)) = messages.next().await {
+            use netlink_packet_core::NetlinkPayload;
+            let NetlinkPayload::InnerMessage(inner) = message.payload else {
+                continue;
+            };
+            let event = match inner {
+                RouteNetlinkMessage::NewLink(m) => KernelEvent::Link {
+                    index: m.header.index,
+                    deleted: false,
+                },
+                RouteNetlinkMessage::DelLink(m) => KernelEvent::Link {
+                    index: m.header.index,
+                    deleted: true,
+                },
+                RouteNetlinkMessage::NewNeighbour(m) => KernelEvent::Neighbour {
+                    index: m.header.ifindex,
+                    deleted: false,
+                },
+                RouteNetlinkMessage::DelNeighbour(m) => KernelEvent::Neighbour {
+                    index: m.header.ifindex,
+                    deleted: true,
+                },
+                RouteNetlinkMessage::NewRoute(m) => KernelEvent::Route {
+                    deleted: false,
+                    protocol: u8::from(m.header.protocol),
+                },
+                RouteNetlinkMessage::DelRoute(m) => KernelEvent::Route {
+                    deleted: true,
+                    protocol: u8::from(m.header.protocol),
+                },
+                _ => continue,
+            };
+            if tx.send(event).is_err() {
+                return;
+            }
+        }
+    });
+    Ok(rx)
+}
+
+fn family_of(ip: IpAddr) -> AddressFamily {
+    if ip.is_ipv4() {
+        AddressFamily::Inet
+    } else {
+        AddressFamily::Inet6
+    }
+}
+
+fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
+    match ip {
+        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+    }
+}
+
+fn neighbour_ip(msg: &NeighbourMessage) -> Option<IpAddr> {
+    msg.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    })
+}
+
+fn neighbour_mac(msg: &NeighbourMessage) -> Option<[u8; 6]> {
+    msg.attributes.iter().find_map(|a| match a {
+        NeighbourAttribute::LinkLayerAddress(mac) => mac.as_slice().try_into().ok(),
+        _ => None,
+    })
+}

@@ -1,0 +1,188 @@
+//! What the overlay should look like on this node, computed from the datastore: pure
+//! data and set differences, so the reconcile logic is tested without a kernel.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use calyx_dataplane::overlay::{FdbEntry, Neighbour};
+use calyx_dataplane::parse_mac;
+use calyx_ipam::model::{Block, NodeRecord};
+use ipnetwork::IpNetwork;
+
+/// `route <block> via <vtep> dev vxlan.calyx onlink`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct BlockRoute {
+    pub block: IpNetwork,
+    pub via: IpAddr,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OverlayState {
+    pub fdb: BTreeSet<FdbEntry>,
+    pub neighbours: BTreeSet<Neighbour>,
+    pub routes: BTreeSet<BlockRoute>,
+    pub blackholes: BTreeSet<IpNetwork>,
+}
+
+/// For every other live node: an FDB entry (its VTEP MAC -> its underlay address) and a
+/// permanent neighbour per VTEP address; a route per block it owns, through its VTEP;
+/// a blackhole per block this node owns.
+pub fn desired_overlay(
+    me: &str,
+    nodes: &[NodeRecord],
+    is_live: &dyn Fn(&str) -> bool,
+    blocks: &[Block],
+) -> OverlayState {
+    let mut state = OverlayState::default();
+    let mut peers: BTreeMap<&str, &NodeRecord> = BTreeMap::new();
+    for node in nodes {
+        if node.name == me || !is_live(&node.name) {
+            continue;
+        }
+        let Some(mac) = parse_mac(&node.vtep_mac) else {
+            tracing::warn!(node = %node.name, mac = %node.vtep_mac, "node has an unreadable VTEP MAC; skipping it");
+            continue;
+        };
+        state.fdb.insert(FdbEntry {
+            mac,
+            dst: node.underlay_ip,
+        });
+        for ip in [node.vtep_ipv4, node.vtep_ipv6].into_iter().flatten() {
+            state.neighbours.insert(Neighbour { ip, mac });
+        }
+        peers.insert(node.name.as_str(), node);
+    }
+    for block in blocks {
+        let Some(owner) = block.affinity.as_deref() else {
+            continue;
+        };
+        if owner == me {
+            state.blackholes.insert(block.cidr);
+            continue;
+        }
+        let Some(peer) = peers.get(owner) else {
+            continue;
+        };
+        let vtep = if block.is_ipv4() {
+            peer.vtep_ipv4
+        } else {
+            peer.vtep_ipv6
+        };
+        if let Some(via) = vtep {
+            state.routes.insert(BlockRoute {
+                block: block.cidr,
+                via,
+            });
+        }
+    }
+    state
+}
+
+/// What to add and what to remove to turn `actual` into `desired`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OverlayChanges {
+    pub add: OverlayState,
+    pub remove: OverlayState,
+}
+
+impl OverlayChanges {
+    pub fn count(&self) -> usize {
+        let size = |s: &OverlayState| {
+            s.fdb.len() + s.neighbours.len() + s.routes.len() + s.blackholes.len()
+        };
+        size(&self.add) + size(&self.remove)
+    }
+}
+
+pub fn diff(desired: &OverlayState, actual: &OverlayState) -> OverlayChanges {
+    fn minus<T: Ord + Clone>(a: &BTreeSet<T>, b: &BTreeSet<T>) -> BTreeSet<T> {
+        a.difference(b).cloned().collect()
+    }
+    OverlayChanges {
+        add: OverlayState {
+            fdb: minus(&desired.fdb, &actual.fdb),
+            neighbours: minus(&desired.neighbours, &actual.neighbours),
+            routes: minus(&desired.routes, &actual.routes),
+            blackholes: minus(&desired.blackholes, &actual.blackholes),
+        },
+        remove: OverlayState {
+            fdb: minus(&actual.fdb, &desired.fdb),
+            neighbours: minus(&actual.neighbours, &desired.neighbours),
+            routes: minus(&actual.routes, &desired.routes),
+            blackholes: minus(&actual.blackholes, &desired.blackholes),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, n: u8) -> NodeRecord {
+        NodeRecord {
+            name: name.into(),
+            underlay_ip: format!("192.0.2.{n}").parse().unwrap(),
+            vtep_ipv4: Some(format!("10.244.{n}.0").parse().unwrap()),
+            vtep_ipv6: None,
+            vtep_mac: format!("66:00:00:00:00:{n:02x}"),
+            heartbeat: 1,
+        }
+    }
+
+    fn block(cidr: &str, owner: &str) -> Block {
+        Block::new(cidr.parse().unwrap(), "pool", owner)
+    }
+
+    #[test]
+    fn remote_nodes_get_fdb_neighbour_and_block_routes_own_blocks_blackholes() {
+        let nodes = [node("a", 1), node("b", 2), node("c", 3)];
+        let blocks = [
+            block("10.244.1.0/26", "a"),
+            block("10.244.2.0/26", "b"),
+            block("10.244.2.64/26", "b"),
+        ];
+        let state = desired_overlay("a", &nodes, &|_| true, &blocks);
+        assert_eq!(state.fdb.len(), 2);
+        assert!(state.fdb.contains(&FdbEntry {
+            mac: [0x66, 0, 0, 0, 0, 2],
+            dst: "192.0.2.2".parse().unwrap()
+        }));
+        assert_eq!(state.neighbours.len(), 2);
+        let routes: Vec<String> = state
+            .routes
+            .iter()
+            .map(|r| format!("{} via {}", r.block, r.via))
+            .collect();
+        assert_eq!(
+            routes,
+            [
+                "10.244.2.0/26 via 10.244.2.0",
+                "10.244.2.64/26 via 10.244.2.0"
+            ]
+        );
+        assert_eq!(state.blackholes.len(), 1);
+    }
+
+    #[test]
+    fn departed_nodes_lose_their_entries() {
+        let nodes = [node("a", 1), node("b", 2)];
+        let blocks = [block("10.244.2.0/26", "b")];
+        let state = desired_overlay("a", &nodes, &|n| n != "b", &blocks);
+        assert_eq!(state, OverlayState::default());
+    }
+
+    #[test]
+    fn diff_adds_missing_and_removes_extra() {
+        let nodes = [node("a", 1), node("b", 2)];
+        let blocks = [block("10.244.2.0/26", "b")];
+        let desired = desired_overlay("a", &nodes, &|_| true, &blocks);
+        let mut actual = desired.clone();
+        actual.routes.clear();
+        actual.blackholes.insert("10.9.9.0/26".parse().unwrap());
+        let changes = diff(&desired, &actual);
+        assert_eq!(changes.add.routes.len(), 1);
+        assert_eq!(changes.remove.blackholes.len(), 1);
+        assert_eq!(changes.count(), 2);
+        assert_eq!(diff(&desired, &desired).count(), 0);
+    }
+}

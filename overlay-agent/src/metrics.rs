@@ -1,0 +1,152 @@
+//! /metrics (Prometheus text), /healthz and /readyz.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+pub struct Metrics {
+    pub nodes_known: Gauge,
+    pub nodes_live: Gauge,
+    pub routes: Gauge,
+    pub fdb_entries: Gauge,
+    pub neighbours: Gauge,
+    pub reconciles: Counter,
+    pub reconcile_errors: Counter,
+    pub kernel_changes: Counter,
+    pub firewall_repairs: Counter,
+    pub reconcile_seconds: Histogram,
+    registry: Registry,
+    pub ready: AtomicBool,
+    last_success: Mutex<Option<Instant>>,
+    pub resync_ms: AtomicU64,
+}
+
+impl Metrics {
+    pub fn new(resync: Duration) -> Arc<Metrics> {
+        let mut registry = Registry::with_prefix("calyx_agent");
+        let m = Metrics {
+            nodes_known: Gauge::default(),
+            nodes_live: Gauge::default(),
+            routes: Gauge::default(),
+            fdb_entries: Gauge::default(),
+            neighbours: Gauge::default(),
+            reconciles: Counter::default(),
+            reconcile_errors: Counter::default(),
+            kernel_changes: Counter::default(),
+            firewall_repairs: Counter::default(),
+            reconcile_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 14)),
+            registry: Registry::default(),
+            ready: AtomicBool::new(false),
+            last_success: Mutex::new(None),
+            resync_ms: AtomicU64::new(resync.as_millis() as u64),
+        };
+        registry.register(
+            "nodes_known",
+            "Nodes registered in the datastore",
+            m.nodes_known.clone(),
+        );
+        registry.register(
+            "nodes_live",
+            "Nodes whose heartbeat is current",
+            m.nodes_live.clone(),
+        );
+        registry.register(
+            "routes_programmed",
+            "Routes to remote blocks",
+            m.routes.clone(),
+        );
+        registry.register("fdb_entries", "VXLAN FDB entries", m.fdb_entries.clone());
+        registry.register("neighbours", "VTEP neighbour entries", m.neighbours.clone());
+        registry.register("reconciles", "Reconcile runs", m.reconciles.clone());
+        registry.register(
+            "reconcile_errors",
+            "Reconcile runs that failed",
+            m.reconcile_errors.clone(),
+        );
+        registry.register(
+            "kernel_changes",
+            "Overlay entries added or removed",
+            m.kernel_changes.clone(),
+        );
+        registry.register(
+            "firewall_repairs",
+            "Times the firewall rules were (re)written",
+            m.firewall_repairs.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Reconcile duration",
+            m.reconcile_seconds.clone(),
+        );
+        Arc::new(Metrics { registry, ..m })
+    }
+
+    pub fn succeeded(&self) {
+        *self.last_success.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+        self.ready.store(true, Ordering::Relaxed);
+    }
+
+    /// Healthy while reconciles keep succeeding (within three resync periods).
+    fn healthy(&self) -> bool {
+        let window = Duration::from_millis(3 * self.resync_ms.load(Ordering::Relaxed));
+        self.last_success
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|t| t.elapsed() <= window)
+    }
+}
+
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(render))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("listen on {addr}: {e}"))?;
+    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    axum::serve(listener, app).await?;
+    Ok(())
+}
+
+async fn render(State(m): State<Arc<Metrics>>) -> (StatusCode, String) {
+    let mut out = String::new();
+    match encode(&mut out, &m.registry) {
+        Ok(()) => (StatusCode::OK, out),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn healthz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
+    if m.healthy() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no successful reconcile recently\n",
+        )
+    }
+}
+
+async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
+    if m.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "first reconcile has not completed\n",
+        )
+    }
+}
