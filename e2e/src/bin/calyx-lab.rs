@@ -84,8 +84,8 @@ fn up(nodes: usize, pods_per_node: usize, plugin: PathBuf, agent: PathBuf) -> Re
 fn status(cluster: &Cluster) -> Result<()> {
     let blocks = blocks_by_node(cluster);
     println!(
-        "{:<8} {:<14} {:<22} {}",
-        "NODE", "UNDERLAY", "NAMESPACE", "BLOCKS"
+        "{:<8} {:<14} {:<22} BLOCKS",
+        "NODE", "UNDERLAY", "NAMESPACE"
     );
     for n in &cluster.nodes {
         let owned = blocks.get(&n.name).map(|b| b.join(",")).unwrap_or_default();
