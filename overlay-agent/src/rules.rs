@@ -3,9 +3,11 @@
 //!   work on hosts whose FORWARD policy is DROP;
 //! - nat CALYX-POSTROUTING: never masquerade traffic to a pool (pod-to-pod keeps its
 //!   source), masquerade what leaves natOutgoing pools.
+//!
 //! Every rule matches a pool address as source or destination; the encapsulated VXLAN
 //! packets carry underlay addresses, so no rule here can ever rewrite them (the cause
 //! of the 63-second stalls of projectcalico/calico#3145).
+//!
 //! Rules are written as one iptables-restore batch per family.
 
 use calyx_ipam::model::Pool;
