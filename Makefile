@@ -36,6 +36,7 @@ fmt:
 
 # Everything: lint, unit tests, privileged namespace tests, real runtimes.
 test: deps lint
+	$(CARGO) build --workspace
 	$(CARGO) test --workspace
 	$(MAKE) test-runtimes
 

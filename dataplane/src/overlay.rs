@@ -185,8 +185,12 @@ impl Netlink {
     pub async fn permanent_neighbours(&self, link: &Link) -> Result<Vec<Neighbour>> {
         let mut out = Vec::new();
         for family in [AddressFamily::Inet, AddressFamily::Inet6] {
+            // A strict dump takes the device as NDA_IFINDEX; the header's must be 0.
             let mut request = self.handle.neighbours().get().set_address_family(family);
-            request.message_mut().header.ifindex = link.index;
+            request
+                .message_mut()
+                .attributes
+                .push(NeighbourAttribute::IfIndex(link.index));
             let mut stream = request.execute();
             while let Some(msg) = stream
                 .try_next()
@@ -368,10 +372,17 @@ fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
     }
 }
 
+/// NDA_DST as an IP. In AF_BRIDGE (FDB) messages the parser cannot know the address
+/// family and leaves raw bytes: 4 or 16 of them are an IPv4 or IPv6 address.
 fn neighbour_ip(msg: &NeighbourMessage) -> Option<IpAddr> {
     msg.attributes.iter().find_map(|a| match a {
         NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
         NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+        NeighbourAttribute::Destination(NeighbourAddress::Other(raw)) => match raw.len() {
+            4 => <[u8; 4]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
+            16 => <[u8; 16]>::try_from(raw.as_slice()).ok().map(IpAddr::from),
+            _ => None,
+        },
         _ => None,
     })
 }

@@ -278,6 +278,59 @@ impl Cluster {
         conf
     }
 
+    /// A host on the underlay that is not a node (192.0.2.100): the "world" pods reach
+    /// through masquerade.
+    pub fn add_world(&self) -> Result<String> {
+        let netns = format!("{}-world", self.prefix);
+        let sw = self.switch_netns();
+        must("ip", &["netns", "add", &netns]);
+        must("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+        must(
+            "ip",
+            &[
+                "-n",
+                &sw,
+                "link",
+                "add",
+                "port-world",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &netns,
+            ],
+        );
+        must(
+            "ip",
+            &[
+                "-n",
+                &sw,
+                "link",
+                "set",
+                "port-world",
+                "master",
+                "br0",
+                "up",
+            ],
+        );
+        must(
+            "ip",
+            &[
+                "-n",
+                &netns,
+                "addr",
+                "add",
+                &format!("{UNDERLAY_PREFIX}.100/24"),
+                "dev",
+                "eth0",
+            ],
+        );
+        must("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
+        Ok(netns)
+    }
+
     /// Creates a pod namespace on `node` and runs CNI ADD for it, as a runtime would.
     pub fn add_pod(&mut self, node_index: usize, name: &str) -> Result<Pod> {
         let node = self.nodes[node_index].clone();

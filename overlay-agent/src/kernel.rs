@@ -116,7 +116,9 @@ pub async fn apply(nl: &Netlink, device: &Link, changes: &OverlayChanges) -> Vec
     let mut errors = Vec::new();
     let mut note = |r: calyx_dataplane::Result<()>| {
         if let Err(e) = r {
-            if !e.is_not_found() {
+            if e.is_not_found() {
+                tracing::debug!(error = %e, "already gone");
+            } else {
                 errors.push(e.to_string());
             }
         }

@@ -362,6 +362,17 @@ impl Agent {
         let desired = desired::desired_overlay(&me, &nodes, &|n| liveness.is_live(n, now), &blocks);
         let actual = kernel::actual_overlay(&self.nl, &device).await?;
         let changes = desired::diff(&desired, &actual);
+        tracing::debug!(
+            desired_fdb = desired.fdb.len(),
+            actual_fdb = actual.fdb.len(),
+            desired_neighbours = desired.neighbours.len(),
+            actual_neighbours = actual.neighbours.len(),
+            desired_routes = desired.routes.len(),
+            actual_routes = actual.routes.len(),
+            desired_blackholes = desired.blackholes.len(),
+            actual_blackholes = actual.blackholes.len(),
+            "overlay state"
+        );
         let errors = kernel::apply(&self.nl, &device, &changes).await;
 
         self.metrics.nodes_known.set(nodes.len() as i64);

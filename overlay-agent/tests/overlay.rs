@@ -1,0 +1,480 @@
+//! Multi-node end-to-end tests: real node namespaces on an underlay bridge, the real
+//! agent on each, pods wired by the real plugin, real packets. Each test builds its
+//! own cluster under a unique prefix and removes it (agents included) when done.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use calyx_e2e::cluster::{Cluster, ClusterSpec, POOL_V4, POOL_V6};
+use calyx_e2e::lab::{must, privileged, sh};
+use calyx_e2e::sockets::{connect_from, listen_in, transfer};
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A cluster torn down when the test ends, however it ends.
+struct TestCluster(Cluster);
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        let _ = Cluster::destroy(&self.0.prefix);
+    }
+}
+
+impl std::ops::Deref for TestCluster {
+    type Target = Cluster;
+    fn deref(&self) -> &Cluster {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for TestCluster {
+    fn deref_mut(&mut self) -> &mut Cluster {
+        &mut self.0
+    }
+}
+
+fn binaries() -> (PathBuf, PathBuf) {
+    let agent = PathBuf::from(env!("CARGO_BIN_EXE_calyx-agent"));
+    let plugin = agent.with_file_name("calyx");
+    assert!(
+        plugin.exists(),
+        "{} is missing: run `cargo build --workspace` first (make test does)",
+        plugin.display()
+    );
+    (plugin, agent)
+}
+
+/// `nodes` nodes with agents that resync every second and drop a silent node after 3 s.
+fn cluster(nodes: usize, pools: &[&str]) -> Option<TestCluster> {
+    if !privileged() {
+        return None;
+    }
+    let (plugin, agent) = binaries();
+    let spec = ClusterSpec {
+        prefix: format!(
+            "cyxo{}x{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ),
+        plugin,
+        agent: Some(agent),
+        pools: pools.iter().map(|p| p.to_string()).collect(),
+        agent_args: [
+            "--resync-seconds",
+            "1",
+            "--heartbeat-seconds",
+            "1",
+            "--node-timeout-seconds",
+            "3",
+        ]
+        .map(String::from)
+        .to_vec(),
+        nodes,
+    };
+    match Cluster::create(&spec) {
+        Ok(c) => Some(TestCluster(c)),
+        Err(e) => {
+            let _ = Cluster::destroy(&spec.prefix);
+            panic!("cluster: {e:#}");
+        }
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !ok() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn all_reachable(c: &Cluster) -> bool {
+    c.reachability().iter().all(|(_, _, ok)| *ok)
+}
+
+fn ip_of(c: &Cluster, pod: usize, v4: bool) -> IpAddr {
+    c.pods[pod]
+        .ips
+        .iter()
+        .map(|ip| ip.parse::<IpAddr>().unwrap())
+        .find(|ip| ip.is_ipv4() == v4)
+        .unwrap()
+}
+
+/// Two pods on each of `c`'s first two nodes: pods 0,1 on node 0 and 2,3 on node 1.
+fn two_pods_per_node(c: &mut Cluster) {
+    for n in 0..2 {
+        for p in 0..2 {
+            c.add_pod(n, &format!("n{n}p{p}")).unwrap();
+        }
+    }
+}
+
+#[test]
+fn pods_reach_each_other_across_nodes_over_ipv4_and_ipv6() {
+    let Some(mut c) = cluster(2, &[POOL_V4, POOL_V6]) else {
+        return;
+    };
+    two_pods_per_node(&mut c);
+    wait_until(
+        "all pods to reach each other",
+        Duration::from_secs(10),
+        || all_reachable(&c),
+    );
+    for v4 in [true, false] {
+        for (from, to, port) in [(0, 1, 5001), (0, 2, 5002), (3, 1, 5003)] {
+            let server = SocketAddr::new(ip_of(&c, to, v4), port);
+            let (peer, got) =
+                transfer(&c.pods[from].netns, &c.pods[to].netns, server, 1 << 20).unwrap();
+            assert_eq!(got, 1 << 20);
+            assert_eq!(
+                peer.ip(),
+                ip_of(&c, from, v4),
+                "pod-to-pod traffic must keep the pod's source"
+            );
+        }
+    }
+}
+
+#[test]
+fn ten_megabytes_cross_node_with_the_right_mtu() {
+    let Some(mut c) = cluster(2, &[POOL_V4]) else {
+        return;
+    };
+    two_pods_per_node(&mut c);
+    wait_until("reachability", Duration::from_secs(10), || {
+        all_reachable(&c)
+    });
+    let pod_link = must("ip", &["-n", &c.pods[0].netns, "link", "show", "eth0"]);
+    let vxlan = must(
+        "ip",
+        &["-n", &c.nodes[0].netns, "link", "show", "vxlan.calyx"],
+    );
+    assert!(pod_link.contains("mtu 1450"), "{pod_link}");
+    assert!(vxlan.contains("mtu 1450"), "{vxlan}");
+    let server = SocketAddr::new(ip_of(&c, 2, true), 5100);
+    let (_, got) = transfer(&c.pods[0].netns, &c.pods[2].netns, server, 10 << 20).unwrap();
+    assert_eq!(got, 10 << 20);
+}
+
+#[test]
+fn pods_work_when_every_node_drops_forwarded_traffic_by_default() {
+    let Some(mut c) = cluster(2, &[POOL_V4]) else {
+        return;
+    };
+    for node in &c.nodes {
+        must(
+            "nsenter",
+            &[
+                &format!("--net=/run/netns/{}", node.netns),
+                "iptables",
+                "-w",
+                "-P",
+                "FORWARD",
+                "DROP",
+            ],
+        );
+    }
+    two_pods_per_node(&mut c);
+    wait_until(
+        "reachability under FORWARD DROP",
+        Duration::from_secs(10),
+        || all_reachable(&c),
+    );
+    let server = SocketAddr::new(ip_of(&c, 2, true), 5200);
+    let (_, got) = transfer(&c.pods[0].netns, &c.pods[2].netns, server, 1 << 20).unwrap();
+    assert_eq!(got, 1 << 20);
+}
+
+fn routes_on(c: &Cluster, node: usize) -> String {
+    must(
+        "ip",
+        &[
+            "-n",
+            &c.nodes[node].netns,
+            "route",
+            "show",
+            "proto",
+            "201",
+            "dev",
+            "vxlan.calyx",
+        ],
+    )
+}
+
+#[test]
+fn a_joining_node_is_reached_and_a_departed_node_is_dropped() {
+    let Some(mut c) = cluster(2, &[POOL_V4]) else {
+        return;
+    };
+    two_pods_per_node(&mut c);
+    c.add_node(3).unwrap();
+    c.start_agent(2).unwrap();
+    c.wait_agent_ready(2).unwrap();
+    c.add_pod(2, "n2p0").unwrap();
+    wait_until(
+        "everyone to reach the new node's pod",
+        Duration::from_secs(10),
+        || all_reachable(&c),
+    );
+
+    let new_block = ip_of(&c, 4, true).to_string();
+    let prefix = new_block.rsplit_once('.').unwrap().0.to_string();
+    assert!(routes_on(&c, 0).contains(&prefix), "{}", routes_on(&c, 0));
+    // The node stops heartbeating: the others drop its routes within the timeout.
+    c.signal_agent(2, "KILL").unwrap();
+    wait_until("node 3's routes to go", Duration::from_secs(15), || {
+        let (r0, r1) = (routes_on(&c, 0), routes_on(&c, 1));
+        !r0.contains(&format!("via {}", vtep_of(&c, 2)))
+            && !r1.contains(&format!("via {}", vtep_of(&c, 2)))
+    });
+    let fdb = must(
+        "bridge",
+        &["-n", &c.nodes[0].netns, "fdb", "show", "dev", "vxlan.calyx"],
+    );
+    assert!(!fdb.contains("192.0.2.13"), "{fdb}");
+}
+
+fn vtep_of(c: &Cluster, node: usize) -> String {
+    let out = must(
+        "ip",
+        &[
+            "-n",
+            &c.nodes[node].netns,
+            "-4",
+            "-o",
+            "addr",
+            "show",
+            "dev",
+            "vxlan.calyx",
+        ],
+    );
+    out.split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn whatever_is_deleted_comes_back_and_traffic_resumes() {
+    let Some(mut c) = cluster(2, &[POOL_V4]) else {
+        return;
+    };
+    two_pods_per_node(&mut c);
+    wait_until("reachability", Duration::from_secs(10), || {
+        all_reachable(&c)
+    });
+    let ns = c.nodes[0].netns.clone();
+    let remote_vtep = vtep_of(&c, 1);
+    let route_line = routes_on(&c, 0).lines().next().unwrap().to_string();
+    let block = route_line.split_whitespace().next().unwrap().to_string();
+    let fdb = must("bridge", &["-n", &ns, "fdb", "show", "dev", "vxlan.calyx"]);
+    let mac = fdb
+        .lines()
+        .find(|l| l.contains("192.0.2.12"))
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let iptables = |args: &[&str]| {
+        sh(
+            "nsenter",
+            &[
+                &[&format!("--net=/run/netns/{ns}"), "iptables", "-w"][..],
+                args,
+            ]
+            .concat(),
+        )
+    };
+
+    let deletions: Vec<(&str, Box<dyn Fn()>, Box<dyn Fn() -> bool>)> = vec![
+        (
+            "route",
+            Box::new(|| {
+                must("ip", &["-n", &ns, "route", "del", &block]);
+            }),
+            Box::new(|| routes_on(&c, 0).contains(&block)),
+        ),
+        (
+            "fdb entry",
+            Box::new(|| {
+                must(
+                    "bridge",
+                    &[
+                        "-n",
+                        &ns,
+                        "fdb",
+                        "del",
+                        &mac,
+                        "dev",
+                        "vxlan.calyx",
+                        "dst",
+                        "192.0.2.12",
+                        "self",
+                    ],
+                );
+            }),
+            Box::new(|| {
+                must("bridge", &["-n", &ns, "fdb", "show", "dev", "vxlan.calyx"]).contains(&mac)
+            }),
+        ),
+        (
+            "neighbour",
+            Box::new(|| {
+                must(
+                    "ip",
+                    &[
+                        "-n",
+                        &ns,
+                        "neigh",
+                        "del",
+                        &remote_vtep,
+                        "dev",
+                        "vxlan.calyx",
+                    ],
+                );
+            }),
+            Box::new(|| {
+                must("ip", &["-n", &ns, "neigh", "show", "dev", "vxlan.calyx"])
+                    .contains(&format!("{remote_vtep} lladdr"))
+            }),
+        ),
+        (
+            "vxlan device",
+            Box::new(|| {
+                must("ip", &["-n", &ns, "link", "del", "vxlan.calyx"]);
+            }),
+            Box::new(|| {
+                sh("ip", &["-n", &ns, "link", "show", "vxlan.calyx"])
+                    .status
+                    .success()
+                    && routes_on(&c, 0).contains(&block)
+            }),
+        ),
+        (
+            "CALYX rules and jumps",
+            Box::new(|| {
+                iptables(&["-F", "CALYX-FORWARD"]);
+                iptables(&["-D", "FORWARD", "-j", "CALYX-FORWARD"]);
+                iptables(&["-t", "nat", "-D", "POSTROUTING", "-j", "CALYX-POSTROUTING"]);
+            }),
+            Box::new(|| {
+                iptables(&["-C", "FORWARD", "-j", "CALYX-FORWARD"])
+                    .status
+                    .success()
+                    && iptables(&["-t", "nat", "-C", "POSTROUTING", "-j", "CALYX-POSTROUTING"])
+                        .status
+                        .success()
+                    && String::from_utf8_lossy(&iptables(&["-S", "CALYX-FORWARD"]).stdout)
+                        .contains("-j ACCEPT")
+            }),
+        ),
+    ];
+    for (what, delete, present) in deletions {
+        delete();
+        wait_until(
+            &format!("the {what} to come back"),
+            Duration::from_secs(5),
+            &*present,
+        );
+        wait_until(
+            &format!("traffic after the {what} came back"),
+            Duration::from_secs(5),
+            || all_reachable(&c),
+        );
+    }
+}
+
+#[test]
+fn killing_and_restarting_agents_does_not_interrupt_a_tcp_stream() {
+    use std::io::{Read, Write};
+    let Some(mut c) = cluster(2, &[POOL_V4]) else {
+        return;
+    };
+    two_pods_per_node(&mut c);
+    wait_until("reachability", Duration::from_secs(10), || {
+        all_reachable(&c)
+    });
+    let server = SocketAddr::new(ip_of(&c, 2, true), 5300);
+    let listener = listen_in(&c.pods[2].netns, server).unwrap();
+    let mut client = connect_from(&c.pods[0].netns, server).unwrap();
+    let (mut conn, _) = listener.accept().unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut total = 0usize;
+        let mut buf = [0u8; 4096];
+        loop {
+            match conn.read(&mut buf) {
+                Ok(0) => return Ok(total),
+                Ok(n) => total += n,
+                Err(e) => return Err(format!("stream broke after {total} bytes: {e}")),
+            }
+        }
+    });
+    let started = Instant::now();
+    let mut sent = 0usize;
+    let mut restarted = false;
+    while started.elapsed() < Duration::from_secs(6) {
+        client
+            .write_all(&[7u8; 1024])
+            .expect("write during agent restart");
+        sent += 1024;
+        if !restarted && started.elapsed() > Duration::from_secs(1) {
+            for n in 0..2 {
+                c.signal_agent(n, "KILL").unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            for n in 0..2 {
+                c.start_agent(n).unwrap();
+            }
+            restarted = true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    drop(client);
+    let received = reader.join().unwrap().unwrap();
+    assert_eq!(received, sent);
+    wait_until(
+        "reachability after restart",
+        Duration::from_secs(10),
+        || all_reachable(&c),
+    );
+}
+
+#[test]
+fn pods_reach_the_world_masqueraded_and_each_other_unmasqueraded() {
+    let Some(mut c) = cluster(2, &[POOL_V4]) else {
+        return;
+    };
+    two_pods_per_node(&mut c);
+    let world = c.add_world().unwrap();
+    wait_until("reachability", Duration::from_secs(10), || {
+        all_reachable(&c)
+    });
+    // The world has no route to the pools: only masquerade lets the reply come back.
+    let server: SocketAddr = "192.0.2.100:5400".parse().unwrap();
+    let (peer, got) = transfer(&c.pods[0].netns, &world, server, 64 << 10).unwrap();
+    assert_eq!(got, 64 << 10);
+    assert_eq!(
+        peer.ip().to_string(),
+        c.nodes[0].underlay_ip,
+        "world sees the node's address"
+    );
+    let server = SocketAddr::new(ip_of(&c, 2, true), 5401);
+    let (peer, _) = transfer(&c.pods[0].netns, &c.pods[2].netns, server, 1024).unwrap();
+    assert_eq!(
+        peer.ip(),
+        ip_of(&c, 0, true),
+        "pod-to-pod keeps the pod's source"
+    );
+}
