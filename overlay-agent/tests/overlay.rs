@@ -264,6 +264,9 @@ fn vtep_of(c: &Cluster, node: usize) -> String {
         .to_string()
 }
 
+/// What to delete, how, and how to see it is back.
+type Deletion<'a> = (&'static str, Box<dyn Fn() + 'a>, Box<dyn Fn() -> bool + 'a>);
+
 #[test]
 fn whatever_is_deleted_comes_back_and_traffic_resumes() {
     let Some(mut c) = cluster(2, &[POOL_V4]) else {
@@ -297,7 +300,7 @@ fn whatever_is_deleted_comes_back_and_traffic_resumes() {
         )
     };
 
-    let deletions: Vec<(&str, Box<dyn Fn()>, Box<dyn Fn() -> bool>)> = vec![
+    let deletions: Vec<Deletion> = vec![
         (
             "route",
             Box::new(|| {
