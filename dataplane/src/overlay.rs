@@ -65,9 +65,20 @@ pub struct Neighbour {
 /// Something changed in the kernel's links, neighbours or routes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KernelEvent {
-    Link { index: u32, deleted: bool },
-    Neighbour { index: u32, deleted: bool },
-    Route { deleted: bool, protocol: u8 },
+    Link {
+        index: u32,
+        deleted: bool,
+    },
+    Neighbour {
+        index: u32,
+        deleted: bool,
+    },
+    Route {
+        deleted: bool,
+        protocol: u8,
+        /// Destination and prefix length, when the message has one.
+        destination: Option<(IpAddr, u8)>,
+    },
 }
 
 impl Netlink {
@@ -339,14 +350,8 @@ pub fn monitor() -> Result<mpsc::UnboundedReceiver<KernelEvent>> {
                     index: m.header.ifindex,
                     deleted: true,
                 },
-                RouteNetlinkMessage::NewRoute(m) => KernelEvent::Route {
-                    deleted: false,
-                    protocol: u8::from(m.header.protocol),
-                },
-                RouteNetlinkMessage::DelRoute(m) => KernelEvent::Route {
-                    deleted: true,
-                    protocol: u8::from(m.header.protocol),
-                },
+                RouteNetlinkMessage::NewRoute(m) => route_event(&m, false),
+                RouteNetlinkMessage::DelRoute(m) => route_event(&m, true),
                 _ => continue,
             };
             if tx.send(event).is_err() {
@@ -355,6 +360,20 @@ pub fn monitor() -> Result<mpsc::UnboundedReceiver<KernelEvent>> {
         }
     });
     Ok(rx)
+}
+
+fn route_event(m: &netlink_packet_route::route::RouteMessage, deleted: bool) -> KernelEvent {
+    use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+    let destination = m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Destination(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+        RouteAttribute::Destination(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    });
+    KernelEvent::Route {
+        deleted,
+        protocol: u8::from(m.header.protocol),
+        destination: destination.map(|ip| (ip, m.header.destination_prefix_length)),
+    }
 }
 
 fn family_of(ip: IpAddr) -> AddressFamily {

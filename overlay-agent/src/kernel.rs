@@ -109,43 +109,84 @@ fn blackhole(block: &IpNetwork) -> RouteSpec {
     }
 }
 
-/// Applies changes: removals of routes first, then FDB and neighbours, then routes
-/// added last, so a route never points at a VTEP that cannot be reached yet. Carries
+/// How many netlink requests are in flight at once while applying changes: enough to
+/// hide the round trips, the kernel still handles them one by one.
+const IN_FLIGHT: usize = 128;
+
+/// Applies changes in phases: removals of routes first, then of neighbours and FDB
+/// entries, then FDB and neighbour additions, then routes, so a route never points at
+/// a VTEP that cannot be reached yet. Within a phase requests are pipelined. Carries
 /// on past failures and returns them all.
 pub async fn apply(nl: &Netlink, device: &Link, changes: &OverlayChanges) -> Vec<String> {
+    use futures::future::BoxFuture;
+    use futures::{FutureExt, StreamExt};
+    type Op<'a> = BoxFuture<'a, calyx_dataplane::Result<()>>;
+
+    let removals: Vec<Vec<Op>> = vec![
+        changes
+            .remove
+            .routes
+            .iter()
+            .map(|r| nl.delete_route_owned(block_route(r, device)).boxed())
+            .collect(),
+        changes
+            .remove
+            .blackholes
+            .iter()
+            .map(|b| nl.delete_route_owned(blackhole(b)).boxed())
+            .collect(),
+        changes
+            .remove
+            .neighbours
+            .iter()
+            .map(|n| nl.delete_neighbour(device, n).boxed())
+            .collect(),
+        changes
+            .remove
+            .fdb
+            .iter()
+            .map(|f| nl.delete_fdb(device, f).boxed())
+            .collect(),
+    ];
+    let additions: Vec<Vec<Op>> = vec![
+        changes
+            .add
+            .fdb
+            .iter()
+            .map(|f| nl.add_fdb(device, f).boxed())
+            .collect(),
+        changes
+            .add
+            .neighbours
+            .iter()
+            .map(|n| nl.add_permanent_neighbour(device, n.ip, n.mac).boxed())
+            .collect(),
+        changes
+            .add
+            .blackholes
+            .iter()
+            .map(|b| nl.add_route_owned(blackhole(b)).boxed())
+            .collect(),
+        changes
+            .add
+            .routes
+            .iter()
+            .map(|r| nl.add_route_owned(block_route(r, device)).boxed())
+            .collect(),
+    ];
     let mut errors = Vec::new();
-    let mut note = |r: calyx_dataplane::Result<()>| {
-        if let Err(e) = r {
-            if e.is_not_found() {
-                tracing::debug!(error = %e, "already gone");
-            } else {
-                errors.push(e.to_string());
+    for phase in removals.into_iter().chain(additions) {
+        let results: Vec<_> = futures::stream::iter(phase)
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        for result in results {
+            match result {
+                Ok(()) => {}
+                Err(e) if e.is_not_found() => tracing::debug!(error = %e, "already gone"),
+                Err(e) => errors.push(e.to_string()),
             }
         }
-    };
-    for route in &changes.remove.routes {
-        note(nl.delete_route(&block_route(route, device)).await);
-    }
-    for block in &changes.remove.blackholes {
-        note(nl.delete_route(&blackhole(block)).await);
-    }
-    for n in &changes.remove.neighbours {
-        note(nl.delete_neighbour(device, n).await);
-    }
-    for f in &changes.remove.fdb {
-        note(nl.delete_fdb(device, f).await);
-    }
-    for f in &changes.add.fdb {
-        note(nl.add_fdb(device, f).await);
-    }
-    for n in &changes.add.neighbours {
-        note(nl.add_permanent_neighbour(device, n.ip, n.mac).await);
-    }
-    for block in &changes.add.blackholes {
-        note(nl.add_route(&blackhole(block)).await);
-    }
-    for route in &changes.add.routes {
-        note(nl.add_route(&block_route(route, device)).await);
     }
     errors
 }

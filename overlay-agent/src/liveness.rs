@@ -22,8 +22,10 @@ impl Liveness {
 
     /// Records the heartbeats seen now; forgets nodes no longer registered.
     pub fn observe(&mut self, nodes: &[NodeRecord], now: Instant) {
+        let registered: std::collections::HashSet<&str> =
+            nodes.iter().map(|n| n.name.as_str()).collect();
         self.last_change
-            .retain(|name, _| nodes.iter().any(|n| &n.name == name));
+            .retain(|name, _| registered.contains(name.as_str()));
         for node in nodes {
             match self.last_change.get_mut(&node.name) {
                 Some((beat, since)) if *beat != node.heartbeat => {

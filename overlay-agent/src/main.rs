@@ -337,6 +337,10 @@ impl Agent {
     }
 
     async fn reconcile_once(&mut self, full: bool) -> anyhow::Result<usize> {
+        let t = Instant::now();
+        let phase = |name: &str| {
+            tracing::debug!(phase = name, elapsed_ms = t.elapsed().as_secs_f64() * 1e3)
+        };
         let nodes: Vec<NodeRecord> = self
             .ipam
             .nodes()
@@ -351,16 +355,21 @@ impl Agent {
             .into_values()
             .map(|b| b.block)
             .collect();
+        phase("read datastore");
         let now = Instant::now();
         self.liveness.observe(&nodes, now);
+        phase("liveness");
         let (device, device_changed) = kernel::ensure_device(&self.nl, &self.device).await?;
         self.device_index
             .store(device.index, std::sync::atomic::Ordering::Relaxed);
 
+        phase("device ensured");
         let me = self.node.clone();
         let liveness = &self.liveness;
         let desired = desired::desired_overlay(&me, &nodes, &|n| liveness.is_live(n, now), &blocks);
+        phase("desired state computed");
         let actual = kernel::actual_overlay(&self.nl, &device).await?;
+        phase("kernel state read");
         let changes = desired::diff(&desired, &actual);
         tracing::debug!(
             desired_fdb = desired.fdb.len(),
@@ -374,6 +383,7 @@ impl Agent {
             "overlay state"
         );
         let errors = kernel::apply(&self.nl, &device, &changes).await;
+        phase("changes applied");
 
         self.metrics.nodes_known.set(nodes.len() as i64);
         self.metrics.nodes_live.set(
@@ -507,9 +517,9 @@ fn spawn_kernel_events(
             let relevant = match event {
                 KernelEvent::Link { index, deleted } => deleted && index == ours,
                 KernelEvent::Neighbour { index, deleted } => deleted && index == ours,
-                KernelEvent::Route { deleted, protocol } => {
-                    deleted && protocol == CALYX_ROUTE_PROTOCOL
-                }
+                KernelEvent::Route {
+                    deleted, protocol, ..
+                } => deleted && protocol == CALYX_ROUTE_PROTOCOL,
             };
             if relevant {
                 trigger.send(Trigger::Kernel).ok();

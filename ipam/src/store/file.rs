@@ -66,8 +66,9 @@ impl FileId {
     }
 }
 
-/// How often a watcher looks at the file for new revisions.
-const WATCH_POLL: Duration = Duration::from_millis(100);
+/// How often a watcher looks at the file for new revisions. A look that finds the
+/// same file costs an open and an fstat (the parse is cached by file identity).
+const WATCH_POLL: Duration = Duration::from_millis(10);
 
 impl FileStore {
     pub fn new(path: impl Into<PathBuf>) -> FileStore {
