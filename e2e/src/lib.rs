@@ -2,5 +2,6 @@
 //! tests, benchmarks and the multi-node lab are built on.
 
 pub mod cluster;
+pub mod etcd;
 pub mod lab;
 pub mod sockets;

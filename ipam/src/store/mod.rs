@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::mpsc;
 
+pub mod etcd;
 pub mod file;
 
 /// A document (JSON text, decoded by its reader) and the revision at which it was last
@@ -120,7 +121,9 @@ pub fn open(url: &str) -> Result<Box<dyn Store>, StoreError> {
             }
             Ok(Box::new(file::FileStore::new(parsed.path())))
         }
-        "etcd" | "etcds" => Err(bad("the etcd backend is not built yet (issue 3)")),
+        "etcd" | "etcds" => Ok(Box::new(etcd::EtcdStore::new(etcd::EtcdConfig::from_url(
+            &parsed, url,
+        )?))),
         other => Err(bad(&format!(
             "unknown scheme {other:?}; use file:///path or etcd://host:port"
         ))),

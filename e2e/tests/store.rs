@@ -1,0 +1,203 @@
+//! The Store contract, checked against both backends: the embedded file store and a
+//! real etcd.
+
+use std::time::Duration;
+
+use calyx_e2e::etcd::Etcd;
+use calyx_ipam::store::{self, Expect, Store, StoreError, WatchEvent, Write};
+
+fn put(key: &str, value: &str, expect: Expect) -> Write {
+    Write::Put {
+        key: key.into(),
+        value: value.into(),
+        expect,
+    }
+}
+
+/// Runs `check` against a fresh file store and a fresh etcd.
+fn on_both_stores<F, Fut>(check: F)
+where
+    F: Fn(Box<dyn Store>) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = store::open(&format!("file://{}/store", dir.path().display())).unwrap();
+    rt.block_on(check(file));
+    if let Some(etcd) = Etcd::start() {
+        let etcd_store = store::open(&etcd.url()).unwrap();
+        rt.block_on(check(etcd_store));
+    }
+}
+
+#[test]
+fn writes_are_all_or_nothing_and_compare_revisions() {
+    on_both_stores(|s| async move {
+        s.commit(vec![put("a", "1", Expect::Absent)]).await.unwrap();
+        let a = s.get("a").await.unwrap().unwrap();
+        let err = s
+            .commit(vec![
+                put("b", "2", Expect::Absent),
+                put("a", "3", Expect::Absent),
+            ])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Conflict { .. }), "{err}");
+        assert_eq!(
+            s.get("b").await.unwrap(),
+            None,
+            "{}: partial write",
+            s.location()
+        );
+        s.commit(vec![put("a", "4", Expect::Revision(a.revision))])
+            .await
+            .unwrap();
+        let stale = s
+            .commit(vec![put("a", "5", Expect::Revision(a.revision))])
+            .await;
+        assert!(matches!(stale, Err(StoreError::Conflict { .. })));
+        let a2 = s.get("a").await.unwrap().unwrap();
+        assert_eq!(a2.value, "4");
+        assert!(a2.revision > a.revision);
+        s.commit(vec![Write::Delete {
+            key: "a".into(),
+            expect: Expect::Revision(a2.revision),
+        }])
+        .await
+        .unwrap();
+        assert_eq!(s.get("a").await.unwrap(), None);
+    });
+}
+
+#[test]
+fn list_returns_exactly_the_prefix_in_key_order() {
+    on_both_stores(|s| async move {
+        for key in ["blocks/2", "blocks/1", "handles/x", "blocksx"] {
+            s.commit(vec![put(key, "{}", Expect::Absent)])
+                .await
+                .unwrap();
+        }
+        let keys: Vec<String> = s
+            .list("blocks/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(keys, ["blocks/1", "blocks/2"], "{}", s.location());
+    });
+}
+
+#[test]
+fn watch_reports_changes_after_a_revision() {
+    on_both_stores(|s| async move {
+        let rev = s
+            .commit(vec![put("n/a", "1", Expect::Absent)])
+            .await
+            .unwrap();
+        let mut rx = s.watch("n/", rev).await.unwrap();
+        s.commit(vec![put("n/b", "2", Expect::Absent)])
+            .await
+            .unwrap();
+        let a = s.get("n/a").await.unwrap().unwrap();
+        s.commit(vec![Write::Delete {
+            key: "n/a".into(),
+            expect: Expect::Revision(a.revision),
+        }])
+        .await
+        .unwrap();
+        s.commit(vec![put("other/c", "3", Expect::Absent)])
+            .await
+            .unwrap();
+        let mut events = Vec::new();
+        while events.len() < 2 {
+            let event = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+                .await
+                .expect("watch event in time")
+                .unwrap()
+                .unwrap();
+            events.push(event);
+        }
+        assert!(
+            matches!(&events[0], WatchEvent::Put { key, .. } if key == "n/b"),
+            "{events:?}"
+        );
+        assert!(
+            matches!(&events[1], WatchEvent::Delete { key, .. } if key == "n/a"),
+            "{events:?}"
+        );
+    });
+}
+
+#[test]
+fn concurrent_compare_and_swap_loses_no_update() {
+    on_both_stores(|s| async move {
+        let s: std::sync::Arc<dyn Store> = std::sync::Arc::from(s);
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let s = s.clone();
+            tasks.push(tokio::spawn(async move {
+                for _ in 0..25 {
+                    let mut attempt = 0;
+                    loop {
+                        let cur = s.get("counter").await.unwrap();
+                        let n: u64 = cur.as_ref().map_or(0, |v| v.value.parse().unwrap());
+                        let w = put(
+                            "counter",
+                            &(n + 1).to_string(),
+                            Expect::from_current(cur.as_ref()),
+                        );
+                        match s.commit(vec![w]).await {
+                            Ok(_) => break,
+                            Err(StoreError::Conflict { .. }) => {
+                                attempt += 1;
+                                tokio::time::sleep(store::conflict_backoff(attempt)).await;
+                            }
+                            Err(e) => panic!("{e}"),
+                        }
+                    }
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert_eq!(
+            s.get("counter").await.unwrap().unwrap().value,
+            "200",
+            "{}",
+            s.location()
+        );
+    });
+}
+
+#[test]
+fn an_unreachable_etcd_is_reported_as_unavailable_quickly() {
+    let Some(mut etcd) = Etcd::start() else {
+        return;
+    };
+    let url = etcd.url();
+    etcd.stop();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let s = store::open(&url).unwrap();
+    let started = std::time::Instant::now();
+    let err = rt.block_on(s.get("x")).unwrap_err();
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("127.0.0.1:{}", etcd.client_port)),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+}
