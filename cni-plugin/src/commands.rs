@@ -102,6 +102,7 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
         host_veth,
         ifname: ifname.to_string(),
         netns: netns.to_path_buf(),
+        pod_mac: crate::pod_network::pod_mac(container_id, ifname),
         mtu,
         addresses: addresses.clone(),
     };

@@ -35,6 +35,17 @@ pub fn host_veth_name(
     format!("cyx{}", &hex::encode(digest)[..11])
 }
 
+/// The pod end's MAC: locally administered, unicast, from sha1 of the attachment, so
+/// that ADD retried for the same container and interface gives the same result. It
+/// only ever appears on the pod's own point-to-point link.
+pub fn pod_mac(container_id: &str, ifname: &str) -> [u8; 6] {
+    let digest = Sha1::digest(format!("{container_id}/{ifname}").as_bytes());
+    let mut mac = [0u8; 6];
+    mac.copy_from_slice(&digest[..6]);
+    mac[0] = (mac[0] | 0x02) & 0xfe;
+    mac
+}
+
 pub fn gateway_for(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => IpAddr::V4(GATEWAY_V4),
@@ -125,6 +136,14 @@ mod tests {
         let eth0 = host_veth_name(Some("ns"), Some("p"), "c", "eth0");
         let net1 = host_veth_name(Some("ns"), Some("p"), "c", "net1");
         assert_ne!(eth0, net1);
+    }
+
+    #[test]
+    fn pod_mac_is_stable_unicast_and_locally_administered() {
+        let mac = pod_mac("c1", "eth0");
+        assert_eq!(mac, pod_mac("c1", "eth0"));
+        assert_ne!(mac, pod_mac("c1", "net1"));
+        assert_eq!(mac[0] & 0x03, 0x02);
     }
 
     #[test]

@@ -19,6 +19,9 @@ pub struct PodAttachment {
     pub host_veth: String,
     pub ifname: String,
     pub netns: PathBuf,
+    /// The pod end's MAC: derived from the attachment, so a retried ADD returns the
+    /// same result.
+    pub pod_mac: [u8; 6],
     pub mtu: u32,
     pub addresses: Vec<IpAddr>,
 }
@@ -77,6 +80,7 @@ impl Connections {
                 &pod.host_veth,
                 HOST_VETH_MAC,
                 &pod.ifname,
+                pod.pod_mac,
                 self.netns.file(),
                 pod.mtu,
             )

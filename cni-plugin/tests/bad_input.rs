@@ -170,3 +170,31 @@ fn unwritable_store_is_code_11_and_status_50() {
     assert!(!status.ok);
     assert_eq!(status.code(), 50, "{}", status.stdout);
 }
+
+#[test]
+fn unreachable_etcd_is_code_11_within_5_seconds_naming_the_endpoints() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = common::new_lab();
+    let Some(mut etcd) = calyx_e2e::etcd::Etcd::start_in(Some(&lab.node), "127.0.0.1") else {
+        return;
+    };
+    let pod = lab.pod();
+    let conf = lab.conf(json!({"datastore": etcd.url()}));
+    etcd.stop();
+    let started = std::time::Instant::now();
+    let call = lab.cni("ADD", &conf, "c", Some(&pod));
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed < std::time::Duration::from_secs(5),
+        "ADD took {elapsed:?}"
+    );
+    expect_error(
+        &lab,
+        &pod,
+        call,
+        11,
+        &format!("127.0.0.1:{}", etcd.client_port),
+    );
+}

@@ -270,3 +270,42 @@ fn late_del_of_an_old_sandbox_spares_the_new_pod_of_the_same_name() {
     assert!(call("DEL", "new", &new_pod).ok);
     lab.assert_clean();
 }
+
+#[test]
+fn pod_lifecycle_on_etcd() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = common::new_lab();
+    let Some(etcd) = calyx_e2e::etcd::Etcd::start_in(Some(&lab.node), "127.0.0.1") else {
+        return;
+    };
+    let pod = lab.pod();
+    let conf = lab.conf(
+        json!({"datastore": etcd.url(), "ipam": {"pools": ["10.244.0.0/16", "fd00:10:244::/56"]}}),
+    );
+    let add = lab.add(&conf, "e1", &pod);
+    let ips = add.ips();
+    assert_eq!(ips.len(), 2, "{ips:?}");
+    for ip in &ips {
+        assert!(lab.ping(&lab.node, ip), "node cannot reach pod {ip}");
+    }
+    let again = lab.add(&conf, "e1", &pod);
+    assert_eq!(
+        add.stdout, again.stdout,
+        "a repeated ADD must return the same result"
+    );
+    let check = lab.cni(
+        "CHECK",
+        &with_prev_result(&conf, &add.stdout),
+        "e1",
+        Some(&pod),
+    );
+    assert!(check.ok, "CHECK: {}", check.stdout);
+    lab.del(&conf, "e1", Some(&pod));
+    lab.del(&conf, "e1", None);
+    assert_eq!(lab.host_veths(), Vec::<String>::new());
+    assert_eq!(lab.host_routes(), Vec::<String>::new());
+    let handles = etcd.keys("handles/");
+    assert!(handles.is_empty(), "handles left in etcd: {handles:?}");
+}

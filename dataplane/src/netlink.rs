@@ -168,11 +168,13 @@ impl Netlink {
         host_name: &str,
         host_mac: [u8; 6],
         peer_name: &str,
+        peer_mac: [u8; 6],
         peer_netns: &std::fs::File,
         mtu: u32,
     ) -> Result<()> {
         let peer = rtnetlink::LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer_name.to_string())
+            .address(peer_mac.to_vec())
             .mtu(mtu)
             .setns_by_fd(peer_netns.as_raw_fd())
             .build();

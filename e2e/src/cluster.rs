@@ -522,7 +522,7 @@ pub fn ping(netns: &str, ip: &str) -> bool {
             &format!("--net=/run/netns/{netns}"),
             "ping",
             "-c1",
-            "-W2",
+            "-w3",
             "-q",
             ip,
         ],

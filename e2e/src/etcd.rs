@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 pub struct Etcd {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// The network namespace etcd runs in (None: this process's).
+    netns: Option<String>,
+    pub ip: String,
     pub client_port: u16,
     peer_port: u16,
 }
@@ -24,6 +27,12 @@ impl Etcd {
     /// Starts etcd, or returns None (printing why) when it is not installed outside CI.
     /// In CI (`CI` set) a missing etcd is a failure.
     pub fn start() -> Option<Etcd> {
+        Etcd::start_in(None, "127.0.0.1")
+    }
+
+    /// Starts etcd inside `netns`, listening on `ip` there (the namespaces that use it
+    /// must reach that address).
+    pub fn start_in(netns: Option<&str>, ip: &str) -> Option<Etcd> {
         let installed = Command::new("etcd")
             .arg("--version")
             .stdout(Stdio::null())
@@ -42,6 +51,8 @@ impl Etcd {
         let mut etcd = Etcd {
             child: None,
             dir: tempfile::tempdir().expect("temp dir"),
+            netns: netns.map(str::to_string),
+            ip: ip.to_string(),
             client_port: free_port(),
             peer_port: free_port(),
         };
@@ -51,16 +62,17 @@ impl Etcd {
 
     /// The datastore URL for Calyx.
     pub fn url(&self) -> String {
-        format!("etcd://127.0.0.1:{}", self.client_port)
+        format!("etcd://{}:{}", self.ip, self.client_port)
     }
 
     /// Starts the server (again) and waits until it accepts connections.
     pub fn resume(&mut self) {
         assert!(self.child.is_none(), "etcd is running already");
-        let client = format!("http://127.0.0.1:{}", self.client_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let client = format!("http://{}:{}", self.ip, self.client_port);
+        let peer = format!("http://{}:{}", self.ip, self.peer_port);
         let log = std::fs::File::create(self.dir.path().join("etcd.log")).expect("etcd log");
-        let child = Command::new("etcd")
+        let child = self
+            .command("etcd")
             .args(["--name", "calyx-test"])
             .args([
                 "--data-dir",
@@ -87,31 +99,74 @@ impl Etcd {
             .expect("start etcd");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
+        let mut last_check;
         loop {
-            let healthy = Command::new("etcdctl")
+            // The check runs where etcd runs: its address may exist only there.
+            let check = self
+                .command("etcdctl")
                 .env("ETCDCTL_API", "3")
-                .args([
-                    "--endpoints",
-                    &client,
-                    "--command-timeout=1s",
-                    "endpoint",
-                    "health",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .map(|s| s.success())
-                .unwrap_or(false);
-            if healthy {
-                return;
+                .args(["--endpoints", &client, "--command-timeout=1s"])
+                .args(["endpoint", "health"])
+                .output();
+            match check {
+                Ok(out) if out.status.success() => return,
+                Ok(out) => last_check = String::from_utf8_lossy(&out.stderr).into_owned(),
+                Err(e) => last_check = e.to_string(),
             }
-            if Instant::now() > deadline {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if exited.is_some() || Instant::now() > deadline {
                 let log =
                     std::fs::read_to_string(self.dir.path().join("etcd.log")).unwrap_or_default();
-                panic!("etcd did not become healthy in 20 s:\n{log}");
+                panic!(
+                    "etcd did not become healthy (exited: {exited:?}); last check: {last_check}\n{log}"
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// A command that runs in etcd's namespace.
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/run/netns/{ns}")).arg(program);
+                cmd
+            }
+            None => Command::new(program),
+        }
+    }
+
+    /// The keys under Calyx's prefix + `prefix` (read with etcdctl).
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        let out = self
+            .command("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .args([
+                "--endpoints",
+                &format!("http://{}:{}", self.ip, self.client_port),
+            ])
+            .args([
+                "get",
+                "--prefix",
+                "--keys-only",
+                &format!("/calyx/v1/{prefix}"),
+            ])
+            .output()
+            .expect("run etcdctl");
+        assert!(
+            out.status.success(),
+            "etcdctl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 
     /// Kills the server (its data stays for `resume`).

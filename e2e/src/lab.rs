@@ -253,7 +253,7 @@ impl Lab {
                 &format!("--net=/run/netns/{from_ns}"),
                 "ping",
                 "-c1",
-                "-W2",
+                "-w3",
                 "-q",
                 ip,
             ],

@@ -37,17 +37,28 @@ pub struct TlsFiles {
 }
 
 impl EtcdConfig {
-    pub fn from_url(url: &url::Url, original: &str) -> Result<EtcdConfig, StoreError> {
+    /// Parses `etcd[s]://host:port[,host:port...][/][?k=v&...]` by hand: a list of
+    /// hosts is not a URL authority that URL parsers accept.
+    pub fn from_url(original: &str) -> Result<EtcdConfig, StoreError> {
         let bad = |reason: String| StoreError::BadUrl {
             url: original.to_string(),
             reason,
         };
-        let tls = url.scheme() == "etcds";
-        // url parses only the first host; the list is in the authority as written.
-        let authority = original
+        let (scheme, rest) = original
             .split_once("://")
-            .map(|(_, rest)| rest.split(['/', '?']).next().unwrap_or(""))
-            .unwrap_or("");
+            .ok_or_else(|| bad("expected etcd://host:port".into()))?;
+        let tls = match scheme {
+            "etcd" => false,
+            "etcds" => true,
+            other => return Err(bad(format!("scheme {other:?} is not etcd or etcds"))),
+        };
+        let (location, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let authority = location.trim_end_matches('/');
+        if authority.contains('/') {
+            return Err(bad(
+                "etcd URLs take no path; set the key prefix with ?prefix=".into(),
+            ));
+        }
         if authority.is_empty() {
             return Err(bad("no endpoints: use etcd://host:2379[,host:2379]".into()));
         }
@@ -72,7 +83,7 @@ impl EtcdConfig {
             cert: None,
             key: None,
         };
-        for (k, v) in url.query_pairs() {
+        for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
             match k.as_ref() {
                 "prefix" => {
                     let mut p = v.to_string();
@@ -379,7 +390,7 @@ mod tests {
     use super::*;
 
     fn parse(url: &str) -> Result<EtcdConfig, StoreError> {
-        EtcdConfig::from_url(&url::Url::parse(url).unwrap(), url)
+        EtcdConfig::from_url(url)
     }
 
     #[test]
@@ -404,6 +415,7 @@ mod tests {
             ("etcd://e:2379?ca=/x", "etcds"),
             ("etcds://e:2379?cert=/c", "together"),
             ("etcd://e:2379?colour=blue", "colour"),
+            ("etcd://e:2379/some/path", "prefix"),
         ] {
             let err = parse(url).unwrap_err().to_string();
             assert!(err.contains(says), "{url}: {err}");

@@ -111,6 +111,11 @@ pub fn open(url: &str) -> Result<Box<dyn Store>, StoreError> {
         url: url.to_string(),
         reason: reason.to_string(),
     };
+    if url.starts_with("etcd://") || url.starts_with("etcds://") {
+        return Ok(Box::new(etcd::EtcdStore::new(etcd::EtcdConfig::from_url(
+            url,
+        )?)));
+    }
     let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
     match parsed.scheme() {
         "file" => {
@@ -121,9 +126,6 @@ pub fn open(url: &str) -> Result<Box<dyn Store>, StoreError> {
             }
             Ok(Box::new(file::FileStore::new(parsed.path())))
         }
-        "etcd" | "etcds" => Ok(Box::new(etcd::EtcdStore::new(etcd::EtcdConfig::from_url(
-            &parsed, url,
-        )?))),
         other => Err(bad(&format!(
             "unknown scheme {other:?}; use file:///path or etcd://host:port"
         ))),
