@@ -10,6 +10,7 @@ use std::process::{Command, Stdio};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::etcd::Etcd;
 use crate::lab::{must, sh};
 
 /// Where a cluster keeps its store and its description.
@@ -47,6 +48,9 @@ pub struct Cluster {
     pub agent_args: Vec<String>,
     pub nodes: Vec<Node>,
     pub pods: Vec<Pod>,
+    /// A real etcd on the underlay host 192.0.2.2, when the cluster uses one; it is
+    /// stopped when the cluster value is dropped.
+    pub etcd: Option<Etcd>,
 }
 
 /// How to build a cluster.
@@ -58,6 +62,8 @@ pub struct ClusterSpec {
     pub pools: Vec<String>,
     pub agent_args: Vec<String>,
     pub nodes: usize,
+    /// Use a real etcd (on an underlay host) instead of the embedded file store.
+    pub etcd: bool,
 }
 
 impl Cluster {
@@ -83,11 +89,19 @@ impl Cluster {
             agent_args: spec.agent_args.clone(),
             nodes: Vec::new(),
             pods: Vec::new(),
+            etcd: None,
         };
         let sw = cluster.switch_netns();
         must("ip", &["netns", "add", &sw]);
         must("ip", &["-n", &sw, "link", "add", "br0", "type", "bridge"]);
         must("ip", &["-n", &sw, "link", "set", "br0", "up"]);
+        if spec.etcd {
+            let host = cluster.add_host("etcd", 2)?;
+            cluster.etcd = Some(
+                Etcd::start_in(Some(&host), &format!("{UNDERLAY_PREFIX}.2"))
+                    .context("etcd is not installed")?,
+            );
+        }
         for i in 1..=nodes {
             cluster.add_node(i)?;
         }
@@ -191,7 +205,10 @@ impl Cluster {
     }
 
     pub fn store_url(&self) -> String {
-        format!("file://{}/store", self.state_dir().display())
+        match &self.etcd {
+            Some(etcd) => etcd.url(),
+            None => format!("file://{}/store", self.state_dir().display()),
+        }
     }
 
     /// Node `index` (1-based): eth0 on the switch with 192.0.2.(10+index)/24, forwarding
@@ -281,51 +298,29 @@ impl Cluster {
     /// A host on the underlay that is not a node (192.0.2.100): the "world" pods reach
     /// through masquerade.
     pub fn add_world(&self) -> Result<String> {
-        let netns = format!("{}-world", self.prefix);
+        self.add_host("world", 100)
+    }
+
+    /// A plain host on the underlay: namespace `<prefix>-<name>` with 192.0.2.<octet>.
+    pub fn add_host(&self, name: &str, octet: u8) -> Result<String> {
+        let netns = format!("{}-{name}", self.prefix);
         let sw = self.switch_netns();
+        let port = format!("port-{name}");
+        let address = format!("{UNDERLAY_PREFIX}.{octet}/24");
         must("ip", &["netns", "add", &netns]);
         must("ip", &["-n", &netns, "link", "set", "lo", "up"]);
+        let veth = ["-n", &sw, "link", "add", &port, "type", "veth"];
         must(
             "ip",
-            &[
-                "-n",
-                &sw,
-                "link",
-                "add",
-                "port-world",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                &netns,
-            ],
+            &[&veth[..], &["peer", "name", "eth0", "netns", &netns]].concat(),
         );
         must(
             "ip",
-            &[
-                "-n",
-                &sw,
-                "link",
-                "set",
-                "port-world",
-                "master",
-                "br0",
-                "up",
-            ],
+            &["-n", &sw, "link", "set", &port, "master", "br0", "up"],
         );
         must(
             "ip",
-            &[
-                "-n",
-                &netns,
-                "addr",
-                "add",
-                &format!("{UNDERLAY_PREFIX}.100/24"),
-                "dev",
-                "eth0",
-            ],
+            &["-n", &netns, "addr", "add", &address, "dev", "eth0"],
         );
         must("ip", &["-n", &netns, "link", "set", "eth0", "up"]);
         Ok(netns)
@@ -459,6 +454,7 @@ impl Cluster {
                 .flatten()
                 .map(s)
                 .collect(),
+            etcd: None,
             agent_args: doc["agentArgs"]
                 .as_array()
                 .into_iter()

@@ -23,6 +23,26 @@ fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Whether etcd is installed. In CI (`CI` set) a missing etcd is a failure; elsewhere
+/// this prints why the test skips.
+pub fn available() -> bool {
+    let installed = Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    if !installed {
+        let why = "etcd is not installed (apt-get install etcd-server)";
+        if std::env::var_os("CI").is_some() {
+            panic!("etcd test cannot run in CI: {why}");
+        }
+        eprintln!("SKIPPED: {why}");
+    }
+    installed
+}
+
 impl Etcd {
     /// Starts etcd, or returns None (printing why) when it is not installed outside CI.
     /// In CI (`CI` set) a missing etcd is a failure.
@@ -33,19 +53,7 @@ impl Etcd {
     /// Starts etcd inside `netns`, listening on `ip` there (the namespaces that use it
     /// must reach that address).
     pub fn start_in(netns: Option<&str>, ip: &str) -> Option<Etcd> {
-        let installed = Command::new("etcd")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if !installed {
-            let why = "etcd is not installed (apt-get install etcd-server)";
-            if std::env::var_os("CI").is_some() {
-                panic!("etcd test cannot run in CI: {why}");
-            }
-            eprintln!("SKIPPED: {why}");
+        if !available() {
             return None;
         }
         let mut etcd = Etcd {

@@ -47,8 +47,8 @@ fn binaries() -> (PathBuf, PathBuf) {
 }
 
 /// `nodes` nodes with agents that resync every second and drop a silent node after 3 s.
-fn cluster(nodes: usize, pools: &[&str]) -> Option<TestCluster> {
-    if !privileged() {
+fn cluster(nodes: usize, pools: &[&str], etcd: bool) -> Option<TestCluster> {
+    if !privileged() || (etcd && !calyx_e2e::etcd::available()) {
         return None;
     }
     let (plugin, agent) = binaries();
@@ -72,6 +72,7 @@ fn cluster(nodes: usize, pools: &[&str]) -> Option<TestCluster> {
         .map(String::from)
         .to_vec(),
         nodes,
+        etcd,
     };
     match Cluster::create(&spec) {
         Ok(c) => Some(TestCluster(c)),
@@ -115,9 +116,8 @@ fn two_pods_per_node(c: &mut Cluster) {
     }
 }
 
-#[test]
-fn pods_reach_each_other_across_nodes_over_ipv4_and_ipv6() {
-    let Some(mut c) = cluster(2, &[POOL_V4, POOL_V6]) else {
+fn pods_reach_each_other_across_nodes_over_ipv4_and_ipv6(etcd: bool) {
+    let Some(mut c) = cluster(2, &[POOL_V4, POOL_V6], etcd) else {
         return;
     };
     two_pods_per_node(&mut c);
@@ -141,9 +141,8 @@ fn pods_reach_each_other_across_nodes_over_ipv4_and_ipv6() {
     }
 }
 
-#[test]
-fn ten_megabytes_cross_node_with_the_right_mtu() {
-    let Some(mut c) = cluster(2, &[POOL_V4]) else {
+fn ten_megabytes_cross_node_with_the_right_mtu(etcd: bool) {
+    let Some(mut c) = cluster(2, &[POOL_V4], etcd) else {
         return;
     };
     two_pods_per_node(&mut c);
@@ -162,9 +161,8 @@ fn ten_megabytes_cross_node_with_the_right_mtu() {
     assert_eq!(got, 10 << 20);
 }
 
-#[test]
-fn pods_work_when_every_node_drops_forwarded_traffic_by_default() {
-    let Some(mut c) = cluster(2, &[POOL_V4]) else {
+fn pods_work_when_every_node_drops_forwarded_traffic_by_default(etcd: bool) {
+    let Some(mut c) = cluster(2, &[POOL_V4], etcd) else {
         return;
     };
     for node in &c.nodes {
@@ -207,9 +205,8 @@ fn routes_on(c: &Cluster, node: usize) -> String {
     )
 }
 
-#[test]
-fn a_joining_node_is_reached_and_a_departed_node_is_dropped() {
-    let Some(mut c) = cluster(2, &[POOL_V4]) else {
+fn a_joining_node_is_reached_and_a_departed_node_is_dropped(etcd: bool) {
+    let Some(mut c) = cluster(2, &[POOL_V4], etcd) else {
         return;
     };
     two_pods_per_node(&mut c);
@@ -267,9 +264,8 @@ fn vtep_of(c: &Cluster, node: usize) -> String {
 /// What to delete, how, and how to see it is back.
 type Deletion<'a> = (&'static str, Box<dyn Fn() + 'a>, Box<dyn Fn() -> bool + 'a>);
 
-#[test]
-fn whatever_is_deleted_comes_back_and_traffic_resumes() {
-    let Some(mut c) = cluster(2, &[POOL_V4]) else {
+fn whatever_is_deleted_comes_back_and_traffic_resumes(etcd: bool) {
+    let Some(mut c) = cluster(2, &[POOL_V4], etcd) else {
         return;
     };
     two_pods_per_node(&mut c);
@@ -398,10 +394,9 @@ fn whatever_is_deleted_comes_back_and_traffic_resumes() {
     }
 }
 
-#[test]
-fn killing_and_restarting_agents_does_not_interrupt_a_tcp_stream() {
+fn killing_and_restarting_agents_does_not_interrupt_a_tcp_stream(etcd: bool) {
     use std::io::{Read, Write};
-    let Some(mut c) = cluster(2, &[POOL_V4]) else {
+    let Some(mut c) = cluster(2, &[POOL_V4], etcd) else {
         return;
     };
     two_pods_per_node(&mut c);
@@ -454,9 +449,8 @@ fn killing_and_restarting_agents_does_not_interrupt_a_tcp_stream() {
     );
 }
 
-#[test]
-fn pods_reach_the_world_masqueraded_and_each_other_unmasqueraded() {
-    let Some(mut c) = cluster(2, &[POOL_V4]) else {
+fn pods_reach_the_world_masqueraded_and_each_other_unmasqueraded(etcd: bool) {
+    let Some(mut c) = cluster(2, &[POOL_V4], etcd) else {
         return;
     };
     two_pods_per_node(&mut c);
@@ -481,3 +475,29 @@ fn pods_reach_the_world_masqueraded_and_each_other_unmasqueraded() {
         "pod-to-pod keeps the pod's source"
     );
 }
+
+/// Every scenario runs on the embedded store and on a real etcd.
+macro_rules! on_both_stores {
+    ($($name:ident),* $(,)?) => {
+        $(mod $name {
+            #[test]
+            fn file() {
+                super::$name(false)
+            }
+            #[test]
+            fn etcd() {
+                super::$name(true)
+            }
+        })*
+    };
+}
+
+on_both_stores!(
+    pods_reach_each_other_across_nodes_over_ipv4_and_ipv6,
+    ten_megabytes_cross_node_with_the_right_mtu,
+    pods_work_when_every_node_drops_forwarded_traffic_by_default,
+    a_joining_node_is_reached_and_a_departed_node_is_dropped,
+    whatever_is_deleted_comes_back_and_traffic_resumes,
+    killing_and_restarting_agents_does_not_interrupt_a_tcp_stream,
+    pods_reach_the_world_masqueraded_and_each_other_unmasqueraded,
+);

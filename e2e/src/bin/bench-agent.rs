@@ -131,6 +131,7 @@ fn spec(args: &Args, prefix: &str, nodes: usize, agent: bool) -> ClusterSpec {
             .map(String::from)
             .to_vec(),
         nodes,
+        etcd: false,
     }
 }
 

@@ -64,6 +64,7 @@ fn up(nodes: usize, pods_per_node: usize, plugin: PathBuf, agent: PathBuf) -> Re
         pools: vec![POOL_V4.into()],
         agent_args: vec![],
         nodes,
+        etcd: false,
     };
     let mut cluster = match Cluster::create(&spec) {
         Ok(c) => c,
