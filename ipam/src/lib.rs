@@ -3,6 +3,7 @@
 //! documents in a `Store` (embedded file store or etcd).
 
 pub mod allocator;
+pub mod check;
 pub mod model;
 pub mod store;
 
@@ -14,6 +15,15 @@ use serde::de::DeserializeOwned;
 use crate::allocator::{plan_allocation, plan_release, AllocationRequest, StoredBlock};
 use crate::model::{handle_key, pool_key, Handle, NodeRecord, Pool};
 use crate::store::{conflict_backoff, Expect, Store, StoreError, Versioned, Write};
+
+/// What a targeted release did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    Released(String),
+    NotAllocated,
+    /// It changed since it was reported: left alone.
+    Changed,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
@@ -130,6 +140,90 @@ impl<'s> Ipam<'s> {
                 .commit(plan_release(&handle, revision, &blocks))
                 .await?;
             Ok(Some(handle))
+        })
+        .await
+    }
+
+    /// Handles with their revisions.
+    pub async fn handles_with_revisions(&self) -> Result<Vec<(Handle, u64)>, IpamError> {
+        Ok(decode_all(self.store, &self.store.list("handles/").await?)?
+            .into_iter()
+            .map(|(_, handle, revision)| (handle, revision))
+            .collect())
+    }
+
+    /// Every problem in the store (see `check::find_problems`).
+    pub async fn check(
+        &self,
+        live: Option<&check::LivePods>,
+    ) -> Result<Vec<check::Problem>, IpamError> {
+        let pools = self.pools().await?;
+        let blocks = self.blocks().await?;
+        let handles = self.handles_with_revisions().await?;
+        let nodes: Vec<NodeRecord> = self.nodes().await?.into_iter().map(|(n, _)| n).collect();
+        Ok(check::find_problems(
+            &pools, &blocks, &handles, &nodes, live,
+        ))
+    }
+
+    /// Frees one address. Only if the block still holds it at `expected_seq` (when
+    /// given): a report's repair must not free what was handed out again since.
+    /// When the allocation's handle exists, the whole handle is released.
+    pub async fn release_ip(
+        &self,
+        ip: std::net::IpAddr,
+        expected_seq: Option<u64>,
+    ) -> Result<ReleaseOutcome, IpamError> {
+        self.retry_conflicts(|| async {
+            let blocks = self.blocks().await?;
+            let Some((key, stored)) = blocks.iter().find(|(_, b)| b.block.cidr.contains(ip)) else {
+                return Ok(ReleaseOutcome::NotAllocated);
+            };
+            let ordinal = stored.block.ordinal_of(ip).expect("block contains ip");
+            let Some(allocation) = stored.block.allocations.get(&ordinal).cloned() else {
+                return Ok(ReleaseOutcome::NotAllocated);
+            };
+            if expected_seq.is_some_and(|seq| seq != allocation.seq) {
+                return Ok(ReleaseOutcome::Changed);
+            }
+            if let Some((handle, revision)) = self.handle(&allocation.handle).await? {
+                self.store
+                    .commit(plan_release(&handle, revision, &blocks))
+                    .await?;
+                return Ok(ReleaseOutcome::Released(allocation.handle));
+            }
+            let mut block = stored.block.clone();
+            block.release(ordinal, &allocation.handle, allocation.seq);
+            self.store
+                .commit(vec![Write::Put {
+                    key: key.clone(),
+                    value: serde_json::to_string(&block).expect("block serialises"),
+                    expect: Expect::Revision(stored.revision),
+                }])
+                .await?;
+            Ok(ReleaseOutcome::Released(allocation.handle))
+        })
+        .await
+    }
+
+    /// Releases a handle only if its document is still at `revision`.
+    pub async fn release_handle_at(
+        &self,
+        handle_id: &str,
+        revision: u64,
+    ) -> Result<ReleaseOutcome, IpamError> {
+        self.retry_conflicts(|| async {
+            let Some((handle, current)) = self.handle(handle_id).await? else {
+                return Ok(ReleaseOutcome::NotAllocated);
+            };
+            if current != revision {
+                return Ok(ReleaseOutcome::Changed);
+            }
+            let blocks = self.blocks().await?;
+            self.store
+                .commit(plan_release(&handle, current, &blocks))
+                .await?;
+            Ok(ReleaseOutcome::Released(handle_id.to_string()))
         })
         .await
     }
