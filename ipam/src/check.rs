@@ -221,7 +221,10 @@ mod tests {
     use crate::model::{AllocationAttrs, Block};
     use crate::store::Write;
 
-    fn snapshot(n: usize) -> (Vec<Pool>, BTreeMap<String, StoredBlock>, Vec<(Handle, u64)>) {
+    type Snapshot = (Vec<Pool>, BTreeMap<String, StoredBlock>, Vec<(Handle, u64)>);
+
+    /// A consistent store with `n` allocations.
+    fn snapshot(n: usize) -> Snapshot {
         let pools = vec![Pool::with_defaults("10.0.0.0/24".parse().unwrap(), Some(28)).unwrap()];
         let mut blocks = BTreeMap::new();
         let mut handles = Vec::new();
