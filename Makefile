@@ -8,7 +8,7 @@ DEB_PACKAGES := iproute2 iptables ipset nftables conntrack iputils-ping netcat-o
 	tcpdump iperf3 util-linux etcd-server etcd-client containernetworking-plugins \
 	podman containerd runc busybox-static catatonit python3-venv protobuf-compiler
 
-.PHONY: all build release deps test test-unit test-runtimes lint fmt bench bench-cni bench-agent \
+.PHONY: all build release deps test test-unit test-runtimes lint fmt bench bench-cni bench-ipam bench-agent \
 	lab lab-down image clean
 
 all: build
@@ -47,10 +47,13 @@ test-unit:
 test-runtimes: release
 	e2e/runtimes/run.sh $(RELEASE)/calyx
 
-bench: bench-cni bench-agent
+bench: bench-cni bench-ipam bench-agent
 
 bench-cni: deps release
 	$(RELEASE)/bench-cni --calyx $(RELEASE)/calyx
+
+bench-ipam: deps release
+	$(RELEASE)/bench-ipam
 
 bench-agent: deps release
 	$(RELEASE)/bench-agent --plugin $(RELEASE)/calyx --agent $(RELEASE)/calyx-agent

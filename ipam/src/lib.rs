@@ -116,11 +116,13 @@ impl<'s> Ipam<'s> {
     /// says whether this call created the allocation.
     pub async fn allocate(&self, request: &AllocationRequest) -> Result<(Handle, bool), IpamError> {
         self.retry_conflicts(|| async {
-            if let Some((existing, _)) = self.handle(&request.handle_id).await? {
+            // Three independent reads: one round trip's wait instead of three on etcd.
+            let (existing, pools, blocks) =
+                tokio::join!(self.handle(&request.handle_id), self.pools(), self.blocks());
+            if let Some((existing, _)) = existing? {
                 return Ok((existing, false));
             }
-            let pools = self.pools().await?;
-            let blocks = self.blocks().await?;
+            let (pools, blocks) = (pools?, blocks?);
             let plan = plan_allocation(&pools, &blocks, request)?;
             self.store.commit(plan.writes).await?;
             Ok((plan.handle, true))
