@@ -3,6 +3,7 @@
 //! else in the workspace builds netlink messages.
 
 pub mod netlink;
+pub mod nexthop;
 pub mod overlay;
 pub mod sysctl;
 

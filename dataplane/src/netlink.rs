@@ -44,6 +44,8 @@ pub struct RouteSpec {
     pub onlink: bool,
     /// Drop traffic (a node's own blocks: addresses not given out go nowhere).
     pub blackhole: bool,
+    /// Through a nexthop object (`nhid N`) instead of gateway and device.
+    pub nexthop_id: Option<u32>,
 }
 
 impl RouteSpec {
@@ -58,6 +60,7 @@ impl RouteSpec {
             protocol,
             onlink: false,
             blackhole: false,
+            nexthop_id: None,
         }
     }
 }
@@ -470,6 +473,14 @@ pub(crate) fn route_message(route: &RouteSpec) -> Result<RouteMessage> {
             .attributes
             .retain(|a| !matches!(a, RouteAttribute::Oif(_)));
     }
+    if let Some(id) = route.nexthop_id {
+        // The nexthop object carries gateway, device and onlink.
+        message
+            .attributes
+            .retain(|a| !matches!(a, RouteAttribute::Oif(_) | RouteAttribute::Gateway(_)));
+        message.header.flags -= netlink_packet_route::route::RouteFlags::Onlink;
+        message.attributes.push(RouteAttribute::NhId(id));
+    }
     Ok(message)
 }
 
@@ -498,12 +509,14 @@ pub(crate) fn route_from_message(msg: &RouteMessage, ipv4: bool) -> Option<Route
             .flags
             .contains(netlink_packet_route::route::RouteFlags::Onlink),
         blackhole: msg.header.kind == netlink_packet_route::route::RouteType::BlackHole,
+        nexthop_id: None,
     };
     for attr in &msg.attributes {
         match attr {
             RouteAttribute::Destination(addr) => route.destination = route_address(addr)?,
             RouteAttribute::Gateway(addr) => route.gateway = route_address(addr),
             RouteAttribute::Oif(index) => route.device = *index,
+            RouteAttribute::NhId(id) => route.nexthop_id = Some(*id),
             _ => {}
         }
     }
@@ -529,6 +542,9 @@ pub(crate) fn describe_route(route: &RouteSpec) -> String {
     text.push_str(&format!(" dev #{}", route.device));
     if route.onlink {
         text.push_str(" onlink");
+    }
+    if let Some(id) = route.nexthop_id {
+        text = format!("{}/{} nhid {id}", route.destination, route.prefix_len);
     }
     text
 }

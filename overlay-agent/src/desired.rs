@@ -16,10 +16,28 @@ pub struct BlockRoute {
     pub via: IpAddr,
 }
 
+/// A nexthop object for one remote IPv4 VTEP; its ID is the VTEP address itself
+/// (32 bits, never zero, unique per VTEP).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct VtepNexthop {
+    pub id: u32,
+    pub via: IpAddr,
+}
+
+/// The nexthop ID for routes through `vtep`: IPv4 VTEPs only (IPv6 block routes keep
+/// a gateway each).
+pub fn nexthop_id(vtep: IpAddr) -> Option<u32> {
+    match vtep {
+        IpAddr::V4(v4) => Some(u32::from(v4)).filter(|id| *id != 0),
+        IpAddr::V6(_) => None,
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OverlayState {
     pub fdb: BTreeSet<FdbEntry>,
     pub neighbours: BTreeSet<Neighbour>,
+    pub nexthops: BTreeSet<VtepNexthop>,
     pub routes: BTreeSet<BlockRoute>,
     pub blackholes: BTreeSet<IpNetwork>,
 }
@@ -49,6 +67,9 @@ pub fn desired_overlay(
         });
         for ip in [node.vtep_ipv4, node.vtep_ipv6].into_iter().flatten() {
             state.neighbours.insert(Neighbour { ip, mac });
+            if let Some(id) = nexthop_id(ip) {
+                state.nexthops.insert(VtepNexthop { id, via: ip });
+            }
         }
         peers.insert(node.name.as_str(), node);
     }
@@ -88,7 +109,11 @@ pub struct OverlayChanges {
 impl OverlayChanges {
     pub fn count(&self) -> usize {
         let size = |s: &OverlayState| {
-            s.fdb.len() + s.neighbours.len() + s.routes.len() + s.blackholes.len()
+            s.fdb.len()
+                + s.neighbours.len()
+                + s.nexthops.len()
+                + s.routes.len()
+                + s.blackholes.len()
         };
         size(&self.add) + size(&self.remove)
     }
@@ -102,12 +127,14 @@ pub fn diff(desired: &OverlayState, actual: &OverlayState) -> OverlayChanges {
         add: OverlayState {
             fdb: minus(&desired.fdb, &actual.fdb),
             neighbours: minus(&desired.neighbours, &actual.neighbours),
+            nexthops: minus(&desired.nexthops, &actual.nexthops),
             routes: minus(&desired.routes, &actual.routes),
             blackholes: minus(&desired.blackholes, &actual.blackholes),
         },
         remove: OverlayState {
             fdb: minus(&actual.fdb, &desired.fdb),
             neighbours: minus(&actual.neighbours, &desired.neighbours),
+            nexthops: minus(&actual.nexthops, &desired.nexthops),
             routes: minus(&actual.routes, &desired.routes),
             blackholes: minus(&actual.blackholes, &desired.blackholes),
         },
@@ -148,6 +175,11 @@ mod tests {
             dst: "192.0.2.2".parse().unwrap()
         }));
         assert_eq!(state.neighbours.len(), 2);
+        assert_eq!(state.nexthops.len(), 2);
+        assert!(state
+            .nexthops
+            .iter()
+            .any(|n| n.id == u32::from(std::net::Ipv4Addr::new(10, 244, 2, 0))));
         let routes: Vec<String> = state
             .routes
             .iter()

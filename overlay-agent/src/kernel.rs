@@ -8,7 +8,9 @@ use calyx_dataplane::overlay::{VxlanLink, VxlanSpec};
 use calyx_dataplane::{sysctl, Link, Netlink, RouteSpec, CALYX_ROUTE_PROTOCOL};
 use ipnetwork::IpNetwork;
 
-use crate::desired::{BlockRoute, OverlayChanges, OverlayState};
+use calyx_dataplane::nexthop::{Nexthop, NexthopSocket};
+
+use crate::desired::{nexthop_id, BlockRoute, OverlayChanges, OverlayState, VtepNexthop};
 
 /// The device as configured, plus the VTEP addresses it must hold.
 #[derive(Debug, Clone)]
@@ -70,6 +72,16 @@ pub async fn actual_overlay(nl: &Netlink, device: &Link) -> anyhow::Result<Overl
         neighbours: nl.permanent_neighbours(device).await?.into_iter().collect(),
         ..Default::default()
     };
+    let mut nexthop_via = std::collections::HashMap::new();
+    for nh in NexthopSocket::open()?.dump()? {
+        if nh.protocol == CALYX_ROUTE_PROTOCOL && nh.device == device.index {
+            nexthop_via.insert(nh.id, nh.gateway);
+            state.nexthops.insert(VtepNexthop {
+                id: nh.id,
+                via: nh.gateway,
+            });
+        }
+    }
     for v4 in [true, false] {
         for route in nl.routes_of_protocol(v4, CALYX_ROUTE_PROTOCOL).await? {
             let Ok(block) = IpNetwork::new(route.destination, route.prefix_len) else {
@@ -77,6 +89,10 @@ pub async fn actual_overlay(nl: &Netlink, device: &Link) -> anyhow::Result<Overl
             };
             if route.blackhole {
                 state.blackholes.insert(block);
+            } else if let Some(id) = route.nexthop_id {
+                if let Some(via) = nexthop_via.get(&id) {
+                    state.routes.insert(BlockRoute { block, via: *via });
+                }
             } else if route.device == device.index {
                 if let Some(via) = route.gateway {
                     state.routes.insert(BlockRoute { block, via });
@@ -87,7 +103,21 @@ pub async fn actual_overlay(nl: &Netlink, device: &Link) -> anyhow::Result<Overl
     Ok(state)
 }
 
+/// IPv4 block routes go through the VTEP's nexthop object; IPv6 ones name the VTEP
+/// as gateway.
 fn block_route(route: &BlockRoute, device: &Link) -> RouteSpec {
+    if let Some(id) = nexthop_id(route.via) {
+        return RouteSpec {
+            link_scope: false,
+            nexthop_id: Some(id),
+            ..RouteSpec::direct(
+                route.block.network(),
+                route.block.prefix(),
+                0,
+                CALYX_ROUTE_PROTOCOL,
+            )
+        };
+    }
     RouteSpec {
         gateway: Some(route.via),
         link_scope: false,
@@ -113,80 +143,119 @@ fn blackhole(block: &IpNetwork) -> RouteSpec {
 /// hide the round trips, the kernel still handles them one by one.
 const IN_FLIGHT: usize = 128;
 
-/// Applies changes in phases: removals of routes first, then of neighbours and FDB
-/// entries, then FDB and neighbour additions, then routes, so a route never points at
-/// a VTEP that cannot be reached yet. Within a phase requests are pipelined. Carries
-/// on past failures and returns them all.
-pub async fn apply(nl: &Netlink, device: &Link, changes: &OverlayChanges) -> Vec<String> {
-    use futures::future::BoxFuture;
-    use futures::{FutureExt, StreamExt};
-    type Op<'a> = BoxFuture<'a, calyx_dataplane::Result<()>>;
+type Op<'a> = futures::future::BoxFuture<'a, calyx_dataplane::Result<()>>;
 
-    let removals: Vec<Vec<Op>> = vec![
-        changes
-            .remove
-            .routes
-            .iter()
-            .map(|r| nl.delete_route_owned(block_route(r, device)).boxed())
-            .collect(),
-        changes
-            .remove
-            .blackholes
-            .iter()
-            .map(|b| nl.delete_route_owned(blackhole(b)).boxed())
-            .collect(),
-        changes
-            .remove
-            .neighbours
-            .iter()
-            .map(|n| nl.delete_neighbour(device, n).boxed())
-            .collect(),
-        changes
-            .remove
-            .fdb
-            .iter()
-            .map(|f| nl.delete_fdb(device, f).boxed())
-            .collect(),
-    ];
-    let additions: Vec<Vec<Op>> = vec![
-        changes
-            .add
-            .fdb
-            .iter()
-            .map(|f| nl.add_fdb(device, f).boxed())
-            .collect(),
-        changes
-            .add
-            .neighbours
-            .iter()
-            .map(|n| nl.add_permanent_neighbour(device, n.ip, n.mac).boxed())
-            .collect(),
-        changes
-            .add
-            .blackholes
-            .iter()
-            .map(|b| nl.add_route_owned(blackhole(b)).boxed())
-            .collect(),
-        changes
-            .add
-            .routes
-            .iter()
-            .map(|r| nl.add_route_owned(block_route(r, device)).boxed())
-            .collect(),
-    ];
-    let mut errors = Vec::new();
-    for phase in removals.into_iter().chain(additions) {
-        let results: Vec<_> = futures::stream::iter(phase)
-            .buffer_unordered(IN_FLIGHT)
-            .collect()
-            .await;
-        for result in results {
-            match result {
-                Ok(()) => {}
-                Err(e) if e.is_not_found() => tracing::debug!(error = %e, "already gone"),
-                Err(e) => errors.push(e.to_string()),
-            }
+/// Runs one phase of requests pipelined, collecting failures ("not found" on a
+/// removal is fine: it is gone already).
+async fn pipelined(ops: Vec<Op<'_>>, errors: &mut Vec<String>) {
+    use futures::StreamExt;
+    let results: Vec<_> = futures::stream::iter(ops)
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    for result in results {
+        match result {
+            Ok(()) => {}
+            Err(e) if e.is_not_found() => tracing::debug!(error = %e, "already gone"),
+            Err(e) => errors.push(e.to_string()),
         }
     }
+}
+
+fn nexthop_failures(
+    what: &str,
+    result: calyx_dataplane::Result<Vec<(u32, std::io::Error)>>,
+    errors: &mut Vec<String>,
+) {
+    match result {
+        Ok(failures) => {
+            for (id, e) in failures {
+                if e.raw_os_error() != Some(2) {
+                    errors.push(format!("{what} nexthop {id}: {e}"));
+                }
+            }
+        }
+        Err(e) => errors.push(format!("{what} nexthops: {e}")),
+    }
+}
+
+/// Applies changes in an order that never leaves a route pointing at something
+/// missing: routes and blackholes go first, then the nexthops they used, then
+/// neighbour and FDB entries; FDB and neighbour entries come first, then nexthops,
+/// then blackholes and routes. Within a phase requests are pipelined; nexthops go in
+/// batches. Carries on past failures and returns them all.
+pub async fn apply(nl: &Netlink, device: &Link, changes: &OverlayChanges) -> Vec<String> {
+    use futures::FutureExt;
+    let (add, remove) = (&changes.add, &changes.remove);
+    let mut errors = Vec::new();
+
+    let ops: Vec<Op> = remove
+        .routes
+        .iter()
+        .map(|r| nl.delete_route_owned(block_route(r, device)).boxed())
+        .collect();
+    pipelined(ops, &mut errors).await;
+    let ops: Vec<Op> = remove
+        .blackholes
+        .iter()
+        .map(|b| nl.delete_route_owned(blackhole(b)).boxed())
+        .collect();
+    pipelined(ops, &mut errors).await;
+    if !remove.nexthops.is_empty() {
+        let ids: Vec<u32> = remove.nexthops.iter().map(|n| n.id).collect();
+        let result = NexthopSocket::open().and_then(|mut s| s.delete(&ids));
+        nexthop_failures("delete", result, &mut errors);
+    }
+    let ops: Vec<Op> = remove
+        .neighbours
+        .iter()
+        .map(|n| nl.delete_neighbour(device, n).boxed())
+        .collect();
+    pipelined(ops, &mut errors).await;
+    let ops: Vec<Op> = remove
+        .fdb
+        .iter()
+        .map(|f| nl.delete_fdb(device, f).boxed())
+        .collect();
+    pipelined(ops, &mut errors).await;
+
+    let ops: Vec<Op> = add
+        .fdb
+        .iter()
+        .map(|f| nl.add_fdb(device, f).boxed())
+        .collect();
+    pipelined(ops, &mut errors).await;
+    let ops: Vec<Op> = add
+        .neighbours
+        .iter()
+        .map(|n| nl.add_permanent_neighbour(device, n.ip, n.mac).boxed())
+        .collect();
+    pipelined(ops, &mut errors).await;
+    if !add.nexthops.is_empty() {
+        let nexthops: Vec<Nexthop> = add
+            .nexthops
+            .iter()
+            .map(|n| Nexthop {
+                id: n.id,
+                gateway: n.via,
+                device: device.index,
+                protocol: CALYX_ROUTE_PROTOCOL,
+            })
+            .collect();
+        let result = NexthopSocket::open().and_then(|mut s| s.replace(&nexthops));
+        nexthop_failures("add", result, &mut errors);
+    }
+    let ops: Vec<Op> = add
+        .blackholes
+        .iter()
+        .map(|b| nl.add_route_owned(blackhole(b)).boxed())
+        .collect();
+    pipelined(ops, &mut errors).await;
+    let ops: Vec<Op> = add
+        .routes
+        .iter()
+        .map(|r| nl.add_route_owned(block_route(r, device)).boxed())
+        .collect();
+    pipelined(ops, &mut errors).await;
     errors
 }
