@@ -65,6 +65,12 @@ impl RouteSpec {
     }
 }
 
+/// How a link is looked up.
+pub(crate) enum LinkKey<'a> {
+    Name(&'a str),
+    Index(u32),
+}
+
 /// A netlink connection bound to one network namespace.
 pub struct Netlink {
     pub(crate) handle: Handle,
@@ -109,18 +115,20 @@ impl Netlink {
         Ok(Netlink { handle })
     }
 
-    pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
+    /// The link message for a name or an index; None when there is no such link.
+    pub(crate) async fn link_message(&self, key: LinkKey<'_>) -> Result<Option<LinkMessage>> {
+        let request = self.handle.link().get();
+        let (mut links, what) = match key {
+            LinkKey::Name(name) => (
+                request.match_name(name.to_string()).execute(),
+                name.to_string(),
+            ),
+            LinkKey::Index(index) => (request.match_index(index).execute(), format!("#{index}")),
+        };
         match links.try_next().await {
-            Ok(Some(msg)) => Ok(Some(link_from_message(&msg))),
-            Ok(None) => Ok(None),
+            Ok(found) => Ok(found),
             Err(e) => {
-                let err = nl_err(format!("get link {name}"), e);
+                let err = nl_err(format!("get link {what}"), e);
                 if err.is_not_found() {
                     Ok(None)
                 } else {
@@ -130,20 +138,14 @@ impl Netlink {
         }
     }
 
+    pub async fn link_by_name(&self, name: &str) -> Result<Option<Link>> {
+        let msg = self.link_message(LinkKey::Name(name)).await?;
+        Ok(msg.as_ref().map(link_from_message))
+    }
+
     pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>> {
-        let mut links = self.handle.link().get().match_index(index).execute();
-        match links.try_next().await {
-            Ok(Some(msg)) => Ok(Some(link_from_message(&msg))),
-            Ok(None) => Ok(None),
-            Err(e) => {
-                let err = nl_err(format!("get link #{index}"), e);
-                if err.is_not_found() {
-                    Ok(None)
-                } else {
-                    Err(err)
-                }
-            }
-        }
+        let msg = self.link_message(LinkKey::Index(index)).await?;
+        Ok(msg.as_ref().map(link_from_message))
     }
 
     /// Every address on every link: (link index, address, prefix length).

@@ -12,7 +12,7 @@ use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{LinkUnspec, LinkVxlan, MulticastGroup};
 use tokio::sync::mpsc;
 
-use crate::netlink::{link_from_message, nl_err};
+use crate::netlink::{link_from_message, nl_err, LinkKey};
 use crate::{format_mac, DataplaneError, Link, Netlink, Result};
 
 /// What a VXLAN device is configured with; compared to decide whether to recreate it.
@@ -83,23 +83,8 @@ pub enum KernelEvent {
 
 impl Netlink {
     pub async fn vxlan_by_name(&self, name: &str) -> Result<Option<VxlanLink>> {
-        let mut links = self
-            .handle
-            .link()
-            .get()
-            .match_name(name.to_string())
-            .execute();
-        let msg = match links.try_next().await {
-            Ok(Some(msg)) => msg,
-            Ok(None) => return Ok(None),
-            Err(e) => {
-                let err = nl_err(format!("get link {name}"), e);
-                return if err.is_not_found() {
-                    Ok(None)
-                } else {
-                    Err(err)
-                };
-            }
+        let Some(msg) = self.link_message(LinkKey::Name(name)).await? else {
+            return Ok(None);
         };
         let mut out = VxlanLink {
             link: link_from_message(&msg),

@@ -11,7 +11,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::etcd::Etcd;
-use crate::lab::{must, sh};
+use crate::lab::{must, ping, sh};
 
 /// Where a cluster keeps its store and its description.
 pub fn state_dir(prefix: &str) -> PathBuf {
@@ -509,20 +509,4 @@ impl Cluster {
         }
         Ok(removed)
     }
-}
-
-pub fn ping(netns: &str, ip: &str) -> bool {
-    sh(
-        "nsenter",
-        &[
-            &format!("--net=/run/netns/{netns}"),
-            "ping",
-            "-c1",
-            "-w3",
-            "-q",
-            ip,
-        ],
-    )
-    .status
-    .success()
 }

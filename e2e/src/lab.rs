@@ -247,19 +247,7 @@ impl Lab {
     }
 
     pub fn ping(&self, from_ns: &str, ip: &str) -> bool {
-        sh(
-            "nsenter",
-            &[
-                &format!("--net=/run/netns/{from_ns}"),
-                "ping",
-                "-c1",
-                "-w3",
-                "-q",
-                ip,
-            ],
-        )
-        .status
-        .success()
+        ping(from_ns, ip)
     }
 
     /// Host-side veths in the node namespace.
@@ -362,6 +350,23 @@ impl Drop for Lab {
             let _ = sh("ip", &["netns", "del", ns]);
         }
     }
+}
+
+/// Whether `ip` answers a ping from inside `netns` within 3 s (one echo a second).
+pub fn ping(netns: &str, ip: &str) -> bool {
+    sh(
+        "nsenter",
+        &[
+            &format!("--net=/run/netns/{netns}"),
+            "ping",
+            "-c1",
+            "-w3",
+            "-q",
+            ip,
+        ],
+    )
+    .status
+    .success()
 }
 
 fn unique_name(kind: &str) -> String {

@@ -436,45 +436,4 @@ mod tests {
             .iter()
             .any(|e| matches!(e, WatchEvent::Delete { key, .. } if key == "n/a")));
     }
-
-    #[tokio::test]
-    async fn concurrent_writers_never_lose_an_update() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("store");
-        let mut tasks = Vec::new();
-        for _ in 0..8 {
-            let path = path.clone();
-            tasks.push(std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async {
-                    let store = FileStore::new(path);
-                    for _ in 0..25 {
-                        let mut attempt = 0;
-                        loop {
-                            let cur = store.get("counter").await.unwrap();
-                            let n: u64 = cur.as_ref().map_or(0, |v| v.value.parse().unwrap());
-                            let w =
-                                put("counter", json!(n + 1), Expect::from_current(cur.as_ref()));
-                            match store.commit(vec![w]).await {
-                                Ok(_) => break,
-                                Err(StoreError::Conflict { .. }) => {
-                                    attempt += 1;
-                                    std::thread::sleep(crate::store::conflict_backoff(attempt));
-                                }
-                                Err(e) => panic!("{e}"),
-                            }
-                        }
-                    }
-                })
-            }));
-        }
-        for t in tasks {
-            t.join().unwrap();
-        }
-        let store = FileStore::new(path);
-        assert_eq!(store.get("counter").await.unwrap().unwrap().value, "200");
-    }
 }
