@@ -501,3 +501,45 @@ on_both_stores!(
     killing_and_restarting_agents_does_not_interrupt_a_tcp_stream,
     pods_reach_the_world_masqueraded_and_each_other_unmasqueraded,
 );
+
+/// GET `path` from the agent's metrics address inside a node's namespace.
+fn http_get(c: &Cluster, node: usize, path: &str) -> String {
+    use std::io::{Read, Write};
+    let addr: SocketAddr = "127.0.0.1:9099".parse().unwrap();
+    let mut stream = connect_from(&c.nodes[node].netns, addr).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn agents_serve_metrics_health_and_readiness() {
+    let Some(c) = cluster(2, &[POOL_V4], false) else {
+        return;
+    };
+    wait_until("readiness", Duration::from_secs(10), || {
+        is_ok(&http_get(&c, 0, "/readyz"))
+    });
+    assert!(is_ok(&http_get(&c, 0, "/healthz")));
+    wait_until("both nodes in the metrics", Duration::from_secs(10), || {
+        http_get(&c, 0, "/metrics").contains("calyx_agent_nodes_known 2")
+    });
+    let metrics = http_get(&c, 0, "/metrics");
+    for name in [
+        "calyx_agent_nodes_live 2",
+        "calyx_agent_routes_programmed 1",
+        "calyx_agent_reconciles_total",
+        "calyx_agent_reconcile_duration_seconds_bucket",
+        "calyx_agent_reconcile_errors_total 0",
+    ] {
+        assert!(metrics.contains(name), "/metrics lacks {name}:\n{metrics}");
+    }
+}
+
+fn is_ok(response: &str) -> bool {
+    response
+        .lines()
+        .next()
+        .is_some_and(|status| status.contains(" 200 "))
+}
