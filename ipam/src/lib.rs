@@ -246,11 +246,17 @@ impl<'s> Ipam<'s> {
             .collect())
     }
 
+    /// Runs a read-plan-commit loop, retrying compare-and-swap conflicts with jittered
+    /// backoff. Within one process, such loops on the same store take turns: a
+    /// process never races itself (many concurrent allocations on one block would
+    /// otherwise starve each other); processes and hosts coordinate through the store.
     async fn retry_conflicts<T, F, Fut>(&self, mut attempt_once: F) -> Result<T, IpamError>
     where
         F: FnMut() -> Fut,
         Fut: std::future::Future<Output = Result<T, IpamError>>,
     {
+        let turn = local_turn(&self.store.location());
+        let _turn = turn.lock().await;
         let started = Instant::now();
         let mut attempts = 0;
         loop {
@@ -290,4 +296,14 @@ fn decode_all<T: DeserializeOwned>(
         .iter()
         .map(|(key, v)| Ok((key.clone(), decode(store, key, v)?, v.revision)))
         .collect()
+}
+
+/// The in-process turn for writers of one store location.
+fn local_turn(location: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex, OnceLock};
+    static TURNS: OnceLock<Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> = OnceLock::new();
+    let turns = TURNS.get_or_init(Default::default);
+    let mut turns = turns.lock().unwrap_or_else(|e| e.into_inner());
+    turns.entry(location.to_string()).or_default().clone()
 }
