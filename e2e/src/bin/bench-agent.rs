@@ -32,6 +32,8 @@ struct Args {
     sizes: Vec<usize>,
     idle_seconds: u64,
     iperf_seconds: u64,
+    /// Extra agent flags (e.g. --no-firewall, to see what the rules cost).
+    agent_args: Vec<String>,
 }
 
 fn main() -> Result<()> {
@@ -42,6 +44,7 @@ fn main() -> Result<()> {
         sizes: vec![1000, 10000],
         idle_seconds: 10,
         iperf_seconds: 5,
+        agent_args: Vec::new(),
     };
     let mut argv = std::env::args().skip(1);
     while let Some(arg) = argv.next() {
@@ -58,6 +61,7 @@ fn main() -> Result<()> {
             }
             "--idle-seconds" => args.idle_seconds = value()?.parse()?,
             "--iperf-seconds" => args.iperf_seconds = value()?.parse()?,
+            "--agent-arg" => args.agent_args.push(value()?),
             other => {
                 bail!("unknown argument {other}; see the header of e2e/src/bin/bench-agent.rs")
             }
@@ -129,7 +133,9 @@ fn spec(args: &Args, prefix: &str, nodes: usize, agent: bool) -> ClusterSpec {
         // Fake nodes never heartbeat: keep them "live" for the whole run.
         agent_args: ["--node-timeout-seconds", "86400"]
             .map(String::from)
-            .to_vec(),
+            .into_iter()
+            .chain(args.agent_args.iter().cloned())
+            .collect(),
         nodes,
         etcd: false,
     }
