@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use futures::{StreamExt, TryStreamExt};
-use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo};
+use netlink_packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
@@ -154,27 +154,6 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| nl_err(format!("set mtu {mtu} on {}", link.name), e))
-    }
-
-    /// The kind of a link ("vxlan", "veth", ...), for checks.
-    pub async fn link_kind(&self, link: &Link) -> Result<Option<String>> {
-        let mut links = self.handle.link().get().match_index(link.index).execute();
-        let Some(msg) = links.try_next().await.map_err(|e| nl_err("get link", e))? else {
-            return Ok(None);
-        };
-        for attr in &msg.attributes {
-            if let LinkAttribute::LinkInfo(infos) = attr {
-                for info in infos {
-                    if let LinkInfo::Kind(kind) = info {
-                        return Ok(Some(match kind {
-                            InfoKind::Vxlan => "vxlan".to_string(),
-                            other => format!("{other:?}").to_lowercase(),
-                        }));
-                    }
-                }
-            }
-        }
-        Ok(None)
     }
 
     /// Permanent neighbour entries on a link, both families.

@@ -15,16 +15,6 @@ pub fn set(key: &str, value: &str) -> Result<()> {
     })
 }
 
-pub fn get(key: &str) -> Result<String> {
-    let path = path_of(key);
-    fs::read_to_string(&path)
-        .map(|s| s.trim().to_string())
-        .map_err(|source| DataplaneError::Io {
-            op: format!("read sysctl {key} ({path})"),
-            source,
-        })
-}
-
 /// `net.ipv4.conf.<iface>.<leaf>` with an interface name that may contain dots.
 pub fn iface_key(family_tree: &str, iface: &str, leaf: &str) -> String {
     // /proc/sys uses '/' where the dotted form has '.', and keeps dots in names as

@@ -3,7 +3,6 @@
 //! the snapshot and commits the plan lives in `Ipam`.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
 
 use crate::model::{block_key, handle_key, AllocationAttrs, Block, Handle, HandleAddress, Pool};
 use crate::store::{Expect, Write};
@@ -159,15 +158,6 @@ pub fn plan_release(
         expect: Expect::Revision(handle_revision),
     });
     writes
-}
-
-/// The address of a handle in the given family, if any.
-pub fn address_of(handle: &Handle, v4: bool) -> Option<IpAddr> {
-    handle
-        .addresses
-        .iter()
-        .map(|a| a.ip)
-        .find(|ip| ip.is_ipv4() == v4)
 }
 
 #[cfg(test)]

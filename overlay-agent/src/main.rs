@@ -226,7 +226,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             underlay_ip: underlay.ip,
             vtep_ipv4: vtep_ips.iter().copied().find(IpAddr::is_ipv4),
             vtep_ipv6: vtep_ips.iter().copied().find(IpAddr::is_ipv6),
-            vtep_mac: registration::mac_text(mac),
+            vtep_mac: calyx_dataplane::format_mac(&mac),
             heartbeat: 0,
         },
     )

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use calyx_dataplane::{format_mac, Link, Netlink};
+use calyx_dataplane::{Link, Netlink};
 use calyx_ipam::allocator::AllocationRequest;
 use calyx_ipam::model::{node_key, tunnel_handle_id, AllocationAttrs, NodeRecord};
 use calyx_ipam::store::{Expect, StoreError, Write};
@@ -159,10 +159,6 @@ pub fn describe(record: &NodeRecord) -> String {
         "{} underlay {} vtep {:?}/{:?} mac {}",
         record.name, record.underlay_ip, record.vtep_ipv4, record.vtep_ipv6, record.vtep_mac
     )
-}
-
-pub fn mac_text(mac: [u8; 6]) -> String {
-    format_mac(&mac)
 }
 
 /// Leaves `nodename` and `mtu` for the CNI plugin (written whole, then renamed).
