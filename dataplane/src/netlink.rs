@@ -65,6 +65,14 @@ impl RouteSpec {
     }
 }
 
+/// What a route dump asks the kernel for.
+struct RouteFilter {
+    ipv4: bool,
+    protocol: Option<u8>,
+    device: Option<u32>,
+    blackholes_too: bool,
+}
+
 /// How a link is looked up.
 pub(crate) enum LinkKey<'a> {
     Name(&'a str),
@@ -305,83 +313,76 @@ impl Netlink {
 
     /// Main-table routes of one family and protocol (any device, blackholes too).
     pub async fn routes_of_protocol(&self, ipv4: bool, protocol: u8) -> Result<Vec<RouteSpec>> {
-        let mut filter = if ipv4 {
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
-        } else {
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        let filter = RouteFilter {
+            ipv4,
+            protocol: Some(protocol),
+            device: None,
+            blackholes_too: true,
         };
-        filter.header.protocol = RouteProtocol::from(protocol);
-        // Unspec type: unicast and blackhole routes alike.
-        filter.header.kind = netlink_packet_route::route::RouteType::Unspec;
-        let mut stream = self.handle.route().get(filter).execute();
-        let mut out = Vec::new();
-        while let Some(msg) = stream
-            .try_next()
-            .await
-            .map_err(|e| nl_err("list routes", e))?
-        {
-            if let Some(route) = route_from_message(&msg, ipv4) {
-                if route.protocol == protocol {
-                    out.push(route);
-                }
-            }
-        }
-        Ok(out)
+        self.dump_routes(&filter, "list routes").await
     }
 
-    /// Main-table routes of one family.
+    /// Main-table unicast routes of one family.
     pub async fn routes(&self, ipv4: bool) -> Result<Vec<RouteSpec>> {
-        let mut filter = if ipv4 {
-            RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
-        } else {
-            RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
+        let filter = RouteFilter {
+            ipv4,
+            protocol: None,
+            device: None,
+            blackholes_too: false,
         };
-        // A strict dump filters on a non-zero protocol: ask for every protocol.
-        filter.header.protocol = RouteProtocol::Unspec;
-        let mut stream = self.handle.route().get(filter).execute();
-        let mut out = Vec::new();
-        while let Some(msg) = stream
-            .try_next()
-            .await
-            .map_err(|e| nl_err("list routes", e))?
-        {
-            if msg.header.table != RouteMessageBuilder::<IpAddr>::new().build().header.table {
-                continue;
-            }
-            if let Some(route) = route_from_message(&msg, ipv4) {
-                out.push(route);
-            }
-        }
-        Ok(out)
+        self.dump_routes(&filter, "list routes").await
     }
 
-    /// Main-table routes of one family and protocol whose output device is `link`,
-    /// filtered by the kernel (strict dump), so it stays cheap on a node with many routes.
+    /// Main-table unicast routes of one family and protocol whose output device is
+    /// `link`, filtered by the kernel, so it stays cheap on a node with many routes.
     pub async fn routes_via(
         &self,
         link: &Link,
         ipv4: bool,
         protocol: u8,
     ) -> Result<Vec<RouteSpec>> {
-        let mut filter = if ipv4 {
+        let filter = RouteFilter {
+            ipv4,
+            protocol: Some(protocol),
+            device: Some(link.index),
+            blackholes_too: false,
+        };
+        self.dump_routes(&filter, &format!("list routes via {}", link.name))
+            .await
+    }
+
+    /// One strict dump of the main table: the kernel filters on what the request
+    /// header and attributes say, and the result is checked again here for kernels
+    /// that ignore a filter.
+    async fn dump_routes(&self, filter: &RouteFilter, op: &str) -> Result<Vec<RouteSpec>> {
+        let mut request = if filter.ipv4 {
             RouteMessageBuilder::<std::net::Ipv4Addr>::new().build()
         } else {
             RouteMessageBuilder::<std::net::Ipv6Addr>::new().build()
         };
-        filter.header.protocol = RouteProtocol::from(protocol);
-        filter.attributes.push(RouteAttribute::Oif(link.index));
-        let mut stream = self.handle.route().get(filter).execute();
+        let main_table = request.header.table;
+        // A strict dump filters on a non-zero protocol; Unspec asks for every one.
+        request.header.protocol = RouteProtocol::from(filter.protocol.unwrap_or(0));
+        if filter.blackholes_too {
+            // Unspec type: unicast and blackhole routes alike.
+            request.header.kind = netlink_packet_route::route::RouteType::Unspec;
+        }
+        if let Some(index) = filter.device {
+            request.attributes.push(RouteAttribute::Oif(index));
+        }
+        let mut stream = self.handle.route().get(request).execute();
         let mut out = Vec::new();
-        while let Some(msg) = stream
-            .try_next()
-            .await
-            .map_err(|e| nl_err(format!("list routes via {}", link.name), e))?
-        {
-            if let Some(route) = route_from_message(&msg, ipv4) {
-                // Older kernels ignore the filter: check again here.
-                if route.device == link.index && route.protocol == protocol {
-                    out.push(route);
-                }
+        while let Some(msg) = stream.try_next().await.map_err(|e| nl_err(op, e))? {
+            if msg.header.table != main_table {
+                continue;
+            }
+            let Some(route) = route_from_message(&msg, filter.ipv4) else {
+                continue;
+            };
+            let protocol_ok = filter.protocol.is_none_or(|p| route.protocol == p);
+            let device_ok = filter.device.is_none_or(|d| route.device == d);
+            if protocol_ok && device_ok {
+                out.push(route);
             }
         }
         Ok(out)
