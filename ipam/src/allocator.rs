@@ -4,7 +4,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::model::{block_key, handle_key, AllocationAttrs, Block, Handle, HandleAddress, Pool};
+use crate::model::{
+    block_key, handle_key, AllocationAttrs, Block, Handle, HandleAddress, IpamConfig, Pool,
+};
 use crate::store::{Expect, Write};
 use crate::IpamError;
 
@@ -25,6 +27,8 @@ pub struct AllocationPlan {
 pub struct AllocationRequest {
     pub handle_id: String,
     pub network: String,
+    /// `attrs.node` is the node the address is for; `attrs.time` is "now" for the
+    /// cooldown and the empty-block clock.
     pub attrs: AllocationAttrs,
     pub host_interface: Option<String>,
     /// Allocate only from these pools (by CIDR); empty means every enabled pool.
@@ -32,13 +36,15 @@ pub struct AllocationRequest {
 }
 
 /// Picks one address per IP family that has a usable pool: from a block affine to the
-/// node when one has room, else from a newly claimed block.
+/// node when one has room, else from a newly claimed block (up to
+/// `maxBlocksPerNode`), else, unless `strictAffinity`, borrowed from another node's
+/// block (the allocation names this node, so the overlay routes the /32 here).
 pub fn plan_allocation(
     pools: &[Pool],
     blocks: &BTreeMap<String, StoredBlock>,
+    config: &IpamConfig,
     request: &AllocationRequest,
 ) -> Result<AllocationPlan, IpamError> {
-    let node = &request.attrs.node;
     let usable: Vec<&Pool> = pools
         .iter()
         .filter(|p| !p.disabled)
@@ -64,18 +70,13 @@ pub fn plan_allocation(
         if family_pools.is_empty() {
             continue;
         }
-        let pool_names: BTreeSet<&str> = family_pools.iter().map(|p| p.name.as_str()).collect();
-        let affine = blocks.values().find(|b| {
-            b.block.affinity.as_deref() == Some(node.as_str())
-                && pool_names.contains(b.block.pool.as_str())
-                && b.block.free_count() > 0
-        });
-        let (mut block, expect) = match affine {
-            Some(stored) => (stored.block.clone(), Expect::Revision(stored.revision)),
-            None => (claim_block(&family_pools, blocks, node)?, Expect::Absent),
-        };
+        let (mut block, expect) = choose_block(&family_pools, blocks, config, request)?;
         let (ordinal, seq) = block
-            .allocate(&request.handle_id, request.attrs.clone())
+            .allocate(
+                &request.handle_id,
+                request.attrs.clone(),
+                config.ip_cooldown_seconds,
+            )
             .expect("chosen block has a free address");
         handle.addresses.push(HandleAddress {
             ip: block.ip_at(ordinal),
@@ -96,12 +97,71 @@ pub fn plan_allocation(
     Ok(AllocationPlan { handle, writes })
 }
 
+/// The block to allocate from in one family, with what its write must expect.
+fn choose_block(
+    family_pools: &[&Pool],
+    blocks: &BTreeMap<String, StoredBlock>,
+    config: &IpamConfig,
+    request: &AllocationRequest,
+) -> Result<(Block, Expect), IpamError> {
+    let node = request.attrs.node.as_str();
+    let (now, cooldown) = (request.attrs.time, config.ip_cooldown_seconds);
+    let pool_names: BTreeSet<&str> = family_pools.iter().map(|p| p.name.as_str()).collect();
+    let in_family = || {
+        blocks
+            .values()
+            .filter(|b| pool_names.contains(b.block.pool.as_str()))
+    };
+    let affine = || in_family().filter(|b| b.block.affinity.as_deref() == Some(node));
+    if let Some(stored) = affine().find(|b| b.block.can_allocate(now, cooldown)) {
+        return Ok((stored.block.clone(), Expect::Revision(stored.revision)));
+    }
+    let owned = affine().count();
+    let at_limit = config
+        .max_blocks_per_node
+        .is_some_and(|max| owned >= max as usize);
+    if !at_limit {
+        if let Some(block) = claim_block(family_pools, blocks, node) {
+            return Ok((block, Expect::Absent));
+        }
+    }
+    if !config.strict_affinity {
+        // Borrow from the block with the most room, so borrowers spread out less.
+        let lender = in_family()
+            .filter(|b| b.block.affinity.as_deref() != Some(node))
+            .filter(|b| b.block.can_allocate(now, cooldown))
+            .max_by_key(|b| b.block.free_count());
+        if let Some(stored) = lender {
+            return Ok((stored.block.clone(), Expect::Revision(stored.revision)));
+        }
+    }
+    let family = if family_pools[0].is_ipv4() {
+        "IPv4"
+    } else {
+        "IPv6"
+    };
+    let names: Vec<String> = family_pools.iter().map(|p| p.cidr.to_string()).collect();
+    let why = match (at_limit, config.strict_affinity) {
+        (true, true) => format!(
+            "node {node} has all of its maxBlocksPerNode ({owned}) blocks full and strictAffinity forbids borrowing"
+        ),
+        (false, true) => format!(
+            "no free block left for node {node} and strictAffinity forbids borrowing"
+        ),
+        _ => format!("no free {family} address for node {node}"),
+    };
+    Err(IpamError::PoolExhausted(format!(
+        "{why} in pool(s) {}",
+        names.join(", ")
+    )))
+}
+
 /// The first block of the first pool (in order) that nobody has claimed yet.
 fn claim_block(
     pools: &[&Pool],
     blocks: &BTreeMap<String, StoredBlock>,
     node: &str,
-) -> Result<Block, IpamError> {
+) -> Option<Block> {
     for pool in pools {
         let claimed = blocks
             .values()
@@ -113,24 +173,20 @@ fn claim_block(
         for index in 0..limit {
             let cidr = pool.block_cidr(index);
             if !blocks.contains_key(&block_key(&cidr)) {
-                return Ok(Block::new(cidr, &pool.name, node));
+                return Some(Block::new(cidr, &pool.name, node));
             }
         }
     }
-    let family = if pools[0].is_ipv4() { "IPv4" } else { "IPv6" };
-    let names: Vec<String> = pools.iter().map(|p| p.cidr.to_string()).collect();
-    Err(IpamError::PoolExhausted(format!(
-        "no free {family} address for node {node} in pool(s) {}",
-        names.join(", ")
-    )))
+    None
 }
 
-/// The writes that free every address of `handle` (only where the block still holds
-/// it at the same sequence number) and delete the handle.
+/// The writes that free every address of `handle` at `now` (Unix seconds; only where
+/// the block still holds it at the same sequence number) and delete the handle.
 pub fn plan_release(
     handle: &Handle,
     handle_revision: u64,
     blocks: &BTreeMap<String, StoredBlock>,
+    now: u64,
 ) -> Vec<Write> {
     let mut updated: BTreeMap<String, (Block, u64)> = BTreeMap::new();
     for addr in &handle.addresses {
@@ -142,7 +198,7 @@ pub fn plan_release(
             .entry(key)
             .or_insert_with(|| (stored.block.clone(), stored.revision));
         if let Some(ordinal) = block.ordinal_of(addr.ip) {
-            block.release(ordinal, &handle.id, addr.seq);
+            block.release(ordinal, &handle.id, addr.seq, now);
         }
     }
     let mut writes: Vec<Write> = updated
@@ -160,9 +216,56 @@ pub fn plan_release(
     writes
 }
 
+/// The deletes that give `node`'s empty blocks back to their pools: blocks empty for
+/// at least the grace period (and the cooldown, whose memory goes with the block),
+/// keeping the node at least one block per pool family; also empty blocks that no node
+/// owns any more (left by `ipamctl node release` while they still lent addresses).
+/// Each delete expects the revision read, so an allocation racing it wins and the
+/// block stays.
+pub fn plan_empty_block_release(
+    node: &str,
+    blocks: &BTreeMap<String, StoredBlock>,
+    config: &IpamConfig,
+    now: u64,
+) -> Vec<Write> {
+    let rest = config
+        .empty_block_grace_seconds
+        .max(config.ip_cooldown_seconds);
+    let expired = |b: &Block| {
+        b.allocations.is_empty()
+            && b.empty_since
+                .is_some_and(|since| now.saturating_sub(since) >= rest)
+    };
+    let delete = |(key, stored): (&String, &StoredBlock)| Write::Delete {
+        key: key.clone(),
+        expect: Expect::Revision(stored.revision),
+    };
+    let mut writes: Vec<Write> = blocks
+        .iter()
+        .filter(|(_, b)| b.block.affinity.is_none() && expired(&b.block))
+        .map(delete)
+        .collect();
+    for v4 in [true, false] {
+        let mine: Vec<(&String, &StoredBlock)> = blocks
+            .iter()
+            .filter(|(_, b)| b.block.affinity.as_deref() == Some(node))
+            .filter(|(_, b)| b.block.is_ipv4() == v4)
+            .collect();
+        let keep_one = usize::from(mine.iter().all(|(_, b)| b.block.allocations.is_empty()));
+        writes.extend(
+            mine.into_iter()
+                .filter(|(_, b)| expired(&b.block))
+                .skip(keep_one)
+                .map(delete),
+        );
+    }
+    writes
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Freed;
 
     fn pool(cidr: &str, block: u8) -> Pool {
         Pool::with_defaults(cidr.parse().unwrap(), Some(block)).unwrap()
@@ -181,6 +284,14 @@ mod tests {
         }
     }
 
+    fn plan(
+        pools: &[Pool],
+        blocks: &BTreeMap<String, StoredBlock>,
+        request: &AllocationRequest,
+    ) -> Result<AllocationPlan, IpamError> {
+        plan_allocation(pools, blocks, &IpamConfig::default(), request)
+    }
+
     /// Applies a plan's block writes to the snapshot, as a commit would.
     fn apply(blocks: &mut BTreeMap<String, StoredBlock>, plan: &AllocationPlan) {
         for w in &plan.writes {
@@ -197,7 +308,7 @@ mod tests {
     #[test]
     fn first_allocation_claims_a_block_for_the_node() {
         let pools = vec![pool("10.244.0.0/16", 26)];
-        let plan = plan_allocation(&pools, &BTreeMap::new(), &request("h1", "n1")).unwrap();
+        let plan = plan(&pools, &BTreeMap::new(), &request("h1", "n1")).unwrap();
         assert_eq!(plan.handle.addresses[0].ip.to_string(), "10.244.0.0");
         assert!(matches!(
             &plan.writes[0],
@@ -212,7 +323,7 @@ mod tests {
         let mut blocks = BTreeMap::new();
         let mut seen = Vec::new();
         for i in 0..5 {
-            let plan = plan_allocation(&pools, &blocks, &request(&format!("a{i}"), "n1")).unwrap();
+            let plan = plan(&pools, &blocks, &request(&format!("a{i}"), "n1")).unwrap();
             seen.push(plan.handle.addresses[0].ip.to_string());
             apply(&mut blocks, &plan);
         }
@@ -220,14 +331,14 @@ mod tests {
             seen,
             ["10.0.0.0", "10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]
         );
-        let plan = plan_allocation(&pools, &blocks, &request("b", "n2")).unwrap();
+        let plan = plan(&pools, &blocks, &request("b", "n2")).unwrap();
         assert_eq!(plan.handle.addresses[0].block.to_string(), "10.0.0.8/30");
     }
 
     #[test]
     fn dual_stack_gets_one_address_per_family_in_one_plan() {
         let pools = vec![pool("10.244.0.0/16", 26), pool("fd00:10:244::/56", 122)];
-        let plan = plan_allocation(&pools, &BTreeMap::new(), &request("h", "n1")).unwrap();
+        let plan = plan(&pools, &BTreeMap::new(), &request("h", "n1")).unwrap();
         let ips: Vec<String> = plan
             .handle
             .addresses
@@ -243,17 +354,17 @@ mod tests {
         let pools = vec![pool("10.0.0.0/30", 31)];
         let mut blocks = BTreeMap::new();
         for i in 0..4 {
-            let plan = plan_allocation(&pools, &blocks, &request(&format!("h{i}"), "n1")).unwrap();
+            let plan = plan(&pools, &blocks, &request(&format!("h{i}"), "n1")).unwrap();
             apply(&mut blocks, &plan);
         }
-        let err = plan_allocation(&pools, &blocks, &request("h5", "n1")).unwrap_err();
+        let err = plan(&pools, &blocks, &request("h5", "n1")).unwrap_err();
         assert!(
             matches!(err, IpamError::PoolExhausted(ref m) if m.contains("10.0.0.0/30")),
             "{err}"
         );
         let mut disabled = pools.clone();
         disabled[0].disabled = true;
-        let err = plan_allocation(&disabled, &BTreeMap::new(), &request("h", "n1")).unwrap_err();
+        let err = plan(&disabled, &BTreeMap::new(), &request("h", "n1")).unwrap_err();
         assert!(matches!(err, IpamError::NoPools));
     }
 
@@ -261,9 +372,9 @@ mod tests {
     fn release_frees_only_what_the_handle_still_holds() {
         let pools = vec![pool("10.0.0.0/24", 30)];
         let mut blocks = BTreeMap::new();
-        let plan = plan_allocation(&pools, &blocks, &request("h", "n1")).unwrap();
+        let plan = plan(&pools, &blocks, &request("h", "n1")).unwrap();
         apply(&mut blocks, &plan);
-        let writes = plan_release(&plan.handle, 7, &blocks);
+        let writes = plan_release(&plan.handle, 7, &blocks, 0);
         assert_eq!(writes.len(), 2);
         let Write::Put { value, expect, .. } = &writes[0] else {
             panic!()
@@ -271,7 +382,8 @@ mod tests {
         assert_eq!(*expect, Expect::Revision(1));
         let block: Block = serde_json::from_str(value).unwrap();
         assert!(block.allocations.is_empty());
-        assert_eq!(block.released, [0]);
+        assert_eq!(block.released, [Freed { ordinal: 0, at: 0 }]);
+        assert_eq!(block.empty_since, Some(0));
         assert!(matches!(
             &writes[1],
             Write::Delete {
@@ -279,5 +391,110 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    fn apply_release(blocks: &mut BTreeMap<String, StoredBlock>, handle: &Handle, now: u64) {
+        for w in plan_release(handle, 1, blocks, now) {
+            if let Write::Put { key, value, .. } = w {
+                blocks.get_mut(&key).unwrap().block = serde_json::from_str(&value).unwrap();
+            }
+        }
+    }
+
+    /// Fills a /30 pool of /31 blocks: n1 takes 0-3 (both blocks), n2 must borrow.
+    fn two_full_blocks_of_n1() -> (Vec<Pool>, BTreeMap<String, StoredBlock>) {
+        let pools = vec![pool("10.0.0.0/30", 31)];
+        let mut blocks = BTreeMap::new();
+        for i in 0..3 {
+            let p = plan(&pools, &blocks, &request(&format!("h{i}"), "n1")).unwrap();
+            apply(&mut blocks, &p);
+        }
+        (pools, blocks)
+    }
+
+    #[test]
+    fn without_a_free_block_a_node_borrows_unless_strict() {
+        let (pools, mut blocks) = two_full_blocks_of_n1();
+        let p = plan(&pools, &blocks, &request("b", "n2")).unwrap();
+        assert_eq!(p.handle.addresses[0].ip.to_string(), "10.0.0.3");
+        apply(&mut blocks, &p);
+        let lender = &blocks["blocks/10.0.0.2-31"].block;
+        assert_eq!(lender.affinity.as_deref(), Some("n1"), "affinity stays");
+        assert_eq!(lender.borrower_of(1), Some("n2"));
+
+        let (pools, blocks) = two_full_blocks_of_n1();
+        let strict = IpamConfig {
+            strict_affinity: true,
+            ..Default::default()
+        };
+        let err = plan_allocation(&pools, &blocks, &strict, &request("b", "n2")).unwrap_err();
+        assert!(
+            matches!(&err, IpamError::PoolExhausted(m) if m.contains("strictAffinity")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn max_blocks_per_node_caps_claims() {
+        let pools = vec![pool("10.0.0.0/24", 31)];
+        let capped = IpamConfig {
+            max_blocks_per_node: Some(1),
+            strict_affinity: true,
+            ..Default::default()
+        };
+        let mut blocks = BTreeMap::new();
+        for i in 0..2 {
+            let p = plan_allocation(&pools, &blocks, &capped, &request(&format!("h{i}"), "n1"))
+                .unwrap();
+            apply(&mut blocks, &p);
+        }
+        let err = plan_allocation(&pools, &blocks, &capped, &request("h2", "n1")).unwrap_err();
+        assert!(err.to_string().contains("maxBlocksPerNode (1)"), "{err}");
+        // Not strict: the capped node borrows instead (here: from n2's block).
+        let p = plan_allocation(&pools, &blocks, &capped, &request("x", "n2")).unwrap();
+        apply(&mut blocks, &p);
+        let loose = IpamConfig {
+            strict_affinity: false,
+            ..capped
+        };
+        let p = plan_allocation(&pools, &blocks, &loose, &request("h2", "n1")).unwrap();
+        assert_eq!(p.handle.addresses[0].block.to_string(), "10.0.0.2/31");
+    }
+
+    #[test]
+    fn empty_blocks_go_back_after_the_grace_period_but_one_stays() {
+        let pools = vec![pool("10.0.0.0/24", 31)];
+        let mut blocks = BTreeMap::new();
+        let mut handles = Vec::new();
+        for i in 0..6 {
+            let p = plan(&pools, &blocks, &request(&format!("h{i}"), "n1")).unwrap();
+            apply(&mut blocks, &p);
+            handles.push(p.handle);
+        }
+        assert_eq!(blocks.len(), 3);
+        // Empty the first two blocks at t=1000.
+        for h in &handles[..4] {
+            apply_release(&mut blocks, h, 1000);
+        }
+        let config = IpamConfig::default();
+        assert!(plan_empty_block_release("n1", &blocks, &config, 1000 + 899).is_empty());
+        let deletes = plan_empty_block_release("n1", &blocks, &config, 1000 + 900);
+        let keys: Vec<&str> = deletes
+            .iter()
+            .map(|w| match w {
+                Write::Delete { key, .. } => key.as_str(),
+                Write::Put { .. } => panic!("only deletes"),
+            })
+            .collect();
+        assert_eq!(keys, ["blocks/10.0.0.0-31", "blocks/10.0.0.2-31"]);
+        // With the third block emptied too, one of the three stays with the node.
+        for h in &handles[4..] {
+            apply_release(&mut blocks, h, 1000);
+        }
+        assert_eq!(
+            plan_empty_block_release("n1", &blocks, &config, 5000).len(),
+            2
+        );
+        assert!(plan_empty_block_release("n2", &blocks, &config, 5000).is_empty());
     }
 }

@@ -241,7 +241,7 @@ mod tests {
                 host_interface: None,
                 pool_filter: vec![],
             };
-            let plan = plan_allocation(&pools, &blocks, &request).unwrap();
+            let plan = plan_allocation(&pools, &blocks, &Default::default(), &request).unwrap();
             for w in &plan.writes {
                 if let Write::Put { key, value, .. } = w {
                     if key.starts_with("blocks/") {

@@ -4,6 +4,7 @@
 
 pub mod allocator;
 pub mod check;
+pub mod migrate;
 pub mod model;
 pub mod store;
 
@@ -12,8 +13,13 @@ use std::time::{Duration, Instant};
 
 use serde::de::DeserializeOwned;
 
-use crate::allocator::{plan_allocation, plan_release, AllocationRequest, StoredBlock};
-use crate::model::{handle_key, pool_key, Handle, NodeRecord, Pool};
+use crate::allocator::{
+    plan_allocation, plan_empty_block_release, plan_release, AllocationRequest, StoredBlock,
+};
+use crate::model::{
+    handle_key, node_key, pool_key, tunnel_handle_id, Handle, IpamConfig, NodeRecord, Pool,
+    IPAM_CONFIG_KEY,
+};
 use crate::store::{conflict_backoff, Expect, Store, StoreError, Versioned, Write};
 
 /// What a targeted release did.
@@ -33,6 +39,12 @@ pub enum IpamError {
     PoolExhausted(String),
     #[error("no enabled address pool to allocate from")]
     NoPools,
+    #[error("node {node} still has {count} address(es) in use ({examples}); release them first or use --force")]
+    NodeNotEmpty {
+        node: String,
+        count: usize,
+        examples: String,
+    },
     #[error(
         "gave up after {attempts} conflicting updates in {elapsed:?}; the datastore is too busy"
     )]
@@ -41,6 +53,23 @@ pub enum IpamError {
 
 /// How long an operation keeps retrying compare-and-swap conflicts.
 const CONFLICT_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Seconds since the Unix epoch: the clock of allocation times, cooldowns and the
+/// empty-block grace period.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// What `Ipam::release_node` removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeRelease {
+    pub handles_released: Vec<String>,
+    pub blocks_released: Vec<String>,
+    pub node_record_deleted: bool,
+}
 
 pub struct Ipam<'s> {
     store: &'s dyn Store,
@@ -82,6 +111,38 @@ impl<'s> Ipam<'s> {
         }
     }
 
+    /// The cluster's IPAM settings (defaults when never set).
+    pub async fn config(&self) -> Result<IpamConfig, IpamError> {
+        Ok(self.config_with_revision().await?.0)
+    }
+
+    async fn config_with_revision(&self) -> Result<(IpamConfig, Option<u64>), IpamError> {
+        match self.store.get(IPAM_CONFIG_KEY).await? {
+            Some(v) => Ok((decode(self.store, IPAM_CONFIG_KEY, &v)?, Some(v.revision))),
+            None => Ok((IpamConfig::default(), None)),
+        }
+    }
+
+    /// Changes the cluster's IPAM settings: `change` edits the current ones.
+    pub async fn update_config(
+        &self,
+        change: impl Fn(&mut IpamConfig),
+    ) -> Result<IpamConfig, IpamError> {
+        self.retry_conflicts(|| async {
+            let (mut config, revision) = self.config_with_revision().await?;
+            change(&mut config);
+            self.store
+                .commit(vec![Write::Put {
+                    key: IPAM_CONFIG_KEY.to_string(),
+                    value: serde_json::to_string(&config).expect("config serialises"),
+                    expect: revision.map_or(Expect::Absent, Expect::Revision),
+                }])
+                .await?;
+            Ok(config)
+        })
+        .await
+    }
+
     pub async fn blocks(&self) -> Result<BTreeMap<String, StoredBlock>, IpamError> {
         Ok(decode_all(self.store, &self.store.list("blocks/").await?)?
             .into_iter()
@@ -116,14 +177,18 @@ impl<'s> Ipam<'s> {
     /// says whether this call created the allocation.
     pub async fn allocate(&self, request: &AllocationRequest) -> Result<(Handle, bool), IpamError> {
         self.retry_conflicts(|| async {
-            // Three independent reads: one round trip's wait instead of three on etcd.
-            let (existing, pools, blocks) =
-                tokio::join!(self.handle(&request.handle_id), self.pools(), self.blocks());
+            // Independent reads: one round trip's wait instead of four on etcd.
+            let (existing, pools, blocks, config) = tokio::join!(
+                self.handle(&request.handle_id),
+                self.pools(),
+                self.blocks(),
+                self.config()
+            );
             if let Some((existing, _)) = existing? {
                 return Ok((existing, false));
             }
-            let (pools, blocks) = (pools?, blocks?);
-            let plan = plan_allocation(&pools, &blocks, request)?;
+            let (pools, blocks, config) = (pools?, blocks?, config?);
+            let plan = plan_allocation(&pools, &blocks, &config, request)?;
             self.store.commit(plan.writes).await?;
             Ok((plan.handle, true))
         })
@@ -139,7 +204,7 @@ impl<'s> Ipam<'s> {
             };
             let blocks = self.blocks().await?;
             self.store
-                .commit(plan_release(&handle, revision, &blocks))
+                .commit(plan_release(&handle, revision, &blocks, unix_now()))
                 .await?;
             Ok(Some(handle))
         })
@@ -190,12 +255,12 @@ impl<'s> Ipam<'s> {
             }
             if let Some((handle, revision)) = self.handle(&allocation.handle).await? {
                 self.store
-                    .commit(plan_release(&handle, revision, &blocks))
+                    .commit(plan_release(&handle, revision, &blocks, unix_now()))
                     .await?;
                 return Ok(ReleaseOutcome::Released(allocation.handle));
             }
             let mut block = stored.block.clone();
-            block.release(ordinal, &allocation.handle, allocation.seq);
+            block.release(ordinal, &allocation.handle, allocation.seq, unix_now());
             self.store
                 .commit(vec![Write::Put {
                     key: key.clone(),
@@ -223,11 +288,126 @@ impl<'s> Ipam<'s> {
             }
             let blocks = self.blocks().await?;
             self.store
-                .commit(plan_release(&handle, current, &blocks))
+                .commit(plan_release(&handle, current, &blocks, unix_now()))
                 .await?;
             Ok(ReleaseOutcome::Released(handle_id.to_string()))
         })
         .await
+    }
+
+    /// Gives `node`'s blocks that have been empty for the grace period back to the
+    /// pools (see `plan_empty_block_release`). Returns the released blocks' keys.
+    pub async fn release_empty_blocks(&self, node: &str) -> Result<Vec<String>, IpamError> {
+        self.retry_conflicts(|| async {
+            let (blocks, config) = tokio::join!(self.blocks(), self.config());
+            let writes = plan_empty_block_release(node, &blocks?, &config?, unix_now());
+            let keys = writes.iter().map(|w| w.key().to_string()).collect();
+            if !writes.is_empty() {
+                self.store.commit(writes).await?;
+            }
+            Ok(keys)
+        })
+        .await
+    }
+
+    /// Frees everything a departed node holds: its blocks, its tunnel addresses, its
+    /// node record, and (with `force`) the addresses of pods still recorded on it, in
+    /// its blocks or borrowed from others. Without `force` it refuses while any pod
+    /// address remains. A block of the node that still lends addresses to pods on
+    /// other nodes stays, without affinity, until it empties. Step by step, each step a
+    /// CAS commit: safe to re-run after an interruption.
+    pub async fn release_node(&self, node: &str, force: bool) -> Result<NodeRelease, IpamError> {
+        let tunnel = tunnel_handle_id(node);
+        let blocks = self.blocks().await?;
+        // Pod allocations on the node, in its own blocks or borrowed from others.
+        let in_use: Vec<(std::net::IpAddr, String)> = blocks
+            .values()
+            .flat_map(|b| {
+                b.block
+                    .allocations
+                    .iter()
+                    .filter(|(_, a)| a.attrs.node == node)
+                    .map(|(ordinal, a)| (b.block.ip_at(*ordinal), a.handle.clone()))
+            })
+            .filter(|(_, handle)| *handle != tunnel)
+            .collect();
+        if !in_use.is_empty() && !force {
+            let examples: Vec<String> = in_use
+                .iter()
+                .take(3)
+                .map(|(ip, handle)| format!("{ip} of {handle}"))
+                .collect();
+            return Err(IpamError::NodeNotEmpty {
+                node: node.to_string(),
+                count: in_use.len(),
+                examples: examples.join(", "),
+            });
+        }
+        let mut report = NodeRelease::default();
+        let handles: BTreeSet<String> = in_use
+            .into_iter()
+            .map(|(_, handle)| handle)
+            .chain([tunnel])
+            .collect();
+        for handle in handles {
+            if self.release(&handle).await?.is_some() {
+                report.handles_released.push(handle);
+            } else {
+                // No handle document: free the addresses it left in the blocks.
+                let blocks = self.blocks().await?;
+                for stored in blocks.values() {
+                    for (ordinal, a) in &stored.block.allocations {
+                        if a.handle == handle {
+                            let ip = stored.block.ip_at(*ordinal);
+                            if let ReleaseOutcome::Released(_) = self.release_ip(ip, None).await? {
+                                report.handles_released.push(handle.clone());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        report.blocks_released = self
+            .retry_conflicts(|| async {
+                let blocks = self.blocks().await?;
+                let writes: Vec<Write> = blocks
+                    .iter()
+                    .filter(|(_, b)| b.block.affinity.as_deref() == Some(node))
+                    .map(|(key, b)| {
+                        let expect = Expect::Revision(b.revision);
+                        if b.block.allocations.is_empty() {
+                            return Write::Delete {
+                                key: key.clone(),
+                                expect,
+                            };
+                        }
+                        let mut unaffine = b.block.clone();
+                        unaffine.affinity = None;
+                        Write::Put {
+                            key: key.clone(),
+                            value: serde_json::to_string(&unaffine).expect("block serialises"),
+                            expect,
+                        }
+                    })
+                    .collect();
+                let keys: Vec<String> = writes.iter().map(|w| w.key().to_string()).collect();
+                if !writes.is_empty() {
+                    self.store.commit(writes).await?;
+                }
+                Ok(keys)
+            })
+            .await?;
+        let key = node_key(node);
+        if let Some(v) = self.store.get(&key).await? {
+            self.store
+                .commit(vec![Write::Delete {
+                    key,
+                    expect: Expect::Revision(v.revision),
+                }])
+                .await?;
+            report.node_record_deleted = true;
+        }
+        Ok(report)
     }
 
     /// The handles of `network` on `node` that are not in `keep` (CNI GC's

@@ -144,11 +144,59 @@ pub struct Block {
     /// Ordinals at or above this were never handed out.
     pub never_used_from: u32,
     /// Freed ordinals, oldest first: reuse is FIFO so a freed address rests as long as
-    /// possible before it is handed out again.
-    pub released: VecDeque<u32>,
+    /// possible before it is handed out again (and at least the cluster's cooldown).
+    pub released: VecDeque<Freed>,
     /// Incremented on every allocation.
     pub seq: u64,
+    /// When the block's last allocation was released (Unix seconds); None while it
+    /// holds any. An empty block goes back to the pool after a grace period.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub empty_since: Option<u64>,
 }
+
+/// An ordinal freed at `at` (Unix seconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Freed {
+    pub ordinal: u32,
+    pub at: u64,
+}
+
+/// Cluster-wide IPAM settings (`config/ipam`); every field has a default, so a store
+/// without the document behaves like Calico's defaults.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IpamConfig {
+    /// Never allocate from another node's block: fail with "pool exhausted" instead of
+    /// borrowing when this node can claim no more blocks.
+    #[serde(default)]
+    pub strict_affinity: bool,
+    /// How many blocks one node may claim per IP family; None is unlimited.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_blocks_per_node: Option<u32>,
+    /// A freed address is not handed out again for this long.
+    #[serde(default)]
+    pub ip_cooldown_seconds: u64,
+    /// An empty block goes back to the pool after this long (its node keeps one).
+    #[serde(default = "default_empty_block_grace")]
+    pub empty_block_grace_seconds: u64,
+}
+
+fn default_empty_block_grace() -> u64 {
+    15 * 60
+}
+
+impl Default for IpamConfig {
+    fn default() -> Self {
+        IpamConfig {
+            strict_affinity: false,
+            max_blocks_per_node: None,
+            ip_cooldown_seconds: 0,
+            empty_block_grace_seconds: default_empty_block_grace(),
+        }
+    }
+}
+
+pub const IPAM_CONFIG_KEY: &str = "config/ipam";
 
 impl Block {
     pub fn new(cidr: IpNetwork, pool: &str, affinity: &str) -> Block {
@@ -160,6 +208,7 @@ impl Block {
             never_used_from: 0,
             released: VecDeque::new(),
             seq: 0,
+            empty_since: None,
         }
     }
 
@@ -190,15 +239,35 @@ impl Block {
         Some((ip_to_u128(ip) - ip_to_u128(self.cidr.network())) as u32)
     }
 
-    /// Takes the next free ordinal: never-used ones first, then the oldest released.
-    pub fn allocate(&mut self, handle: &str, attrs: AllocationAttrs) -> Option<(u32, u64)> {
+    /// Whether an address can be handed out at `now` (Unix seconds) when freed
+    /// addresses must rest `cooldown` seconds.
+    pub fn can_allocate(&self, now: u64, cooldown: u64) -> bool {
+        self.never_used_from < self.size()
+            || self
+                .released
+                .front()
+                .is_some_and(|f| now.saturating_sub(f.at) >= cooldown)
+    }
+
+    /// Takes the next free ordinal: never-used ones first, then the oldest released if
+    /// it has rested `cooldown` seconds by `attrs.time`.
+    pub fn allocate(
+        &mut self,
+        handle: &str,
+        attrs: AllocationAttrs,
+        cooldown: u64,
+    ) -> Option<(u32, u64)> {
+        if !self.can_allocate(attrs.time, cooldown) {
+            return None;
+        }
         let ordinal = if self.never_used_from < self.size() {
             self.never_used_from += 1;
             self.never_used_from - 1
         } else {
-            self.released.pop_front()?
+            self.released.pop_front()?.ordinal
         };
         self.seq += 1;
+        self.empty_since = None;
         let allocation = Allocation {
             handle: handle.to_string(),
             seq: self.seq,
@@ -208,16 +277,28 @@ impl Block {
         Some((ordinal, self.seq))
     }
 
-    /// Frees `ordinal` if it is still held by `handle` at sequence `seq`.
-    pub fn release(&mut self, ordinal: u32, handle: &str, seq: u64) -> bool {
+    /// Frees `ordinal` at `now` (Unix seconds) if it is still held by `handle` at
+    /// sequence `seq`.
+    pub fn release(&mut self, ordinal: u32, handle: &str, seq: u64, now: u64) -> bool {
         match self.allocations.get(&ordinal) {
             Some(a) if a.handle == handle && a.seq == seq => {
                 self.allocations.remove(&ordinal);
-                self.released.push_back(ordinal);
+                self.released.push_back(Freed { ordinal, at: now });
+                if self.allocations.is_empty() {
+                    self.empty_since = Some(now);
+                }
                 true
             }
             _ => false,
         }
+    }
+
+    /// Whether the allocation at `ordinal` is for a pod on another node than the
+    /// block's: a borrowed address, which needs its own /32 route.
+    pub fn borrower_of(&self, ordinal: u32) -> Option<&str> {
+        let allocation = self.allocations.get(&ordinal)?;
+        (self.affinity.as_deref() != Some(allocation.attrs.node.as_str()))
+            .then_some(allocation.attrs.node.as_str())
     }
 }
 
@@ -353,17 +434,22 @@ mod tests {
     fn block_reuses_freed_addresses_oldest_first_after_never_used() {
         let mut block = Block::new(net("10.0.0.0/30"), "p", "n1");
         let attrs = AllocationAttrs::default();
-        let (a, sa) = block.allocate("a", attrs.clone()).unwrap();
-        let (b, sb) = block.allocate("b", attrs.clone()).unwrap();
+        let (a, sa) = block.allocate("a", attrs.clone(), 0).unwrap();
+        let (b, sb) = block.allocate("b", attrs.clone(), 0).unwrap();
         assert_eq!((a, b), (0, 1));
-        assert!(block.release(b, "b", sb));
-        assert!(block.release(a, "a", sa));
+        assert!(block.release(b, "b", sb, 0));
+        assert!(block.release(a, "a", sa, 0));
         // Never-used ordinals come first, then b (freed first), then a.
         let order: Vec<u32> = (0..4)
-            .map(|i| block.allocate(&format!("h{i}"), attrs.clone()).unwrap().0)
+            .map(|i| {
+                block
+                    .allocate(&format!("h{i}"), attrs.clone(), 0)
+                    .unwrap()
+                    .0
+            })
             .collect();
         assert_eq!(order, vec![2, 3, 1, 0]);
-        assert!(block.allocate("full", attrs).is_none());
+        assert!(block.allocate("full", attrs, 0).is_none());
         assert_eq!(block.free_count(), 0);
     }
 
@@ -371,13 +457,52 @@ mod tests {
     fn stale_release_does_not_free_a_newer_allocation() {
         let mut block = Block::new(net("10.0.0.0/31"), "p", "n1");
         let attrs = AllocationAttrs::default();
-        let (o, s) = block.allocate("h", attrs.clone()).unwrap();
-        assert!(block.release(o, "h", s));
-        block.allocate("x", attrs.clone()).unwrap();
-        let (o2, s2) = block.allocate("h", attrs).unwrap();
+        let (o, s) = block.allocate("h", attrs.clone(), 0).unwrap();
+        assert!(block.release(o, "h", s, 0));
+        block.allocate("x", attrs.clone(), 0).unwrap();
+        let (o2, s2) = block.allocate("h", attrs, 0).unwrap();
         assert_eq!(o2, o);
-        assert!(!block.release(o, "h", s), "old sequence must not free it");
-        assert!(block.release(o, "h", s2));
+        assert!(
+            !block.release(o, "h", s, 0),
+            "old sequence must not free it"
+        );
+        assert!(block.release(o, "h", s2, 0));
+    }
+
+    #[test]
+    fn freed_addresses_rest_for_the_cooldown() {
+        let mut block = Block::new(net("10.0.0.0/31"), "p", "n1");
+        let at = |time| AllocationAttrs {
+            node: "n1".into(),
+            time,
+            ..Default::default()
+        };
+        let (a, sa) = block.allocate("a", at(100), 30).unwrap();
+        block.allocate("b", at(100), 30).unwrap();
+        assert!(block.release(a, "a", sa, 110));
+        assert!(
+            block.allocate("c", at(139), 30).is_none(),
+            "29 s after release"
+        );
+        assert!(!block.can_allocate(139, 30));
+        assert_eq!(block.allocate("c", at(140), 30).unwrap().0, a);
+    }
+
+    #[test]
+    fn an_emptied_block_remembers_since_when() {
+        let mut block = Block::new(net("10.0.0.0/30"), "p", "n1");
+        let attrs = AllocationAttrs {
+            node: "n2".into(),
+            time: 5,
+            ..Default::default()
+        };
+        let (o, s) = block.allocate("h", attrs.clone(), 0).unwrap();
+        assert_eq!(block.borrower_of(o), Some("n2"));
+        assert_eq!(block.empty_since, None);
+        block.release(o, "h", s, 50);
+        assert_eq!(block.empty_since, Some(50));
+        block.allocate("h2", attrs, 0).unwrap();
+        assert_eq!(block.empty_since, None);
     }
 
     #[test]

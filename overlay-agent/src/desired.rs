@@ -9,7 +9,8 @@ use calyx_dataplane::parse_mac;
 use calyx_ipam::model::{Block, NodeRecord};
 use ipnetwork::IpNetwork;
 
-/// `route <block> via <vtep> dev vxlan.calyx onlink`.
+/// `route <block> via <vtep> dev vxlan.calyx onlink`; a /32 (/128) for an address
+/// another node borrowed.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct BlockRoute {
     pub block: IpNetwork,
@@ -44,7 +45,9 @@ pub struct OverlayState {
 
 /// For every other live node: an FDB entry (its VTEP MAC -> its underlay address) and a
 /// permanent neighbour per VTEP address; a route per block it owns, through its VTEP;
-/// a blackhole per block this node owns.
+/// a blackhole per block this node owns. An address a node borrowed from another's
+/// block gets a /32 (/128) through the borrower's VTEP, more specific than the block's
+/// route or blackhole; on the borrower itself the pod's host route does the job.
 pub fn desired_overlay(
     me: &str,
     nodes: &[NodeRecord],
@@ -73,7 +76,22 @@ pub fn desired_overlay(
         }
         peers.insert(node.name.as_str(), node);
     }
+    let vtep_of = |peer: &NodeRecord, v4: bool| if v4 { peer.vtep_ipv4 } else { peer.vtep_ipv6 };
     for block in blocks {
+        for &ordinal in block.allocations.keys() {
+            let Some(borrower) = block.borrower_of(ordinal) else {
+                continue;
+            };
+            let via = peers
+                .get(borrower)
+                .and_then(|p| vtep_of(p, block.is_ipv4()));
+            if let Some(via) = via {
+                let ip = block.ip_at(ordinal);
+                let host = IpNetwork::new(ip, if ip.is_ipv4() { 32 } else { 128 })
+                    .expect("host prefix is valid");
+                state.routes.insert(BlockRoute { block: host, via });
+            }
+        }
         let Some(owner) = block.affinity.as_deref() else {
             continue;
         };
@@ -84,12 +102,7 @@ pub fn desired_overlay(
         let Some(peer) = peers.get(owner) else {
             continue;
         };
-        let vtep = if block.is_ipv4() {
-            peer.vtep_ipv4
-        } else {
-            peer.vtep_ipv6
-        };
-        if let Some(via) = vtep {
+        if let Some(via) = vtep_of(peer, block.is_ipv4()) {
             state.routes.insert(BlockRoute {
                 block: block.cidr,
                 via,
@@ -193,6 +206,29 @@ mod tests {
             ]
         );
         assert_eq!(state.blackholes.len(), 1);
+    }
+
+    #[test]
+    fn a_borrowed_address_is_routed_to_its_borrower_everywhere_else() {
+        let nodes = [node("a", 1), node("b", 2), node("c", 3)];
+        let mut lender = block("10.244.1.0/26", "a");
+        let borrowed = calyx_ipam::model::AllocationAttrs {
+            node: "b".into(),
+            ..Default::default()
+        };
+        lender.allocate("pod-on-b", borrowed, 0).unwrap();
+        let route = BlockRoute {
+            block: "10.244.1.0/32".parse().unwrap(),
+            via: "10.244.2.0".parse().unwrap(),
+        };
+        // The lender routes it out of its own block's blackhole; a third node too.
+        for me in ["a", "c"] {
+            let state = desired_overlay(me, &nodes, &|_| true, std::slice::from_ref(&lender));
+            assert!(state.routes.contains(&route), "on {me}: {:?}", state.routes);
+        }
+        // The borrower itself has the pod's host route instead.
+        let state = desired_overlay("b", &nodes, &|_| true, &[lender]);
+        assert!(!state.routes.contains(&route));
     }
 
     #[test]

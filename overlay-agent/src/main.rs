@@ -397,6 +397,9 @@ impl Agent {
         self.metrics.neighbours.set(desired.neighbours.len() as i64);
         self.metrics.kernel_changes.inc_by(changes.count() as u64);
 
+        if full {
+            self.release_empty_blocks().await;
+        }
         let mut rule_changes = 0;
         if self.firewall && (full || device_changed) {
             rule_changes = self.ensure_firewall().await?;
@@ -410,6 +413,18 @@ impl Agent {
             );
         }
         Ok(changes.count() + usize::from(device_changed) + rule_changes)
+    }
+
+    /// Gives this node's long-empty blocks back to the pools (it keeps one). A failure
+    /// only delays that to the next resync.
+    async fn release_empty_blocks(&self) {
+        match self.ipam.release_empty_blocks(&self.node).await {
+            Ok(released) if !released.is_empty() => {
+                tracing::info!(blocks = ?released, "released empty blocks to the pools")
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "could not release empty blocks"),
+        }
     }
 
     async fn ensure_firewall(&mut self) -> anyhow::Result<usize> {

@@ -1,10 +1,13 @@
 //! ipamctl: look at and repair Calyx IPAM state.
 //!
-//!   ipamctl [--datastore URL] [-o table|json] show [--blocks]
+//!   ipamctl [--datastore URL] [-o table|json] show [--blocks | --ip IP | --node NODE]
 //!   ipamctl check [--pods FILE] [--report FILE]
 //!   ipamctl release (--ip IP | --handle ID | --from-report FILE)
-//!   ipamctl node list
+//!   ipamctl node list | release NODE [--force]
 //!   ipamctl pools list | add CIDR [--block-size N] [--no-nat] | disable NAME | delete NAME
+//!   ipamctl config show | set [--strict-affinity BOOL] [--max-blocks-per-node N|unlimited]
+//!                              [--ip-cooldown-seconds N] [--empty-block-grace-seconds N]
+//!   ipamctl migrate --from URL --to URL
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -47,10 +50,16 @@ enum Output {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Per pool: addresses in all, in use and blocks; with --blocks, every block.
+    /// Per pool: addresses in all, in use, free and blocks; with --blocks, every block.
     Show {
         #[arg(long)]
         blocks: bool,
+        /// Everything about one address: its pool, block, allocation and handle.
+        #[arg(long, conflicts_with_all = ["blocks", "node"])]
+        ip: Option<IpAddr>,
+        /// One node's blocks, and the addresses it borrowed or lent.
+        #[arg(long, conflicts_with = "blocks")]
+        node: Option<String>,
     },
     /// Lists every inconsistency; exits 1 when there is any.
     Check {
@@ -82,11 +91,63 @@ enum Command {
         #[command(subcommand)]
         command: PoolsCommand,
     },
+    /// Cluster-wide IPAM settings.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// Copies every IPAM document from one store to another (e.g. the embedded store
+    /// to etcd). Never overwrites; safe to run again. Stop agents and plugins first.
+    Migrate {
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
 }
 
 #[derive(Subcommand)]
 enum NodeCommand {
     List,
+    /// Frees a departed node's blocks, tunnel addresses and record. Refuses while pod
+    /// addresses remain on it unless --force (which releases them too).
+    Release {
+        name: String,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    Show,
+    Set {
+        /// Never borrow addresses from another node's block.
+        #[arg(long)]
+        strict_affinity: Option<bool>,
+        /// Blocks one node may claim per IP family: a number or "unlimited".
+        #[arg(long, value_parser = parse_limit)]
+        max_blocks_per_node: Option<Limit>,
+        /// How long a freed address rests before it is handed out again.
+        #[arg(long)]
+        ip_cooldown_seconds: Option<u64>,
+        /// How long a block stays empty before it goes back to the pool.
+        #[arg(long)]
+        empty_block_grace_seconds: Option<u64>,
+    },
+}
+
+#[derive(Clone, Copy)]
+struct Limit(Option<u32>);
+
+fn parse_limit(text: &str) -> Result<Limit, String> {
+    match text {
+        "unlimited" => Ok(Limit(None)),
+        n => match n.parse::<u32>() {
+            Ok(0) | Err(_) => Err(format!("{n:?} is not a positive number or \"unlimited\"")),
+            Ok(n) => Ok(Limit(Some(n))),
+        },
+    }
 }
 
 #[derive(Subcommand)]
@@ -134,10 +195,17 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Migrate { from, to } = &cli.command {
+        return migrate(from, to, cli.output).await;
+    }
     let store = store::open(&cli.datastore)?;
     let ipam = Ipam::new(store.as_ref());
     match cli.command {
-        Command::Show { blocks } => show(&ipam, blocks, cli.output).await?,
+        Command::Show { ip: Some(ip), .. } => show_ip(&ipam, ip, cli.output).await?,
+        Command::Show {
+            node: Some(node), ..
+        } => show_node(&ipam, &node, cli.output).await?,
+        Command::Show { blocks, .. } => show(&ipam, blocks, cli.output).await?,
         Command::Check { pods, report } => return check(&ipam, pods, report, cli.output).await,
         Command::Release {
             ip,
@@ -147,9 +215,255 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Node {
             command: NodeCommand::List,
         } => node_list(&ipam, cli.output).await?,
+        Command::Node {
+            command: NodeCommand::Release { name, force },
+        } => {
+            let known = ipam.nodes().await?.iter().any(|(n, _)| n.name == name)
+                || ipam.blocks().await?.values().any(|b| {
+                    b.block.affinity.as_deref() == Some(name.as_str())
+                        || b.block.allocations.values().any(|a| a.attrs.node == name)
+                });
+            if !known {
+                bail!(
+                    "node release {name}: no such node (not registered, no blocks, no addresses)"
+                );
+            }
+            let done = ipam.release_node(&name, force).await?;
+            if cli.output == Output::Json {
+                println!("{}", serde_json::to_string_pretty(&done)?);
+            } else {
+                println!(
+                    "node {name}: released {} handle(s), {} block(s){}",
+                    done.handles_released.len(),
+                    done.blocks_released.len(),
+                    if done.node_record_deleted {
+                        ", deleted its node record"
+                    } else {
+                        ""
+                    }
+                );
+            }
+        }
         Command::Pools { command } => pools(&ipam, command, cli.output).await?,
+        Command::Config { command } => config(&ipam, command, cli.output).await?,
+        Command::Migrate { .. } => unreachable!("handled above"),
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn migrate(from: &str, to: &str, output: Output) -> anyhow::Result<ExitCode> {
+    if from == to {
+        bail!("--from and --to name the same store");
+    }
+    let source = store::open(from).context("--from")?;
+    let target = store::open(to).context("--to")?;
+    let report = calyx_ipam::migrate::migrate(source.as_ref(), target.as_ref()).await?;
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "copied {}, already present {}, conflicting {}",
+            report.copied,
+            report.already_present,
+            report.conflicts.len()
+        );
+        for key in &report.conflicts {
+            println!("  {key}: differs in {to}; left alone");
+        }
+    }
+    Ok(if report.conflicts.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn config(ipam: &Ipam<'_>, command: ConfigCommand, output: Output) -> anyhow::Result<()> {
+    let config = match command {
+        ConfigCommand::Show => ipam.config().await?,
+        ConfigCommand::Set {
+            strict_affinity,
+            max_blocks_per_node,
+            ip_cooldown_seconds,
+            empty_block_grace_seconds,
+        } => {
+            ipam.update_config(|c| {
+                if let Some(v) = strict_affinity {
+                    c.strict_affinity = v;
+                }
+                if let Some(Limit(v)) = max_blocks_per_node {
+                    c.max_blocks_per_node = v;
+                }
+                if let Some(v) = ip_cooldown_seconds {
+                    c.ip_cooldown_seconds = v;
+                }
+                if let Some(v) = empty_block_grace_seconds {
+                    c.empty_block_grace_seconds = v;
+                }
+            })
+            .await?
+        }
+    };
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&config)?);
+    } else {
+        let max = config
+            .max_blocks_per_node
+            .map_or("unlimited".to_string(), |n| n.to_string());
+        println!("strictAffinity:          {}", config.strict_affinity);
+        println!("maxBlocksPerNode:        {max}");
+        println!("ipCooldownSeconds:       {}", config.ip_cooldown_seconds);
+        println!(
+            "emptyBlockGraceSeconds:  {}",
+            config.empty_block_grace_seconds
+        );
+    }
+    Ok(())
+}
+
+async fn show_ip(ipam: &Ipam<'_>, ip: IpAddr, output: Output) -> anyhow::Result<()> {
+    let pools = ipam.pools().await?;
+    let blocks = ipam.blocks().await?;
+    let pool = pools.iter().find(|p| p.cidr.contains(ip));
+    let block = blocks
+        .values()
+        .map(|b| &b.block)
+        .find(|b| b.cidr.contains(ip));
+    let allocation = block.and_then(|b| b.allocations.get(&b.ordinal_of(ip)?));
+    let handle = match allocation {
+        Some(a) => ipam.handle(&a.handle).await?.map(|(h, _)| h),
+        None => None,
+    };
+    let state = match (pool, block, allocation) {
+        (None, None, _) => "outside every pool",
+        (_, None, _) => "free (its block is not claimed)",
+        (_, Some(_), None) => "free",
+        (_, Some(_), Some(_)) => "allocated",
+    };
+    let doc = json!({
+        "ip": ip, "state": state,
+        "pool": pool.map(|p| &p.name),
+        "block": block.map(|b| b.cidr.to_string()),
+        "blockNode": block.and_then(|b| b.affinity.clone()),
+        "allocation": allocation,
+        "borrowed": allocation.is_some_and(|a| block.and_then(|b| b.affinity.as_deref()) != Some(a.attrs.node.as_str())),
+        "hostInterface": handle.as_ref().and_then(|h| h.host_interface.clone()),
+        "handleExists": handle.is_some(),
+    });
+    if output == Output::Json {
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!("{ip}: {state}");
+    for (label, value) in [
+        ("pool", &doc["pool"]),
+        ("block", &doc["block"]),
+        ("block node", &doc["blockNode"]),
+    ] {
+        println!("  {label:<14} {}", cell(value));
+    }
+    if let Some(a) = allocation {
+        println!("  {:<14} {}", "handle", a.handle);
+        println!("  {:<14} {}", "seq", a.seq);
+        println!("  {:<14} {}", "node", a.attrs.node);
+        if doc["borrowed"] == true {
+            println!(
+                "  {:<14} yes (the block belongs to another node)",
+                "borrowed"
+            );
+        }
+        let pod = match (&a.attrs.namespace, &a.attrs.pod) {
+            (Some(ns), Some(pod)) => format!("{ns}/{pod}"),
+            _ => "-".into(),
+        };
+        println!("  {:<14} {pod}", "pod");
+        println!("  {:<14} {}", "allocated at", a.attrs.time);
+        println!("  {:<14} {}", "host interface", cell(&doc["hostInterface"]));
+        if handle.is_none() {
+            println!("  warning: its handle does not exist (see `ipamctl check`)");
+        }
+    }
+    Ok(())
+}
+
+async fn show_node(ipam: &Ipam<'_>, node: &str, output: Output) -> anyhow::Result<()> {
+    let blocks: Vec<Block> = ipam
+        .blocks()
+        .await?
+        .into_values()
+        .map(|b| b.block)
+        .collect();
+    let registered = ipam.nodes().await?.iter().any(|(n, _)| n.name == node);
+    let owned: Vec<&Block> = blocks
+        .iter()
+        .filter(|b| b.affinity.as_deref() == Some(node))
+        .collect();
+    let mut borrowed = Vec::new();
+    let mut lent = Vec::new();
+    for b in &blocks {
+        for &ordinal in b.allocations.keys() {
+            let Some(borrower) = b.borrower_of(ordinal) else {
+                continue;
+            };
+            let row = json!({"ip": b.ip_at(ordinal), "block": b.cidr.to_string(),
+                             "blockNode": b.affinity, "borrower": borrower});
+            if borrower == node {
+                borrowed.push(row);
+            } else if b.affinity.as_deref() == Some(node) {
+                lent.push(row);
+            }
+        }
+    }
+    if owned.is_empty() && borrowed.is_empty() && !registered {
+        bail!("--node {node}: no such node (not registered, no blocks, no addresses)");
+    }
+    let block_rows: Vec<_> = owned
+        .iter()
+        .map(|b| {
+            json!({"block": b.cidr.to_string(), "pool": b.pool,
+                        "inUse": b.allocations.len(), "free": b.free_count(),
+                        "emptySince": b.empty_since})
+        })
+        .collect();
+    if output == Output::Json {
+        let doc = json!({"node": node, "registered": registered, "blocks": block_rows,
+                         "borrowed": borrowed, "lent": lent});
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
+    }
+    println!(
+        "node {node}{}",
+        if registered { "" } else { " (not registered)" }
+    );
+    println!(
+        "{:<26} {:<32} {:>7} {:>6}",
+        "BLOCK", "POOL", "IN USE", "FREE"
+    );
+    for r in &block_rows {
+        println!(
+            "{:<26} {:<32} {:>7} {:>6}",
+            r["block"].as_str().unwrap_or_default(),
+            r["pool"].as_str().unwrap_or_default(),
+            cell(&r["inUse"]),
+            cell(&r["free"])
+        );
+    }
+    for (title, rows) in [("borrowed from", &borrowed), ("lent to", &lent)] {
+        for r in rows {
+            let other = if title == "lent to" {
+                &r["borrower"]
+            } else {
+                &r["blockNode"]
+            };
+            println!(
+                "{} {title} {} (block {})",
+                r["ip"].as_str().unwrap_or_default(),
+                other.as_str().unwrap_or("-"),
+                r["block"].as_str().unwrap_or_default()
+            );
+        }
+    }
+    Ok(())
 }
 
 async fn check(
@@ -416,6 +730,16 @@ async fn pools(ipam: &Ipam<'_>, command: PoolsCommand, output: Output) -> anyhow
     Ok(())
 }
 
+/// A JSON value as a table cell: strings without quotes, null as "-". (Value's
+/// Display ignores width, so cells are Strings.)
+fn cell(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
     a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
 }
@@ -434,9 +758,11 @@ async fn show(ipam: &Ipam<'_>, with_blocks: bool, output: Output) -> anyhow::Res
         let total: u128 = 1u128 << bits.min(127);
         let of_pool: Vec<&Block> = blocks.iter().filter(|b| b.pool == pool.name).collect();
         let in_use: usize = of_pool.iter().map(|b| b.allocations.len()).sum();
+        let free = total - in_use as u128;
         rows.push(json!({
             "pool": pool.name, "cidr": pool.cidr.to_string(), "disabled": pool.disabled,
-            "total": total.to_string(), "inUse": in_use, "blocks": of_pool.len(),
+            "total": total.to_string(), "inUse": in_use, "free": free.to_string(),
+            "blocks": of_pool.len(),
         }));
     }
     let block_rows: Vec<_> = blocks
@@ -455,17 +781,18 @@ async fn show(ipam: &Ipam<'_>, with_blocks: bool, output: Output) -> anyhow::Res
         return Ok(());
     }
     println!(
-        "{:<32} {:<20} {:>12} {:>8} {:>7}",
-        "POOL", "CIDR", "TOTAL", "IN USE", "BLOCKS"
+        "{:<32} {:<20} {:>12} {:>8} {:>12} {:>7}",
+        "POOL", "CIDR", "TOTAL", "IN USE", "FREE", "BLOCKS"
     );
     for r in &rows {
         println!(
-            "{:<32} {:<20} {:>12} {:>8} {:>7}",
+            "{:<32} {:<20} {:>12} {:>8} {:>12} {:>7}",
             r["pool"].as_str().unwrap_or_default(),
             r["cidr"].as_str().unwrap_or_default(),
             r["total"].as_str().unwrap_or_default(),
-            r["inUse"],
-            r["blocks"]
+            cell(&r["inUse"]),
+            r["free"].as_str().unwrap_or_default(),
+            cell(&r["blocks"])
         );
     }
     if with_blocks {
@@ -479,8 +806,8 @@ async fn show(ipam: &Ipam<'_>, with_blocks: bool, output: Output) -> anyhow::Res
                 "{:<26} {:<12} {:>7} {:>6}",
                 r["block"].as_str().unwrap_or_default(),
                 r["node"].as_str().unwrap_or("-"),
-                r["inUse"],
-                r["free"]
+                cell(&r["inUse"]),
+                cell(&r["free"])
             );
         }
     }
