@@ -44,6 +44,8 @@ pub struct Cluster {
     pub agent: Option<PathBuf>,
     /// Pool CIDRs the agents create.
     pub pools: Vec<String>,
+    /// Block prefix length of the IPv4 pools (default /26).
+    pub block_size: Option<u8>,
     /// Extra agent flags (e.g. shorter resync or node timeout for tests).
     pub agent_args: Vec<String>,
     pub nodes: Vec<Node>,
@@ -60,6 +62,8 @@ pub struct ClusterSpec {
     pub plugin: PathBuf,
     pub agent: Option<PathBuf>,
     pub pools: Vec<String>,
+    /// Block prefix length of the IPv4 pools (default /26).
+    pub block_size: Option<u8>,
     pub agent_args: Vec<String>,
     pub nodes: usize,
     /// Use a real etcd (on an underlay host) instead of the embedded file store.
@@ -86,6 +90,7 @@ impl Cluster {
             plugin: canonical(&spec.plugin)?,
             agent: spec.agent.as_deref().map(canonical).transpose()?,
             pools: spec.pools.clone(),
+            block_size: spec.block_size,
             agent_args: spec.agent_args.clone(),
             nodes: Vec::new(),
             pods: Vec::new(),
@@ -144,6 +149,12 @@ impl Cluster {
             .args(["--datastore", &self.store_url()])
             .args(["--state-dir", &dir.display().to_string()])
             .args(["--pool", &self.pools.join(",")])
+            .args(
+                self.block_size
+                    .map(|size| ["--block-size".to_string(), size.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(["--metrics-addr", "127.0.0.1:9099"])
             .args(&self.agent_args)
             .stdin(Stdio::null())
@@ -287,6 +298,9 @@ impl Cluster {
             "datastore": self.store_url(),
             "ipam": {"pools": self.pools}
         });
+        if let Some(size) = self.block_size {
+            conf["ipam"]["blockSize"] = size.into();
+        }
         if self.agent.is_some() {
             conf["stateDir"] = self.node_state_dir(node).display().to_string().into();
         } else {
@@ -429,7 +443,7 @@ impl Cluster {
             .map(|p| json!({"name": p.name, "netns": p.netns, "node": p.node, "ips": p.ips}))
             .collect();
         let doc = json!({"plugin": self.plugin, "agent": self.agent, "pools": self.pools,
-                         "agentArgs": self.agent_args, "nodes": nodes, "pods": pods});
+                         "blockSize": self.block_size, "agentArgs": self.agent_args, "nodes": nodes, "pods": pods});
         std::fs::write(
             self.state_dir().join("cluster.json"),
             serde_json::to_vec_pretty(&doc)?,
@@ -455,6 +469,7 @@ impl Cluster {
                 .map(s)
                 .collect(),
             etcd: None,
+            block_size: doc["blockSize"].as_u64().and_then(|n| u8::try_from(n).ok()),
             agent_args: doc["agentArgs"]
                 .as_array()
                 .into_iter()

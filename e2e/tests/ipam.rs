@@ -279,3 +279,216 @@ fn killed_allocators_leave_leaks_that_check_finds_and_release_repairs_file() {
 fn killed_allocators_leave_leaks_that_check_finds_and_release_repairs_etcd() {
     killed_allocators_leave_leaks_that_check_finds_and_release_repairs(true);
 }
+
+/// Runs ipamctl against `url`; returns (success, stdout, stderr).
+fn ipamctl(url: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin("ipamctl"))
+        .args(["--datastore", url])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn ipamctl_ok(url: &str, args: &[&str]) -> String {
+    let (ok, stdout, stderr) = ipamctl(url, args);
+    assert!(ok, "ipamctl {args:?} failed: {stderr}");
+    stdout
+}
+
+fn now_request(node: &str, i: usize) -> AllocationRequest {
+    let mut r = request(node, i);
+    r.attrs.time = calyx_ipam::unix_now();
+    r
+}
+
+/// A /28 pool of four /30 blocks, so every limit is reached within a few allocations.
+fn block_lifecycle(etcd: bool) {
+    let Some((url, _server, _dir)) = datastore(etcd) else {
+        return;
+    };
+    let rt = runtime();
+    let s = rt.block_on(async { store::open(&url).unwrap() });
+    let ipam = Ipam::new(s.as_ref());
+    ipamctl_ok(&url, &["pools", "add", "10.9.0.0/28", "--block-size", "30"]);
+    ipamctl_ok(
+        &url,
+        &[
+            "config",
+            "set",
+            "--max-blocks-per-node",
+            "2",
+            "--strict-affinity",
+            "true",
+        ],
+    );
+    let ip_of = |h: &calyx_ipam::model::Handle| h.addresses[0].ip.to_string();
+    rt.block_on(async {
+        // n1 fills its two blocks; the cap and strict affinity stop the ninth.
+        for i in 0..8 {
+            ipam.allocate(&now_request("n1", i)).await.unwrap();
+        }
+        let err = ipam.allocate(&now_request("n1", 8)).await.unwrap_err();
+        assert!(
+            matches!(&err, IpamError::PoolExhausted(m) if m.contains("maxBlocksPerNode (2)")),
+            "{err}"
+        );
+        for i in 0..2 {
+            ipam.allocate(&now_request("n2", i)).await.unwrap();
+        }
+    });
+    // Without strict affinity, n1 borrows from n2's block.
+    ipamctl_ok(&url, &["config", "set", "--strict-affinity", "false"]);
+    let borrowed = rt.block_on(async { ipam.allocate(&now_request("n1", 8)).await.unwrap().0 });
+    let borrowed_ip = ip_of(&borrowed);
+    assert_eq!(borrowed.addresses[0].block.to_string(), "10.9.0.8/30");
+    let shown: serde_json::Value = serde_json::from_str(&ipamctl_ok(
+        &url,
+        &["-o", "json", "show", "--ip", &borrowed_ip],
+    ))
+    .unwrap();
+    assert_eq!(shown["borrowed"], true, "{shown}");
+    assert_eq!(shown["blockNode"], "n2");
+    assert_eq!(shown["allocation"]["node"], "n1");
+    let n1: serde_json::Value =
+        serde_json::from_str(&ipamctl_ok(&url, &["-o", "json", "show", "--node", "n1"])).unwrap();
+    assert_eq!(n1["blocks"].as_array().unwrap().len(), 2);
+    assert_eq!(n1["borrowed"][0]["ip"], borrowed_ip.as_str());
+    assert_eq!(rt.block_on(ipam.check(None)).unwrap(), vec![]);
+
+    // A freed address rests for the cooldown: the next two allocations avoid it.
+    ipamctl_ok(&url, &["config", "set", "--ip-cooldown-seconds", "3600"]);
+    rt.block_on(async {
+        let freed = ipam.release("t.n2.0").await.unwrap().unwrap();
+        for i in 2..4 {
+            let (h, _) = ipam.allocate(&now_request("n2", i)).await.unwrap();
+            assert_ne!(ip_of(&h), ip_of(&freed), "reused within the cooldown");
+        }
+    });
+    ipamctl_ok(
+        &url,
+        &[
+            "config",
+            "set",
+            "--ip-cooldown-seconds",
+            "0",
+            "--empty-block-grace-seconds",
+            "0",
+        ],
+    );
+
+    // n1 empties its second block: it goes back to the pool; the full one stays.
+    rt.block_on(async {
+        for i in 4..8 {
+            ipam.release(&format!("t.n1.{i}")).await.unwrap().unwrap();
+        }
+        let released = ipam.release_empty_blocks("n1").await.unwrap();
+        assert_eq!(released, ["blocks/10.9.0.4-30"]);
+        assert!(ipam.release_empty_blocks("n1").await.unwrap().is_empty());
+    });
+
+    // Releasing n2 refuses while its pods hold addresses, then --force frees them; the
+    // block that lends n1 an address stays (without affinity) until it empties.
+    let (ok, _, stderr) = ipamctl(&url, &["node", "release", "n2"]);
+    assert!(
+        !ok && stderr.contains("still has 3 address(es)"),
+        "{stderr}"
+    );
+    let out = ipamctl_ok(&url, &["node", "release", "n2", "--force"]);
+    assert!(out.contains("released 3 handle(s)"), "{out}");
+    rt.block_on(async {
+        let blocks = ipam.blocks().await.unwrap();
+        let lender = &blocks["blocks/10.9.0.8-30"].block;
+        assert_eq!(lender.affinity, None);
+        assert_eq!(lender.allocations.len(), 1);
+        assert!(!blocks.contains_key("blocks/10.9.0.12-30"));
+        assert!(ipam
+            .handles()
+            .await
+            .unwrap()
+            .iter()
+            .all(|h| h.attrs.node == "n1"));
+        assert_eq!(ipam.check(None).await.unwrap(), vec![]);
+        ipam.release("t.n1.8").await.unwrap().unwrap();
+        let released = ipam.release_empty_blocks("n1").await.unwrap();
+        assert_eq!(released, ["blocks/10.9.0.8-30"]);
+    });
+    let (ok, _, stderr) = ipamctl(&url, &["node", "release", "nobody"]);
+    assert!(!ok && stderr.contains("no such node"), "{stderr}");
+}
+
+#[test]
+fn block_lifecycle_file() {
+    block_lifecycle(false);
+}
+
+#[test]
+fn block_lifecycle_etcd() {
+    block_lifecycle(true);
+}
+
+#[test]
+fn migrate_from_the_embedded_store_to_etcd_is_safe_to_repeat() {
+    let Some((etcd_url, _server, _)) = datastore(true) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file_url = format!("file://{}/store", dir.path().display());
+    let rt = runtime();
+    let source = rt.block_on(async { store::open(&file_url).unwrap() });
+    let from = Ipam::new(source.as_ref());
+    ipamctl_ok(&file_url, &["pools", "add", "10.244.0.0/16"]);
+    ipamctl_ok(&file_url, &["config", "set", "--max-blocks-per-node", "8"]);
+    rt.block_on(async {
+        for i in 0..20 {
+            from.allocate(&request(["n1", "n2"][i % 2], i))
+                .await
+                .unwrap();
+        }
+    });
+    let migrate = ["migrate", "--from", &file_url, "--to", &etcd_url];
+    let first = ipamctl_ok(&file_url, &migrate);
+    // 1 pool + 1 config + 2 blocks + 20 handles.
+    assert!(first.contains("copied 24, already present 0"), "{first}");
+    let again = ipamctl_ok(&file_url, &migrate);
+    assert!(again.contains("copied 0, already present 24"), "{again}");
+
+    let target = rt.block_on(async { store::open(&etcd_url).unwrap() });
+    let to = Ipam::new(target.as_ref());
+    rt.block_on(async {
+        assert_eq!(to.config().await.unwrap().max_blocks_per_node, Some(8));
+        assert_eq!(to.check(None).await.unwrap(), vec![]);
+        let before: BTreeSet<String> = to
+            .handles()
+            .await
+            .unwrap()
+            .iter()
+            .map(|h| h.addresses[0].ip.to_string())
+            .collect();
+        assert_eq!(before.len(), 20);
+        // Allocation goes on from where the embedded store left off.
+        for i in 20..25 {
+            let (h, _) = to.allocate(&request("n1", i)).await.unwrap();
+            assert!(!before.contains(&h.addresses[0].ip.to_string()));
+        }
+        // The source changes after the copy: the changed block is a conflict, left alone.
+        from.release("t.n2.1").await.unwrap().unwrap();
+    });
+    let (ok, stdout, _) = ipamctl(&file_url, &migrate);
+    assert!(!ok, "a conflict must fail the run");
+    assert!(
+        stdout.contains("differs in") && stdout.contains("blocks/"),
+        "{stdout}"
+    );
+    rt.block_on(async {
+        assert!(
+            to.handle("t.n2.1").await.unwrap().is_some(),
+            "target untouched"
+        );
+        assert_eq!(to.check(None).await.unwrap(), vec![]);
+    });
+}

@@ -60,6 +60,12 @@ struct Args {
     /// Pools to create when the datastore has none (comma-separated CIDRs).
     #[arg(long = "pool", env = "CALYX_POOLS", value_delimiter = ',')]
     pools: Vec<IpNetwork>,
+    /// Block prefix length of the IPv4 pools it creates (default /26).
+    #[arg(long, env = "CALYX_BLOCK_SIZE")]
+    block_size: Option<u8>,
+    /// Block prefix length of the IPv6 pools it creates (default /122).
+    #[arg(long, env = "CALYX_BLOCK_SIZE_V6")]
+    block_size_v6: Option<u8>,
     #[arg(long, env = "CALYX_METRICS_ADDR", default_value = "127.0.0.1:9099")]
     metrics_addr: SocketAddr,
     /// Where the plugin finds `nodename` and `mtu`.
@@ -212,7 +218,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .pools
         .iter()
         .map(|cidr| {
-            Pool::with_defaults(*cidr, None).map_err(|e| anyhow::anyhow!("--pool {cidr}: {e}"))
+            let block_size = if cidr.is_ipv4() {
+                args.block_size
+            } else {
+                args.block_size_v6
+            };
+            Pool::with_defaults(*cidr, block_size)
+                .map_err(|e| anyhow::anyhow!("--pool {cidr}: {e}"))
         })
         .collect::<anyhow::Result<_>>()?;
     ipam.ensure_pools(&pools).await?;

@@ -48,6 +48,16 @@ fn binaries() -> (PathBuf, PathBuf) {
 
 /// `nodes` nodes with agents that resync every second and drop a silent node after 3 s.
 fn cluster(nodes: usize, pools: &[&str], etcd: bool) -> Option<TestCluster> {
+    cluster_with(nodes, pools, None, etcd)
+}
+
+/// `cluster`, with IPv4 blocks of `block_size` instead of /26.
+fn cluster_with(
+    nodes: usize,
+    pools: &[&str],
+    block_size: Option<u8>,
+    etcd: bool,
+) -> Option<TestCluster> {
     if !privileged() || (etcd && !calyx_e2e::etcd::available()) {
         return None;
     }
@@ -61,6 +71,7 @@ fn cluster(nodes: usize, pools: &[&str], etcd: bool) -> Option<TestCluster> {
         plugin,
         agent: Some(agent),
         pools: pools.iter().map(|p| p.to_string()).collect(),
+        block_size,
         agent_args: [
             "--resync-seconds",
             "1",
@@ -476,6 +487,62 @@ fn pods_reach_the_world_masqueraded_and_each_other_unmasqueraded(etcd: bool) {
     );
 }
 
+/// Runs ipamctl on the cluster's store from inside node 1 (an etcd cluster's store is
+/// reachable only on the underlay).
+fn ipamctl_on(c: &Cluster, args: &[&str]) -> String {
+    let ipamctl = PathBuf::from(env!("CARGO_BIN_EXE_calyx-agent")).with_file_name("ipamctl");
+    let netns = format!("--net=/run/netns/{}", c.nodes[0].netns);
+    let url = c.store_url();
+    let mut argv = vec![
+        netns.as_str(),
+        ipamctl.to_str().unwrap(),
+        "--datastore",
+        &url,
+    ];
+    argv.extend(args);
+    must("nsenter", &argv)
+}
+
+/// A /28 pool of /30 blocks and one block per node: the fourth pod on node 2 must
+/// borrow an address from another node's block, and every pod reaches it through the
+/// /32 routes the agents program for it (on the lender, over its own blackhole).
+fn a_borrowed_address_is_reached_from_every_node(etcd: bool) {
+    let Some(mut c) = cluster_with(3, &["10.9.0.0/28"], Some(30), etcd) else {
+        return;
+    };
+    ipamctl_on(&c, &["config", "set", "--max-blocks-per-node", "1"]);
+    c.add_pod(0, "lender-a").unwrap();
+    c.add_pod(2, "lender-c").unwrap();
+    // Node 2's block holds its tunnel address and three pods; the fourth borrows.
+    for p in 0..4 {
+        c.add_pod(1, &format!("b{p}")).unwrap();
+    }
+    let borrowed = ip_of(&c, 5, true);
+    let shown: serde_json::Value = serde_json::from_str(&ipamctl_on(
+        &c,
+        &["-o", "json", "show", "--ip", &borrowed.to_string()],
+    ))
+    .unwrap();
+    assert_eq!(shown["borrowed"], true, "{shown}");
+    assert_eq!(shown["allocation"]["node"], "node2", "{shown}");
+    wait_until(
+        "all pods, the borrower included, to reach each other",
+        Duration::from_secs(10),
+        || all_reachable(&c),
+    );
+    for node in [0, 2] {
+        let routes = routes_on(&c, node);
+        assert!(
+            routes.contains(&format!("{borrowed} ")) || routes.contains(&format!("{borrowed}/32")),
+            "node {node} has no /32 for {borrowed}: {routes}"
+        );
+    }
+    // TCP too, across the lender.
+    let server = SocketAddr::new(borrowed, 5005);
+    let (peer, got) = transfer(&c.pods[0].netns, &c.pods[5].netns, server, 1 << 20).unwrap();
+    assert_eq!((peer.ip(), got), (ip_of(&c, 0, true), 1 << 20));
+}
+
 /// Every scenario runs on the embedded store and on a real etcd.
 macro_rules! on_both_stores {
     ($($name:ident),* $(,)?) => {
@@ -500,6 +567,7 @@ on_both_stores!(
     whatever_is_deleted_comes_back_and_traffic_resumes,
     killing_and_restarting_agents_does_not_interrupt_a_tcp_stream,
     pods_reach_the_world_masqueraded_and_each_other_unmasqueraded,
+    a_borrowed_address_is_reached_from_every_node,
 );
 
 /// GET `path` from the agent's metrics address inside a node's namespace.

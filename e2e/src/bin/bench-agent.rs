@@ -170,6 +170,7 @@ fn spec(args: &Args, prefix: &str, nodes: usize, agent: bool) -> ClusterSpec {
         plugin: args.plugin.clone(),
         agent: agent.then(|| args.agent.clone()),
         pools: vec![POOL_V4.into()],
+        block_size: None,
         // Fake nodes never heartbeat: keep them "live" for the whole run.
         agent_args: ["--node-timeout-seconds", "86400"]
             .map(String::from)

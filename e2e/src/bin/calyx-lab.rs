@@ -62,6 +62,7 @@ fn up(nodes: usize, pods_per_node: usize, plugin: PathBuf, agent: PathBuf) -> Re
         plugin,
         agent: Some(agent),
         pools: vec![POOL_V4.into()],
+        block_size: None,
         agent_args: vec![],
         nodes,
         etcd: false,
