@@ -74,7 +74,7 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
     // Everything that can fail without side effects comes first.
     let connections = Connections::open(netns)?;
     let store = open_store(conf)?;
-    let ipam = Ipam::new(store.as_ref());
+    let ipam = Ipam::new(store.as_ref()).with_host_lock(conf.ipam_lock_path());
     connections.clear_leftovers(&host_veth, ifname).await?;
     stage("opened");
 
@@ -162,7 +162,7 @@ async fn del(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
     let container_id = env.container_id()?;
     let ifname = env.ifname()?;
     let store = open_store(conf)?;
-    let ipam = Ipam::new(store.as_ref());
+    let ipam = Ipam::new(store.as_ref()).with_host_lock(conf.ipam_lock_path());
     let id = handle_id(&conf.name, container_id, ifname);
     let netns = env
         .netns
@@ -219,7 +219,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
     })?;
     let prev = CniOutput::from_json(prev)?;
     let store = open_store(conf)?;
-    let ipam = Ipam::new(store.as_ref());
+    let ipam = Ipam::new(store.as_ref()).with_host_lock(conf.ipam_lock_path());
     let id = handle_id(&conf.name, container_id, ifname);
     let differs = |what: String| {
         Err(CniError::new(
@@ -309,7 +309,7 @@ async fn gc(conf: &NetConf) -> CniResult<()> {
         .collect();
     let node = conf.node_name()?;
     let store = open_store(conf)?;
-    let ipam = Ipam::new(store.as_ref());
+    let ipam = Ipam::new(store.as_ref()).with_host_lock(conf.ipam_lock_path());
     let mut first_error = None;
     for handle in ipam.stale_handles(&conf.name, &node, &keep).await? {
         let host_veth = handle.host_interface.clone().unwrap_or_default();

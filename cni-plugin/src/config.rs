@@ -155,6 +155,11 @@ impl NetConf {
             .unwrap_or(Path::new(DEFAULT_STATE_DIR))
     }
 
+    /// The lock the plugin processes of this node take turns on for IPAM writes.
+    pub fn ipam_lock_path(&self) -> PathBuf {
+        self.state_dir().join("ipam.lock")
+    }
+
     /// nodeName from the config, else what the agent wrote, else the hostname.
     pub fn node_name(&self) -> CniResult<String> {
         if let Some(name) = &self.node_name {

@@ -91,7 +91,9 @@ impl From<IpamError> for CniError {
                 Code::InvalidConfig,
                 "no enabled address pool: set ipam.pools in the network config or add one with ipamctl",
             ),
-            IpamError::TooManyConflicts { .. } => CniError::new(Code::TryAgainLater, err.to_string()),
+            IpamError::TooManyConflicts { .. } | IpamError::HostLock { .. } => {
+                CniError::new(Code::TryAgainLater, err.to_string())
+            }
             // Only `ipamctl node release` raises it; never a plugin call.
             IpamError::NodeNotEmpty { .. } => CniError::new(Code::Io, err.to_string()),
         }

@@ -492,3 +492,50 @@ fn migrate_from_the_embedded_store_to_etcd_is_safe_to_repeat() {
         assert_eq!(to.check(None).await.unwrap(), vec![]);
     });
 }
+
+/// Twenty processes of one node allocating at once, as a burst of CNI ADDs does: with
+/// the host lock they take turns and all succeed with distinct addresses.
+fn a_burst_of_processes_on_one_node_takes_turns(etcd: bool) {
+    let Some((url, _server, dir)) = datastore(etcd) else {
+        return;
+    };
+    let lock = dir.path().join("node1.ipam.lock");
+    let loads: Vec<_> = (0..20)
+        .map(|_| {
+            Command::new(bin("ipam-load"))
+                .args(["--datastore", &url, "--node", "n1", "--count", "5"])
+                .arg("--host-lock")
+                .arg(&lock)
+                .stdout(Stdio::null())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for mut load in loads {
+        assert!(load.wait().unwrap().success(), "an allocator failed");
+    }
+    let rt = runtime();
+    rt.block_on(async {
+        let s = store::open(&url).unwrap();
+        let ipam = Ipam::new(s.as_ref());
+        let handles = ipam.handles().await.unwrap();
+        let ips: BTreeSet<_> = handles.iter().map(|h| h.addresses[0].ip).collect();
+        assert_eq!((handles.len(), ips.len()), (100, 100));
+        assert_eq!(
+            ipam.blocks().await.unwrap().len(),
+            2,
+            "64 + 36 in two blocks"
+        );
+        assert_eq!(ipam.check(None).await.unwrap(), vec![]);
+    });
+}
+
+#[test]
+fn a_burst_of_processes_on_one_node_takes_turns_file() {
+    a_burst_of_processes_on_one_node_takes_turns(false);
+}
+
+#[test]
+fn a_burst_of_processes_on_one_node_takes_turns_etcd() {
+    a_burst_of_processes_on_one_node_takes_turns(true);
+}

@@ -49,6 +49,8 @@ pub enum IpamError {
         "gave up after {attempts} conflicting updates in {elapsed:?}; the datastore is too busy"
     )]
     TooManyConflicts { attempts: u32, elapsed: Duration },
+    #[error("host IPAM lock {path}: {reason}")]
+    HostLock { path: String, reason: String },
 }
 
 /// How long an operation keeps retrying compare-and-swap conflicts.
@@ -73,11 +75,24 @@ pub struct NodeRelease {
 
 pub struct Ipam<'s> {
     store: &'s dyn Store,
+    host_lock: Option<std::path::PathBuf>,
 }
 
 impl<'s> Ipam<'s> {
     pub fn new(store: &'s dyn Store) -> Ipam<'s> {
-        Ipam { store }
+        Ipam {
+            store,
+            host_lock: None,
+        }
+    }
+
+    /// Makes every read-plan-commit cycle hold an exclusive `flock` on `path`, so the
+    /// processes of one host (a burst of plugin calls) take turns instead of
+    /// conflicting on their node's block and backing off; other hosts still coordinate
+    /// through the store's compare-and-swap. Calico's plugin does the same.
+    pub fn with_host_lock(mut self, path: impl Into<std::path::PathBuf>) -> Ipam<'s> {
+        self.host_lock = Some(path.into());
+        self
     }
 
     pub fn store(&self) -> &'s dyn Store {
@@ -437,6 +452,10 @@ impl<'s> Ipam<'s> {
     {
         let turn = local_turn(&self.store.location());
         let _turn = turn.lock().await;
+        let _host_turn = match &self.host_lock {
+            Some(path) => Some(host_turn(path).await?),
+            None => None,
+        };
         let started = Instant::now();
         let mut attempts = 0;
         loop {
@@ -476,6 +495,34 @@ fn decode_all<T: DeserializeOwned>(
         .iter()
         .map(|(key, v)| Ok((key.clone(), decode(store, key, v)?, v.revision)))
         .collect()
+}
+
+/// Waits (up to the conflict deadline) for the exclusive lock on `path`; the lock is
+/// held until the returned file is dropped.
+async fn host_turn(path: &std::path::Path) -> Result<std::fs::File, IpamError> {
+    let error = |reason: String| IpamError::HostLock {
+        path: path.display().to_string(),
+        reason,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| error(e.to_string()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| error(e.to_string()))?;
+    // flock blocks the thread: wait for it off the runtime, with a deadline.
+    let waiting = tokio::task::spawn_blocking(move || file.lock().map(|()| file));
+    match tokio::time::timeout(CONFLICT_DEADLINE, waiting).await {
+        Ok(Ok(Ok(file))) => Ok(file),
+        Ok(Ok(Err(e))) => Err(error(e.to_string())),
+        Ok(Err(e)) => Err(error(e.to_string())),
+        Err(_) => Err(error(format!(
+            "still held by another process after {CONFLICT_DEADLINE:?}"
+        ))),
+    }
 }
 
 /// The in-process turn for writers of one store location.

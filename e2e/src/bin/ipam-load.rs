@@ -1,6 +1,7 @@
 //! ipam-load: allocates addresses as one node would, for tests and bench-ipam.
 //!
 //!   ipam-load --datastore URL --node NAME --count N [--concurrency C] [--pool CIDR]
+//!             [--host-lock PATH]   (take turns with other processes, as the plugin does)
 //!
 //! Handles are `load.<node>.<pid>.<i>` for pod `load/<node>-<pid>-<i>`. Prints one JSON
 //! line at the end: {"allocated": n, "seconds": s, "latenciesUs": [...]}.
@@ -18,6 +19,7 @@ fn main() -> Result<()> {
     let mut node = String::new();
     let mut count = 100usize;
     let mut concurrency = 1usize;
+    let mut host_lock: Option<String> = None;
     let mut pool = "10.244.0.0/16".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -28,6 +30,7 @@ fn main() -> Result<()> {
             "--count" => count = value()?.parse().context("--count")?,
             "--concurrency" => concurrency = value()?.parse().context("--concurrency")?,
             "--pool" => pool = value()?,
+            "--host-lock" => host_lock = Some(value()?),
             other => bail!("unknown argument {other}"),
         }
     }
@@ -39,7 +42,10 @@ fn main() -> Result<()> {
         .build()?;
     rt.block_on(async {
         let store = store::open(&datastore)?;
-        let ipam = Ipam::new(store.as_ref());
+        let mut ipam = Ipam::new(store.as_ref());
+        if let Some(path) = &host_lock {
+            ipam = ipam.with_host_lock(path);
+        }
         let cidr = pool.parse().with_context(|| format!("--pool {pool}"))?;
         ipam.ensure_pools(&[Pool::with_defaults(cidr, None).map_err(anyhow::Error::msg)?]).await?;
         let pid = std::process::id();
