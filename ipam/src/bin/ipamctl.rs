@@ -174,7 +174,17 @@ enum PoolsCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            // One line naming the bad argument; `--help` has the rest.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            eprintln!("ipamctl: {}", first.trim_start_matches("error: "));
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
