@@ -389,6 +389,18 @@ fn block_lifecycle(etcd: bool) {
         let released = ipam.release_empty_blocks("n1").await.unwrap();
         assert_eq!(released, ["blocks/10.9.0.4-30"]);
         assert!(ipam.release_empty_blocks("n1").await.unwrap().is_empty());
+        let index: Vec<String> = s
+            .list("affinities/n1/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(
+            index,
+            ["affinities/n1/10.9.0.0-30"],
+            "the index follows the blocks"
+        );
     });
 
     // Releasing n2 refuses while its pods hold addresses, then --force frees them; the
@@ -406,6 +418,7 @@ fn block_lifecycle(etcd: bool) {
         assert_eq!(lender.affinity, None);
         assert_eq!(lender.allocations.len(), 1);
         assert!(!blocks.contains_key("blocks/10.9.0.12-30"));
+        assert!(s.list("affinities/n2/").await.unwrap().is_empty());
         assert!(ipam
             .handles()
             .await
@@ -452,10 +465,10 @@ fn migrate_from_the_embedded_store_to_etcd_is_safe_to_repeat() {
     });
     let migrate = ["migrate", "--from", &file_url, "--to", &etcd_url];
     let first = ipamctl_ok(&file_url, &migrate);
-    // 1 pool + 1 config + 2 blocks + 20 handles.
-    assert!(first.contains("copied 24, already present 0"), "{first}");
+    // 1 pool + 1 config + 2 blocks + their 2 index entries + 20 handles.
+    assert!(first.contains("copied 26, already present 0"), "{first}");
     let again = ipamctl_ok(&file_url, &migrate);
-    assert!(again.contains("copied 0, already present 24"), "{again}");
+    assert!(again.contains("copied 0, already present 26"), "{again}");
 
     let target = rt.block_on(async { store::open(&etcd_url).unwrap() });
     let to = Ipam::new(target.as_ref());

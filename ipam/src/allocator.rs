@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::{
-    block_key, handle_key, AllocationAttrs, Block, Handle, HandleAddress, IpamConfig, Pool,
+    affinity_key, block_key, handle_key, AllocationAttrs, Block, Handle, HandleAddress, IpamConfig,
+    Pool,
 };
 use crate::store::{Expect, Write};
 use crate::IpamError;
@@ -35,16 +36,40 @@ pub struct AllocationRequest {
     pub pool_filter: Vec<ipnetwork::IpNetwork>,
 }
 
+/// The blocks an allocation is planned against.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockView<'a> {
+    pub blocks: &'a BTreeMap<String, StoredBlock>,
+    /// The requesting node's `affinities/` index entries, with their revisions.
+    pub affinity_index: &'a BTreeMap<String, u64>,
+    /// False when `blocks` holds only the node's own blocks, as read through the
+    /// index (the common, cheap case): claiming and borrowing need every block.
+    pub complete: bool,
+}
+
+impl<'a> BlockView<'a> {
+    /// Every block, no index entries known (claims expect none).
+    pub fn all(blocks: &'a BTreeMap<String, StoredBlock>) -> BlockView<'a> {
+        static NO_INDEX: BTreeMap<String, u64> = BTreeMap::new();
+        BlockView {
+            blocks,
+            affinity_index: &NO_INDEX,
+            complete: true,
+        }
+    }
+}
+
 /// Picks one address per IP family that has a usable pool: from a block affine to the
 /// node when one has room, else from a newly claimed block (up to
 /// `maxBlocksPerNode`), else, unless `strictAffinity`, borrowed from another node's
 /// block (the allocation names this node, so the overlay routes the /32 here).
+/// Ok(None) when the view is incomplete and the plan would need every block.
 pub fn plan_allocation(
     pools: &[Pool],
-    blocks: &BTreeMap<String, StoredBlock>,
+    view: BlockView<'_>,
     config: &IpamConfig,
     request: &AllocationRequest,
-) -> Result<AllocationPlan, IpamError> {
+) -> Result<Option<AllocationPlan>, IpamError> {
     let usable: Vec<&Pool> = pools
         .iter()
         .filter(|p| !p.disabled)
@@ -70,7 +95,24 @@ pub fn plan_allocation(
         if family_pools.is_empty() {
             continue;
         }
-        let (mut block, expect) = choose_block(&family_pools, blocks, config, request)?;
+        let node = request.attrs.node.as_str();
+        let (mut block, expect) = match choose_block(&family_pools, view, config, request)? {
+            Choice::Use(block, expect) => (block, expect),
+            Choice::Claim(block) => (block, Expect::Absent),
+            Choice::NeedAllBlocks => return Ok(None),
+        };
+        // The index entry that finds the node's block again without reading every
+        // block: written with the claim, or added when it is missing.
+        let index_key = affinity_key(node, &block.cidr);
+        let indexed = view.affinity_index.get(&index_key).copied();
+        let claimed = expect == Expect::Absent;
+        if block.affinity.as_deref() == Some(node) && (claimed || indexed.is_none()) {
+            writes.push(Write::Put {
+                value: serde_json::to_string(&block.cidr).expect("cidr serialises"),
+                expect: indexed.map_or(Expect::Absent, Expect::Revision),
+                key: index_key,
+            });
+        }
         let (ordinal, seq) = block
             .allocate(
                 &request.handle_id,
@@ -94,16 +136,25 @@ pub fn plan_allocation(
         value: serde_json::to_string(&handle).expect("handle serialises"),
         expect: Expect::Absent,
     });
-    Ok(AllocationPlan { handle, writes })
+    Ok(Some(AllocationPlan { handle, writes }))
 }
 
-/// The block to allocate from in one family, with what its write must expect.
+enum Choice {
+    /// Allocate in this existing block (its write expects the revision).
+    Use(Block, Expect),
+    /// Claim this new block for the node.
+    Claim(Block),
+    NeedAllBlocks,
+}
+
+/// The block to allocate from in one family.
 fn choose_block(
     family_pools: &[&Pool],
-    blocks: &BTreeMap<String, StoredBlock>,
+    view: BlockView<'_>,
     config: &IpamConfig,
     request: &AllocationRequest,
-) -> Result<(Block, Expect), IpamError> {
+) -> Result<Choice, IpamError> {
+    let blocks = view.blocks;
     let node = request.attrs.node.as_str();
     let (now, cooldown) = (request.attrs.time, config.ip_cooldown_seconds);
     let pool_names: BTreeSet<&str> = family_pools.iter().map(|p| p.name.as_str()).collect();
@@ -114,7 +165,13 @@ fn choose_block(
     };
     let affine = || in_family().filter(|b| b.block.affinity.as_deref() == Some(node));
     if let Some(stored) = affine().find(|b| b.block.can_allocate(now, cooldown)) {
-        return Ok((stored.block.clone(), Expect::Revision(stored.revision)));
+        return Ok(Choice::Use(
+            stored.block.clone(),
+            Expect::Revision(stored.revision),
+        ));
+    }
+    if !view.complete {
+        return Ok(Choice::NeedAllBlocks);
     }
     let owned = affine().count();
     let at_limit = config
@@ -122,7 +179,7 @@ fn choose_block(
         .is_some_and(|max| owned >= max as usize);
     if !at_limit {
         if let Some(block) = claim_block(family_pools, blocks, node) {
-            return Ok((block, Expect::Absent));
+            return Ok(Choice::Claim(block));
         }
     }
     if !config.strict_affinity {
@@ -132,7 +189,10 @@ fn choose_block(
             .filter(|b| b.block.can_allocate(now, cooldown))
             .max_by_key(|b| b.block.free_count());
         if let Some(stored) = lender {
-            return Ok((stored.block.clone(), Expect::Revision(stored.revision)));
+            return Ok(Choice::Use(
+                stored.block.clone(),
+                Expect::Revision(stored.revision),
+            ));
         }
     }
     let family = if family_pools[0].is_ipv4() {
@@ -224,10 +284,11 @@ pub fn plan_release(
 /// block stays.
 pub fn plan_empty_block_release(
     node: &str,
-    blocks: &BTreeMap<String, StoredBlock>,
+    view: BlockView<'_>,
     config: &IpamConfig,
     now: u64,
 ) -> Vec<Write> {
+    let blocks = view.blocks;
     let rest = config
         .empty_block_grace_seconds
         .max(config.ip_cooldown_seconds);
@@ -252,12 +313,20 @@ pub fn plan_empty_block_release(
             .filter(|(_, b)| b.block.is_ipv4() == v4)
             .collect();
         let keep_one = usize::from(mine.iter().all(|(_, b)| b.block.allocations.is_empty()));
-        writes.extend(
-            mine.into_iter()
-                .filter(|(_, b)| expired(&b.block))
-                .skip(keep_one)
-                .map(delete),
-        );
+        for (key, stored) in mine
+            .into_iter()
+            .filter(|(_, b)| expired(&b.block))
+            .skip(keep_one)
+        {
+            writes.push(delete((key, stored)));
+            let index = affinity_key(node, &stored.block.cidr);
+            if let Some(revision) = view.affinity_index.get(&index) {
+                writes.push(Write::Delete {
+                    key: index,
+                    expect: Expect::Revision(*revision),
+                });
+            }
+        }
     }
     writes
 }
@@ -289,7 +358,17 @@ mod tests {
         blocks: &BTreeMap<String, StoredBlock>,
         request: &AllocationRequest,
     ) -> Result<AllocationPlan, IpamError> {
-        plan_allocation(pools, blocks, &IpamConfig::default(), request)
+        plan_with(pools, blocks, &IpamConfig::default(), request)
+    }
+
+    fn plan_with(
+        pools: &[Pool],
+        blocks: &BTreeMap<String, StoredBlock>,
+        config: &IpamConfig,
+        request: &AllocationRequest,
+    ) -> Result<AllocationPlan, IpamError> {
+        plan_allocation(pools, BlockView::all(blocks), config, request)
+            .map(|plan| plan.expect("a complete view always plans"))
     }
 
     /// Applies a plan's block writes to the snapshot, as a commit would.
@@ -311,10 +390,10 @@ mod tests {
         let plan = plan(&pools, &BTreeMap::new(), &request("h1", "n1")).unwrap();
         assert_eq!(plan.handle.addresses[0].ip.to_string(), "10.244.0.0");
         assert!(matches!(
-            &plan.writes[0],
+            &plan.writes[1],
             Write::Put { key, expect: Expect::Absent, .. } if key == "blocks/10.244.0.0-26"
         ));
-        assert!(matches!(&plan.writes[1], Write::Put { key, .. } if key == "handles/h1"));
+        assert!(matches!(&plan.writes[2], Write::Put { key, .. } if key == "handles/h1"));
     }
 
     #[test]
@@ -336,6 +415,54 @@ mod tests {
     }
 
     #[test]
+    fn a_claim_writes_the_index_and_the_own_blocks_view_cannot_claim() {
+        let pools = vec![pool("10.0.0.0/24", 31)];
+        let mut blocks = BTreeMap::new();
+        let p = plan(&pools, &blocks, &request("h0", "n1")).unwrap();
+        let keys: Vec<&str> = p.writes.iter().map(|w| w.key()).collect();
+        assert_eq!(
+            keys,
+            [
+                "affinities/n1/10.0.0.0-31",
+                "blocks/10.0.0.0-31",
+                "handles/h0"
+            ]
+        );
+        apply(&mut blocks, &p);
+        let index = BTreeMap::from([("affinities/n1/10.0.0.0-31".to_string(), 1)]);
+        let own = BlockView {
+            blocks: &blocks,
+            affinity_index: &index,
+            complete: false,
+        };
+        let config = IpamConfig::default();
+        // Room in the own block: planned from the own view, no index write.
+        let p = plan_allocation(&pools, own, &config, &request("h1", "n1"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(p.writes.len(), 2);
+        apply(&mut blocks, &p);
+        // Full: the own view cannot claim; it asks for every block.
+        let own = BlockView {
+            blocks: &blocks,
+            affinity_index: &index,
+            complete: false,
+        };
+        assert!(plan_allocation(&pools, own, &config, &request("h2", "n1"))
+            .unwrap()
+            .is_none());
+        // A node's block without an index entry (older data) gets one on use.
+        let mut blocks = BTreeMap::new();
+        let first = plan(&pools, &blocks, &request("h0", "n1")).unwrap();
+        apply(&mut blocks, &first);
+        let p = plan(&pools, &blocks, &request("h1", "n1")).unwrap();
+        assert!(matches!(
+            &p.writes[0],
+            Write::Put { key, expect: Expect::Absent, .. } if key == "affinities/n1/10.0.0.0-31"
+        ));
+    }
+
+    #[test]
     fn dual_stack_gets_one_address_per_family_in_one_plan() {
         let pools = vec![pool("10.244.0.0/16", 26), pool("fd00:10:244::/56", 122)];
         let plan = plan(&pools, &BTreeMap::new(), &request("h", "n1")).unwrap();
@@ -346,7 +473,8 @@ mod tests {
             .map(|a| a.ip.to_string())
             .collect();
         assert_eq!(ips, ["10.244.0.0", "fd00:10:244::"]);
-        assert_eq!(plan.writes.len(), 3);
+        // Per family a block and its index entry, then the handle.
+        assert_eq!(plan.writes.len(), 5);
     }
 
     #[test]
@@ -427,7 +555,7 @@ mod tests {
             strict_affinity: true,
             ..Default::default()
         };
-        let err = plan_allocation(&pools, &blocks, &strict, &request("b", "n2")).unwrap_err();
+        let err = plan_with(&pools, &blocks, &strict, &request("b", "n2")).unwrap_err();
         assert!(
             matches!(&err, IpamError::PoolExhausted(m) if m.contains("strictAffinity")),
             "{err}"
@@ -444,20 +572,19 @@ mod tests {
         };
         let mut blocks = BTreeMap::new();
         for i in 0..2 {
-            let p = plan_allocation(&pools, &blocks, &capped, &request(&format!("h{i}"), "n1"))
-                .unwrap();
+            let p = plan_with(&pools, &blocks, &capped, &request(&format!("h{i}"), "n1")).unwrap();
             apply(&mut blocks, &p);
         }
-        let err = plan_allocation(&pools, &blocks, &capped, &request("h2", "n1")).unwrap_err();
+        let err = plan_with(&pools, &blocks, &capped, &request("h2", "n1")).unwrap_err();
         assert!(err.to_string().contains("maxBlocksPerNode (1)"), "{err}");
         // Not strict: the capped node borrows instead (here: from n2's block).
-        let p = plan_allocation(&pools, &blocks, &capped, &request("x", "n2")).unwrap();
+        let p = plan_with(&pools, &blocks, &capped, &request("x", "n2")).unwrap();
         apply(&mut blocks, &p);
         let loose = IpamConfig {
             strict_affinity: false,
             ..capped
         };
-        let p = plan_allocation(&pools, &blocks, &loose, &request("h2", "n1")).unwrap();
+        let p = plan_with(&pools, &blocks, &loose, &request("h2", "n1")).unwrap();
         assert_eq!(p.handle.addresses[0].block.to_string(), "10.0.0.2/31");
     }
 
@@ -477,8 +604,10 @@ mod tests {
             apply_release(&mut blocks, h, 1000);
         }
         let config = IpamConfig::default();
-        assert!(plan_empty_block_release("n1", &blocks, &config, 1000 + 899).is_empty());
-        let deletes = plan_empty_block_release("n1", &blocks, &config, 1000 + 900);
+        assert!(
+            plan_empty_block_release("n1", BlockView::all(&blocks), &config, 1000 + 899).is_empty()
+        );
+        let deletes = plan_empty_block_release("n1", BlockView::all(&blocks), &config, 1000 + 900);
         let keys: Vec<&str> = deletes
             .iter()
             .map(|w| match w {
@@ -492,9 +621,9 @@ mod tests {
             apply_release(&mut blocks, h, 1000);
         }
         assert_eq!(
-            plan_empty_block_release("n1", &blocks, &config, 5000).len(),
+            plan_empty_block_release("n1", BlockView::all(&blocks), &config, 5000).len(),
             2
         );
-        assert!(plan_empty_block_release("n2", &blocks, &config, 5000).is_empty());
+        assert!(plan_empty_block_release("n2", BlockView::all(&blocks), &config, 5000).is_empty());
     }
 }

@@ -241,7 +241,14 @@ mod tests {
                 host_interface: None,
                 pool_filter: vec![],
             };
-            let plan = plan_allocation(&pools, &blocks, &Default::default(), &request).unwrap();
+            let plan = plan_allocation(
+                &pools,
+                crate::allocator::BlockView::all(&blocks),
+                &Default::default(),
+                &request,
+            )
+            .unwrap()
+            .unwrap();
             for w in &plan.writes {
                 if let Write::Put { key, value, .. } = w {
                     if key.starts_with("blocks/") {

@@ -14,11 +14,12 @@ use std::time::{Duration, Instant};
 use serde::de::DeserializeOwned;
 
 use crate::allocator::{
-    plan_allocation, plan_empty_block_release, plan_release, AllocationRequest, StoredBlock,
+    plan_allocation, plan_empty_block_release, plan_release, AllocationRequest, BlockView,
+    StoredBlock,
 };
 use crate::model::{
-    handle_key, node_key, pool_key, tunnel_handle_id, Handle, IpamConfig, NodeRecord, Pool,
-    IPAM_CONFIG_KEY,
+    affinity_prefix, handle_key, node_key, pool_key, tunnel_handle_id, Block, Handle, IpamConfig,
+    NodeRecord, Pool, IPAM_CONFIG_KEY,
 };
 use crate::store::{conflict_backoff, Expect, Store, StoreError, Versioned, Write};
 
@@ -165,6 +166,40 @@ impl<'s> Ipam<'s> {
             .collect())
     }
 
+    /// A node's `affinities/` index entries (key -> revision).
+    async fn affinity_index(&self, node: &str) -> Result<BTreeMap<String, u64>, IpamError> {
+        Ok(self
+            .store
+            .list(&affinity_prefix(node))
+            .await?
+            .into_iter()
+            .map(|(key, v)| (key, v.revision))
+            .collect())
+    }
+
+    /// The blocks a node's index names (those that still exist).
+    async fn indexed_blocks(
+        &self,
+        index: &BTreeMap<String, u64>,
+    ) -> Result<BTreeMap<String, StoredBlock>, IpamError> {
+        let mut blocks = BTreeMap::new();
+        for index_key in index.keys() {
+            let suffix = index_key.rsplit('/').next().unwrap_or_default();
+            let key = format!("blocks/{suffix}");
+            if let Some(v) = self.store.get(&key).await? {
+                let block: Block = decode(self.store, &key, &v)?;
+                blocks.insert(
+                    key,
+                    StoredBlock {
+                        block,
+                        revision: v.revision,
+                    },
+                );
+            }
+        }
+        Ok(blocks)
+    }
+
     pub async fn handle(&self, id: &str) -> Result<Option<(Handle, u64)>, IpamError> {
         let key = handle_key(id);
         match self.store.get(&key).await? {
@@ -193,17 +228,37 @@ impl<'s> Ipam<'s> {
     pub async fn allocate(&self, request: &AllocationRequest) -> Result<(Handle, bool), IpamError> {
         self.retry_conflicts(|| async {
             // Independent reads: one round trip's wait instead of four on etcd.
-            let (existing, pools, blocks, config) = tokio::join!(
+            let (existing, pools, config, index) = tokio::join!(
                 self.handle(&request.handle_id),
                 self.pools(),
-                self.blocks(),
-                self.config()
+                self.config(),
+                self.affinity_index(&request.attrs.node)
             );
             if let Some((existing, _)) = existing? {
                 return Ok((existing, false));
             }
-            let (pools, blocks, config) = (pools?, blocks?, config?);
-            let plan = plan_allocation(&pools, &blocks, &config, request)?;
+            let (pools, config, index) = (pools?, config?, index?);
+            // First from the node's own blocks only; every block (cluster-wide, costly
+            // with many nodes) only to claim a new block or to borrow.
+            let own = self.indexed_blocks(&index).await?;
+            let view = BlockView {
+                blocks: &own,
+                affinity_index: &index,
+                complete: false,
+            };
+            let plan = match plan_allocation(&pools, view, &config, request)? {
+                Some(plan) => plan,
+                None => {
+                    let all = self.blocks().await?;
+                    let view = BlockView {
+                        blocks: &all,
+                        affinity_index: &index,
+                        complete: true,
+                    };
+                    plan_allocation(&pools, view, &config, request)?
+                        .expect("a complete view always plans")
+                }
+            };
             self.store.commit(plan.writes).await?;
             Ok((plan.handle, true))
         })
@@ -314,9 +369,20 @@ impl<'s> Ipam<'s> {
     /// pools (see `plan_empty_block_release`). Returns the released blocks' keys.
     pub async fn release_empty_blocks(&self, node: &str) -> Result<Vec<String>, IpamError> {
         self.retry_conflicts(|| async {
-            let (blocks, config) = tokio::join!(self.blocks(), self.config());
-            let writes = plan_empty_block_release(node, &blocks?, &config?, unix_now());
-            let keys = writes.iter().map(|w| w.key().to_string()).collect();
+            let (blocks, config, index) =
+                tokio::join!(self.blocks(), self.config(), self.affinity_index(node));
+            let (blocks, index) = (blocks?, index?);
+            let view = BlockView {
+                blocks: &blocks,
+                affinity_index: &index,
+                complete: true,
+            };
+            let writes = plan_empty_block_release(node, view, &config?, unix_now());
+            let keys = writes
+                .iter()
+                .map(|w| w.key().to_string())
+                .filter(|key| key.starts_with("blocks/"))
+                .collect();
             if !writes.is_empty() {
                 self.store.commit(writes).await?;
             }
@@ -384,8 +450,9 @@ impl<'s> Ipam<'s> {
         }
         report.blocks_released = self
             .retry_conflicts(|| async {
-                let blocks = self.blocks().await?;
-                let writes: Vec<Write> = blocks
+                let (blocks, index) = tokio::join!(self.blocks(), self.affinity_index(node));
+                let (blocks, index) = (blocks?, index?);
+                let mut writes: Vec<Write> = blocks
                     .iter()
                     .filter(|(_, b)| b.block.affinity.as_deref() == Some(node))
                     .map(|(key, b)| {
@@ -406,6 +473,10 @@ impl<'s> Ipam<'s> {
                     })
                     .collect();
                 let keys: Vec<String> = writes.iter().map(|w| w.key().to_string()).collect();
+                writes.extend(index.into_iter().map(|(key, revision)| Write::Delete {
+                    key,
+                    expect: Expect::Revision(revision),
+                }));
                 if !writes.is_empty() {
                     self.store.commit(writes).await?;
                 }

@@ -12,7 +12,14 @@ use crate::store::{Expect, Store, Versioned, Write};
 use crate::IpamError;
 
 /// Every kind of document IPAM keeps.
-pub const PREFIXES: [&str; 5] = ["config/", "pools/", "nodes/", "blocks/", "handles/"];
+pub const PREFIXES: [&str; 6] = [
+    "config/",
+    "pools/",
+    "nodes/",
+    "blocks/",
+    "affinities/",
+    "handles/",
+];
 
 /// etcd refuses transactions of more than 128 operations by default.
 const WRITES_PER_COMMIT: usize = 100;

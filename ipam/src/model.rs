@@ -1,7 +1,8 @@
 //! The documents IPAM keeps in the store, and the pure arithmetic on them.
 //!
 //! Key layout (under the store's prefix, `/calyx/v1/` by default):
-//! `pools/<name>`, `blocks/<cidr with '/' as '-'>`, `handles/<id>`, `nodes/<name>`.
+//! `pools/<name>`, `blocks/<cidr with '/' as '-'>`, `handles/<id>`, `nodes/<name>`,
+//! `affinities/<node>/<cidr with '/' as '-'>` (index of a node's blocks), `config/ipam`.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::IpAddr;
@@ -359,6 +360,21 @@ pub fn pool_key(name: &str) -> String {
 
 pub fn block_key(cidr: &IpNetwork) -> String {
     format!("blocks/{}", cidr.to_string().replace('/', "-"))
+}
+
+/// The index entry naming one of a node's blocks, so an allocation reads that node's
+/// blocks instead of every block in the cluster. A hint only: a missing or stale
+/// entry costs a full read, never a wrong allocation (block writes are CAS).
+pub fn affinity_key(node: &str, block: &IpNetwork) -> String {
+    format!(
+        "{}{}",
+        affinity_prefix(node),
+        block.to_string().replace('/', "-")
+    )
+}
+
+pub fn affinity_prefix(node: &str) -> String {
+    format!("affinities/{node}/")
 }
 
 pub fn handle_key(id: &str) -> String {

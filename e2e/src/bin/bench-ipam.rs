@@ -6,7 +6,10 @@
 //!    per pod sandbox being set up) allocating 10 each at once, with and without the
 //!    host lock the plugin takes (without it they conflict on the node's block).
 //!
-//!   bench-ipam [--count 300] [--concurrency 4] [--burst 20]
+//! 3. A big cluster: one node allocating while --many other nodes' blocks (20
+//!    addresses each) are in the store, against the same node in an empty store.
+//!
+//!   bench-ipam [--count 300] [--concurrency 4] [--burst 20] [--many 1000]
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -19,6 +22,7 @@ fn main() -> Result<()> {
     let mut count = 300usize;
     let mut concurrency = 4usize;
     let mut burst = 20usize;
+    let mut many = 1000usize;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -26,6 +30,7 @@ fn main() -> Result<()> {
             "--count" => count = value()?.parse()?,
             "--concurrency" => concurrency = value()?.parse()?,
             "--burst" => burst = value()?.parse()?,
+            "--many" => many = value()?.parse()?,
             other => bail!("unknown argument {other}"),
         }
     }
@@ -87,7 +92,75 @@ fn main() -> Result<()> {
             );
         }
     }
+    println!();
+    println!("one node allocating {count}, 1 at a time, beside other nodes' blocks");
+    println!(
+        "{:<10} {:>12} {:>8} {:>10} {:>10} {:>10}",
+        "store", "other nodes", "allocs", "allocs/s", "p50", "p99"
+    );
+    for store in ["embedded", "etcd"] {
+        for others in [0, many] {
+            let (_dir, _etcd, url) = fresh_store(store)?;
+            seed_other_nodes(&url, others)?;
+            let load = Load {
+                nodes: 1,
+                processes_per_node: 1,
+                count,
+                concurrency: 1,
+                host_lock: false,
+            };
+            let (rate, p50, p99, total) = run(&load_bin, &url, &load)?;
+            println!(
+                "{:<10} {:>12} {:>8} {:>10.0} {:>7.2} ms {:>7.2} ms",
+                store, others, total, rate, p50, p99
+            );
+        }
+    }
     Ok(())
+}
+
+/// Writes `nodes` blocks of the default pool, each affine to its own node and holding
+/// 20 allocations, straight into the store (allocating them one by one takes minutes).
+fn seed_other_nodes(url: &str, nodes: usize) -> Result<()> {
+    use calyx_ipam::model::{block_key, AllocationAttrs, Block, Pool};
+    use calyx_ipam::store::{self, Expect, Write};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let store = store::open(url)?;
+        let pool =
+            Pool::with_defaults("10.244.0.0/16".parse()?, None).map_err(anyhow::Error::msg)?;
+        calyx_ipam::Ipam::new(store.as_ref())
+            .ensure_pools(std::slice::from_ref(&pool))
+            .await?;
+        let writes: Vec<Write> = (0..nodes)
+            .map(|i| {
+                let node = format!("other{i}");
+                // The last blocks of the pool: the measured node claims from the front.
+                let index = pool.block_count() - 1 - i as u128;
+                let mut block = Block::new(pool.block_cidr(index), &pool.name, &node);
+                for a in 0..20 {
+                    let attrs = AllocationAttrs {
+                        node: node.clone(),
+                        pod: Some(format!("pod{a}")),
+                        namespace: Some("bench".into()),
+                        ..Default::default()
+                    };
+                    block.allocate(&format!("seed.{node}.{a}"), attrs, 0);
+                }
+                Write::Put {
+                    key: block_key(&block.cidr),
+                    value: serde_json::to_string(&block).expect("block serialises"),
+                    expect: Expect::Absent,
+                }
+            })
+            .collect();
+        for chunk in writes.chunks(100) {
+            store.commit(chunk.to_vec()).await?;
+        }
+        anyhow::Ok(())
+    })
 }
 
 /// An empty store of the kind named: a temporary file store or a fresh etcd (kept
