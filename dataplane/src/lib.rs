@@ -2,6 +2,7 @@
 //! (over rtnetlink), network-namespace entry (over netns-rs) and sysctls. Nothing
 //! else in the workspace builds netlink messages.
 
+pub mod batch;
 pub mod netlink;
 pub mod nexthop;
 pub mod overlay;

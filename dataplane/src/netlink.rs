@@ -292,15 +292,6 @@ impl Netlink {
             .map_err(|e| nl_err(format!("add route {}", describe_route(route)), e))
     }
 
-    /// `add_route` for callers that build the route in place (no borrow to outlive).
-    pub async fn add_route_owned(&self, route: RouteSpec) -> Result<()> {
-        self.add_route(&route).await
-    }
-
-    pub async fn delete_route_owned(&self, route: RouteSpec) -> Result<()> {
-        self.delete_route(&route).await
-    }
-
     pub async fn delete_route(&self, route: &RouteSpec) -> Result<()> {
         let message = route_message(route)?;
         self.handle

@@ -3,14 +3,15 @@
 //! when they point at nexthop objects (`route <block> nhid N`); with a gateway each,
 //! the kernel's cost grows quadratically (its fib_info hash ignores the gateway).
 //!
-//! Requests are built here by hand and sent in batches on a synchronous netlink
-//! socket: many requests per send, then their acknowledgements.
+//! Requests are built here by hand and sent through a `Batch`: many requests per
+//! send, then their acknowledgements.
 
 use std::io;
 use std::net::IpAddr;
 
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use netlink_sys::SocketAddr;
 
+use crate::batch::{attr_header, error_code, messages_with_seq, u32_at, Batch, Request};
 use crate::{DataplaneError, Result};
 
 const RTM_NEWNEXTHOP: u16 = 104;
@@ -29,8 +30,6 @@ const NHA_GATEWAY: u16 = 6;
 const RTNH_F_ONLINK: u32 = 4;
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
-/// Requests per send: their acknowledgements must fit the socket's receive buffer.
-const BATCH: usize = 256;
 
 /// `nexthop id <id> via <gateway> dev <device> onlink proto <protocol>`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -42,8 +41,7 @@ pub struct Nexthop {
 }
 
 pub struct NexthopSocket {
-    socket: Socket,
-    seq: u32,
+    batch: Batch,
 }
 
 fn io_err(op: &str, source: io::Error) -> DataplaneError {
@@ -56,17 +54,14 @@ fn io_err(op: &str, source: io::Error) -> DataplaneError {
 impl NexthopSocket {
     /// A socket in the calling thread's network namespace.
     pub fn open() -> Result<NexthopSocket> {
-        let mut socket =
-            Socket::new(NETLINK_ROUTE).map_err(|e| io_err("open netlink socket", e))?;
-        socket
-            .bind_auto()
-            .map_err(|e| io_err("bind netlink socket", e))?;
-        Ok(NexthopSocket { socket, seq: 1 })
+        Ok(NexthopSocket {
+            batch: Batch::open()?,
+        })
     }
 
     /// Creates or replaces nexthops; returns the ones that failed, with why.
-    pub fn replace(&mut self, nexthops: &[Nexthop]) -> Result<Vec<(u32, io::Error)>> {
-        let requests: Vec<(u32, Vec<u8>)> = nexthops
+    pub fn replace(&mut self, nexthops: &[Nexthop]) -> Result<Vec<(String, io::Error)>> {
+        let requests: Vec<Request> = nexthops
             .iter()
             .map(|nh| {
                 let mut attrs = Vec::new();
@@ -82,40 +77,51 @@ impl NexthopSocket {
                     AF_INET6
                 };
                 let header = nhmsg(family, nh.protocol, RTNH_F_ONLINK);
-                (nh.id, [header.as_slice(), attrs.as_slice()].concat())
+                let body = [header.as_slice(), attrs.as_slice()].concat();
+                let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+                Request::raw(
+                    format!("add nexthop {} via {}", nh.id, nh.gateway),
+                    message(RTM_NEWNEXTHOP, flags, 0, &body),
+                )
             })
             .collect();
-        self.send_all(RTM_NEWNEXTHOP, NLM_F_CREATE | NLM_F_REPLACE, requests)
+        self.batch.send(requests)
     }
 
     /// Deletes nexthops by ID (the kernel removes the routes that use them too).
-    pub fn delete(&mut self, ids: &[u32]) -> Result<Vec<(u32, io::Error)>> {
+    pub fn delete(&mut self, ids: &[u32]) -> Result<Vec<(String, io::Error)>> {
         let requests = ids
             .iter()
             .map(|id| {
                 let mut attrs = Vec::new();
                 put_attr(&mut attrs, NHA_ID, &id.to_ne_bytes());
-                (*id, [nhmsg(0, 0, 0).as_slice(), attrs.as_slice()].concat())
+                let body = [nhmsg(0, 0, 0).as_slice(), attrs.as_slice()].concat();
+                Request::raw(
+                    format!("delete nexthop {id}"),
+                    message(RTM_DELNEXTHOP, NLM_F_REQUEST | NLM_F_ACK, 0, &body),
+                )
             })
             .collect();
-        self.send_all(RTM_DELNEXTHOP, 0, requests)
+        self.batch.send(requests)
     }
 
     /// Every nexthop object in the namespace.
     pub fn dump(&mut self) -> Result<Vec<Nexthop>> {
-        let seq = self.next_seq();
+        let seq = self.batch.next_seq();
         let request = message(
             RTM_GETNEXTHOP,
             NLM_F_REQUEST | NLM_F_DUMP,
             seq,
             &nhmsg(0, 0, 0),
         );
-        self.socket
+        self.batch
+            .socket
             .send_to(&request, &SocketAddr::new(0, 0), 0)
             .map_err(|e| io_err("dump nexthops", e))?;
         let mut out = Vec::new();
         loop {
             let (datagram, _) = self
+                .batch
                 .socket
                 .recv_from_full()
                 .map_err(|e| io_err("dump nexthops", e))?;
@@ -140,52 +146,6 @@ impl NexthopSocket {
                 }
             }
         }
-    }
-
-    fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1).max(1);
-        self.seq
-    }
-
-    /// Sends requests in batches and collects the failures from their acks.
-    fn send_all(
-        &mut self,
-        kind: u16,
-        flags: u16,
-        requests: Vec<(u32, Vec<u8>)>,
-    ) -> Result<Vec<(u32, io::Error)>> {
-        let mut failures = Vec::new();
-        for batch in requests.chunks(BATCH) {
-            let mut buffer = Vec::new();
-            let mut pending = std::collections::HashMap::new();
-            for (id, body) in batch {
-                let seq = self.next_seq();
-                pending.insert(seq, *id);
-                buffer.extend(message(kind, NLM_F_REQUEST | NLM_F_ACK | flags, seq, body));
-            }
-            self.socket
-                .send_to(&buffer, &SocketAddr::new(0, 0), 0)
-                .map_err(|e| io_err("send nexthop requests", e))?;
-            while !pending.is_empty() {
-                let (datagram, _) = self
-                    .socket
-                    .recv_from_full()
-                    .map_err(|e| io_err("read nexthop acknowledgements", e))?;
-                for (message_kind, payload) in messages_with_seq(&datagram) {
-                    let (kind, seq, payload) = (message_kind.0, message_kind.1, payload);
-                    if kind != NLMSG_ERROR {
-                        continue;
-                    }
-                    if let Some(id) = pending.remove(&seq) {
-                        let code = error_code(payload);
-                        if code != 0 {
-                            failures.push((id, io::Error::from_raw_os_error(-code)));
-                        }
-                    }
-                }
-            }
-        }
-        Ok(failures)
     }
 }
 
@@ -215,33 +175,6 @@ fn message(kind: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
     out
 }
 
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-/// ((type, seq), payload) of each netlink message in a datagram.
-fn messages_with_seq(datagram: &[u8]) -> Vec<((u16, u32), &[u8])> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while let (Some(len), Some(kind), Some(seq)) = (
-        u32_at(datagram, at),
-        u16_at(datagram, at + 4),
-        u32_at(datagram, at + 8),
-    ) {
-        let len = len as usize;
-        if len < 16 || at + len > datagram.len() {
-            break;
-        }
-        out.push(((kind, seq), &datagram[at + 16..at + len]));
-        at += (len + 3) & !3;
-    }
-    out
-}
-
 fn messages(datagram: &[u8]) -> Vec<(u16, &[u8])> {
     messages_with_seq(datagram)
         .into_iter()
@@ -249,18 +182,11 @@ fn messages(datagram: &[u8]) -> Vec<(u16, &[u8])> {
         .collect()
 }
 
-fn error_code(payload: &[u8]) -> i32 {
-    payload
-        .get(..4)
-        .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-}
-
 fn parse_nexthop(payload: &[u8]) -> Option<Nexthop> {
     let protocol = *payload.get(2)?;
     let (mut id, mut device, mut gateway) = (None, 0, None);
     let mut at = 8;
-    while let (Some(len), Some(kind)) = (u16_at(payload, at), u16_at(payload, at + 2)) {
-        let len = len as usize;
+    while let Some((len, kind)) = attr_header(payload, at) {
         if len < 4 || at + len > payload.len() {
             break;
         }
@@ -296,7 +222,7 @@ mod tests {
         let mut out = Vec::new();
         put_attr(&mut out, NHA_GATEWAY, &[1, 2, 3, 4, 5]);
         assert_eq!(out.len(), 12);
-        assert_eq!(u16_at(&out, 0), Some(9));
+        assert_eq!(attr_header(&out, 0), Some((9, NHA_GATEWAY)));
     }
 
     #[test]

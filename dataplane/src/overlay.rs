@@ -6,14 +6,14 @@ use std::net::IpAddr;
 use futures::{StreamExt, TryStreamExt};
 use netlink_packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo};
 use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use rtnetlink::{LinkUnspec, LinkVxlan, MulticastGroup};
 use tokio::sync::mpsc;
 
 use crate::netlink::{link_from_message, nl_err, LinkKey};
-use crate::{format_mac, DataplaneError, Link, Netlink, Result};
+use crate::{DataplaneError, Link, Netlink, Result};
 
 /// What a VXLAN device is configured with; compared to decide whether to recreate it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,27 +184,6 @@ impl Netlink {
         Ok(out)
     }
 
-    pub async fn delete_neighbour(&self, link: &Link, neighbour: &Neighbour) -> Result<()> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = family_of(neighbour.ip);
-        msg.header.ifindex = link.index;
-        msg.attributes
-            .push(NeighbourAttribute::Destination(neighbour_address(
-                neighbour.ip,
-            )));
-        self.handle
-            .neighbours()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(|e| {
-                nl_err(
-                    format!("delete neighbour {} dev {}", neighbour.ip, link.name),
-                    e,
-                )
-            })
-    }
-
     /// FDB entries of a VXLAN device that send a MAC to a remote underlay address.
     pub async fn fdb_entries(&self, link: &Link) -> Result<Vec<FdbEntry>> {
         let mut request = self
@@ -228,50 +207,6 @@ impl Netlink {
             }
         }
         Ok(out)
-    }
-
-    pub async fn add_fdb(&self, link: &Link, entry: &FdbEntry) -> Result<()> {
-        self.handle
-            .neighbours()
-            .add_bridge(link.index, &entry.mac)
-            .flags(NeighbourFlags::Own)
-            .state(NeighbourState::Permanent)
-            .destination(entry.dst)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| {
-                let mac = format_mac(&entry.mac);
-                nl_err(
-                    format!("add fdb {mac} dev {} dst {}", link.name, entry.dst),
-                    e,
-                )
-            })
-    }
-
-    pub async fn delete_fdb(&self, link: &Link, entry: &FdbEntry) -> Result<()> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Bridge;
-        msg.header.ifindex = link.index;
-        msg.header.flags = NeighbourFlags::Own;
-        msg.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(entry.mac.to_vec()));
-        msg.attributes
-            .push(NeighbourAttribute::Destination(neighbour_address(
-                entry.dst,
-            )));
-        self.handle
-            .neighbours()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(|e| {
-                let mac = format_mac(&entry.mac);
-                nl_err(
-                    format!("delete fdb {mac} dev {} dst {}", link.name, entry.dst),
-                    e,
-                )
-            })
     }
 }
 
@@ -337,21 +272,6 @@ fn route_event(m: &netlink_packet_route::route::RouteMessage, deleted: bool) -> 
         deleted,
         protocol: u8::from(m.header.protocol),
         destination: destination.map(|ip| (ip, m.header.destination_prefix_length)),
-    }
-}
-
-fn family_of(ip: IpAddr) -> AddressFamily {
-    if ip.is_ipv4() {
-        AddressFamily::Inet
-    } else {
-        AddressFamily::Inet6
-    }
-}
-
-fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
-    match ip {
-        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
-        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
     }
 }
 

@@ -8,6 +8,7 @@ use calyx_dataplane::overlay::{VxlanLink, VxlanSpec};
 use calyx_dataplane::{sysctl, Link, Netlink, RouteSpec, CALYX_ROUTE_PROTOCOL};
 use ipnetwork::IpNetwork;
 
+use calyx_dataplane::batch::{Batch, Request};
 use calyx_dataplane::nexthop::{Nexthop, NexthopSocket};
 
 use crate::desired::{nexthop_id, BlockRoute, OverlayChanges, OverlayState, VtepNexthop};
@@ -139,98 +140,84 @@ fn blackhole(block: &IpNetwork) -> RouteSpec {
     }
 }
 
-/// How many netlink requests are in flight at once while applying changes: enough to
-/// hide the round trips, the kernel still handles them one by one.
-const IN_FLIGHT: usize = 128;
-
-type Op<'a> = futures::future::BoxFuture<'a, calyx_dataplane::Result<()>>;
-
-/// Runs one phase of requests pipelined, collecting failures ("not found" on a
+/// Sends one phase of requests as a batch, collecting failures ("not found" on a
 /// removal is fine: it is gone already).
-async fn pipelined(ops: Vec<Op<'_>>, errors: &mut Vec<String>) {
-    use futures::StreamExt;
-    let results: Vec<_> = futures::stream::iter(ops)
-        .buffer_unordered(IN_FLIGHT)
-        .collect()
-        .await;
-    for result in results {
-        match result {
-            Ok(()) => {}
-            Err(e) if e.is_not_found() => tracing::debug!(error = %e, "already gone"),
-            Err(e) => errors.push(e.to_string()),
-        }
+fn send_phase(batch: &mut Batch, phase: &str, requests: Vec<Request>, errors: &mut Vec<String>) {
+    if requests.is_empty() {
+        return;
     }
-}
-
-fn nexthop_failures(
-    what: &str,
-    result: calyx_dataplane::Result<Vec<(u32, std::io::Error)>>,
-    errors: &mut Vec<String>,
-) {
-    match result {
+    let (count, started) = (requests.len(), std::time::Instant::now());
+    match batch.send(requests) {
         Ok(failures) => {
-            for (id, e) in failures {
-                if e.raw_os_error() != Some(2) {
-                    errors.push(format!("{what} nexthop {id}: {e}"));
+            for (label, e) in failures {
+                // ENOENT, ESRCH: a removal of what is gone already.
+                if matches!(e.raw_os_error(), Some(2 | 3)) && phase.starts_with("remove") {
+                    tracing::debug!(%label, "already gone");
+                } else {
+                    errors.push(format!("{label}: {e}"));
                 }
             }
         }
-        Err(e) => errors.push(format!("{what} nexthops: {e}")),
+        Err(e) => errors.push(format!("{phase}: {e}")),
     }
+    tracing::debug!(
+        phase,
+        count,
+        elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+        "netlink batch done"
+    );
+}
+
+/// Route requests, or the reason one cannot be built.
+fn route_requests(
+    routes: impl Iterator<Item = RouteSpec>,
+    build: fn(&RouteSpec) -> calyx_dataplane::Result<Request>,
+    errors: &mut Vec<String>,
+) -> Vec<Request> {
+    routes
+        .filter_map(|route| build(&route).map_err(|e| errors.push(e.to_string())).ok())
+        .collect()
 }
 
 /// Applies changes in an order that never leaves a route pointing at something
 /// missing: routes and blackholes go first, then the nexthops they used, then
 /// neighbour and FDB entries; FDB and neighbour entries come first, then nexthops,
-/// then blackholes and routes. Within a phase requests are pipelined; nexthops go in
-/// batches. Carries on past failures and returns them all.
-pub async fn apply(nl: &Netlink, device: &Link, changes: &OverlayChanges) -> Vec<String> {
-    use futures::FutureExt;
+/// then blackholes and routes. Each phase goes to the kernel as one batch. Carries on
+/// past failures and returns them all.
+pub fn apply(device: &Link, changes: &OverlayChanges) -> Vec<String> {
     let (add, remove) = (&changes.add, &changes.remove);
     let mut errors = Vec::new();
+    let mut batch = match Batch::open() {
+        Ok(batch) => batch,
+        Err(e) => return vec![e.to_string()],
+    };
+    let dev = device.index;
 
-    let ops: Vec<Op> = remove
-        .routes
-        .iter()
-        .map(|r| nl.delete_route_owned(block_route(r, device)).boxed())
-        .collect();
-    pipelined(ops, &mut errors).await;
-    let ops: Vec<Op> = remove
-        .blackholes
-        .iter()
-        .map(|b| nl.delete_route_owned(blackhole(b)).boxed())
-        .collect();
-    pipelined(ops, &mut errors).await;
+    let routes = remove.routes.iter().map(|r| block_route(r, device));
+    let blackholes = remove.blackholes.iter().map(blackhole);
+    let requests = route_requests(routes.chain(blackholes), Request::delete_route, &mut errors);
+    send_phase(&mut batch, "remove routes", requests, &mut errors);
     if !remove.nexthops.is_empty() {
         let ids: Vec<u32> = remove.nexthops.iter().map(|n| n.id).collect();
         let result = NexthopSocket::open().and_then(|mut s| s.delete(&ids));
-        nexthop_failures("delete", result, &mut errors);
+        nexthop_failures(result, &mut errors);
     }
-    let ops: Vec<Op> = remove
-        .neighbours
-        .iter()
-        .map(|n| nl.delete_neighbour(device, n).boxed())
+    let requests = (remove.neighbours.iter())
+        .map(|n| Request::delete_neighbour(dev, n.ip))
+        .chain(remove.fdb.iter().map(|f| Request::delete_fdb(dev, f)))
         .collect();
-    pipelined(ops, &mut errors).await;
-    let ops: Vec<Op> = remove
-        .fdb
-        .iter()
-        .map(|f| nl.delete_fdb(device, f).boxed())
-        .collect();
-    pipelined(ops, &mut errors).await;
+    send_phase(
+        &mut batch,
+        "remove neighbours and fdb",
+        requests,
+        &mut errors,
+    );
 
-    let ops: Vec<Op> = add
-        .fdb
-        .iter()
-        .map(|f| nl.add_fdb(device, f).boxed())
+    let requests = (add.fdb.iter())
+        .map(|f| Request::replace_fdb(dev, f))
+        .chain((add.neighbours.iter()).map(|n| Request::replace_neighbour(dev, n.ip, n.mac)))
         .collect();
-    pipelined(ops, &mut errors).await;
-    let ops: Vec<Op> = add
-        .neighbours
-        .iter()
-        .map(|n| nl.add_permanent_neighbour(device, n.ip, n.mac).boxed())
-        .collect();
-    pipelined(ops, &mut errors).await;
+    send_phase(&mut batch, "add fdb and neighbours", requests, &mut errors);
     if !add.nexthops.is_empty() {
         let nexthops: Vec<Nexthop> = add
             .nexthops
@@ -238,24 +225,36 @@ pub async fn apply(nl: &Netlink, device: &Link, changes: &OverlayChanges) -> Vec
             .map(|n| Nexthop {
                 id: n.id,
                 gateway: n.via,
-                device: device.index,
+                device: dev,
                 protocol: CALYX_ROUTE_PROTOCOL,
             })
             .collect();
         let result = NexthopSocket::open().and_then(|mut s| s.replace(&nexthops));
-        nexthop_failures("add", result, &mut errors);
+        nexthop_failures(result, &mut errors);
     }
-    let ops: Vec<Op> = add
-        .blackholes
-        .iter()
-        .map(|b| nl.add_route_owned(blackhole(b)).boxed())
-        .collect();
-    pipelined(ops, &mut errors).await;
-    let ops: Vec<Op> = add
-        .routes
-        .iter()
-        .map(|r| nl.add_route_owned(block_route(r, device)).boxed())
-        .collect();
-    pipelined(ops, &mut errors).await;
+    let blackholes = add.blackholes.iter().map(blackhole);
+    let routes = add.routes.iter().map(|r| block_route(r, device));
+    let requests = route_requests(
+        blackholes.chain(routes),
+        Request::replace_route,
+        &mut errors,
+    );
+    send_phase(&mut batch, "add routes", requests, &mut errors);
     errors
+}
+
+fn nexthop_failures(
+    result: calyx_dataplane::Result<Vec<(String, std::io::Error)>>,
+    errors: &mut Vec<String>,
+) {
+    match result {
+        Ok(failures) => {
+            for (label, e) in failures {
+                if e.raw_os_error() != Some(2) {
+                    errors.push(format!("{label}: {e}"));
+                }
+            }
+        }
+        Err(e) => errors.push(e.to_string()),
+    }
 }

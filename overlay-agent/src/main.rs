@@ -394,7 +394,7 @@ impl Agent {
             actual_blackholes = actual.blackholes.len(),
             "overlay state"
         );
-        let errors = kernel::apply(&self.nl, &device, &changes).await;
+        let errors = kernel::apply(&device, &changes);
         phase("changes applied");
 
         self.metrics.nodes_known.set(nodes.len() as i64);
