@@ -219,11 +219,21 @@ pub fn monitor() -> Result<mpsc::UnboundedReceiver<KernelEvent>> {
         MulticastGroup::Ipv4Route,
         MulticastGroup::Ipv6Route,
     ];
-    let (connection, _handle, mut messages) = rtnetlink::new_multicast_connection(&groups)
-        .map_err(|source| DataplaneError::Io {
-            op: "subscribe to netlink events".into(),
-            source,
-        })?;
+    let subscribe_error = |source| DataplaneError::Io {
+        op: "subscribe to netlink events".into(),
+        source,
+    };
+    let (mut connection, _handle, mut messages) =
+        rtnetlink::new_multicast_connection(&groups).map_err(subscribe_error)?;
+    use netlink_sys::AsyncSocket;
+    // Room for the burst of events a big sync of our own causes (40k entries at
+    // 10,000 nodes), so that other changes in it are not dropped (ENOBUFS). The
+    // kernel caps it at net.core.rmem_max; whatever is dropped, the resync repairs.
+    connection
+        .socket_mut()
+        .socket_mut()
+        .set_rx_buf_sz(8 << 20)
+        .map_err(subscribe_error)?;
     tokio::spawn(connection);
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
