@@ -182,11 +182,18 @@ impl<'s> Ipam<'s> {
         &self,
         index: &BTreeMap<String, u64>,
     ) -> Result<BTreeMap<String, StoredBlock>, IpamError> {
+        let keys: Vec<String> = index
+            .keys()
+            .map(|index_key| {
+                let suffix = index_key.rsplit('/').next().unwrap_or_default();
+                format!("blocks/{suffix}")
+            })
+            .collect();
+        // All at once: one round trip's wait however many blocks the node has.
+        let found = futures::future::join_all(keys.iter().map(|key| self.store.get(key))).await;
         let mut blocks = BTreeMap::new();
-        for index_key in index.keys() {
-            let suffix = index_key.rsplit('/').next().unwrap_or_default();
-            let key = format!("blocks/{suffix}");
-            if let Some(v) = self.store.get(&key).await? {
+        for (key, found) in keys.into_iter().zip(found) {
+            if let Some(v) = found? {
                 let block: Block = decode(self.store, &key, &v)?;
                 blocks.insert(
                     key,
