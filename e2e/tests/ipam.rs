@@ -306,17 +306,38 @@ fn now_request(node: &str, i: usize) -> AllocationRequest {
     r
 }
 
-/// A /28 pool of four /30 blocks, so every limit is reached within a few allocations.
+/// A store (file or a fresh etcd) holding one /28 pool of four /30 blocks, so every
+/// limit is reached within a few allocations.
+struct SmallPool {
+    url: String,
+    runtime: tokio::runtime::Runtime,
+    store: Box<dyn store::Store>,
+    _etcd: Option<Etcd>,
+    _dir: tempfile::TempDir,
+}
+
+fn small_pool(etcd: bool) -> Option<SmallPool> {
+    let (url, server, dir) = datastore(etcd)?;
+    let runtime = runtime();
+    let store = runtime.block_on(async { store::open(&url).unwrap() });
+    ipamctl_ok(&url, &["pools", "add", "10.9.0.0/28", "--block-size", "30"]);
+    Some(SmallPool {
+        url,
+        runtime,
+        store,
+        _etcd: server,
+        _dir: dir,
+    })
+}
+
 fn block_lifecycle(etcd: bool) {
-    let Some((url, _server, _dir)) = datastore(etcd) else {
+    let Some(f) = small_pool(etcd) else {
         return;
     };
-    let rt = runtime();
-    let s = rt.block_on(async { store::open(&url).unwrap() });
-    let ipam = Ipam::new(s.as_ref());
-    ipamctl_ok(&url, &["pools", "add", "10.9.0.0/28", "--block-size", "30"]);
+    let (url, rt, s) = (&f.url, &f.runtime, f.store.as_ref());
+    let ipam = Ipam::new(s);
     ipamctl_ok(
-        &url,
+        url,
         &[
             "config",
             "set",
@@ -342,12 +363,12 @@ fn block_lifecycle(etcd: bool) {
         }
     });
     // Without strict affinity, n1 borrows from n2's block.
-    ipamctl_ok(&url, &["config", "set", "--strict-affinity", "false"]);
+    ipamctl_ok(url, &["config", "set", "--strict-affinity", "false"]);
     let borrowed = rt.block_on(async { ipam.allocate(&now_request("n1", 8)).await.unwrap().0 });
     let borrowed_ip = ip_of(&borrowed);
     assert_eq!(borrowed.addresses[0].block.to_string(), "10.9.0.8/30");
     let shown: serde_json::Value = serde_json::from_str(&ipamctl_ok(
-        &url,
+        url,
         &["-o", "json", "show", "--ip", &borrowed_ip],
     ))
     .unwrap();
@@ -355,13 +376,13 @@ fn block_lifecycle(etcd: bool) {
     assert_eq!(shown["blockNode"], "n2");
     assert_eq!(shown["allocation"]["node"], "n1");
     let n1: serde_json::Value =
-        serde_json::from_str(&ipamctl_ok(&url, &["-o", "json", "show", "--node", "n1"])).unwrap();
+        serde_json::from_str(&ipamctl_ok(url, &["-o", "json", "show", "--node", "n1"])).unwrap();
     assert_eq!(n1["blocks"].as_array().unwrap().len(), 2);
     assert_eq!(n1["borrowed"][0]["ip"], borrowed_ip.as_str());
     assert_eq!(rt.block_on(ipam.check(None)).unwrap(), vec![]);
 
     // A freed address rests for the cooldown: the next two allocations avoid it.
-    ipamctl_ok(&url, &["config", "set", "--ip-cooldown-seconds", "3600"]);
+    ipamctl_ok(url, &["config", "set", "--ip-cooldown-seconds", "3600"]);
     rt.block_on(async {
         let freed = ipam.release("t.n2.0").await.unwrap().unwrap();
         for i in 2..4 {
@@ -370,7 +391,7 @@ fn block_lifecycle(etcd: bool) {
         }
     });
     ipamctl_ok(
-        &url,
+        url,
         &[
             "config",
             "set",
@@ -405,12 +426,12 @@ fn block_lifecycle(etcd: bool) {
 
     // Releasing n2 refuses while its pods hold addresses, then --force frees them; the
     // block that lends n1 an address stays (without affinity) until it empties.
-    let (ok, _, stderr) = ipamctl(&url, &["node", "release", "n2"]);
+    let (ok, _, stderr) = ipamctl(url, &["node", "release", "n2"]);
     assert!(
         !ok && stderr.contains("still has 3 address(es)"),
         "{stderr}"
     );
-    let out = ipamctl_ok(&url, &["node", "release", "n2", "--force"]);
+    let out = ipamctl_ok(url, &["node", "release", "n2", "--force"]);
     assert!(out.contains("released 3 handle(s)"), "{out}");
     rt.block_on(async {
         let blocks = ipam.blocks().await.unwrap();
@@ -430,7 +451,7 @@ fn block_lifecycle(etcd: bool) {
         let released = ipam.release_empty_blocks("n1").await.unwrap();
         assert_eq!(released, ["blocks/10.9.0.8-30"]);
     });
-    let (ok, _, stderr) = ipamctl(&url, &["node", "release", "nobody"]);
+    let (ok, _, stderr) = ipamctl(url, &["node", "release", "nobody"]);
     assert!(!ok && stderr.contains("no such node"), "{stderr}");
 }
 
@@ -578,4 +599,45 @@ fn ipamctl_names_a_bad_argument_in_one_line() {
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(named), "{args:?}: {stderr}");
     }
+}
+
+/// `pools delete` refuses while addresses are allocated, then removes the pool with
+/// its empty blocks and their index entries (nothing left for `check` to report).
+fn deleting_a_pool_takes_its_empty_blocks(etcd: bool) {
+    let Some(f) = small_pool(etcd) else {
+        return;
+    };
+    let (url, rt, s) = (&f.url, &f.runtime, f.store.as_ref());
+    let ipam = Ipam::new(s);
+    let name = "default-ipv4-10-9-0-0-28";
+    rt.block_on(async {
+        for i in 0..5 {
+            ipam.allocate(&request("n1", i)).await.unwrap();
+        }
+    });
+    let (ok, _, stderr) = ipamctl(url, &["pools", "delete", name]);
+    assert!(!ok && stderr.contains("5 allocation(s)"), "{stderr}");
+    rt.block_on(async {
+        for i in 0..5 {
+            ipam.release(&format!("t.n1.{i}")).await.unwrap().unwrap();
+        }
+        assert_eq!(ipam.blocks().await.unwrap().len(), 2);
+    });
+    ipamctl_ok(url, &["pools", "delete", name]);
+    rt.block_on(async {
+        assert!(ipam.pools().await.unwrap().is_empty());
+        assert!(ipam.blocks().await.unwrap().is_empty());
+        assert!(s.list("affinities/").await.unwrap().is_empty());
+        assert_eq!(ipam.check(None).await.unwrap(), vec![]);
+    });
+}
+
+#[test]
+fn deleting_a_pool_takes_its_empty_blocks_file() {
+    deleting_a_pool_takes_its_empty_blocks(false);
+}
+
+#[test]
+fn deleting_a_pool_takes_its_empty_blocks_etcd() {
+    deleting_a_pool_takes_its_empty_blocks(true);
 }

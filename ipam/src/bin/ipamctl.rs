@@ -9,13 +9,15 @@
 //!                              [--ip-cooldown-seconds N] [--empty-block-grace-seconds N]
 //!   ipamctl migrate --from URL --to URL
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
+use calyx_ipam::allocator::StoredBlock;
 use calyx_ipam::check::{LivePods, Problem, ProblemKind};
-use calyx_ipam::model::{pool_key, Block, Pool};
+use calyx_ipam::model::{affinity_key, pool_key, Block, Pool};
 use calyx_ipam::store::{self, Expect, Write};
 use calyx_ipam::{Ipam, ReleaseOutcome};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -718,20 +720,62 @@ async fn pools(ipam: &Ipam<'_>, command: PoolsCommand, output: Output) -> anyhow
                 .get(&pool_key(&name))
                 .await?
                 .with_context(|| format!("NAME {name}: no such pool"))?;
-            let in_use: usize = ipam
+            let blocks: Vec<(String, StoredBlock)> = ipam
                 .blocks()
                 .await?
-                .values()
-                .filter(|b| b.block.pool == name)
-                .map(|b| b.block.allocations.len())
-                .sum();
+                .into_iter()
+                .filter(|(_, b)| b.block.pool == name)
+                .collect();
+            let in_use: usize = blocks.iter().map(|(_, b)| b.block.allocations.len()).sum();
             if in_use > 0 {
                 bail!("NAME {name}: the pool still holds {in_use} allocation(s); disable it and release them first");
+            }
+            // Disabled first, so nothing claims a block while its empty blocks and
+            // their index entries go; the pool document last, so a run that stops
+            // half-way can be repeated.
+            let mut pool: Pool = serde_json::from_str(&current.value)?;
+            let mut revision = current.revision;
+            if !pool.disabled {
+                pool.disabled = true;
+                revision = store
+                    .commit(vec![Write::Put {
+                        key: pool_key(&name),
+                        value: serde_json::to_string(&pool)?,
+                        expect: Expect::Revision(revision),
+                    }])
+                    .await?;
+            }
+            let index: BTreeMap<String, u64> = store
+                .list("affinities/")
+                .await?
+                .into_iter()
+                .map(|(key, v)| (key, v.revision))
+                .collect();
+            let mut writes = Vec::new();
+            for (key, stored) in &blocks {
+                writes.push(Write::Delete {
+                    key: key.clone(),
+                    expect: Expect::Revision(stored.revision),
+                });
+                let entry = stored
+                    .block
+                    .affinity
+                    .as_deref()
+                    .map(|node| affinity_key(node, &stored.block.cidr));
+                if let Some((entry, revision)) = entry.and_then(|e| index.get_key_value(&e)) {
+                    writes.push(Write::Delete {
+                        key: entry.clone(),
+                        expect: Expect::Revision(*revision),
+                    });
+                }
+            }
+            for chunk in writes.chunks(100) {
+                store.commit(chunk.to_vec()).await?;
             }
             store
                 .commit(vec![Write::Delete {
                     key: pool_key(&name),
-                    expect: Expect::Revision(current.revision),
+                    expect: Expect::Revision(revision),
                 }])
                 .await?;
             println!("deleted pool {name}");
