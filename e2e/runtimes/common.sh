@@ -18,7 +18,7 @@ require() {
 
 # setup_lab NAME PLUGIN: a node namespace and a work dir with the plugin installed.
 setup_lab() {
-    LAB=$1; PLUGIN=$2
+    LAB=$1; PLUGIN=$2; IPAMCTL=$(dirname "$PLUGIN")/ipamctl
     WORK=$(mktemp -d /tmp/calyx-rt-XXXXXX)
     NODE=cyxrt-$LAB-$$
     ip netns add "$NODE"
@@ -63,7 +63,8 @@ assert_clean() {
     local veths routes handles
     veths=$(ip -n "$NODE" -o link show | grep -c ': cyx' || true)
     routes=$(ip -n "$NODE" route show proto 201 | wc -l)
-    handles=$(python3 -c "import json,sys; d=json.load(open('$WORK/store')); print(sum(k.startswith('handles/') for k in d['keys']))")
+    handles=$("$IPAMCTL" --datastore "file://$WORK/store" -o json show \
+        | python3 -c "import json,sys; print(sum(p['inUse'] for p in json.load(sys.stdin)['pools']))")
     [ "$veths" = 0 ] || die "$veths calyx veths left in the node"
     [ "$routes" = 0 ] || die "$routes calyx routes left in the node"
     [ "$handles" = 0 ] || die "$handles allocations left in the store"

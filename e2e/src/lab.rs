@@ -285,17 +285,20 @@ impl Lab {
 
     /// The store's documents under a prefix (handles/, blocks/ ...).
     pub fn store_keys(&self, prefix: &str) -> Vec<(String, Value)> {
-        let path = self.dir.path().join("store");
-        let Ok(text) = std::fs::read_to_string(&path) else {
-            return Vec::new();
-        };
-        let store: Value = serde_json::from_str(&text).unwrap();
-        store["keys"]
-            .as_object()
-            .unwrap()
-            .iter()
-            .filter(|(k, _)| k.starts_with(prefix))
-            .map(|(k, v)| (k.clone(), v["value"].clone()))
+        let store = calyx_ipam::store::file::FileStore::new(self.dir.path().join("store"));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        let listed = runtime.block_on(calyx_ipam::store::Store::list(&store, prefix));
+        listed
+            .expect("the lab's store reads")
+            .into_iter()
+            .map(|(key, v)| {
+                (
+                    key,
+                    serde_json::from_str(&v.value).expect("documents are JSON"),
+                )
+            })
             .collect()
     }
 

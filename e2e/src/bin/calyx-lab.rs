@@ -149,21 +149,19 @@ fn status(cluster: &Cluster) -> Result<()> {
 /// Node name -> the blocks affine to it, read from the lab's store.
 fn blocks_by_node(cluster: &Cluster) -> std::collections::BTreeMap<String, Vec<String>> {
     let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    let path = cluster.state_dir().join("store");
-    let Ok(text) = std::fs::read_to_string(path) else {
+    let store = calyx_ipam::store::file::FileStore::new(cluster.state_dir().join("store"));
+    let Ok(runtime) = tokio::runtime::Builder::new_current_thread().build() else {
         return out;
     };
-    let Ok(doc) = serde_json::from_str::<serde_json::Value>(&text) else {
+    let Ok(blocks) = runtime.block_on(calyx_ipam::store::Store::list(&store, "blocks/")) else {
         return out;
     };
-    for (key, entry) in doc["keys"].as_object().into_iter().flatten() {
-        if key.starts_with("blocks/") {
-            let block = &entry["value"];
-            if let (Some(node), Some(cidr)) = (block["affinity"].as_str(), block["cidr"].as_str()) {
-                out.entry(node.to_string())
-                    .or_default()
-                    .push(cidr.to_string());
-            }
+    for (_, doc) in blocks {
+        let Ok(block) = serde_json::from_str::<calyx_ipam::model::Block>(&doc.value) else {
+            continue;
+        };
+        if let Some(node) = block.affinity {
+            out.entry(node).or_default().push(block.cidr.to_string());
         }
     }
     out
