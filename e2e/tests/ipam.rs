@@ -187,13 +187,9 @@ fn killed_allocators_leave_leaks_that_check_finds_and_release_repairs(etcd: bool
         })
         .collect();
     // Let them get going, then kill them mid-allocation.
-    let ipamctl = bin("ipamctl");
     let handles_now = || {
-        let out = Command::new(&ipamctl)
-            .args(["--datastore", &url, "-o", "json", "show"])
-            .output()
-            .unwrap();
-        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let (_, stdout, _) = ipamctl(&url, &["-o", "json", "show"]);
+        let doc: serde_json::Value = serde_json::from_str(&stdout).unwrap_or_default();
         doc["pools"][0]["inUse"].as_u64().unwrap_or(0)
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
@@ -212,23 +208,9 @@ fn killed_allocators_leave_leaks_that_check_finds_and_release_repairs(etcd: bool
     let pods = dir.path().join("pods.json");
     std::fs::write(&pods, r#"{"items": []}"#).unwrap();
     let report = dir.path().join("report.json");
-    let check = Command::new(&ipamctl)
-        .args([
-            "--datastore",
-            &url,
-            "check",
-            "--pods",
-            pods.to_str().unwrap(),
-            "--report",
-            report.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert_eq!(
-        check.status.code(),
-        Some(1),
-        "check must fail when it finds leaks"
-    );
+    let (pods, report_path) = (pods.to_str().unwrap(), report.to_str().unwrap());
+    let (code, _, _) = ipamctl(&url, &["check", "--pods", pods, "--report", report_path]);
+    assert_eq!(code, Some(1), "check must fail when it finds leaks");
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     let problems: Vec<calyx_ipam::check::Problem> =
         serde_json::from_value(doc["problems"].clone()).unwrap();
@@ -237,36 +219,9 @@ fn killed_allocators_leave_leaks_that_check_finds_and_release_repairs(etcd: bool
         problems.iter().all(|p| p.kind == ProblemKind::PodGone),
         "a SIGKILL must never leave a half-written allocation: {problems:?}"
     );
-    let release = Command::new(&ipamctl)
-        .args([
-            "--datastore",
-            &url,
-            "release",
-            "--from-report",
-            report.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        release.status.success(),
-        "{}",
-        String::from_utf8_lossy(&release.stderr)
-    );
-    let after = Command::new(&ipamctl)
-        .args([
-            "--datastore",
-            &url,
-            "check",
-            "--pods",
-            pods.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        after.status.success(),
-        "{}",
-        String::from_utf8_lossy(&after.stdout)
-    );
+    ipamctl_ok(&url, &["release", "--from-report", report_path]);
+    let (code, stdout, _) = ipamctl(&url, &["check", "--pods", pods]);
+    assert_eq!(code, Some(0), "{stdout}");
     assert_eq!(handles_now(), 0);
 }
 
@@ -280,23 +235,23 @@ fn killed_allocators_leave_leaks_that_check_finds_and_release_repairs_etcd() {
     killed_allocators_leave_leaks_that_check_finds_and_release_repairs(true);
 }
 
-/// Runs ipamctl against `url`; returns (success, stdout, stderr).
-fn ipamctl(url: &str, args: &[&str]) -> (bool, String, String) {
+/// Runs ipamctl against `url`; returns (exit code, stdout, stderr).
+fn ipamctl(url: &str, args: &[&str]) -> (Option<i32>, String, String) {
     let out = Command::new(bin("ipamctl"))
         .args(["--datastore", url])
         .args(args)
         .output()
         .unwrap();
     (
-        out.status.success(),
+        out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
 
 fn ipamctl_ok(url: &str, args: &[&str]) -> String {
-    let (ok, stdout, stderr) = ipamctl(url, args);
-    assert!(ok, "ipamctl {args:?} failed: {stderr}");
+    let (code, stdout, stderr) = ipamctl(url, args);
+    assert_eq!(code, Some(0), "ipamctl {args:?} failed: {stderr}");
     stdout
 }
 
@@ -426,9 +381,9 @@ fn block_lifecycle(etcd: bool) {
 
     // Releasing n2 refuses while its pods hold addresses, then --force frees them; the
     // block that lends n1 an address stays (without affinity) until it empties.
-    let (ok, _, stderr) = ipamctl(url, &["node", "release", "n2"]);
+    let (code, _, stderr) = ipamctl(url, &["node", "release", "n2"]);
     assert!(
-        !ok && stderr.contains("still has 3 address(es)"),
+        code != Some(0) && stderr.contains("still has 3 address(es)"),
         "{stderr}"
     );
     let out = ipamctl_ok(url, &["node", "release", "n2", "--force"]);
@@ -451,8 +406,11 @@ fn block_lifecycle(etcd: bool) {
         let released = ipam.release_empty_blocks("n1").await.unwrap();
         assert_eq!(released, ["blocks/10.9.0.8-30"]);
     });
-    let (ok, _, stderr) = ipamctl(url, &["node", "release", "nobody"]);
-    assert!(!ok && stderr.contains("no such node"), "{stderr}");
+    let (code, _, stderr) = ipamctl(url, &["node", "release", "nobody"]);
+    assert!(
+        code != Some(0) && stderr.contains("no such node"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -512,8 +470,8 @@ fn migrate_from_the_embedded_store_to_etcd_is_safe_to_repeat() {
         // The source changes after the copy: the changed block is a conflict, left alone.
         from.release("t.n2.1").await.unwrap().unwrap();
     });
-    let (ok, stdout, _) = ipamctl(&file_url, &migrate);
-    assert!(!ok, "a conflict must fail the run");
+    let (code, stdout, _) = ipamctl(&file_url, &migrate);
+    assert_ne!(code, Some(0), "a conflict must fail the run");
     assert!(
         stdout.contains("differs in") && stdout.contains("blocks/"),
         "{stdout}"
@@ -589,13 +547,8 @@ fn ipamctl_names_a_bad_argument_in_one_line() {
         ),
         (&["node", "frobnicate"][..], "frobnicate"),
     ] {
-        let out = Command::new(bin("ipamctl"))
-            .args(["--datastore", "file:///nonexistent/store"])
-            .args(args)
-            .output()
-            .unwrap();
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        let (code, _, stderr) = ipamctl("file:///nonexistent/store", args);
+        assert_eq!(code, Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(stderr.contains(named), "{args:?}: {stderr}");
     }
@@ -615,8 +568,11 @@ fn deleting_a_pool_takes_its_empty_blocks(etcd: bool) {
             ipam.allocate(&request("n1", i)).await.unwrap();
         }
     });
-    let (ok, _, stderr) = ipamctl(url, &["pools", "delete", name]);
-    assert!(!ok && stderr.contains("5 allocation(s)"), "{stderr}");
+    let (code, _, stderr) = ipamctl(url, &["pools", "delete", name]);
+    assert!(
+        code != Some(0) && stderr.contains("5 allocation(s)"),
+        "{stderr}"
+    );
     rt.block_on(async {
         for i in 0..5 {
             ipam.release(&format!("t.n1.{i}")).await.unwrap().unwrap();
