@@ -407,8 +407,9 @@ impl<'s> Ipam<'s> {
     pub async fn release_node(&self, node: &str, force: bool) -> Result<NodeRelease, IpamError> {
         let tunnel = tunnel_handle_id(node);
         let blocks = self.blocks().await?;
-        // Pod allocations on the node, in its own blocks or borrowed from others.
-        let in_use: Vec<(std::net::IpAddr, String)> = blocks
+        // Every address held for the node, in its own blocks or borrowed from others;
+        // all but its tunnel addresses belong to pods.
+        let held: Vec<(std::net::IpAddr, String)> = blocks
             .values()
             .flat_map(|b| {
                 b.block
@@ -417,6 +418,9 @@ impl<'s> Ipam<'s> {
                     .filter(|(_, a)| a.attrs.node == node)
                     .map(|(ordinal, a)| (b.block.ip_at(*ordinal), a.handle.clone()))
             })
+            .collect();
+        let in_use: Vec<&(std::net::IpAddr, String)> = held
+            .iter()
             .filter(|(_, handle)| *handle != tunnel)
             .collect();
         if !in_use.is_empty() && !force {
@@ -432,26 +436,20 @@ impl<'s> Ipam<'s> {
             });
         }
         let mut report = NodeRelease::default();
-        let handles: BTreeSet<String> = in_use
-            .into_iter()
+        let handles: BTreeSet<&String> = held
+            .iter()
             .map(|(_, handle)| handle)
-            .chain([tunnel])
+            .chain([&tunnel])
             .collect();
         for handle in handles {
-            if self.release(&handle).await?.is_some() {
-                report.handles_released.push(handle);
-            } else {
-                // No handle document: free the addresses it left in the blocks.
-                let blocks = self.blocks().await?;
-                for stored in blocks.values() {
-                    for (ordinal, a) in &stored.block.allocations {
-                        if a.handle == handle {
-                            let ip = stored.block.ip_at(*ordinal);
-                            if let ReleaseOutcome::Released(_) = self.release_ip(ip, None).await? {
-                                report.handles_released.push(handle.clone());
-                            }
-                        }
-                    }
+            if self.release(handle).await?.is_some() {
+                report.handles_released.push(handle.clone());
+                continue;
+            }
+            // No handle document: free the addresses it left in the blocks.
+            for (ip, _) in held.iter().filter(|(_, h)| h == handle) {
+                if let ReleaseOutcome::Released(_) = self.release_ip(*ip, None).await? {
+                    report.handles_released.push(handle.clone());
                 }
             }
         }

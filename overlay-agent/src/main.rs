@@ -409,7 +409,13 @@ impl Agent {
         self.metrics.neighbours.set(desired.neighbours.len() as i64);
         self.metrics.kernel_changes.inc_by(changes.count() as u64);
 
-        if full {
+        // Releasing reads every block again: only when the blocks just read hold an
+        // empty one it could concern (a node's first block keeps its tunnel address).
+        let empty_block = blocks.iter().any(|b| {
+            b.allocations.is_empty()
+                && (b.affinity.is_none() || b.affinity.as_deref() == Some(me.as_str()))
+        });
+        if full && empty_block {
             self.release_empty_blocks().await;
         }
         let mut rule_changes = 0;
