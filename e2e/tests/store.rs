@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use calyx_e2e::etcd::Etcd;
-use calyx_ipam::store::{self, Expect, Store, StoreError, WatchEvent, Write};
+use calyx_ipam::store::{self, Expect, Read, Store, StoreError, WatchEvent, Write};
 
 fn put(key: &str, value: &str, expect: Expect) -> Write {
     Write::Put {
@@ -89,6 +89,47 @@ fn list_returns_exactly_the_prefix_in_key_order() {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(keys, ["blocks/1", "blocks/2"], "{}", s.location());
+    });
+}
+
+#[test]
+fn a_read_answers_each_key_and_prefix_in_order() {
+    on_both_stores(|s| async move {
+        for key in ["blocks/2", "blocks/1", "handles/x", "config/ipam"] {
+            s.commit(vec![put(key, &format!("\"{key}\""), Expect::Absent)])
+                .await
+                .unwrap();
+        }
+        let found = s
+            .read(&[
+                Read::Key("handles/x".into()),
+                Read::Prefix("blocks/".into()),
+                Read::Key("handles/missing".into()),
+                Read::Key("config/ipam".into()),
+                Read::Prefix("nothing/".into()),
+            ])
+            .await
+            .unwrap();
+        let keys: Vec<Vec<&str>> = found
+            .iter()
+            .map(|part| part.iter().map(|(k, _)| k.as_str()).collect())
+            .collect();
+        let want: [&[&str]; 5] = [
+            &["handles/x"],
+            &["blocks/1", "blocks/2"],
+            &[],
+            &["config/ipam"],
+            &[],
+        ];
+        assert_eq!(keys, want, "{}", s.location());
+        assert_eq!(found[1][1].1.value, "\"blocks/2\"");
+        let x = s.get("handles/x").await.unwrap().unwrap();
+        assert_eq!(
+            found[0][0].1,
+            x,
+            "{}: same value and revision as get",
+            s.location()
+        );
     });
 }
 

@@ -10,11 +10,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    TlsOptions, Txn, TxnOp, WatchOptions,
+    KeyValue, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
 
-use super::{Expect, Store, StoreError, Versioned, WatchEvent, WatchReceiver, Write};
+use super::{Expect, Found, Read, Store, StoreError, Versioned, WatchEvent, WatchReceiver, Write};
 
 pub const DEFAULT_PREFIX: &str = "/calyx/v1/";
 /// A CNI ADD must fail within 5 s when etcd is unreachable: connect and each request
@@ -199,6 +199,24 @@ impl EtcdStore {
         key.strip_prefix(self.config.prefix.as_str()).unwrap_or(key)
     }
 
+    /// Key-value pairs as the store's (key, document) pairs, keys without the prefix.
+    fn found(&self, kvs: &[KeyValue]) -> Result<Found, StoreError> {
+        let mut out = Vec::with_capacity(kvs.len());
+        for item in kvs {
+            let key = self.text("(key)", item.key())?;
+            let key = self.strip(&key).to_string();
+            let value = self.text(&key, item.value())?;
+            out.push((
+                key,
+                Versioned {
+                    value,
+                    revision: item.mod_revision() as u64,
+                },
+            ));
+        }
+        Ok(out)
+    }
+
     fn text(&self, key: &str, bytes: &[u8]) -> Result<String, StoreError> {
         String::from_utf8(bytes.to_vec()).map_err(|e| StoreError::Corrupt {
             location: self.location(),
@@ -246,20 +264,34 @@ impl Store for EtcdStore {
             .get(self.full(prefix), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| self.error(e))?;
-        let mut out = Vec::with_capacity(resp.kvs().len());
-        for item in resp.kvs() {
-            let key = self.text("(key)", item.key())?;
-            let key = self.strip(&key).to_string();
-            let value = self.text(&key, item.value())?;
-            out.push((
-                key,
-                Versioned {
-                    value,
-                    revision: item.mod_revision() as u64,
-                },
-            ));
-        }
-        Ok(out)
+        self.found(resp.kvs())
+    }
+
+    async fn read(&self, reads: &[Read]) -> Result<Vec<Found>, StoreError> {
+        let ops = reads
+            .iter()
+            .map(|read| match read {
+                Read::Key(key) => TxnOp::get(self.full(key), None),
+                Read::Prefix(prefix) => {
+                    TxnOp::get(self.full(prefix), Some(GetOptions::new().with_prefix()))
+                }
+            })
+            .collect::<Vec<_>>();
+        let mut kv = self.client().await?.kv_client();
+        let resp = kv
+            .txn(Txn::new().and_then(ops))
+            .await
+            .map_err(|e| self.error(e))?;
+        resp.op_responses()
+            .iter()
+            .map(|op| match op {
+                TxnOpResponse::Get(found) => self.found(found.kvs()),
+                other => Err(StoreError::Io {
+                    location: self.location(),
+                    reason: format!("read transaction answered {other:?}"),
+                }),
+            })
+            .collect()
     }
 
     async fn commit(&self, writes: Vec<Write>) -> Result<u64, StoreError> {

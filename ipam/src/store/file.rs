@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::sync::mpsc;
 
-use super::{Expect, Store, StoreError, Versioned, WatchEvent, WatchReceiver, Write};
+use super::{Expect, Found, Read, Store, StoreError, Versioned, WatchEvent, WatchReceiver, Write};
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Contents {
@@ -259,7 +259,7 @@ impl FileStore {
         Ok(view)
     }
 
-    fn read(&self) -> Result<Arc<Contents>, StoreError> {
+    fn contents(&self) -> Result<Arc<Contents>, StoreError> {
         Ok(self.current()?.contents.clone())
     }
 
@@ -402,6 +402,22 @@ fn snapshot_under(contents: &Contents, prefix: &str) -> BTreeMap<String, Entry> 
         .collect()
 }
 
+fn versioned(entry: &Entry) -> Versioned {
+    Versioned {
+        value: entry.value.get().to_string(),
+        revision: entry.revision,
+    }
+}
+
+fn found_under(contents: &Contents, prefix: &str) -> Found {
+    contents
+        .keys
+        .range(prefix.to_string()..)
+        .take_while(|(k, _)| k.starts_with(prefix))
+        .map(|(k, e)| (k.clone(), versioned(e)))
+        .collect()
+}
+
 #[async_trait]
 impl Store for FileStore {
     fn location(&self) -> String {
@@ -410,22 +426,25 @@ impl Store for FileStore {
 
     async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
         let view = self.current()?;
-        Ok(view.contents.keys.get(key).map(|e| Versioned {
-            value: e.value.get().to_string(),
-            revision: e.revision,
-        }))
+        Ok(view.contents.keys.get(key).map(versioned))
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
-        let contents = self.read()?;
-        Ok(snapshot_under(&contents, prefix)
-            .into_iter()
-            .map(|(k, e)| {
-                let v = Versioned {
-                    value: e.value.get().to_string(),
-                    revision: e.revision,
-                };
-                (k, v)
+        Ok(found_under(self.contents()?.as_ref(), prefix))
+    }
+
+    async fn read(&self, reads: &[Read]) -> Result<Vec<Found>, StoreError> {
+        let contents = self.contents()?;
+        Ok(reads
+            .iter()
+            .map(|read| match read {
+                Read::Key(key) => contents
+                    .keys
+                    .get(key)
+                    .map(|e| (key.clone(), versioned(e)))
+                    .into_iter()
+                    .collect(),
+                Read::Prefix(prefix) => found_under(&contents, prefix),
             })
             .collect())
     }

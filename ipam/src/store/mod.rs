@@ -55,6 +55,17 @@ impl Write {
     }
 }
 
+/// One part of a `Store::read`: a single key, or every key under a prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read {
+    Key(String),
+    Prefix(String),
+}
+
+/// What one `Read` found: (key, document) pairs sorted by key; at most one for a
+/// `Read::Key`.
+pub type Found = Vec<(String, Versioned)>;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum WatchEvent {
     Put { key: String, value: Versioned },
@@ -92,6 +103,10 @@ pub trait Store: Send + Sync {
 
     /// Every key under `prefix`, sorted by key, read at one consistent revision.
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError>;
+
+    /// Several reads at one consistent revision, in one round trip (one etcd
+    /// transaction): an allocation needs four or five documents before it can plan.
+    async fn read(&self, reads: &[Read]) -> Result<Vec<Found>, StoreError>;
 
     /// Applies all writes atomically if every expectation holds, else none and
     /// `StoreError::Conflict`. Returns the new store revision.
