@@ -597,3 +597,56 @@ fn deleting_a_pool_takes_its_empty_blocks_file() {
 fn deleting_a_pool_takes_its_empty_blocks_etcd() {
     deleting_a_pool_takes_its_empty_blocks(true);
 }
+
+/// A long-lived client reads the blocks it saw last time beside the node's index;
+/// when they have since gone to another node, it must notice and not allocate there.
+fn stale_remembered_blocks_are_not_used(etcd: bool) {
+    let Some(f) = small_pool(etcd) else {
+        return;
+    };
+    let (url, rt, s) = (&f.url, &f.runtime, f.store.as_ref());
+    let long_lived = Ipam::new(s);
+    let (first, _) = rt
+        .block_on(long_lived.allocate(&now_request("n1", 0)))
+        .unwrap();
+    let n1_block = first.addresses[0].block;
+    rt.block_on(long_lived.release(&first.id)).unwrap();
+    // n1 leaves; n2 takes the block n1 had and fills it.
+    ipamctl_ok(url, &["node", "release", "n1"]);
+    let other = Ipam::new(s);
+    for i in 0..4 {
+        let (h, _) = rt.block_on(other.allocate(&now_request("n2", i))).unwrap();
+        assert_eq!(h.addresses[0].block, n1_block, "n2 reuses the freed block");
+    }
+    // n1 comes back: its client still remembers that block.
+    let (again, _) = rt
+        .block_on(long_lived.allocate(&now_request("n1", 1)))
+        .unwrap();
+    assert_ne!(again.addresses[0].block, n1_block, "{again:?}");
+    let report: serde_json::Value =
+        serde_json::from_str(&ipamctl_ok(url, &["-o", "json", "check"])).unwrap();
+    assert_eq!(report["problems"], serde_json::json!([]), "{report}");
+    let shown: serde_json::Value = serde_json::from_str(&ipamctl_ok(
+        url,
+        &[
+            "-o",
+            "json",
+            "show",
+            "--ip",
+            &again.addresses[0].ip.to_string(),
+        ],
+    ))
+    .unwrap();
+    assert_eq!(shown["blockNode"], "n1", "{shown}");
+    assert_eq!(shown["borrowed"], false, "{shown}");
+}
+
+#[test]
+fn stale_remembered_blocks_are_not_used_file() {
+    stale_remembered_blocks_are_not_used(false);
+}
+
+#[test]
+fn stale_remembered_blocks_are_not_used_etcd() {
+    stale_remembered_blocks_are_not_used(true);
+}

@@ -18,10 +18,10 @@ use crate::allocator::{
     StoredBlock,
 };
 use crate::model::{
-    affinity_prefix, handle_key, node_key, pool_key, tunnel_handle_id, Block, Handle, IpamConfig,
-    NodeRecord, Pool, IPAM_CONFIG_KEY,
+    affinity_prefix, block_key_of_affinity, handle_key, node_key, pool_key, tunnel_handle_id,
+    Handle, IpamConfig, NodeRecord, Pool, IPAM_CONFIG_KEY,
 };
-use crate::store::{conflict_backoff, Expect, Store, StoreError, Versioned, Write};
+use crate::store::{conflict_backoff, Expect, Read, Store, StoreError, Versioned, Write};
 
 /// What a targeted release did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,6 +77,10 @@ pub struct NodeRelease {
 pub struct Ipam<'s> {
     store: &'s dyn Store,
     host_lock: Option<std::path::PathBuf>,
+    /// The block keys each node's index named at its last allocation by this client:
+    /// read in the same round trip as the index itself, so a usual allocation is one
+    /// read and one commit. A guess only; the index read beside it decides.
+    known_blocks: std::sync::Mutex<BTreeMap<String, BTreeSet<String>>>,
 }
 
 impl<'s> Ipam<'s> {
@@ -84,6 +88,7 @@ impl<'s> Ipam<'s> {
         Ipam {
             store,
             host_lock: None,
+            known_blocks: Default::default(),
         }
     }
 
@@ -177,34 +182,60 @@ impl<'s> Ipam<'s> {
             .collect())
     }
 
-    /// The blocks a node's index names (those that still exist).
+    /// The blocks a node's index names (those that still exist): taken from `already`
+    /// (read beside the index) where there, the rest read now, in one round trip.
     async fn indexed_blocks(
         &self,
         index: &BTreeMap<String, u64>,
+        already: Vec<(String, Versioned)>,
     ) -> Result<BTreeMap<String, StoredBlock>, IpamError> {
-        let keys: Vec<String> = index
-            .keys()
-            .map(|index_key| {
-                let suffix = index_key.rsplit('/').next().unwrap_or_default();
-                format!("blocks/{suffix}")
-            })
+        let wanted: BTreeSet<String> = index.keys().map(|k| block_key_of_affinity(k)).collect();
+        let mut found = already;
+        found.retain(|(key, _)| wanted.contains(key));
+        let missing: Vec<Read> = wanted
+            .iter()
+            .filter(|key| !found.iter().any(|(k, _)| k == *key))
+            .cloned()
+            .map(Read::Key)
             .collect();
-        // All at once: one round trip's wait however many blocks the node has.
-        let found = futures::future::join_all(keys.iter().map(|key| self.store.get(key))).await;
-        let mut blocks = BTreeMap::new();
-        for (key, found) in keys.into_iter().zip(found) {
-            if let Some(v) = found? {
-                let block: Block = decode(self.store, &key, &v)?;
-                blocks.insert(
-                    key,
-                    StoredBlock {
-                        block,
-                        revision: v.revision,
-                    },
-                );
-            }
+        if !missing.is_empty() {
+            found.extend(self.read_checked(&missing).await?.concat());
         }
-        Ok(blocks)
+        Ok(decode_all(self.store, &found)?
+            .into_iter()
+            .map(|(key, block, revision)| (key, StoredBlock { block, revision }))
+            .collect())
+    }
+
+    /// `Store::read`, checking that every read got its answer.
+    async fn read_checked(&self, reads: &[Read]) -> Result<Vec<store::Found>, IpamError> {
+        let found = self.store.read(reads).await?;
+        if found.len() != reads.len() {
+            return Err(IpamError::Store(StoreError::Io {
+                location: self.store.location(),
+                reason: format!("asked {} reads, got {} answers", reads.len(), found.len()),
+            }));
+        }
+        Ok(found)
+    }
+
+    fn known_blocks(&self, node: &str) -> BTreeSet<String> {
+        let known = self.known_blocks.lock().unwrap_or_else(|e| e.into_inner());
+        known.get(node).cloned().unwrap_or_default()
+    }
+
+    /// Remembers the node's blocks: those its index named, and any the plan indexed.
+    fn remember_blocks(&self, node: &str, index: &BTreeMap<String, u64>, writes: &[Write]) {
+        let prefix = affinity_prefix(node);
+        let blocks = index
+            .keys()
+            .map(String::as_str)
+            .chain(writes.iter().map(Write::key))
+            .filter(|key| key.starts_with(&prefix))
+            .map(block_key_of_affinity)
+            .collect();
+        let mut known = self.known_blocks.lock().unwrap_or_else(|e| e.into_inner());
+        known.insert(node.to_string(), blocks);
     }
 
     pub async fn handle(&self, id: &str) -> Result<Option<(Handle, u64)>, IpamError> {
@@ -234,20 +265,38 @@ impl<'s> Ipam<'s> {
     /// says whether this call created the allocation.
     pub async fn allocate(&self, request: &AllocationRequest) -> Result<(Handle, bool), IpamError> {
         self.retry_conflicts(|| async {
-            // Independent reads: one round trip's wait instead of four on etcd.
-            let (existing, pools, config, index) = tokio::join!(
-                self.handle(&request.handle_id),
-                self.pools(),
-                self.config(),
-                self.affinity_index(&request.attrs.node)
-            );
-            if let Some((existing, _)) = existing? {
-                return Ok((existing, false));
+            // Everything the plan needs in one round trip (one etcd transaction): the
+            // node's blocks as last seen are read beside the index that names them.
+            let node = &request.attrs.node;
+            let mut reads = vec![
+                Read::Key(handle_key(&request.handle_id)),
+                Read::Prefix("pools/".into()),
+                Read::Key(IPAM_CONFIG_KEY.into()),
+                Read::Prefix(affinity_prefix(node)),
+            ];
+            reads.extend(self.known_blocks(node).into_iter().map(Read::Key));
+            let mut found = self.read_checked(&reads).await?;
+            let guessed_blocks = found.split_off(4).concat();
+            let [handle, pools, config, index] =
+                <[store::Found; 4]>::try_from(found).expect("four answers checked");
+            if let Some((key, v)) = handle.first() {
+                return Ok((decode(self.store, key, v)?, false));
             }
-            let (pools, config, index) = (pools?, config?, index?);
+            let pools = decode_all(self.store, &pools)?
+                .into_iter()
+                .map(|(_, pool, _)| pool)
+                .collect::<Vec<Pool>>();
+            let config = match config.first() {
+                Some((key, v)) => decode(self.store, key, v)?,
+                None => IpamConfig::default(),
+            };
+            let index: BTreeMap<String, u64> = index
+                .into_iter()
+                .map(|(key, v)| (key, v.revision))
+                .collect();
             // First from the node's own blocks only; every block (cluster-wide, costly
             // with many nodes) only to claim a new block or to borrow.
-            let own = self.indexed_blocks(&index).await?;
+            let own = self.indexed_blocks(&index, guessed_blocks).await?;
             let view = BlockView {
                 blocks: &own,
                 affinity_index: &index,
@@ -266,6 +315,7 @@ impl<'s> Ipam<'s> {
                         .expect("a complete view always plans")
                 }
             };
+            self.remember_blocks(node, &index, &plan.writes);
             self.store.commit(plan.writes).await?;
             Ok((plan.handle, true))
         })

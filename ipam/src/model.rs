@@ -373,6 +373,12 @@ pub fn affinity_key(node: &str, block: &IpNetwork) -> String {
     )
 }
 
+/// The block an `affinities/<node>/<cidr>` index entry names.
+pub fn block_key_of_affinity(index_key: &str) -> String {
+    let cidr = index_key.rsplit('/').next().unwrap_or_default();
+    format!("blocks/{cidr}")
+}
+
 pub fn affinity_prefix(node: &str) -> String {
     format!("affinities/{node}/")
 }

@@ -62,6 +62,7 @@ fn main() -> Result<()> {
                             pod: Some(format!("{node}-{pid}-{i}")),
                             namespace: Some("load".into()),
                             node: node.clone(),
+                            time: calyx_ipam::unix_now(),
                             ..Default::default()
                         },
                         host_interface: None,
