@@ -51,6 +51,14 @@ fn open_store(conf: &NetConf) -> CniResult<Box<dyn Store>> {
     Ok(store::open(conf.datastore())?)
 }
 
+/// The plugin's IPAM client: the plugin processes of this host take turns on the
+/// store, and each remembers the node's blocks for the next.
+fn host_ipam<'s>(store: &'s dyn Store, conf: &NetConf) -> Ipam<'s> {
+    Ipam::new(store)
+        .with_host_lock(conf.ipam_lock_path())
+        .with_known_blocks_file(conf.known_blocks_path())
+}
+
 fn veth_name_for(env: &CniEnv, container_id: &str, ifname: &str) -> String {
     host_veth_name(env.pod_namespace(), env.pod_name(), container_id, ifname)
 }
@@ -74,7 +82,7 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
     // Everything that can fail without side effects comes first.
     let connections = Connections::open(netns)?;
     let store = open_store(conf)?;
-    let ipam = Ipam::new(store.as_ref()).with_host_lock(conf.ipam_lock_path());
+    let ipam = host_ipam(store.as_ref(), conf);
     connections.clear_leftovers(&host_veth, ifname).await?;
     stage("opened");
 
@@ -162,7 +170,7 @@ async fn del(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
     let container_id = env.container_id()?;
     let ifname = env.ifname()?;
     let store = open_store(conf)?;
-    let ipam = Ipam::new(store.as_ref()).with_host_lock(conf.ipam_lock_path());
+    let ipam = host_ipam(store.as_ref(), conf);
     let id = handle_id(&conf.name, container_id, ifname);
     let netns = env
         .netns
@@ -219,7 +227,7 @@ async fn check(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
     })?;
     let prev = CniOutput::from_json(prev)?;
     let store = open_store(conf)?;
-    let ipam = Ipam::new(store.as_ref()).with_host_lock(conf.ipam_lock_path());
+    let ipam = host_ipam(store.as_ref(), conf);
     let id = handle_id(&conf.name, container_id, ifname);
     let differs = |what: String| {
         Err(CniError::new(
@@ -309,7 +317,7 @@ async fn gc(conf: &NetConf) -> CniResult<()> {
         .collect();
     let node = conf.node_name()?;
     let store = open_store(conf)?;
-    let ipam = Ipam::new(store.as_ref()).with_host_lock(conf.ipam_lock_path());
+    let ipam = host_ipam(store.as_ref(), conf);
     let mut first_error = None;
     for handle in ipam.stale_handles(&conf.name, &node, &keep).await? {
         let host_veth = handle.host_interface.clone().unwrap_or_default();

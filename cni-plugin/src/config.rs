@@ -160,6 +160,11 @@ impl NetConf {
         self.state_dir().join("ipam.lock")
     }
 
+    /// Where the plugin remembers its node's blocks between calls.
+    pub fn known_blocks_path(&self) -> PathBuf {
+        self.state_dir().join("ipam-known-blocks.json")
+    }
+
     /// nodeName from the config, else what the agent wrote, else the hostname.
     pub fn node_name(&self) -> CniResult<String> {
         if let Some(name) = &self.node_name {

@@ -4,6 +4,7 @@
 
 pub mod allocator;
 pub mod check;
+pub mod known_blocks;
 pub mod migrate;
 pub mod model;
 pub mod store;
@@ -17,9 +18,10 @@ use crate::allocator::{
     plan_allocation, plan_empty_block_release, plan_release, AllocationRequest, BlockView,
     StoredBlock,
 };
+use crate::known_blocks::KnownBlocks;
 use crate::model::{
-    affinity_prefix, block_key_of_affinity, handle_key, node_key, pool_key, tunnel_handle_id,
-    Handle, IpamConfig, NodeRecord, Pool, IPAM_CONFIG_KEY,
+    affinity_prefix, block_key, block_key_of_affinity, handle_key, node_key, pool_key,
+    tunnel_handle_id, Handle, IpamConfig, NodeRecord, Pool, IPAM_CONFIG_KEY,
 };
 use crate::store::{conflict_backoff, Expect, Read, Store, StoreError, Versioned, Write};
 
@@ -77,10 +79,8 @@ pub struct NodeRelease {
 pub struct Ipam<'s> {
     store: &'s dyn Store,
     host_lock: Option<std::path::PathBuf>,
-    /// The block keys each node's index named at its last allocation by this client:
-    /// read in the same round trip as the index itself, so a usual allocation is one
-    /// read and one commit. A guess only; the index read beside it decides.
-    known_blocks: std::sync::Mutex<BTreeMap<String, BTreeSet<String>>>,
+    /// The blocks each node's index named at this client's last allocation there.
+    known_blocks: KnownBlocks,
 }
 
 impl<'s> Ipam<'s> {
@@ -98,6 +98,13 @@ impl<'s> Ipam<'s> {
     /// through the store's compare-and-swap. Calico's plugin does the same.
     pub fn with_host_lock(mut self, path: impl Into<std::path::PathBuf>) -> Ipam<'s> {
         self.host_lock = Some(path.into());
+        self
+    }
+
+    /// Keeps what this client learns of its node's blocks in `file` for the next
+    /// process (see `known_blocks`): the CNI plugin runs once per ADD.
+    pub fn with_known_blocks_file(mut self, file: impl Into<std::path::PathBuf>) -> Ipam<'s> {
+        self.known_blocks = KnownBlocks::in_file(file.into());
         self
     }
 
@@ -165,10 +172,10 @@ impl<'s> Ipam<'s> {
     }
 
     pub async fn blocks(&self) -> Result<BTreeMap<String, StoredBlock>, IpamError> {
-        Ok(decode_all(self.store, &self.store.list("blocks/").await?)?
-            .into_iter()
-            .map(|(key, block, revision)| (key, StoredBlock { block, revision }))
-            .collect())
+        Ok(decode_blocks(
+            self.store,
+            &self.store.list("blocks/").await?,
+        )?)
     }
 
     /// A node's `affinities/` index entries (key -> revision).
@@ -201,14 +208,27 @@ impl<'s> Ipam<'s> {
         if !missing.is_empty() {
             found.extend(self.read_checked(&missing).await?.concat());
         }
-        Ok(decode_all(self.store, &found)?
-            .into_iter()
-            .map(|(key, block, revision)| (key, StoredBlock { block, revision }))
-            .collect())
+        Ok(decode_blocks(self.store, &found)?)
+    }
+
+    /// The blocks holding a handle's addresses (not every block in the cluster: a
+    /// release reads one or two documents however big the cluster is).
+    async fn blocks_of(&self, handle: &Handle) -> Result<BTreeMap<String, StoredBlock>, IpamError> {
+        let keys: BTreeSet<String> = handle
+            .addresses
+            .iter()
+            .map(|a| block_key(&a.block))
+            .collect();
+        let reads: Vec<Read> = keys.into_iter().map(Read::Key).collect();
+        let found = self.read_checked(&reads).await?.concat();
+        Ok(decode_blocks(self.store, &found)?)
     }
 
     /// `Store::read`, checking that every read got its answer.
     async fn read_checked(&self, reads: &[Read]) -> Result<Vec<store::Found>, IpamError> {
+        if reads.is_empty() {
+            return Ok(Vec::new());
+        }
         let found = self.store.read(reads).await?;
         if found.len() != reads.len() {
             return Err(IpamError::Store(StoreError::Io {
@@ -217,11 +237,6 @@ impl<'s> Ipam<'s> {
             }));
         }
         Ok(found)
-    }
-
-    fn known_blocks(&self, node: &str) -> BTreeSet<String> {
-        let known = self.known_blocks.lock().unwrap_or_else(|e| e.into_inner());
-        known.get(node).cloned().unwrap_or_default()
     }
 
     /// Remembers the node's blocks: those its index named, and any the plan indexed.
@@ -234,8 +249,7 @@ impl<'s> Ipam<'s> {
             .filter(|key| key.starts_with(&prefix))
             .map(block_key_of_affinity)
             .collect();
-        let mut known = self.known_blocks.lock().unwrap_or_else(|e| e.into_inner());
-        known.insert(node.to_string(), blocks);
+        self.known_blocks.remember(node, blocks);
     }
 
     pub async fn handle(&self, id: &str) -> Result<Option<(Handle, u64)>, IpamError> {
@@ -274,7 +288,7 @@ impl<'s> Ipam<'s> {
                 Read::Key(IPAM_CONFIG_KEY.into()),
                 Read::Prefix(affinity_prefix(node)),
             ];
-            reads.extend(self.known_blocks(node).into_iter().map(Read::Key));
+            reads.extend(self.known_blocks.get(node).into_iter().map(Read::Key));
             let mut found = self.read_checked(&reads).await?;
             let guessed_blocks = found.split_off(4).concat();
             let [handle, pools, config, index] =
@@ -329,7 +343,7 @@ impl<'s> Ipam<'s> {
             let Some((handle, revision)) = self.handle(handle_id).await? else {
                 return Ok(None);
             };
-            let blocks = self.blocks().await?;
+            let blocks = self.blocks_of(&handle).await?;
             self.store
                 .commit(plan_release(&handle, revision, &blocks, unix_now()))
                 .await?;
@@ -413,7 +427,7 @@ impl<'s> Ipam<'s> {
             if current != revision {
                 return Ok(ReleaseOutcome::Changed);
             }
-            let blocks = self.blocks().await?;
+            let blocks = self.blocks_of(&handle).await?;
             self.store
                 .commit(plan_release(&handle, current, &blocks, unix_now()))
                 .await?;
@@ -611,6 +625,16 @@ fn decode<T: DeserializeOwned>(
         key: key.to_string(),
         reason: e.to_string(),
     })
+}
+
+fn decode_blocks(
+    store: &dyn Store,
+    entries: &[(String, Versioned)],
+) -> Result<BTreeMap<String, StoredBlock>, StoreError> {
+    Ok(decode_all(store, entries)?
+        .into_iter()
+        .map(|(key, block, revision)| (key, StoredBlock { block, revision }))
+        .collect())
 }
 
 fn decode_all<T: DeserializeOwned>(

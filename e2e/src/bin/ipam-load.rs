@@ -1,7 +1,8 @@
 //! ipam-load: allocates addresses as one node would, for tests and bench-ipam.
 //!
 //!   ipam-load --datastore URL --node NAME --count N [--concurrency C] [--pool CIDR]
-//!             [--host-lock PATH]   (take turns with other processes, as the plugin does)
+//!             [--host-lock PATH]   (take turns with other processes and remember the
+//!                                   node's blocks in PATH.known-blocks.json, as the plugin does)
 //!
 //! Handles are `load.<node>.<pid>.<i>` for pod `load/<node>-<pid>-<i>`. Prints one JSON
 //! line at the end: {"allocated": n, "seconds": s, "latenciesUs": [...]}.
@@ -44,7 +45,11 @@ fn main() -> Result<()> {
         let store = store::open(&datastore)?;
         let mut ipam = Ipam::new(store.as_ref());
         if let Some(path) = &host_lock {
-            ipam = ipam.with_host_lock(path);
+            // As the plugin: take turns, and remember the node's blocks for the next
+            // process.
+            ipam = ipam
+                .with_host_lock(path)
+                .with_known_blocks_file(format!("{path}.known-blocks.json"));
         }
         let cidr = pool.parse().with_context(|| format!("--pool {pool}"))?;
         ipam.ensure_pools(&[Pool::with_defaults(cidr, None).map_err(anyhow::Error::msg)?]).await?;
