@@ -9,7 +9,7 @@ DEB_PACKAGES := iproute2 iptables ipset nftables conntrack iputils-ping netcat-o
 	podman containerd runc busybox-static catatonit python3-venv protobuf-compiler
 
 .PHONY: all build release deps test test-unit test-runtimes lint fmt bench bench-cni bench-ipam bench-agent \
-	lab lab-down image clean
+	lab lab-down image e2e-kind clean
 
 all: build
 
@@ -67,6 +67,11 @@ lab-down: release
 # Needs a container engine with registry access (not available on the dev machines).
 image:
 	$${ENGINE:-podman} build -t calyx:latest -f Containerfile .
+
+# Calyx on a real cluster: needs docker (with its daemon), kind, kubectl and registry
+# access (not available on the dev machines). KEEP=1 keeps the cluster.
+e2e-kind:
+	e2e/kind/run.sh
 
 clean:
 	$(CARGO) clean
