@@ -148,8 +148,8 @@ impl Etcd {
         }
     }
 
-    /// The keys under Calyx's prefix + `prefix` (read with etcdctl).
-    pub fn keys(&self, prefix: &str) -> Vec<String> {
+    /// Runs etcdctl against this server; panics with its message when it fails.
+    fn etcdctl(&self, args: &[&str]) -> String {
         let out = self
             .command("etcdctl")
             .env("ETCDCTL_API", "3")
@@ -157,24 +157,35 @@ impl Etcd {
                 "--endpoints",
                 &format!("http://{}:{}", self.ip, self.client_port),
             ])
-            .args([
-                "get",
-                "--prefix",
-                "--keys-only",
-                &format!("/calyx/v1/{prefix}"),
-            ])
+            .args(args)
             .output()
             .expect("run etcdctl");
         assert!(
             out.status.success(),
-            "etcdctl: {}",
+            "etcdctl {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(str::to_string)
-            .collect()
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The keys under Calyx's prefix + `prefix`.
+    pub fn keys(&self, prefix: &str) -> Vec<String> {
+        self.etcdctl(&[
+            "get",
+            "--prefix",
+            "--keys-only",
+            &format!("/calyx/v1/{prefix}"),
+        ])
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(str::to_string)
+        .collect()
+    }
+
+    /// Discards the history up to `revision`, as etcd's periodic compaction does: a
+    /// watch from before it fails.
+    pub fn compact(&self, revision: u64) {
+        self.etcdctl(&["compact", &revision.to_string()]);
     }
 
     /// Kills the server (its data stays for `resume`).

@@ -267,6 +267,16 @@ impl Store for EtcdStore {
         self.found(resp.kvs())
     }
 
+    async fn list_at(&self, prefix: &str) -> Result<(Found, u64), StoreError> {
+        let mut kv = self.client().await?.kv_client();
+        let resp = kv
+            .get(self.full(prefix), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.error(e))?;
+        let revision = resp.header().map_or(0, |h| h.revision() as u64);
+        Ok((self.found(resp.kvs())?, revision))
+    }
+
     async fn read(&self, reads: &[Read]) -> Result<Vec<Found>, StoreError> {
         let ops = reads
             .iter()

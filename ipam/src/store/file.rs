@@ -433,6 +433,11 @@ impl Store for FileStore {
         Ok(found_under(self.contents()?.as_ref(), prefix))
     }
 
+    async fn list_at(&self, prefix: &str) -> Result<(Found, u64), StoreError> {
+        let contents = self.contents()?;
+        Ok((found_under(&contents, prefix), contents.revision))
+    }
+
     async fn read(&self, reads: &[Read]) -> Result<Vec<Found>, StoreError> {
         let contents = self.contents()?;
         Ok(reads
