@@ -34,6 +34,42 @@ pub fn nexthop_id(vtep: IpAddr) -> Option<u32> {
     }
 }
 
+/// What the overlay needs of a block: its range, its node, and its addresses that
+/// other nodes borrowed (address -> borrowing node). The agent keeps this, not the
+/// whole block with every allocation, for every block in the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockRouting {
+    pub cidr: IpNetwork,
+    pub affinity: Option<String>,
+    pub lent: BTreeMap<IpAddr, String>,
+    /// Holds no address: a candidate for release to the pool, not a routing matter.
+    pub empty: bool,
+}
+
+impl BlockRouting {
+    pub fn of(block: &Block) -> BlockRouting {
+        BlockRouting {
+            cidr: block.cidr,
+            affinity: block.affinity.clone(),
+            lent: block
+                .allocations
+                .keys()
+                .filter_map(|&ordinal| {
+                    let borrower = block.borrower_of(ordinal)?;
+                    Some((block.ip_at(ordinal), borrower.to_string()))
+                })
+                .collect(),
+            empty: block.allocations.is_empty(),
+        }
+    }
+
+    /// Whether the two route alike (emptiness aside): most block changes (a pod
+    /// starting or stopping in its own node's block) do not concern other nodes.
+    pub fn routes_like(&self, other: &BlockRouting) -> bool {
+        self.cidr == other.cidr && self.affinity == other.affinity && self.lent == other.lent
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OverlayState {
     pub fdb: BTreeSet<FdbEntry>,
@@ -52,7 +88,7 @@ pub fn desired_overlay(
     me: &str,
     nodes: &[NodeRecord],
     is_live: &dyn Fn(&str) -> bool,
-    blocks: &[Block],
+    blocks: &[BlockRouting],
 ) -> OverlayState {
     let mut state = OverlayState::default();
     let mut peers: BTreeMap<&str, &NodeRecord> = BTreeMap::new();
@@ -78,17 +114,11 @@ pub fn desired_overlay(
     }
     let vtep_of = |peer: &NodeRecord, v4: bool| if v4 { peer.vtep_ipv4 } else { peer.vtep_ipv6 };
     for block in blocks {
-        for &ordinal in block.allocations.keys() {
-            let Some(borrower) = block.borrower_of(ordinal) else {
-                continue;
-            };
-            let via = peers
-                .get(borrower)
-                .and_then(|p| vtep_of(p, block.is_ipv4()));
-            if let Some(via) = via {
-                let ip = block.ip_at(ordinal);
-                let host = IpNetwork::new(ip, if ip.is_ipv4() { 32 } else { 128 })
-                    .expect("host prefix is valid");
+        let v4 = block.cidr.is_ipv4();
+        for (&ip, borrower) in &block.lent {
+            if let Some(via) = peers.get(borrower.as_str()).and_then(|p| vtep_of(p, v4)) {
+                let host =
+                    IpNetwork::new(ip, if v4 { 32 } else { 128 }).expect("host prefix is valid");
                 state.routes.insert(BlockRoute { block: host, via });
             }
         }
@@ -102,7 +132,7 @@ pub fn desired_overlay(
         let Some(peer) = peers.get(owner) else {
             continue;
         };
-        if let Some(via) = vtep_of(peer, block.is_ipv4()) {
+        if let Some(via) = vtep_of(peer, v4) {
             state.routes.insert(BlockRoute {
                 block: block.cidr,
                 via,
@@ -155,10 +185,11 @@ pub fn diff(desired: &OverlayState, actual: &OverlayState) -> OverlayChanges {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn node(name: &str, n: u8) -> NodeRecord {
+    /// Node `name` with underlay 192.0.2.n and VTEP 10.244.n.0.
+    pub(crate) fn node(name: &str, n: u8) -> NodeRecord {
         NodeRecord {
             name: name.into(),
             underlay_ip: format!("192.0.2.{n}").parse().unwrap(),
@@ -169,8 +200,8 @@ mod tests {
         }
     }
 
-    fn block(cidr: &str, owner: &str) -> Block {
-        Block::new(cidr.parse().unwrap(), "pool", owner)
+    fn block(cidr: &str, owner: &str) -> BlockRouting {
+        BlockRouting::of(&Block::new(cidr.parse().unwrap(), "pool", owner))
     }
 
     #[test]
@@ -211,12 +242,20 @@ mod tests {
     #[test]
     fn a_borrowed_address_is_routed_to_its_borrower_everywhere_else() {
         let nodes = [node("a", 1), node("b", 2), node("c", 3)];
-        let mut lender = block("10.244.1.0/26", "a");
+        let mut lender = Block::new("10.244.1.0/26".parse().unwrap(), "pool", "a");
         let borrowed = calyx_ipam::model::AllocationAttrs {
             node: "b".into(),
             ..Default::default()
         };
         lender.allocate("pod-on-b", borrowed, 0).unwrap();
+        let own = calyx_ipam::model::AllocationAttrs {
+            node: "a".into(),
+            ..Default::default()
+        };
+        lender.allocate("pod-on-a", own, 0).unwrap();
+        let lender = BlockRouting::of(&lender);
+        assert_eq!(lender.lent.len(), 1, "only the borrowed address is lent");
+        assert!(!lender.empty);
         let route = BlockRoute {
             block: "10.244.1.0/32".parse().unwrap(),
             via: "10.244.2.0".parse().unwrap(),

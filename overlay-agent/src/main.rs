@@ -4,6 +4,7 @@
 //! events at once, and on a periodic full resync; restarting it changes nothing that
 //! is already right, so pod traffic carries on through a restart.
 
+mod cache;
 mod desired;
 mod kernel;
 mod liveness;
@@ -20,13 +21,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use calyx_dataplane::overlay::{monitor, KernelEvent, VxlanSpec};
 use calyx_dataplane::{sysctl, Netlink, CALYX_ROUTE_PROTOCOL};
-use calyx_ipam::model::{Block, NodeRecord, Pool};
-use calyx_ipam::store::{self, Store, WatchEvent};
+use calyx_ipam::model::{NodeRecord, Pool};
+use calyx_ipam::store::{self, Store};
 use calyx_ipam::Ipam;
 use clap::{Parser, ValueEnum};
 use ipnetwork::IpNetwork;
 use tokio::sync::mpsc;
 
+use crate::cache::ClusterCache;
 use crate::kernel::DeviceConfig;
 use crate::liveness::Liveness;
 use crate::metrics::Metrics;
@@ -199,6 +201,9 @@ struct Agent {
     firewall: bool,
     applied_rules: [Option<Vec<String>>; 2],
     device_index: Arc<std::sync::atomic::AtomicU32>,
+    cluster: Arc<ClusterCache>,
+    /// A full run was asked for before the cluster had been read: do it then.
+    full_pending: bool,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -263,7 +268,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let (trigger_tx, mut trigger_rx) = mpsc::unbounded_channel::<Trigger>();
     let device_index = Arc::new(std::sync::atomic::AtomicU32::new(0));
-    spawn_watch(store, trigger_tx.clone());
+    let cluster = {
+        let trigger = trigger_tx.clone();
+        ClusterCache::spawn(
+            store,
+            Arc::new(move || {
+                trigger.send(Trigger::Datastore).ok();
+            }),
+        )
+    };
     spawn_kernel_events(trigger_tx.clone(), device_index.clone())?;
     spawn_timers(&args, store, trigger_tx.clone());
 
@@ -288,6 +301,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         firewall: !args.no_firewall,
         applied_rules: [None, None],
         device_index,
+        cluster,
+        full_pending: false,
     };
     trigger_tx.send(Trigger::Startup).ok();
 
@@ -353,21 +368,14 @@ impl Agent {
         let phase = |name: &str| {
             tracing::debug!(phase = name, elapsed_ms = t.elapsed().as_secs_f64() * 1e3)
         };
-        let nodes: Vec<NodeRecord> = self
-            .ipam
-            .nodes()
-            .await?
-            .into_iter()
-            .map(|(n, _)| n)
-            .collect();
-        let blocks: Vec<Block> = self
-            .ipam
-            .blocks()
-            .await?
-            .into_values()
-            .map(|b| b.block)
-            .collect();
-        phase("read datastore");
+        let Some((nodes, blocks)) = self.cluster.snapshot() else {
+            // The first listing wakes us again when it is in.
+            self.full_pending |= full;
+            tracing::debug!("cluster not read yet");
+            return Ok(0);
+        };
+        let full = full || std::mem::take(&mut self.full_pending);
+        phase("cluster snapshot");
         let now = Instant::now();
         self.liveness.observe(&nodes, now);
         phase("liveness");
@@ -412,8 +420,7 @@ impl Agent {
         // Releasing reads every block again: only when the blocks just read hold an
         // empty one it could concern (a node's first block keeps its tunnel address).
         let empty_block = blocks.iter().any(|b| {
-            b.allocations.is_empty()
-                && (b.affinity.is_none() || b.affinity.as_deref() == Some(me.as_str()))
+            b.empty && (b.affinity.is_none() || b.affinity.as_deref() == Some(me.as_str()))
         });
         if full && empty_block {
             self.release_empty_blocks().await;
@@ -464,76 +471,6 @@ impl Agent {
             }
         }
         Ok(changed)
-    }
-}
-
-/// Datastore changes to nodes and blocks trigger a reconcile. A node record whose only
-/// change is its heartbeat does not (liveness is judged at each resync). Watch errors
-/// are retried with backoff, never fatal.
-fn spawn_watch(store: &'static dyn Store, trigger: mpsc::UnboundedSender<Trigger>) {
-    for prefix in ["nodes/", "blocks/"] {
-        let trigger = trigger.clone();
-        tokio::spawn(async move {
-            let mut last_shape: std::collections::HashMap<String, String> = Default::default();
-            let mut delay = Duration::from_millis(200);
-            loop {
-                let start_rev = match store.list(prefix).await {
-                    Ok(items) => items.iter().map(|(_, v)| v.revision).max().unwrap_or(0),
-                    Err(e) => {
-                        tracing::warn!(prefix, error = %e, "list for watch failed; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(10));
-                        continue;
-                    }
-                };
-                let mut rx = match store.watch(prefix, start_rev).await {
-                    Ok(rx) => rx,
-                    Err(e) => {
-                        tracing::warn!(prefix, error = %e, "watch failed; retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(10));
-                        continue;
-                    }
-                };
-                delay = Duration::from_millis(200);
-                // Catch up on anything between our last run and this watch.
-                trigger.send(Trigger::Datastore).ok();
-                while let Some(event) = rx.recv().await {
-                    match event {
-                        Ok(WatchEvent::Put { key, value }) => {
-                            if prefix == "nodes/" {
-                                let shape = without_heartbeat(&value.value);
-                                if last_shape.get(&key) == Some(&shape) {
-                                    continue;
-                                }
-                                last_shape.insert(key, shape);
-                            }
-                            trigger.send(Trigger::Datastore).ok();
-                        }
-                        Ok(WatchEvent::Delete { key, .. }) => {
-                            last_shape.remove(&key);
-                            trigger.send(Trigger::Datastore).ok();
-                        }
-                        Err(e) => {
-                            tracing::warn!(prefix, error = %e, "watch error; re-listing");
-                            break;
-                        }
-                    }
-                }
-            }
-        });
-    }
-}
-
-fn without_heartbeat(json: &str) -> String {
-    match serde_json::from_str::<serde_json::Value>(json) {
-        Ok(mut v) => {
-            if let Some(obj) = v.as_object_mut() {
-                obj.remove("heartbeat");
-            }
-            v.to_string()
-        }
-        Err(_) => json.to_string(),
     }
 }
 
