@@ -188,6 +188,32 @@ impl Etcd {
         self.etcdctl(&["compact", &revision.to_string()]);
     }
 
+    /// etcd's WAL fsync durations since it started, from its Prometheus histogram:
+    /// (bucket upper bound in seconds, cumulative count). Every commit waits for one,
+    /// so a slow disk shows here first. Only for an etcd outside a namespace.
+    pub fn wal_fsync_histogram(&self) -> std::io::Result<Vec<(f64, u64)>> {
+        use std::io::{Read as _, Write as _};
+        let mut stream = std::net::TcpStream::connect((self.ip.as_str(), self.client_port))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        write!(stream, "GET /metrics HTTP/1.0\r\nHost: {}\r\n\r\n", self.ip)?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text)?;
+        Ok(text
+            .lines()
+            .filter_map(|line| {
+                line.strip_prefix("etcd_disk_wal_fsync_duration_seconds_bucket{le=\"")
+            })
+            .filter_map(|rest| {
+                let (bound, count) = rest.split_once("\"} ")?;
+                let bound = match bound {
+                    "+Inf" => f64::INFINITY,
+                    b => b.parse().ok()?,
+                };
+                Some((bound, count.trim().parse().ok()?))
+            })
+            .collect())
+    }
+
     /// Kills the server (its data stays for `resume`).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
