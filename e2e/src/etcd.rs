@@ -50,15 +50,29 @@ impl Etcd {
         Etcd::start_in(None, "127.0.0.1")
     }
 
+    /// `start`, with the data directory under `base` (say a tmpfs, to measure without
+    /// the disk's fsyncs).
+    pub fn start_with_data_in(base: &std::path::Path) -> Option<Etcd> {
+        Etcd::start_full(
+            None,
+            "127.0.0.1",
+            tempfile::tempdir_in(base).expect("temp dir"),
+        )
+    }
+
     /// Starts etcd inside `netns`, listening on `ip` there (the namespaces that use it
     /// must reach that address).
     pub fn start_in(netns: Option<&str>, ip: &str) -> Option<Etcd> {
+        Etcd::start_full(netns, ip, tempfile::tempdir().expect("temp dir"))
+    }
+
+    fn start_full(netns: Option<&str>, ip: &str, dir: tempfile::TempDir) -> Option<Etcd> {
         if !available() {
             return None;
         }
         let mut etcd = Etcd {
             child: None,
-            dir: tempfile::tempdir().expect("temp dir"),
+            dir,
             netns: netns.map(str::to_string),
             ip: ip.to_string(),
             client_port: free_port(),

@@ -10,6 +10,8 @@
 //!    addresses each) are in the store, against the same node in an empty store.
 //!
 //!   bench-ipam [--count 300] [--concurrency 4] [--burst 20] [--many 1000]
+//!              [--etcd-data-in DIR]   (e.g. /dev/shm: etcd without the disk's fsyncs,
+//!                                      to tell their share from Calyx's own)
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -23,6 +25,7 @@ fn main() -> Result<()> {
     let mut concurrency = 4usize;
     let mut burst = 20usize;
     let mut many = 1000usize;
+    let mut etcd_data_in: Option<PathBuf> = None;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
@@ -31,6 +34,7 @@ fn main() -> Result<()> {
             "--concurrency" => concurrency = value()?.parse()?,
             "--burst" => burst = value()?.parse()?,
             "--many" => many = value()?.parse()?,
+            "--etcd-data-in" => etcd_data_in = Some(value()?.into()),
             other => bail!("unknown argument {other}"),
         }
     }
@@ -42,13 +46,16 @@ fn main() -> Result<()> {
         );
     }
     println!("IPAM allocation: {count} per node, {concurrency} at a time per node");
+    if let Some(base) = &etcd_data_in {
+        println!("(etcd's data directory under {})", base.display());
+    }
     println!(
         "{:<10} {:>6} {:>8} {:>10} {:>10} {:>10}",
         "store", "nodes", "allocs", "allocs/s", "p50", "p99"
     );
     for store in ["embedded", "etcd"] {
         for nodes in [1, 3] {
-            let (_dir, etcd, url) = fresh_store(store)?;
+            let (_dir, etcd, url) = fresh_store(store, etcd_data_in.as_deref())?;
             let load = Load {
                 nodes,
                 processes_per_node: 1,
@@ -80,7 +87,7 @@ fn main() -> Result<()> {
     );
     for store in ["embedded", "etcd"] {
         for host_lock in [false, true] {
-            let (_dir, _etcd, url) = fresh_store(store)?;
+            let (_dir, _etcd, url) = fresh_store(store, etcd_data_in.as_deref())?;
             let load = Load {
                 nodes: 1,
                 processes_per_node: burst,
@@ -108,7 +115,7 @@ fn main() -> Result<()> {
     );
     for store in ["embedded", "etcd"] {
         for others in [0, many] {
-            let (_dir, _etcd, url) = fresh_store(store)?;
+            let (_dir, _etcd, url) = fresh_store(store, etcd_data_in.as_deref())?;
             seed_other_nodes(&url, others)?;
             let load = Load {
                 nodes: 1,
@@ -196,10 +203,17 @@ fn fsync_note(etcd: Option<&Etcd>) -> String {
 
 /// An empty store of the kind named: a temporary file store or a fresh etcd (kept
 /// running while the returned guard lives).
-fn fresh_store(kind: &str) -> Result<(tempfile::TempDir, Option<Etcd>, String)> {
+fn fresh_store(
+    kind: &str,
+    etcd_data_in: Option<&std::path::Path>,
+) -> Result<(tempfile::TempDir, Option<Etcd>, String)> {
     let dir = tempfile::tempdir()?;
     if kind == "etcd" {
-        let etcd = Etcd::start().context("etcd is not installed (apt-get install etcd-server)")?;
+        let etcd = match etcd_data_in {
+            Some(base) => Etcd::start_with_data_in(base),
+            None => Etcd::start(),
+        }
+        .context("etcd is not installed (apt-get install etcd-server)")?;
         let url = etcd.url();
         return Ok((dir, Some(etcd), url));
     }
