@@ -192,6 +192,14 @@ impl Cluster {
         }
     }
 
+    /// The last `lines` lines of the node's agent log (for a failing test's message).
+    pub fn agent_log_tail(&self, index: usize, lines: usize) -> String {
+        let path = self.node_state_dir(&self.nodes[index]).join("agent.log");
+        let log = std::fs::read_to_string(path).unwrap_or_default();
+        let all: Vec<&str> = log.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+
     /// Sends `signal` (e.g. "KILL", "TERM") to the node's agent.
     pub fn signal_agent(&self, index: usize, signal: &str) -> Result<()> {
         let node = &self.nodes[index];

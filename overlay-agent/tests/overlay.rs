@@ -433,10 +433,21 @@ fn killing_and_restarting_agents_does_not_interrupt_a_tcp_stream(etcd: bool) {
     let started = Instant::now();
     let mut sent = 0usize;
     let mut restarted = false;
+    let logs = |c: &Cluster| {
+        (0..2)
+            .map(|n| format!("agent {n}:\n{}", c.agent_log_tail(n, 15)))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
     while started.elapsed() < Duration::from_secs(6) {
-        client
-            .write_all(&[7u8; 1024])
-            .expect("write during agent restart");
+        if let Err(e) = client.write_all(&[7u8; 1024]) {
+            let at = started.elapsed();
+            let reader = reader.join().unwrap();
+            panic!(
+                "write after {at:?} failed: {e}; reader: {reader:?}\n{}",
+                logs(&c)
+            );
+        }
         sent += 1024;
         if !restarted && started.elapsed() > Duration::from_secs(1) {
             for n in 0..2 {
@@ -451,7 +462,10 @@ fn killing_and_restarting_agents_does_not_interrupt_a_tcp_stream(etcd: bool) {
         std::thread::sleep(Duration::from_millis(10));
     }
     drop(client);
-    let received = reader.join().unwrap().unwrap();
+    let received = reader
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}\n{}", logs(&c)));
     assert_eq!(received, sent);
     wait_until(
         "reachability after restart",
