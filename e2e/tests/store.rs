@@ -93,6 +93,51 @@ fn list_returns_exactly_the_prefix_in_key_order() {
 }
 
 #[test]
+fn a_listing_and_its_watch_miss_nothing_between_them() {
+    on_both_stores(|s| async move {
+        s.commit(vec![put("n/a", "1", Expect::Absent)])
+            .await
+            .unwrap();
+        let old = s
+            .commit(vec![put("n/b", "2", Expect::Absent)])
+            .await
+            .unwrap();
+        // Later writes elsewhere: the listing's revision is beyond the newest n/ key.
+        for i in 0..5 {
+            s.commit(vec![put(&format!("other/{i}"), "0", Expect::Absent)])
+                .await
+                .unwrap();
+        }
+        let (listed, mut events) = s.list_and_watch("n/").await.unwrap();
+        let keys: Vec<&str> = listed.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, ["n/a", "n/b"], "{}", s.location());
+        s.commit(vec![Write::Delete {
+            key: "n/b".into(),
+            expect: Expect::Revision(old),
+        }])
+        .await
+        .unwrap();
+        s.commit(vec![put("n/c", "3", Expect::Absent)])
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+                .await
+                .unwrap_or_else(|_| panic!("{}: events so far {seen:?}", s.location()))
+                .unwrap()
+                .unwrap();
+            seen.push(match event {
+                WatchEvent::Put { key, .. } => format!("put {key}"),
+                WatchEvent::Delete { key, .. } => format!("delete {key}"),
+            });
+        }
+        seen.sort();
+        assert_eq!(seen, ["delete n/b", "put n/c"], "{}", s.location());
+    });
+}
+
+#[test]
 fn a_read_answers_each_key_and_prefix_in_order() {
     on_both_stores(|s| async move {
         for key in ["blocks/2", "blocks/1", "handles/x", "config/ipam"] {

@@ -1,6 +1,6 @@
 //! The agent's copy of the cluster: every node record, and what the overlay needs of
-//! every block, loaded by one list per prefix and kept current by a watch from that
-//! list's revision. A reconcile reads this memory instead of the whole datastore, and
+//! every block, loaded by one list per prefix and kept current by a watch that goes on
+//! exactly from that list. A reconcile reads this memory instead of the whole datastore, and
 //! only changes that alter the overlay wake the reconcile loop: not a node's heartbeat,
 //! nor a pod starting or stopping in its own node's block. (Without it every pod event
 //! anywhere made every agent re-read every node and every block.)
@@ -170,7 +170,7 @@ async fn follow_once<T: Entry>(
     store: &dyn Store,
     changed: &OnChange,
 ) -> StoreError {
-    let (found, revision) = match store.list_at(T::PREFIX).await {
+    let (found, mut events) = match store.list_and_watch(T::PREFIX).await {
         Ok(listed) => listed,
         Err(e) => return e,
     };
@@ -181,10 +181,6 @@ async fn follow_once<T: Entry>(
     if cache.replace::<T>(items) {
         changed();
     }
-    let mut events = match store.watch(T::PREFIX, revision).await {
-        Ok(events) => events,
-        Err(e) => return e,
-    };
     while let Some(event) = events.recv().await {
         let overlay_changed = match event {
             Ok(WatchEvent::Put { key, value }) => match decode_or_warn::<T>(&key, &value.value) {
@@ -245,9 +241,9 @@ mod tests {
             self.listings.fetch_add(1, Ordering::SeqCst);
             self.inner.list(prefix).await
         }
-        async fn list_at(&self, prefix: &str) -> Result<(Found, u64), StoreError> {
+        async fn list_and_watch(&self, prefix: &str) -> Result<(Found, WatchReceiver), StoreError> {
             self.listings.fetch_add(1, Ordering::SeqCst);
-            self.inner.list_at(prefix).await
+            self.inner.list_and_watch(prefix).await
         }
         async fn read(&self, reads: &[Read]) -> Result<Vec<Found>, StoreError> {
             self.inner.read(reads).await

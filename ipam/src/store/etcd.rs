@@ -267,14 +267,16 @@ impl Store for EtcdStore {
         self.found(resp.kvs())
     }
 
-    async fn list_at(&self, prefix: &str) -> Result<(Found, u64), StoreError> {
+    async fn list_and_watch(&self, prefix: &str) -> Result<(Found, WatchReceiver), StoreError> {
         let mut kv = self.client().await?.kv_client();
         let resp = kv
             .get(self.full(prefix), Some(GetOptions::new().with_prefix()))
             .await
             .map_err(|e| self.error(e))?;
+        // The revision the listing was read at: the watch starts right after it.
         let revision = resp.header().map_or(0, |h| h.revision() as u64);
-        Ok((self.found(resp.kvs())?, revision))
+        let found = self.found(resp.kvs())?;
+        Ok((found, self.watch(prefix, revision).await?))
     }
 
     async fn read(&self, reads: &[Read]) -> Result<Vec<Found>, StoreError> {

@@ -418,57 +418,21 @@ fn found_under(contents: &Contents, prefix: &str) -> Found {
         .collect()
 }
 
-#[async_trait]
-impl Store for FileStore {
-    fn location(&self) -> String {
-        format!("file://{}", self.path.display())
-    }
-
-    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
-        let view = self.current()?;
-        Ok(view.contents.keys.get(key).map(versioned))
-    }
-
-    async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
-        Ok(found_under(self.contents()?.as_ref(), prefix))
-    }
-
-    async fn list_at(&self, prefix: &str) -> Result<(Found, u64), StoreError> {
-        let contents = self.contents()?;
-        Ok((found_under(&contents, prefix), contents.revision))
-    }
-
-    async fn read(&self, reads: &[Read]) -> Result<Vec<Found>, StoreError> {
-        let contents = self.contents()?;
-        Ok(reads
-            .iter()
-            .map(|read| match read {
-                Read::Key(key) => contents
-                    .keys
-                    .get(key)
-                    .map(|e| (key.clone(), versioned(e)))
-                    .into_iter()
-                    .collect(),
-                Read::Prefix(prefix) => found_under(&contents, prefix),
-            })
-            .collect())
-    }
-
-    async fn commit(&self, writes: Vec<Write>) -> Result<u64, StoreError> {
-        // Blocking file I/O is fine here: the callers are the short-lived CNI binary
-        // and ipamctl on current-thread runtimes; the agent runs it off its reactor.
-        self.commit_locked(writes)
-    }
-
-    async fn watch(&self, prefix: &str, after_revision: u64) -> Result<WatchReceiver, StoreError> {
+impl FileStore {
+    /// Polls the files for changes under `prefix`, reporting each against `seen` (what
+    /// the receiver knows); with `report_first`, also what `view` itself holds beyond
+    /// `seen`.
+    fn poll_changes(
+        &self,
+        mut view: View,
+        mut seen: BTreeMap<String, Entry>,
+        prefix: &str,
+        report_first: bool,
+    ) -> WatchReceiver {
         let (tx, rx) = mpsc::channel(1024);
         let (path, journal_path) = (self.path.clone(), self.journal_path.clone());
         let prefix = prefix.to_string();
-        let mut view = self.current()?.clone();
-        let mut seen = snapshot_under(&view.contents, &prefix);
-        // Report what changed after `after_revision` in the first snapshot too.
-        seen.retain(|_, e| e.revision <= after_revision);
-        let mut first = true;
+        let mut first = report_first;
         tokio::spawn(async move {
             loop {
                 let changed = view.refresh(&path, &journal_path);
@@ -504,7 +468,62 @@ impl Store for FileStore {
                 tokio::time::sleep(WATCH_POLL).await;
             }
         });
-        Ok(rx)
+        rx
+    }
+}
+
+#[async_trait]
+impl Store for FileStore {
+    fn location(&self) -> String {
+        format!("file://{}", self.path.display())
+    }
+
+    async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+        let view = self.current()?;
+        Ok(view.contents.keys.get(key).map(versioned))
+    }
+
+    async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+        Ok(found_under(self.contents()?.as_ref(), prefix))
+    }
+
+    async fn list_and_watch(&self, prefix: &str) -> Result<(Found, WatchReceiver), StoreError> {
+        // One view for both: the watch compares later views against this one.
+        let view = self.current()?.clone();
+        let found = found_under(&view.contents, prefix);
+        let seen = snapshot_under(&view.contents, prefix);
+        Ok((found, self.poll_changes(view, seen, prefix, false)))
+    }
+
+    async fn read(&self, reads: &[Read]) -> Result<Vec<Found>, StoreError> {
+        let contents = self.contents()?;
+        Ok(reads
+            .iter()
+            .map(|read| match read {
+                Read::Key(key) => contents
+                    .keys
+                    .get(key)
+                    .map(|e| (key.clone(), versioned(e)))
+                    .into_iter()
+                    .collect(),
+                Read::Prefix(prefix) => found_under(&contents, prefix),
+            })
+            .collect())
+    }
+
+    async fn commit(&self, writes: Vec<Write>) -> Result<u64, StoreError> {
+        // Blocking file I/O is fine here: the callers are the short-lived CNI binary
+        // and ipamctl on current-thread runtimes; the agent runs it off its reactor.
+        self.commit_locked(writes)
+    }
+
+    async fn watch(&self, prefix: &str, after_revision: u64) -> Result<WatchReceiver, StoreError> {
+        let view = self.current()?.clone();
+        let mut seen = snapshot_under(&view.contents, prefix);
+        // Report what changed after `after_revision` in the first snapshot too (a
+        // delete since then cannot be told: list_and_watch has no such gap).
+        seen.retain(|_, e| e.revision <= after_revision);
+        Ok(self.poll_changes(view, seen, prefix, true))
     }
 
     async fn check_writable(&self) -> Result<(), StoreError> {

@@ -104,10 +104,11 @@ pub trait Store: Send + Sync {
     /// Every key under `prefix`, sorted by key, read at one consistent revision.
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError>;
 
-    /// `list`, and the store revision it was read at: a watch from that revision misses
-    /// nothing and repeats nothing the list showed (the newest document's revision
-    /// can be older than the store's compaction, which would fail the watch).
-    async fn list_at(&self, prefix: &str) -> Result<(Found, u64), StoreError>;
+    /// `list`, and a watch that goes on exactly from that listing: no change after it
+    /// missed (a delete included), none it already showed repeated. (Watching from the
+    /// newest document's revision instead can miss deletes, and fails once the store
+    /// has compacted past it.)
+    async fn list_and_watch(&self, prefix: &str) -> Result<(Found, WatchReceiver), StoreError>;
 
     /// Several reads at one consistent revision, in one round trip (one etcd
     /// transaction): an allocation needs four or five documents before it can plan.
