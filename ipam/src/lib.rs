@@ -113,10 +113,7 @@ impl<'s> Ipam<'s> {
     }
 
     pub async fn pools(&self) -> Result<Vec<Pool>, IpamError> {
-        Ok(decode_all(self.store, &self.store.list("pools/").await?)?
-            .into_iter()
-            .map(|(_, pool, _)| pool)
-            .collect())
+        Ok(decode_pools(self.store, &self.store.list("pools/").await?)?)
     }
 
     /// Creates the given pools when the store has none yet (first use of a cluster).
@@ -145,10 +142,9 @@ impl<'s> Ipam<'s> {
     }
 
     async fn config_with_revision(&self) -> Result<(IpamConfig, Option<u64>), IpamError> {
-        match self.store.get(IPAM_CONFIG_KEY).await? {
-            Some(v) => Ok((decode(self.store, IPAM_CONFIG_KEY, &v)?, Some(v.revision))),
-            None => Ok((IpamConfig::default(), None)),
-        }
+        let found = self.store.get(IPAM_CONFIG_KEY).await?;
+        let config = decode_config(self.store, found.as_ref())?;
+        Ok((config, found.map(|v| v.revision)))
     }
 
     /// Changes the cluster's IPAM settings: `change` edits the current ones.
@@ -180,13 +176,7 @@ impl<'s> Ipam<'s> {
 
     /// A node's `affinities/` index entries (key -> revision).
     async fn affinity_index(&self, node: &str) -> Result<BTreeMap<String, u64>, IpamError> {
-        Ok(self
-            .store
-            .list(&affinity_prefix(node))
-            .await?
-            .into_iter()
-            .map(|(key, v)| (key, v.revision))
-            .collect())
+        Ok(revisions(self.store.list(&affinity_prefix(node)).await?))
     }
 
     /// The blocks a node's index names (those that still exist): taken from `already`
@@ -296,18 +286,9 @@ impl<'s> Ipam<'s> {
             if let Some((key, v)) = handle.first() {
                 return Ok((decode(self.store, key, v)?, false));
             }
-            let pools = decode_all(self.store, &pools)?
-                .into_iter()
-                .map(|(_, pool, _)| pool)
-                .collect::<Vec<Pool>>();
-            let config = match config.first() {
-                Some((key, v)) => decode(self.store, key, v)?,
-                None => IpamConfig::default(),
-            };
-            let index: BTreeMap<String, u64> = index
-                .into_iter()
-                .map(|(key, v)| (key, v.revision))
-                .collect();
+            let pools = decode_pools(self.store, &pools)?;
+            let config = decode_config(self.store, config.first().map(|(_, v)| v))?;
+            let index = revisions(index);
             // First from the node's own blocks only; every block (cluster-wide, costly
             // with many nodes) only to claim a new block or to borrow.
             let own = self.indexed_blocks(&index, guessed_blocks).await?;
@@ -625,6 +606,31 @@ fn decode<T: DeserializeOwned>(
         key: key.to_string(),
         reason: e.to_string(),
     })
+}
+
+fn decode_pools(
+    store: &dyn Store,
+    entries: &[(String, Versioned)],
+) -> Result<Vec<Pool>, StoreError> {
+    Ok(decode_all(store, entries)?
+        .into_iter()
+        .map(|(_, pool, _)| pool)
+        .collect())
+}
+
+/// The cluster's IPAM settings document, or the defaults when it was never written.
+fn decode_config(store: &dyn Store, found: Option<&Versioned>) -> Result<IpamConfig, StoreError> {
+    found.map_or(Ok(IpamConfig::default()), |v| {
+        decode(store, IPAM_CONFIG_KEY, v)
+    })
+}
+
+/// Key -> revision, for index entries whose presence is all that counts.
+fn revisions(entries: Vec<(String, Versioned)>) -> BTreeMap<String, u64> {
+    entries
+        .into_iter()
+        .map(|(key, v)| (key, v.revision))
+        .collect()
 }
 
 fn decode_blocks(

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
-    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
-    KeyValue, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, GetResponse,
+    Identity, KeyValue, TlsOptions, Txn, TxnOp, TxnOpResponse, WatchOptions,
 };
 use tokio::sync::mpsc;
 
@@ -199,6 +199,14 @@ impl EtcdStore {
         key.strip_prefix(self.config.prefix.as_str()).unwrap_or(key)
     }
 
+    /// Every key under `prefix`, as etcd answers (with the revision it read at).
+    async fn get_prefix(&self, prefix: &str) -> Result<GetResponse, StoreError> {
+        let mut kv = self.client().await?.kv_client();
+        kv.get(self.full(prefix), Some(GetOptions::new().with_prefix()))
+            .await
+            .map_err(|e| self.error(e))
+    }
+
     /// Key-value pairs as the store's (key, document) pairs, keys without the prefix.
     fn found(&self, kvs: &[KeyValue]) -> Result<Found, StoreError> {
         let mut out = Vec::with_capacity(kvs.len());
@@ -259,20 +267,11 @@ impl Store for EtcdStore {
     }
 
     async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
-        let mut kv = self.client().await?.kv_client();
-        let resp = kv
-            .get(self.full(prefix), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.error(e))?;
-        self.found(resp.kvs())
+        self.found(self.get_prefix(prefix).await?.kvs())
     }
 
     async fn list_and_watch(&self, prefix: &str) -> Result<(Found, WatchReceiver), StoreError> {
-        let mut kv = self.client().await?.kv_client();
-        let resp = kv
-            .get(self.full(prefix), Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(|e| self.error(e))?;
+        let resp = self.get_prefix(prefix).await?;
         // The revision the listing was read at: the watch starts right after it.
         let revision = resp.header().map_or(0, |h| h.revision() as u64);
         let found = self.found(resp.kvs())?;
