@@ -393,11 +393,19 @@ impl FileStore {
     }
 }
 
-fn snapshot_under(contents: &Contents, prefix: &str) -> BTreeMap<String, Entry> {
+/// The entries whose keys start with `prefix`, in key order.
+fn entries_under<'c>(
+    contents: &'c Contents,
+    prefix: &'c str,
+) -> impl Iterator<Item = (&'c String, &'c Entry)> {
     contents
         .keys
         .range(prefix.to_string()..)
-        .take_while(|(k, _)| k.starts_with(prefix))
+        .take_while(move |(k, _)| k.starts_with(prefix))
+}
+
+fn snapshot_under(contents: &Contents, prefix: &str) -> BTreeMap<String, Entry> {
+    entries_under(contents, prefix)
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }
@@ -410,10 +418,7 @@ fn versioned(entry: &Entry) -> Versioned {
 }
 
 fn found_under(contents: &Contents, prefix: &str) -> Found {
-    contents
-        .keys
-        .range(prefix.to_string()..)
-        .take_while(|(k, _)| k.starts_with(prefix))
+    entries_under(contents, prefix)
         .map(|(k, e)| (k.clone(), versioned(e)))
         .collect()
 }
@@ -441,13 +446,9 @@ impl FileStore {
                     let now = snapshot_under(&view.contents, &prefix);
                     for (key, entry) in &now {
                         if seen.get(key).map(|e| e.revision) != Some(entry.revision) {
-                            let value = Versioned {
-                                value: entry.value.get().to_string(),
-                                revision: entry.revision,
-                            };
                             let event = WatchEvent::Put {
                                 key: key.clone(),
-                                value,
+                                value: versioned(entry),
                             };
                             if tx.send(Ok(event)).await.is_err() {
                                 return;
