@@ -1,7 +1,7 @@
 //! calyx-agent: one per node. Registers the node, keeps `vxlan.calyx` and the FDB,
 //! neighbour and route entries that reach every other node's blocks, and the
-//! FORWARD-accept and masquerade rules. Reconciles on datastore changes and kernel
-//! events at once, and on a periodic full resync; restarting it changes nothing that
+//! FORWARD-accept and masquerade rules. Reconciles on datastore changes that alter
+//! the overlay (seen through its watch-fed cache, `cache.rs`) and kernel events at once, and on a periodic full resync; restarting it changes nothing that
 //! is already right, so pod traffic carries on through a restart.
 
 mod cache;
@@ -417,7 +417,7 @@ impl Agent {
         self.metrics.neighbours.set(desired.neighbours.len() as i64);
         self.metrics.kernel_changes.inc_by(changes.count() as u64);
 
-        // Releasing reads every block again: only when the blocks just read hold an
+        // Releasing reads every block from the store: only when the cache shows an
         // empty one it could concern (a node's first block keeps its tunnel address).
         let empty_block = blocks.iter().any(|b| {
             b.empty && (b.affinity.is_none() || b.affinity.as_deref() == Some(me.as_str()))
