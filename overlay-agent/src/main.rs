@@ -1,8 +1,9 @@
 //! calyx-agent: one per node. Registers the node, keeps `vxlan.calyx` and the FDB,
 //! neighbour and route entries that reach every other node's blocks, and the
-//! FORWARD-accept and masquerade rules. Reconciles on datastore changes that alter
-//! the overlay (seen through its watch-fed cache, `cache.rs`) and kernel events at once, and on a periodic full resync; restarting it changes nothing that
-//! is already right, so pod traffic carries on through a restart.
+//! FORWARD-accept and masquerade rules. Reconciles at once on datastore changes that
+//! alter the overlay (seen through its watch-fed cache, `cache.rs`) and on kernel
+//! events, and on a periodic full resync; restarting it changes nothing that is
+//! already right, so pod traffic carries on through a restart.
 
 mod cache;
 mod desired;
