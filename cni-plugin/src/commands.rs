@@ -6,18 +6,19 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use calyx_ipam::allocator::AllocationRequest;
 use calyx_ipam::model::{handle_id, AllocationAttrs, Handle};
-use calyx_ipam::store::{self, Store};
+use calyx_ipam::store::Store;
 use calyx_ipam::Ipam;
 use serde_json::Value;
 
+use crate::check::plan_from_prev_result;
 use crate::config::{CniEnv, NetConf};
 use crate::error::{CniError, CniResult, Code};
 use crate::pod_network::{
-    default_destination, gateway_for, host_veth_name, pod_address, pod_routes,
+    default_destination, gateway_for, host_veth_name, pod_address, PodNetwork,
 };
 use crate::result::{CniOutput, Interface, IpConfig, Route};
 use crate::version::{version_info, CniVersion};
-use crate::wiring::{mac_text, unwire, Connections, PodAttachment};
+use crate::wiring::{mac_text, unwire, Connections};
 
 /// Runs one command; Ok carries what to print on stdout (nothing for DEL, GC, STATUS
 /// and a passing CHECK).
@@ -48,7 +49,7 @@ pub async fn run(env: &CniEnv, stdin: &[u8]) -> CniResult<Option<Value>> {
 }
 
 fn open_store(conf: &NetConf) -> CniResult<Box<dyn Store>> {
-    Ok(store::open(conf.datastore())?)
+    conf.open_store()
 }
 
 /// The plugin's IPAM client: the plugin processes of this host take turns on the
@@ -106,15 +107,18 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
     let addresses: Vec<IpAddr> = handle.addresses.iter().map(|a| a.ip).collect();
     tracing::info!(handle = %handle.id, ?addresses, created, "allocated");
 
-    let attachment = PodAttachment {
+    let (has_default_v4, has_default_v6) = connections.pod_default_routes().await?;
+    let plan = PodNetwork {
         host_veth,
         ifname: ifname.to_string(),
         netns: netns.to_path_buf(),
         pod_mac: crate::pod_network::pod_mac(container_id, ifname),
         mtu,
         addresses: addresses.clone(),
+        default_route_v4: !has_default_v4,
+        default_route_v6: !has_default_v6,
     };
-    let links = match connections.wire(&attachment).await {
+    let links = match connections.wire(&plan).await {
         Ok(links) => {
             stage("wired");
             links
@@ -152,11 +156,11 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
                 interface: Some(1),
             })
             .collect(),
-        routes: addresses
-            .iter()
+        routes: plan
+            .routed_addresses()
             .map(|ip| Route {
-                dst: default_destination(*ip),
-                gw: Some(gateway_for(*ip)),
+                dst: default_destination(ip),
+                gw: Some(gateway_for(ip)),
             })
             .collect(),
         dns: conf.dns.clone(),
@@ -239,72 +243,25 @@ async fn check(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
     let Some((handle, _)) = ipam.handle(&id).await? else {
         return differs("no allocation is recorded for this attachment".into());
     };
+    if let Some(ip) = prev
+        .ips
+        .iter()
+        .map(|ip| ip.address.ip())
+        .find(|ip| !handle.addresses.iter().any(|a| a.ip == *ip))
+    {
+        return differs(format!("address {ip} is not allocated to this attachment"));
+    }
     let host_veth = handle
         .host_interface
         .clone()
         .unwrap_or_else(|| veth_name_for(env, container_id, ifname));
+    let plan = plan_from_prev_result(&prev, host_veth, ifname, netns, container_id)?;
     let connections = Connections::open(netns)?;
-    let seen = connections.observe(&host_veth, ifname).await?;
-    let Some(pod) = &seen.pod else {
-        return differs(format!(
-            "interface {ifname} is missing in {}",
-            netns.display()
-        ));
-    };
-    let Some(host) = &seen.host else {
-        return differs(format!("host interface {host_veth} is missing"));
-    };
-    if !pod.up {
-        return differs(format!("interface {ifname} is down"));
+    let seen = connections.observe(&plan.host_veth, ifname).await?;
+    match plan.differences(&seen) {
+        Some(what) => differs(what),
+        None => Ok(()),
     }
-    if !host.up {
-        return differs(format!("host interface {host_veth} is down"));
-    }
-    if let Some(iface) = prev.interfaces.iter().find(|i| i.name == ifname) {
-        let mac = mac_text(pod);
-        if !iface.mac.is_empty() && !iface.mac.eq_ignore_ascii_case(&mac) {
-            return differs(format!(
-                "interface {ifname} has MAC {mac}, prevResult says {}",
-                iface.mac
-            ));
-        }
-    }
-    for ip in &prev.ips {
-        let addr = ip.address.ip();
-        if !handle.addresses.iter().any(|a| a.ip == addr) {
-            return differs(format!(
-                "address {addr} is not allocated to this attachment"
-            ));
-        }
-        if !seen.pod_addresses.contains(&(addr, ip.address.prefix())) {
-            return differs(format!("interface {ifname} lacks address {}", ip.address));
-        }
-        for want in pod_routes(addr, pod.index) {
-            let present = seen.pod_routes.iter().any(|r| {
-                r.destination == want.destination
-                    && r.prefix_len == want.prefix_len
-                    && r.gateway == want.gateway
-                    && r.device == want.device
-            });
-            if !present {
-                let via = want
-                    .gateway
-                    .map(|g| format!(" via {g}"))
-                    .unwrap_or_default();
-                return differs(format!(
-                    "pod route {}/{}{via} dev {ifname} is missing",
-                    want.destination, want.prefix_len
-                ));
-            }
-        }
-        if !seen.host_routes.iter().any(|r| r.destination == addr) {
-            return differs(format!(
-                "host route {} dev {host_veth} is missing",
-                ip.address
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// Releases every allocation of this network on this node whose attachment the

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::error::{CniError, CniResult, Code};
 use crate::version::CniVersion;
 use calyx_ipam::model::Pool;
+use calyx_ipam::store::{self, Store, StoreError};
 
 pub const DEFAULT_DATASTORE: &str = "file:///var/lib/calyx/store";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/calyx";
@@ -121,6 +122,7 @@ impl NetConf {
             }
         }
         self.pools()?;
+        self.open_store()?;
         Ok(())
     }
 
@@ -147,6 +149,18 @@ impl NetConf {
 
     pub fn datastore(&self) -> &str {
         self.datastore.as_deref().unwrap_or(DEFAULT_DATASTORE)
+    }
+
+    /// The store the `datastore` URL names (opening connects to nothing yet); a bad
+    /// URL is code 7 naming the field.
+    pub fn open_store(&self) -> CniResult<Box<dyn Store>> {
+        store::open(self.datastore()).map_err(|e| match e {
+            StoreError::BadUrl { .. } => CniError::new(
+                Code::InvalidConfig,
+                format!("network config field datastore: {e}"),
+            ),
+            other => other.into(),
+        })
     }
 
     fn state_dir(&self) -> &Path {
@@ -365,6 +379,18 @@ mod tests {
                 "ipam.pools",
             ),
             (r#"{"type":"calyx"}"#, "name"),
+            (
+                r#"{"name":"n","type":"calyx","datastore":"file://relative/x"}"#,
+                "field datastore",
+            ),
+            (
+                r#"{"name":"n","type":"calyx","datastore":"/var/lib/calyx/store"}"#,
+                "field datastore",
+            ),
+            (
+                r#"{"name":"n","type":"calyx","datastore":"etcd://"}"#,
+                "field datastore",
+            ),
         ] {
             let err = NetConf::parse(json.as_bytes())
                 .unwrap()

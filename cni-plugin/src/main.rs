@@ -1,6 +1,7 @@
 //! `calyx`: the Calyx CNI plugin. stdout carries the protocol (a result or an error
 //! object); logs go to stderr, or to `logFile` when the config names one.
 
+mod check;
 mod commands;
 mod config;
 mod error;

@@ -3,7 +3,9 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use calyx_dataplane::{RouteSpec, CALYX_ROUTE_PROTOCOL};
+use std::path::PathBuf;
+
+use calyx_dataplane::{format_mac, Link, RouteSpec, CALYX_ROUTE_PROTOCOL};
 use ipnetwork::IpNetwork;
 use sha1::{Digest, Sha1};
 
@@ -13,6 +15,135 @@ pub const HOST_VETH_MAC: [u8; 6] = [0xee; 6];
 pub const GATEWAY_V4: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
 /// The IPv6 gateway: the link-local address the kernel derives from HOST_VETH_MAC.
 pub const GATEWAY_V6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0xecee, 0xeeff, 0xfeee, 0xeeee);
+
+/// One attachment's whole network, planned before anything is applied: ADD applies
+/// it (`wiring`), CHECK compares what it observes with it (`differences`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodNetwork {
+    pub host_veth: String,
+    pub ifname: String,
+    pub netns: PathBuf,
+    /// The pod end's MAC: derived from the attachment, so a retried ADD returns the
+    /// same result.
+    pub pod_mac: [u8; 6],
+    pub mtu: u32,
+    pub addresses: Vec<IpAddr>,
+    /// The families whose gateway and default route this interface carries: those
+    /// the pod had no default route for when it was added. A second Calyx interface
+    /// of a pod gets its addresses and host routes, never the first one's routes.
+    pub default_route_v4: bool,
+    pub default_route_v6: bool,
+}
+
+impl PodNetwork {
+    /// Whether this interface carries the default route of `ip`'s family.
+    pub fn carries_default_route(&self, ip: IpAddr) -> bool {
+        if ip.is_ipv4() {
+            self.default_route_v4
+        } else {
+            self.default_route_v6
+        }
+    }
+
+    /// The addresses whose family's default route goes through this interface.
+    pub fn routed_addresses(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.addresses
+            .iter()
+            .copied()
+            .filter(|ip| self.carries_default_route(*ip))
+    }
+
+    /// Routes inside the pod, once the pod end has index `pod_ifindex`.
+    pub fn pod_routes(&self, pod_ifindex: u32) -> Vec<RouteSpec> {
+        self.routed_addresses()
+            .flat_map(|ip| pod_routes(ip, pod_ifindex))
+            .collect()
+    }
+
+    /// The host's routes to the pod, once the host end has index `host_ifindex`.
+    pub fn host_routes(&self, host_ifindex: u32) -> Vec<RouteSpec> {
+        self.addresses
+            .iter()
+            .map(|ip| host_route(*ip, host_ifindex))
+            .collect()
+    }
+
+    /// What CHECK reports first when `seen` is not this plan; None when it matches.
+    pub fn differences(&self, seen: &Observed) -> Option<String> {
+        let (ifname, host_veth) = (&self.ifname, &self.host_veth);
+        let Some(pod) = &seen.pod else {
+            return Some(format!(
+                "interface {ifname} is missing in {}",
+                self.netns.display()
+            ));
+        };
+        let Some(host) = &seen.host else {
+            return Some(format!("host interface {host_veth} is missing"));
+        };
+        if !pod.up {
+            return Some(format!("interface {ifname} is down"));
+        }
+        if !host.up {
+            return Some(format!("host interface {host_veth} is down"));
+        }
+        if pod.mac != self.pod_mac {
+            return Some(format!(
+                "interface {ifname} has MAC {}, expected {}",
+                format_mac(&pod.mac),
+                format_mac(&self.pod_mac)
+            ));
+        }
+        for ip in &self.addresses {
+            if !seen.pod_addresses.contains(&(*ip, host_prefix(*ip))) {
+                return Some(format!(
+                    "interface {ifname} lacks address {}",
+                    pod_address(*ip)
+                ));
+            }
+        }
+        for want in self.pod_routes(pod.index) {
+            let present = seen.pod_routes.iter().any(|r| {
+                r.destination == want.destination
+                    && r.prefix_len == want.prefix_len
+                    && r.gateway == want.gateway
+                    && r.device == want.device
+            });
+            if !present {
+                let via = want
+                    .gateway
+                    .map(|g| format!(" via {g}"))
+                    .unwrap_or_default();
+                return Some(format!(
+                    "pod route {}/{}{via} dev {ifname} is missing",
+                    want.destination, want.prefix_len
+                ));
+            }
+        }
+        for want in self.host_routes(host.index) {
+            if !seen
+                .host_routes
+                .iter()
+                .any(|r| r.destination == want.destination)
+            {
+                return Some(format!(
+                    "host route {}/{} dev {host_veth} is missing",
+                    want.destination, want.prefix_len
+                ));
+            }
+        }
+        None
+    }
+}
+
+/// What CHECK reads back of one attachment.
+#[derive(Debug, Default)]
+pub struct Observed {
+    pub host: Option<Link>,
+    pub pod: Option<Link>,
+    pub pod_addresses: Vec<(IpAddr, u8)>,
+    pub pod_routes: Vec<RouteSpec>,
+    pub host_routes: Vec<RouteSpec>,
+}
 
 /// `cyx` + 11 hex chars of sha1 of the pod's identity: "<namespace>.<pod>" when the
 /// runtime names the pod, else the container ID. A second interface of the same pod

@@ -103,6 +103,14 @@ impl CniOutput {
                 .map(str::to_string)
                 .ok_or_else(|| bad(format!("{at}.{key} is missing or not a string")))
         };
+        if !value.is_object() {
+            return Err(bad(format!("{value} is not a result object")));
+        }
+        for key in ["interfaces", "ips", "routes"] {
+            if value.get(key).is_some_and(|v| !v.is_array()) {
+                return Err(bad(format!("{key} is not a list")));
+            }
+        }
         let mut out = CniOutput::default();
         for (n, i) in array(value, "interfaces").iter().enumerate() {
             let at = format!("interfaces[{n}]");
@@ -218,6 +226,20 @@ mod tests {
         ] {
             let decoded = CniOutput::from_json(&sample().to_json(v)).unwrap();
             assert_eq!(decoded, sample(), "{v:?}");
+        }
+    }
+
+    #[test]
+    fn prev_result_that_is_no_result_object_is_refused() {
+        for garbage in [
+            json!("garbage"),
+            json!(42),
+            json!([]),
+            json!({"ips": "10.0.0.1"}),
+        ] {
+            let err = CniOutput::from_json(&garbage).unwrap_err();
+            assert_eq!(err.code, Code::InvalidConfig, "{garbage}");
+            assert!(err.msg.starts_with("prevResult"), "{}", err.msg);
         }
     }
 

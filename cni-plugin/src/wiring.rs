@@ -3,28 +3,15 @@
 //! is reached through a netlink socket opened inside the pod's namespace.
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use calyx_dataplane::netlink::open_namespace;
+use calyx_dataplane::netlink::{classify_namespace_file, open_namespace, NamespaceFile};
 use calyx_dataplane::{format_mac, sysctl, Link, Netlink, RouteSpec, CALYX_ROUTE_PROTOCOL};
 
 use crate::error::{CniError, CniResult, Code};
 use crate::pod_network::{
-    gateway_for, host_prefix, host_route, host_veth_sysctls, pod_routes, HOST_VETH_MAC,
+    gateway_for, host_prefix, host_veth_sysctls, Observed, PodNetwork, HOST_VETH_MAC,
 };
-
-/// One pod attachment as ADD wires it.
-#[derive(Debug, Clone)]
-pub struct PodAttachment {
-    pub host_veth: String,
-    pub ifname: String,
-    pub netns: PathBuf,
-    /// The pod end's MAC: derived from the attachment, so a retried ADD returns the
-    /// same result.
-    pub pod_mac: [u8; 6],
-    pub mtu: u32,
-    pub addresses: Vec<IpAddr>,
-}
 
 /// Links as they exist after ADD.
 #[derive(Debug, Clone)]
@@ -43,11 +30,27 @@ pub struct Connections {
 
 impl Connections {
     pub fn open(netns: &Path) -> CniResult<Connections> {
-        let ns = open_namespace(netns).map_err(|e| {
+        let in_netns = |e| {
             let mut err = CniError::from(e);
             err.msg = format!("CNI_NETNS {}: {}", netns.display(), err.msg);
             err
-        })?;
+        };
+        let refuse = |why: &str| {
+            Err(CniError::new(
+                Code::InvalidEnvironment,
+                format!("CNI_NETNS {}: {why}", netns.display()),
+            ))
+        };
+        match classify_namespace_file(netns).map_err(in_netns)? {
+            NamespaceFile::Other => {}
+            // The node would get the pod's default route in place of its own, and
+            // lose it on DEL.
+            NamespaceFile::Own => {
+                return refuse("this is the node's own network namespace, not a pod's")
+            }
+            NamespaceFile::NotANamespace => return refuse("this is not a network namespace"),
+        }
+        let ns = open_namespace(netns).map_err(in_netns)?;
         Ok(Connections {
             host: Netlink::current()?,
             pod: Netlink::in_namespace(netns)?,
@@ -74,7 +77,7 @@ impl Connections {
 
     /// Creates and configures the veth pair. On failure, deletes the pair (which takes
     /// its addresses and routes with it) before returning the error.
-    pub async fn wire(&self, pod: &PodAttachment) -> CniResult<WiredLinks> {
+    pub async fn wire(&self, pod: &PodNetwork) -> CniResult<WiredLinks> {
         self.host
             .create_veth(
                 &pod.host_veth,
@@ -96,7 +99,7 @@ impl Connections {
         result
     }
 
-    async fn configure(&self, pod: &PodAttachment) -> CniResult<WiredLinks> {
+    async fn configure(&self, pod: &PodNetwork) -> CniResult<WiredLinks> {
         let missing = |side: &str, name: &str| {
             CniError::new(
                 Code::Io,
@@ -137,23 +140,63 @@ impl Connections {
                 .await?;
         }
         self.pod.set_up(&pod_link).await?;
+        // Created, never replaced: the pod's routes are this interface's alone.
+        for route in pod.pod_routes(pod_link.index) {
+            self.pod.create_route(&route).await?;
+        }
         for ip in &pod.addresses {
-            for route in pod_routes(*ip, pod_link.index) {
-                self.pod.add_route(&route).await?;
-            }
             self.pod
                 .add_permanent_neighbour(&pod_link, gateway_for(*ip), HOST_VETH_MAC)
                 .await?;
         }
 
         // The host's route to the pod.
-        for ip in &pod.addresses {
-            self.host.add_route(&host_route(*ip, host.index)).await?;
+        for route in pod.host_routes(host.index) {
+            self.add_host_route(&route).await?;
         }
         Ok(WiredLinks {
             host,
             pod: pod_link,
         })
+    }
+
+    /// The host route to a pod address. One already there is replaced only when it is
+    /// Calyx's own (left by an earlier pod of that address); anyone else's is an error.
+    async fn add_host_route(&self, route: &RouteSpec) -> CniResult<()> {
+        match self.host.create_route(route).await {
+            Err(e) if e.is_exists() => {
+                let ours = self
+                    .host
+                    .routes_of_protocol(route.destination.is_ipv4(), CALYX_ROUTE_PROTOCOL)
+                    .await?
+                    .iter()
+                    .any(|r| {
+                        r.destination == route.destination && r.prefix_len == route.prefix_len
+                    });
+                if !ours {
+                    return Err(CniError::new(
+                        Code::Io,
+                        format!(
+                            "host route {}/{} exists and was not made by Calyx; not replacing it",
+                            route.destination, route.prefix_len
+                        ),
+                    ));
+                }
+                tracing::info!(route = %route.destination, "replacing a stale Calyx host route");
+                Ok(self.host.add_route(route).await?)
+            }
+            other => Ok(other?),
+        }
+    }
+
+    /// Whether the pod already has an IPv4 and an IPv6 default route (from an earlier
+    /// interface): the plan gives a new interface only the families it lacks.
+    pub async fn pod_default_routes(&self) -> CniResult<(bool, bool)> {
+        let mut present = [false; 2];
+        for (slot, v4) in present.iter_mut().zip([true, false]) {
+            *slot = self.pod.routes(v4).await?.iter().any(|r| r.prefix_len == 0);
+        }
+        Ok((present[0], present[1]))
     }
 
     /// What CHECK compares: the pod interface, its addresses and routes, and the host
@@ -179,15 +222,6 @@ impl Connections {
         }
         Ok(observed)
     }
-}
-
-#[derive(Debug, Default)]
-pub struct Observed {
-    pub host: Option<Link>,
-    pub pod: Option<Link>,
-    pub pod_addresses: Vec<(IpAddr, u8)>,
-    pub pod_routes: Vec<RouteSpec>,
-    pub host_routes: Vec<RouteSpec>,
 }
 
 /// Deletes the host veth of an attachment (its peer, addresses and routes go with

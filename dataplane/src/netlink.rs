@@ -281,6 +281,8 @@ impl Netlink {
         Ok(out)
     }
 
+    /// Adds a route, replacing one to the same destination (the agent's routes, which
+    /// it owns by protocol).
     pub async fn add_route(&self, route: &RouteSpec) -> Result<()> {
         let message = route_message(route)?;
         self.handle
@@ -290,6 +292,18 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| nl_err(format!("add route {}", describe_route(route)), e))
+    }
+
+    /// Adds a route only if none to that destination exists (EEXIST otherwise): for
+    /// places where a route already there belongs to someone else.
+    pub async fn create_route(&self, route: &RouteSpec) -> Result<()> {
+        let message = route_message(route)?;
+        self.handle
+            .route()
+            .add(message)
+            .execute()
+            .await
+            .map_err(|e| nl_err(format!("create route {}", describe_route(route)), e))
     }
 
     pub async fn delete_route(&self, route: &RouteSpec) -> Result<()> {
@@ -409,6 +423,37 @@ pub fn open_namespace(path: &Path) -> Result<netns_rs::NetNs> {
     netns_rs::get_from_path(path).map_err(|e| {
         let not_found = matches!(&e, netns_rs::Error::OpenNsError(_, io) if io.kind() == std::io::ErrorKind::NotFound);
         netns_err(path, e.to_string(), not_found)
+    })
+}
+
+/// What a file that should be a pod's network namespace is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamespaceFile {
+    /// A namespace other than the caller's: what a pod's should be.
+    Other,
+    /// The calling thread's own network namespace (the node's, for the plugin).
+    Own,
+    /// Not a namespace file at all (a plain file, a directory).
+    NotANamespace,
+}
+
+/// Tells what `path` is, by its (device, inode): every namespace file lives on the one
+/// nsfs filesystem, so a file on another device is no namespace.
+pub fn classify_namespace_file(path: &Path) -> Result<NamespaceFile> {
+    use std::os::unix::fs::MetadataExt;
+    let identity = |p: &Path| {
+        std::fs::metadata(p)
+            .map(|m| (m.dev(), m.ino()))
+            .map_err(|e| netns_err(p, e.to_string(), e.kind() == std::io::ErrorKind::NotFound))
+    };
+    let (dev, ino) = identity(path)?;
+    let (own_dev, own_ino) = identity(Path::new("/proc/thread-self/ns/net"))?;
+    Ok(if dev != own_dev {
+        NamespaceFile::NotANamespace
+    } else if ino == own_ino {
+        NamespaceFile::Own
+    } else {
+        NamespaceFile::Other
     })
 }
 

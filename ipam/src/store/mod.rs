@@ -140,6 +140,17 @@ pub fn open(url: &str) -> Result<Box<dyn Store>, StoreError> {
     let parsed = url::Url::parse(url).map_err(|e| bad(&e.to_string()))?;
     match parsed.scheme() {
         "file" => {
+            // `file://relative/x` parses with host "relative" and path "/x": a second,
+            // silently different store. Only `file:///absolute/path` is accepted.
+            if let Some(host) = parsed.host_str().filter(|h| !h.is_empty()) {
+                return Err(bad(&format!(
+                    "file:// URLs take an absolute path and no host (got host {host:?}); \
+                     write file:///absolute/path"
+                )));
+            }
+            if parsed.query().is_some() || parsed.fragment().is_some() {
+                return Err(bad("a file:// URL takes no query or fragment"));
+            }
             if parsed.path().is_empty() || parsed.path() == "/" {
                 return Err(bad(
                     "file:// needs a path, e.g. file:///var/lib/calyx/store",
