@@ -307,6 +307,11 @@ pub fn validate_ifname(name: &str) -> Result<(), &'static str> {
     {
         return Err("an interface name cannot hold '/', ':' or white space");
     }
+    // The kernel reads "%d" as a template ("eth%d" becomes eth0, eth1...), so the
+    // interface would not be found under the name asked for.
+    if name.contains('%') {
+        return Err("an interface name cannot hold '%' (the kernel reads it as a template)");
+    }
     Ok(())
 }
 
@@ -419,6 +424,7 @@ mod tests {
         assert!(validate_ifname("").is_err());
         assert!(validate_ifname("a/b").is_err());
         assert!(validate_ifname("..").is_err());
+        assert!(validate_ifname("eth%d").is_err());
     }
 
     #[test]

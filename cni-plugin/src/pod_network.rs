@@ -145,23 +145,31 @@ pub struct Observed {
     pub host_routes: Vec<RouteSpec>,
 }
 
-/// `cyx` + 11 hex chars of sha1 of the pod's identity: "<namespace>.<pod>" when the
-/// runtime names the pod, else the container ID. A second interface of the same pod
-/// (CNI_IFNAME other than eth0) hashes its name in too, so it gets a veth of its own.
+/// `cyx` + 11 hex chars of sha1 of the attachment's identity. Where it cannot be
+/// mistaken for another's, that is Calico's text: "<namespace>.<pod>" for a pod's eth0
+/// (a namespace holds no dot), or the container ID (without dots) when the runtime
+/// names no pod. Everything else (a second interface, dotted container IDs, odd
+/// namespaces) hashes a JSON list of the parts, so no two attachments share a veth.
 pub fn host_veth_name(
     pod_namespace: Option<&str>,
     pod_name: Option<&str>,
     container_id: &str,
     ifname: &str,
 ) -> String {
-    let mut identity = match (pod_namespace, pod_name) {
-        (Some(ns), Some(pod)) if !ns.is_empty() && !pod.is_empty() => format!("{ns}.{pod}"),
-        _ => container_id.to_string(),
+    let identity = match (pod_namespace, pod_name) {
+        (Some(ns), Some(pod)) if !ns.is_empty() && !pod.is_empty() => {
+            let dns_label = ns
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if dns_label && ifname == "eth0" {
+                format!("{ns}.{pod}")
+            } else {
+                serde_json::json!([ns, pod, ifname]).to_string()
+            }
+        }
+        _ if ifname == "eth0" && !container_id.contains('.') => container_id.to_string(),
+        _ => serde_json::json!([container_id, ifname]).to_string(),
     };
-    if ifname != "eth0" {
-        identity.push('.');
-        identity.push_str(ifname);
-    }
     let digest = Sha1::digest(identity.as_bytes());
     format!("cyx{}", &hex::encode(digest)[..11])
 }
@@ -267,6 +275,28 @@ mod tests {
         let eth0 = host_veth_name(Some("ns"), Some("p"), "c", "eth0");
         let net1 = host_veth_name(Some("ns"), Some("p"), "c", "net1");
         assert_ne!(eth0, net1);
+    }
+
+    #[test]
+    fn veth_names_of_different_attachments_differ() {
+        let name = |ns, pod, cid, ifname| host_veth_name(ns, pod, cid, ifname);
+        // Each pair once shared a name.
+        assert_ne!(
+            name(None, None, "pod.a", "net1"),
+            name(None, None, "pod", "a.net1")
+        );
+        assert_ne!(
+            name(Some("ns"), Some("p"), "c", "net1"),
+            name(Some("ns"), Some("p.net1"), "c", "eth0")
+        );
+        assert_ne!(
+            name(None, None, "default.web-0", "eth0"),
+            name(Some("default"), Some("web-0"), "c", "eth0")
+        );
+        assert_ne!(
+            name(Some("a.b"), Some("c"), "x", "eth0"),
+            name(Some("a"), Some("b.c"), "x", "eth0")
+        );
     }
 
     #[test]

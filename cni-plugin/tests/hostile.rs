@@ -178,3 +178,49 @@ fn check_refuses_a_prev_result_that_is_no_result() {
     lab.del(&conf, "c", Some(&pod));
     lab.assert_clean();
 }
+
+#[test]
+fn attachments_whose_names_join_alike_get_their_own_handle_and_veth() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = common::new_lab();
+    let conf = lab.conf(json!({}));
+    let (first, second) = (lab.pod(), lab.pod());
+    let a = call(
+        &lab,
+        "ADD",
+        &conf,
+        "pod.a",
+        &format!("/run/netns/{first}"),
+        "net1",
+    );
+    assert!(a.ok, "{}", a.stdout);
+    let b = call(
+        &lab,
+        "ADD",
+        &conf,
+        "pod",
+        &format!("/run/netns/{second}"),
+        "a.net1",
+    );
+    assert!(b.ok, "{}", b.stdout);
+    assert_ne!(a.ips(), b.ips());
+    assert_eq!(lab.store_keys("handles/").len(), 2);
+    assert_eq!(lab.host_veths().len(), 2);
+    for ip in a.ips().iter().chain(b.ips().iter()) {
+        assert!(lab.ping(&lab.node, ip), "node cannot reach {ip}");
+    }
+    for (container, pod, ifname) in [("pod.a", &first, "net1"), ("pod", &second, "a.net1")] {
+        let del = call(
+            &lab,
+            "DEL",
+            &conf,
+            container,
+            &format!("/run/netns/{pod}"),
+            ifname,
+        );
+        assert!(del.ok, "{}", del.stdout);
+    }
+    lab.assert_clean();
+}

@@ -425,8 +425,14 @@ pub fn handle_key(id: &str) -> String {
 }
 
 /// The handle ID of one attachment, as in the data model: network + container + ifname.
+/// `<network>.<containerID>.<ifname>`, with every '.' inside the container ID and the
+/// interface name written as `%2E`, so the last two dots always split the parts and two
+/// attachments never share a handle (`pod.a` + `net1` against `pod` + `a.net1`). Neither
+/// part may hold a raw '%' (the plugin validates both), and IDs and names without dots,
+/// as every runtime's hex container IDs are, keep the form they always had.
 pub fn handle_id(network: &str, container_id: &str, ifname: &str) -> String {
-    format!("{network}.{container_id}.{ifname}")
+    let escape = |part: &str| part.replace('.', "%2E");
+    format!("{network}.{}.{}", escape(container_id), escape(ifname))
 }
 
 pub fn max_prefix(net: &IpNetwork) -> u8 {
@@ -455,6 +461,16 @@ pub fn u128_to_ip(value: u128, v4: bool) -> IpAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn handle_ids_are_injective_and_keep_the_dotless_form() {
+        assert_eq!(handle_id("k8s", "c0ffee", "eth0"), "k8s.c0ffee.eth0");
+        assert_ne!(
+            handle_id("n", "pod.a", "net1"),
+            handle_id("n", "pod", "a.net1")
+        );
+        assert_eq!(handle_id("a.b", "c.d", "e.f"), "a.b.c%2Ed.e%2Ef");
+    }
 
     fn net(s: &str) -> IpNetwork {
         s.parse().unwrap()
