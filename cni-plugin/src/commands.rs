@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use calyx_ipam::allocator::AllocationRequest;
 use calyx_ipam::model::{handle_id, AllocationAttrs, Handle};
 use calyx_ipam::store::Store;
-use calyx_ipam::Ipam;
+use calyx_ipam::{exclusive_turn, remove_lock_file, Ipam};
 use serde_json::Value;
 
 use crate::check::plan_from_prev_result;
@@ -82,6 +82,8 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
 
     // Everything that can fail without side effects comes first.
     let connections = Connections::open(netns)?;
+    let id = handle_id(&conf.name, container_id, ifname);
+    let _turn = exclusive_turn(&conf.attachment_lock_path(&id)).await?;
     let store = open_store(conf)?;
     let ipam = host_ipam(store.as_ref(), conf);
     connections.clear_leftovers(&host_veth, ifname).await?;
@@ -89,7 +91,7 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
 
     ipam.ensure_pools(&pools).await?;
     let request = AllocationRequest {
-        handle_id: handle_id(&conf.name, container_id, ifname),
+        handle_id: id,
         network: conf.name.clone(),
         attrs: AllocationAttrs {
             pod: env.pod_name().map(str::to_string),
@@ -176,6 +178,8 @@ async fn del(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
     let store = open_store(conf)?;
     let ipam = host_ipam(store.as_ref(), conf);
     let id = handle_id(&conf.name, container_id, ifname);
+    let lock_path = conf.attachment_lock_path(&id);
+    let turn = exclusive_turn(&lock_path).await?;
     let netns = env
         .netns
         .as_ref()
@@ -187,7 +191,11 @@ async fn del(env: &CniEnv, conf: &NetConf) -> CniResult<()> {
         .as_ref()
         .and_then(|h| h.host_interface.clone())
         .unwrap_or_else(|| veth_name_for(env, container_id, ifname));
-    teardown(&ipam, &id, &host_veth, handle.as_ref()).await
+    let outcome = teardown(&ipam, &id, &host_veth, handle.as_ref()).await;
+    if outcome.is_ok() {
+        remove_lock_file(&lock_path, &turn);
+    }
+    outcome
 }
 
 async fn teardown(
@@ -279,7 +287,18 @@ async fn gc(conf: &NetConf) -> CniResult<()> {
     for handle in ipam.stale_handles(&conf.name, &node, &keep).await? {
         let host_veth = handle.host_interface.clone().unwrap_or_default();
         tracing::info!(handle = %handle.id, "GC: releasing");
-        if let Err(e) = teardown(&ipam, &handle.id, &host_veth, Some(&handle)).await {
+        let lock_path = conf.attachment_lock_path(&handle.id);
+        let outcome = match exclusive_turn(&lock_path).await {
+            Ok(turn) => {
+                let outcome = teardown(&ipam, &handle.id, &host_veth, Some(&handle)).await;
+                if outcome.is_ok() {
+                    remove_lock_file(&lock_path, &turn);
+                }
+                outcome
+            }
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = outcome {
             tracing::error!(handle = %handle.id, error = %e, "GC: release failed");
             first_error.get_or_insert(e);
         }

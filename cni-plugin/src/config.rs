@@ -174,6 +174,17 @@ impl NetConf {
         self.state_dir().join("ipam.lock")
     }
 
+    /// The lock ADD, DEL and GC of one attachment take turns on, so that a DEL never
+    /// releases an address while an ADD is still wiring it (and ADD never wires an
+    /// address a DEL released).
+    pub fn attachment_lock_path(&self, handle_id: &str) -> PathBuf {
+        use sha1::{Digest, Sha1};
+        let name = hex::encode(Sha1::digest(handle_id.as_bytes()));
+        self.state_dir()
+            .join("attachments")
+            .join(format!("{name}.lock"))
+    }
+
     /// Where the plugin remembers its node's blocks between calls.
     pub fn known_blocks_path(&self) -> PathBuf {
         self.state_dir().join("ipam-known-blocks.json")

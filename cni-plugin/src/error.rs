@@ -76,7 +76,9 @@ impl From<StoreError> for CniError {
         let code = match &err {
             StoreError::Unavailable { .. } | StoreError::Conflict { .. } => Code::TryAgainLater,
             StoreError::BadUrl { .. } => Code::InvalidConfig,
-            StoreError::Io { .. } | StoreError::Corrupt { .. } => Code::Io,
+            StoreError::Io { .. } | StoreError::Corrupt { .. } | StoreError::Damaged { .. } => {
+                Code::Io
+            }
         };
         CniError::new(code, err.to_string())
     }

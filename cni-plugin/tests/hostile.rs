@@ -224,3 +224,43 @@ fn attachments_whose_names_join_alike_get_their_own_handle_and_veth() {
     }
     lab.assert_clean();
 }
+
+/// ADD and DEL of one attachment racing each other end either with the pod wired and
+/// its address held, or with nothing: never a veth routing an address that was
+/// released (the next pod would get it too).
+#[test]
+fn concurrent_add_and_del_of_one_attachment_converge() {
+    if !privileged() {
+        return;
+    }
+    let mut lab = common::new_lab();
+    let conf = lab.conf(json!({}));
+    for round in 0..60 {
+        let pod = lab.pod();
+        let container = format!("race{round}");
+        // DEL starts a little later each round, to land inside ADD's steps.
+        let delay = std::time::Duration::from_micros(500 * (round % 20));
+        std::thread::scope(|s| {
+            s.spawn(|| lab.cni("ADD", &conf, &container, Some(&pod)));
+            s.spawn(|| {
+                std::thread::sleep(delay);
+                lab.cni("DEL", &conf, &container, Some(&pod))
+            });
+        });
+        let held: Vec<String> = lab
+            .store_keys("handles/")
+            .iter()
+            .flat_map(|(_, h)| h["addresses"].as_array().cloned().unwrap_or_default())
+            .map(|a| a["ip"].as_str().unwrap().to_string())
+            .collect();
+        for route in lab.host_routes() {
+            let ip = route.split(['/', ' ']).next().unwrap().to_string();
+            assert!(
+                held.contains(&ip),
+                "round {round}: host route {route:?} leads to an address no handle holds ({held:?})"
+            );
+        }
+        lab.del(&conf, &container, Some(&pod));
+        lab.assert_clean();
+    }
+}

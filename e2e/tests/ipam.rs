@@ -650,3 +650,53 @@ fn stale_remembered_blocks_are_not_used_file() {
 fn stale_remembered_blocks_are_not_used_etcd() {
     stale_remembered_blocks_are_not_used(true);
 }
+
+/// `release --ip` / `--handle` of an address a pod holds is refused without --force:
+/// freeing it would hand a live pod's address to the next pod.
+fn releasing_what_a_pod_holds_needs_force(etcd: bool) {
+    let Some(f) = small_pool(etcd) else {
+        return;
+    };
+    let (url, rt, s) = (&f.url, &f.runtime, f.store.as_ref());
+    let ipam = Ipam::new(s);
+    let (a, b) = rt.block_on(async {
+        let a = ipam.allocate(&now_request("n1", 0)).await.unwrap().0;
+        let b = ipam.allocate(&now_request("n1", 1)).await.unwrap().0;
+        (a, b)
+    });
+    let ip = a.addresses[0].ip.to_string();
+    let (code, _, stderr) = ipamctl(url, &["release", "--ip", &ip]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("--force") && stderr.contains(&a.id),
+        "{stderr}"
+    );
+    let (code, _, stderr) = ipamctl(url, &["release", "--handle", &b.id]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--force"), "{stderr}");
+    rt.block_on(async {
+        assert!(ipam.handle(&a.id).await.unwrap().is_some());
+        assert!(ipam.handle(&b.id).await.unwrap().is_some());
+    });
+
+    let out = ipamctl_ok(url, &["-o", "json", "release", "--ip", &ip, "--force"]);
+    let doc: serde_json::Value = serde_json::from_str(&out).expect("-o json is JSON");
+    assert_eq!(doc["released"], serde_json::json!([a.id]), "{doc}");
+    ipamctl_ok(url, &["release", "--handle", &b.id, "--force"]);
+    rt.block_on(async {
+        assert!(ipam.handle(&a.id).await.unwrap().is_none());
+        assert!(ipam.handle(&b.id).await.unwrap().is_none());
+    });
+    let (code, stdout, _) = ipamctl(url, &["check"]);
+    assert_eq!(code, Some(0), "{stdout}");
+}
+
+#[test]
+fn releasing_what_a_pod_holds_needs_force_file() {
+    releasing_what_a_pod_holds_needs_force(false);
+}
+
+#[test]
+fn releasing_what_a_pod_holds_needs_force_etcd() {
+    releasing_what_a_pod_holds_needs_force(true);
+}

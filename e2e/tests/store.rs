@@ -287,3 +287,115 @@ fn an_unreachable_etcd_is_reported_as_unavailable_quickly() {
         started.elapsed()
     );
 }
+
+/// A file store on a small tmpfs that is then filled up.
+struct FullDisk {
+    dir: tempfile::TempDir,
+    filler: std::path::PathBuf,
+}
+
+impl FullDisk {
+    fn mount(size: &str) -> Option<FullDisk> {
+        if !calyx_e2e::lab::privileged() {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let options = format!("size={size}");
+        calyx_e2e::lab::must(
+            "mount",
+            &[
+                "-t",
+                "tmpfs",
+                "-o",
+                &options,
+                "calyx-test-full",
+                dir.path().to_str().unwrap(),
+            ],
+        );
+        let filler = dir.path().join("filler");
+        Some(FullDisk { dir, filler })
+    }
+
+    fn store_url(&self) -> String {
+        format!("file://{}/store", self.dir.path().display())
+    }
+
+    /// Fills the disk, then frees `leave` bytes again.
+    fn fill_leaving(&self, leave: u64) {
+        use std::io::Write as _;
+        let mut file = std::fs::File::create(&self.filler).unwrap();
+        let chunk = vec![0u8; 4096];
+        while file.write_all(&chunk).is_ok() {}
+        let len = file.metadata().unwrap().len();
+        file.set_len(len.saturating_sub(leave)).unwrap();
+    }
+
+    fn free(&self) {
+        std::fs::remove_file(&self.filler).unwrap();
+    }
+}
+
+impl Drop for FullDisk {
+    fn drop(&mut self) {
+        let _ = calyx_e2e::lab::sh("umount", &[self.dir.path().to_str().unwrap()]);
+    }
+}
+
+/// A commit that cannot be written on a full disk fails and leaves nothing; a commit
+/// whose line was written stays committed even when the compaction after it fails.
+#[test]
+fn a_full_disk_fails_a_commit_cleanly_or_not_at_all() {
+    let Some(disk) = FullDisk::mount("2m") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = store::open(&disk.store_url()).unwrap();
+        let value = format!("\"{}\"", "x".repeat(2000));
+        for i in 0..125 {
+            s.commit(vec![put(&format!("k/{i}"), &value, Expect::Absent)])
+                .await
+                .unwrap();
+        }
+        let journal = disk.dir.path().join("store.journal");
+        let before = std::fs::metadata(&journal).unwrap().len();
+
+        disk.fill_leaving(0);
+        let err = s
+            .commit(vec![put("k/full", &value, Expect::Absent)])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
+        assert_eq!(
+            std::fs::metadata(&journal).unwrap().len(),
+            before,
+            "a failed commit left bytes"
+        );
+
+        // Room for the journal lines, not for the compaction one of them starts.
+        disk.free();
+        disk.fill_leaving(16 * 1024);
+        for i in 125..130 {
+            s.commit(vec![put(&format!("k/{i}"), &value, Expect::Absent)])
+                .await
+                .unwrap_or_else(|e| panic!("commit {i}, durable in the journal, reported {e}"));
+        }
+        let fresh = store::open(&disk.store_url()).unwrap();
+        let keys = fresh.list("k/").await.unwrap();
+        assert_eq!(keys.len(), 130);
+        assert!(keys.iter().all(|(k, _)| k != "k/full"));
+
+        disk.free();
+        s.commit(vec![put("k/after", &value, Expect::Absent)])
+            .await
+            .unwrap();
+        assert!(
+            std::fs::metadata(&journal).unwrap().len() < before,
+            "compacted once there was room"
+        );
+        assert_eq!(fresh.list("k/").await.unwrap().len(), 131);
+    });
+}

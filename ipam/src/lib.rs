@@ -32,6 +32,9 @@ pub enum ReleaseOutcome {
     NotAllocated,
     /// It changed since it was reported: left alone.
     Changed,
+    /// The address belongs to a handle that holds it, as a running pod's does: left
+    /// alone unless forced (freeing it would hand a live pod's address out again).
+    InUse(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -357,11 +360,13 @@ impl<'s> Ipam<'s> {
 
     /// Frees one address. Only if the block still holds it at `expected_seq` (when
     /// given): a report's repair must not free what was handed out again since.
-    /// When the allocation's handle exists, the whole handle is released.
+    /// When the allocation's handle exists, it is in use: without `force` nothing is
+    /// released (`InUse`), with it the whole handle is.
     pub async fn release_ip(
         &self,
         ip: std::net::IpAddr,
         expected_seq: Option<u64>,
+        force: bool,
     ) -> Result<ReleaseOutcome, IpamError> {
         self.retry_conflicts(|| async {
             let blocks = self.blocks().await?;
@@ -376,6 +381,9 @@ impl<'s> Ipam<'s> {
                 return Ok(ReleaseOutcome::Changed);
             }
             if let Some((handle, revision)) = self.handle(&allocation.handle).await? {
+                if !force {
+                    return Ok(ReleaseOutcome::InUse(allocation.handle));
+                }
                 self.store
                     .commit(plan_release(&handle, revision, &blocks, unix_now()))
                     .await?;
@@ -393,6 +401,36 @@ impl<'s> Ipam<'s> {
             Ok(ReleaseOutcome::Released(allocation.handle))
         })
         .await
+    }
+
+    /// Releases a handle by its ID. A handle whose addresses the blocks record for it
+    /// is in use (a running pod's): without `force` it is left alone (`InUse`).
+    pub async fn release_handle(
+        &self,
+        handle_id: &str,
+        force: bool,
+    ) -> Result<ReleaseOutcome, IpamError> {
+        if !force {
+            let Some((handle, _)) = self.handle(handle_id).await? else {
+                return Ok(ReleaseOutcome::NotAllocated);
+            };
+            let blocks = self.blocks_of(&handle).await?;
+            let held = handle.addresses.iter().any(|a| {
+                blocks.values().any(|b| {
+                    b.block
+                        .ordinal_of(a.ip)
+                        .and_then(|o| b.block.allocations.get(&o))
+                        .is_some_and(|alloc| alloc.handle == handle_id)
+                })
+            });
+            if held {
+                return Ok(ReleaseOutcome::InUse(handle_id.to_string()));
+            }
+        }
+        Ok(match self.release(handle_id).await? {
+            Some(_) => ReleaseOutcome::Released(handle_id.to_string()),
+            None => ReleaseOutcome::NotAllocated,
+        })
     }
 
     /// Releases a handle only if its document is still at `revision`.
@@ -493,7 +531,7 @@ impl<'s> Ipam<'s> {
             }
             // No handle document: free the addresses it left in the blocks.
             for (ip, _) in held.iter().filter(|(_, h)| h == handle) {
-                if let ReleaseOutcome::Released(_) = self.release_ip(*ip, None).await? {
+                if let ReleaseOutcome::Released(_) = self.release_ip(*ip, None, true).await? {
                     report.handles_released.push(handle.clone());
                 }
             }
@@ -574,7 +612,7 @@ impl<'s> Ipam<'s> {
         let turn = local_turn(&self.store.location());
         let _turn = turn.lock().await;
         let _host_turn = match &self.host_lock {
-            Some(path) => Some(host_turn(path).await?),
+            Some(path) => Some(exclusive_turn(path).await?),
             None => None,
         };
         let started = Instant::now();
@@ -654,8 +692,11 @@ fn decode_all<T: DeserializeOwned>(
 }
 
 /// Waits (up to the conflict deadline) for the exclusive lock on `path`; the lock is
-/// held until the returned file is dropped.
-async fn host_turn(path: &std::path::Path) -> Result<std::fs::File, IpamError> {
+/// held until the returned file is dropped. A holder may remove the file before it
+/// lets go (`remove_lock_file`): a waiter that then gets the lock of the removed file
+/// starts over on the path, so two processes never both think they hold it.
+pub async fn exclusive_turn(path: &std::path::Path) -> Result<std::fs::File, IpamError> {
+    use std::os::unix::fs::MetadataExt;
     let error = |reason: String| IpamError::HostLock {
         path: path.display().to_string(),
         reason,
@@ -663,21 +704,43 @@ async fn host_turn(path: &std::path::Path) -> Result<std::fs::File, IpamError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| error(e.to_string()))?;
     }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|e| error(e.to_string()))?;
-    // flock blocks the thread: wait for it off the runtime, with a deadline.
-    let waiting = tokio::task::spawn_blocking(move || file.lock().map(|()| file));
-    match tokio::time::timeout(CONFLICT_DEADLINE, waiting).await {
-        Ok(Ok(Ok(file))) => Ok(file),
-        Ok(Ok(Err(e))) => Err(error(e.to_string())),
-        Ok(Err(e)) => Err(error(e.to_string())),
-        Err(_) => Err(error(format!(
-            "still held by another process after {CONFLICT_DEADLINE:?}"
-        ))),
+    let deadline = Instant::now() + CONFLICT_DEADLINE;
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)
+            .map_err(|e| error(e.to_string()))?;
+        // flock blocks the thread: wait for it off the runtime, with a deadline.
+        let waiting = tokio::task::spawn_blocking(move || file.lock().map(|()| file));
+        let left = deadline.saturating_duration_since(Instant::now());
+        let file = match tokio::time::timeout(left, waiting).await {
+            Ok(Ok(Ok(file))) => file,
+            Ok(Ok(Err(e))) => return Err(error(e.to_string())),
+            Ok(Err(e)) => return Err(error(e.to_string())),
+            Err(_) => {
+                return Err(error(format!(
+                    "still held by another process after {CONFLICT_DEADLINE:?}"
+                )))
+            }
+        };
+        let held = file.metadata().map_err(|e| error(e.to_string()))?;
+        match std::fs::metadata(path) {
+            Ok(now) if (now.dev(), now.ino()) == (held.dev(), held.ino()) => return Ok(file),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(error(e.to_string())),
+        }
+    }
+}
+
+/// Removes the lock file at `path` while its lock is still held (see `exclusive_turn`).
+pub fn remove_lock_file(path: &std::path::Path, _held: &std::fs::File) {
+    if let Err(e) = std::fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), error = %e, "remove lock file");
+        }
     }
 }
 

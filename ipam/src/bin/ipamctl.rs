@@ -82,6 +82,11 @@ enum Command {
         /// Repairs what a `check --report` found, refusing anything changed since.
         #[arg(long)]
         from_report: Option<PathBuf>,
+        /// Release an address or handle even though a pod holds it. Without it, only
+        /// what `check` found broken is released: a running pod's address freed here
+        /// would be handed to the next pod while the first still uses it.
+        #[arg(long, conflicts_with = "from_report")]
+        force: bool,
     },
     /// Nodes registered by their agents.
     Node {
@@ -223,7 +228,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             ip,
             handle,
             from_report,
-        } => release(&ipam, ip, handle, from_report).await?,
+            force,
+        } => release(&ipam, ip, handle, from_report, force, cli.output).await?,
         Command::Node {
             command: NodeCommand::List,
         } => node_list(&ipam, cli.output).await?,
@@ -536,23 +542,30 @@ async fn release(
     ip: Option<IpAddr>,
     handle: Option<String>,
     from_report: Option<PathBuf>,
+    force: bool,
+    output: Output,
 ) -> anyhow::Result<()> {
+    let in_use = |what: String, handle: &str| {
+        anyhow::anyhow!(
+            "{what} is held by handle {handle}, as a running pod's address is; releasing it \
+             would hand the address to the next pod while this one still uses it. If the pod \
+             is gone: `ipamctl check --pods PODS --report R` then `ipamctl release \
+             --from-report R`; or pass --force"
+        )
+    };
+    let mut released = Vec::new();
+    let mut skipped = Vec::new();
     if let Some(ip) = ip {
-        match ipam.release_ip(ip, None).await? {
-            ReleaseOutcome::Released(h) => println!("released {ip} (handle {h})"),
+        match ipam.release_ip(ip, None, force).await? {
+            ReleaseOutcome::Released(h) => released.push(h),
+            ReleaseOutcome::InUse(h) => return Err(in_use(format!("--ip {ip}"), &h)),
             _ => bail!("--ip {ip}: the address is not allocated"),
         }
     } else if let Some(handle) = handle {
-        match ipam.release(&handle).await? {
-            Some(released) => {
-                let ips: Vec<String> = released
-                    .addresses
-                    .iter()
-                    .map(|a| a.ip.to_string())
-                    .collect();
-                println!("released {handle}: {}", ips.join(", "));
-            }
-            None => bail!("--handle {handle}: no such handle"),
+        match ipam.release_handle(&handle, force).await? {
+            ReleaseOutcome::Released(h) => released.push(h),
+            ReleaseOutcome::InUse(h) => return Err(in_use(format!("--handle {h}"), &h)),
+            _ => bail!("--handle {handle}: no such handle"),
         }
     } else if let Some(path) = from_report {
         let text = std::fs::read_to_string(&path)
@@ -561,7 +574,6 @@ async fn release(
             .with_context(|| format!("--from-report {}: not JSON", path.display()))?;
         let problems: Vec<Problem> = serde_json::from_value(doc["problems"].clone())
             .with_context(|| format!("--from-report {}: no problems list", path.display()))?;
-        let (mut released, mut skipped) = (0, 0);
         for p in &problems {
             let outcome = match (p.kind, &p.handle, p.handle_revision, p.ip, p.seq) {
                 (
@@ -572,28 +584,37 @@ async fn release(
                     _,
                 ) => ipam.release_handle_at(h, rev).await?,
                 (ProblemKind::AllocationWithoutHandle, _, _, Some(ip), Some(seq)) => {
-                    ipam.release_ip(ip, Some(seq)).await?
+                    ipam.release_ip(ip, Some(seq), false).await?
                 }
                 _ => {
-                    println!("not repaired automatically: {}", p.detail);
+                    skipped.push(format!("not repaired automatically: {}", p.detail));
                     continue;
                 }
             };
             match outcome {
-                ReleaseOutcome::Released(h) => {
-                    released += 1;
-                    println!("released {h}");
-                }
-                ReleaseOutcome::Changed => {
-                    skipped += 1;
-                    println!("skipped (changed since the report): {}", p.detail);
+                ReleaseOutcome::Released(h) => released.push(h),
+                ReleaseOutcome::Changed | ReleaseOutcome::InUse(_) => {
+                    skipped.push(format!("changed since the report: {}", p.detail))
                 }
                 ReleaseOutcome::NotAllocated => {}
             }
         }
-        println!("{released} released, {skipped} skipped");
     } else {
         bail!("release needs --ip, --handle or --from-report");
+    }
+    if output == Output::Json {
+        println!(
+            "{}",
+            serde_json::json!({"released": released, "skipped": skipped})
+        );
+    } else {
+        for h in &released {
+            println!("released {h}");
+        }
+        for why in &skipped {
+            println!("skipped ({why})");
+        }
+        println!("{} released, {} skipped", released.len(), skipped.len());
     }
     Ok(())
 }

@@ -104,7 +104,15 @@ impl FileId {
 
 enum ReadError {
     Io(std::io::Error),
-    Parse(serde_json::Error),
+    /// A line or file that is not what Calyx wrote: names the file and the line.
+    Parse {
+        file: PathBuf,
+        line: Option<u64>,
+        error: serde_json::Error,
+    },
+    /// The files say that something committed is gone, or they changed under a reader
+    /// in a way no Calyx writer changes them.
+    Damaged(String),
 }
 
 impl From<std::io::Error> for ReadError {
@@ -120,25 +128,85 @@ struct View {
     /// (dev, inode) of the journal read, and how far its complete lines go.
     journal: Option<(u64, u64)>,
     offset: u64,
+    /// Complete journal lines read, for messages that name a line.
+    lines: u64,
     contents: Arc<Contents>,
+}
+
+/// How far the journal's committed lines go, as the last writer recorded it in the
+/// lock file after its fsync (without an fsync of its own: it guards against a journal
+/// cut after the fact, not against a power cut, which the fsync covers).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CommittedEnd {
+    journal: (u64, u64),
+    end: u64,
+}
+
+impl CommittedEnd {
+    const LEN: usize = 63;
+
+    fn encode(&self) -> String {
+        let ((dev, ino), end) = (self.journal, self.end);
+        format!("{dev:020} {ino:020} {end:020}\n")
+    }
+
+    fn decode(text: &[u8]) -> Option<CommittedEnd> {
+        let text = std::str::from_utf8(text.get(..Self::LEN)?).ok()?;
+        let mut parts = text.split_whitespace().map(|p| p.parse::<u64>().ok());
+        let (dev, ino, end) = (parts.next()??, parts.next()??, parts.next()??);
+        Some(CommittedEnd {
+            journal: (dev, ino),
+            end,
+        })
+    }
+
+    fn read(lock_path: &Path) -> Option<CommittedEnd> {
+        let mut buf = [0u8; Self::LEN];
+        let mut file = File::open(lock_path).ok()?;
+        file.read_exact(&mut buf).ok()?;
+        Self::decode(&buf)
+    }
 }
 
 impl View {
     /// Brings the view up to date with the files; says whether anything changed.
-    fn refresh(&mut self, path: &Path, journal_path: &Path) -> Result<bool, ReadError> {
+    /// Refuses, rather than reads as less, a store whose files vanished or shrank
+    /// under this reader, or whose journal lost committed lines.
+    fn refresh(
+        &mut self,
+        path: &Path,
+        journal_path: &Path,
+        lock_path: &Path,
+    ) -> Result<bool, ReadError> {
         let mut changed = false;
-        if stat(path)? != self.snapshot {
+        let snapshot = stat(path)?;
+        if snapshot.is_none() && self.snapshot.is_some() {
+            return Err(ReadError::Damaged(format!(
+                "{} vanished while in use (moved or deleted outside Calyx)",
+                path.display()
+            )));
+        }
+        if snapshot != self.snapshot {
             self.reload_snapshot(path)?;
             changed = true;
         }
         let mut journal = match File::open(journal_path) {
             Ok(file) => file,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(changed),
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                if self.journal.is_some() {
+                    return Err(ReadError::Damaged(format!(
+                        "{} vanished while in use (moved or deleted outside Calyx)",
+                        journal_path.display()
+                    )));
+                }
+                return Ok(changed);
+            }
             Err(e) => return Err(e.into()),
         };
         let meta = journal.metadata()?;
         let identity = (meta.dev(), meta.ino());
-        if self.journal != Some(identity) {
+        let first_look = self.journal != Some(identity);
+        if first_look {
             // A new journal (the first, or one left by a compaction): start over from
             // the snapshot it goes with.
             if self.journal.is_some() {
@@ -147,26 +215,78 @@ impl View {
             }
             self.journal = Some(identity);
             self.offset = 0;
+            self.lines = 0;
+        } else if meta.size() < self.offset {
+            return Err(ReadError::Damaged(format!(
+                "{} shrank from {} to {} bytes while in use (cut outside Calyx)",
+                journal_path.display(),
+                self.offset,
+                meta.size()
+            )));
         }
-        if meta.size() <= self.offset {
-            return Ok(changed);
+        // Only when there is something new to judge: an unchanged journal was judged.
+        let committed = (first_look || meta.size() != self.offset)
+            .then(|| CommittedEnd::read(lock_path))
+            .flatten()
+            .filter(|c| c.journal == identity);
+        // Judged twice before it is believed: a record read while a writer rewrote it.
+        let cut_off = |c: &CommittedEnd, size: u64| c.end > size;
+        let confirmed = committed.filter(|c| cut_off(c, meta.size())).and_then(|_| {
+            let again = CommittedEnd::read(lock_path).filter(|c| c.journal == identity)?;
+            let size = fs::metadata(journal_path).ok()?.size();
+            cut_off(&again, size).then_some(again)
+        });
+        if let Some(c) = confirmed {
+            return Err(ReadError::Damaged(format!(
+                "{} is {} bytes long but its commits went up to byte {}: committed \
+                 writes were cut off (restore the file or a backup)",
+                journal_path.display(),
+                meta.size(),
+                c.end
+            )));
         }
-        journal.seek(SeekFrom::Start(self.offset))?;
-        let mut data = Vec::with_capacity((meta.size() - self.offset) as usize);
-        journal.read_to_end(&mut data)?;
-        // Only complete lines: a torn last line is a commit that never finished.
-        let complete = data.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-        if complete == 0 {
-            return Ok(changed);
-        }
-        let contents = Arc::make_mut(&mut self.contents);
-        for line in data[..complete].split(|b| *b == b'\n') {
-            if !line.is_empty() {
-                contents.apply(serde_json::from_slice(line).map_err(ReadError::Parse)?);
+        if meta.size() > self.offset {
+            journal.seek(SeekFrom::Start(self.offset))?;
+            let mut data = Vec::with_capacity((meta.size() - self.offset) as usize);
+            journal.read_to_end(&mut data)?;
+            // Only complete lines: a torn last line is a commit that never finished.
+            let complete = data.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            let contents = Arc::make_mut(&mut self.contents);
+            for line in data[..complete].split(|b| *b == b'\n') {
+                if line.is_empty() {
+                    continue;
+                }
+                self.lines += 1;
+                let parsed: JournalLine =
+                    serde_json::from_slice(line).map_err(|error| ReadError::Parse {
+                        file: journal_path.to_path_buf(),
+                        line: Some(self.lines),
+                        error,
+                    })?;
+                if first_look && self.snapshot.is_none() && self.lines == 1 && parsed.rev > 1 {
+                    // Compaction wrote a snapshot before this journal began.
+                    return Err(ReadError::Damaged(format!(
+                        "{} is missing: its journal starts at revision {}",
+                        path.display(),
+                        parsed.rev
+                    )));
+                }
+                contents.apply(parsed);
+            }
+            if complete > 0 {
+                self.offset += complete as u64;
+                changed = true;
             }
         }
-        self.offset += complete as u64;
-        Ok(true)
+        if first_look && self.snapshot.is_none() && self.lines == 0 && meta.size() == 0 {
+            // Only a compaction leaves an empty journal, and it writes the snapshot first.
+            return Err(ReadError::Damaged(format!(
+                "{} is missing beside an empty journal {}",
+                path.display(),
+                journal_path.display()
+            )));
+        }
+        Ok(changed)
     }
 
     fn reload_snapshot(&mut self, path: &Path) -> Result<(), ReadError> {
@@ -175,10 +295,12 @@ impl View {
                 let id = FileId::of(&file.metadata()?);
                 let mut data = Vec::with_capacity(id.size as usize);
                 file.read_to_end(&mut data)?;
-                (
-                    Some(id),
-                    serde_json::from_slice(&data).map_err(ReadError::Parse)?,
-                )
+                let contents = serde_json::from_slice(&data).map_err(|error| ReadError::Parse {
+                    file: path.to_path_buf(),
+                    line: None,
+                    error,
+                })?;
+                (Some(id), contents)
             }
             Err(e) if e.kind() == ErrorKind::NotFound => (None, Contents::default()),
             Err(e) => return Err(e.into()),
@@ -186,6 +308,7 @@ impl View {
         self.snapshot = id;
         self.contents = Arc::new(contents);
         self.offset = 0;
+        self.lines = 0;
         self.journal = None;
         Ok(())
     }
@@ -243,10 +366,17 @@ impl FileStore {
     fn read_error(&self, err: ReadError) -> StoreError {
         match err {
             ReadError::Io(e) => self.io_error(&format!("read {}", self.path.display()), e),
-            ReadError::Parse(e) => StoreError::Corrupt {
+            ReadError::Parse { file, line, error } => StoreError::Corrupt {
                 location: self.location(),
-                key: "(whole file)".into(),
-                reason: e.to_string(),
+                key: match line {
+                    Some(n) => format!("{} line {n}", file.display()),
+                    None => file.display().to_string(),
+                },
+                reason: error.to_string(),
+            },
+            ReadError::Damaged(reason) => StoreError::Damaged {
+                location: self.location(),
+                reason,
             },
         }
     }
@@ -254,7 +384,7 @@ impl FileStore {
     /// The view brought up to date (callers hold it while they use it).
     fn current(&self) -> Result<std::sync::MutexGuard<'_, View>, StoreError> {
         let mut view = self.view.lock().unwrap_or_else(|e| e.into_inner());
-        view.refresh(&self.path, &self.journal_path)
+        view.refresh(&self.path, &self.journal_path, &self.lock_path)
             .map_err(|e| self.read_error(e))?;
         Ok(view)
     }
@@ -303,7 +433,7 @@ impl FileStore {
     }
 
     fn commit_locked(&self, writes: Vec<Write>) -> Result<u64, StoreError> {
-        let _lock = self.lock()?;
+        let lock = self.lock()?;
         let mut view = self.current()?;
         for write in &writes {
             let (key, expect) = match write {
@@ -342,40 +472,85 @@ impl FileStore {
         }
         let mut text = serde_json::to_vec(&line).expect("journal line serialises");
         text.push(b'\n');
-        self.append(&mut view, &text)
-            .map_err(|e| self.io_error(&format!("append to {}", self.journal_path.display()), e))?;
+        self.append(&mut view, &text, &lock)?;
         Arc::make_mut(&mut view.contents).apply(line);
         let snapshot_size = view.snapshot.map_or(0, |id| id.size);
         if view.offset > COMPACT_MIN.max(snapshot_size) {
-            self.compact(&mut view)
-                .map_err(|e| self.io_error(&format!("compact {}", self.path.display()), e))?;
+            // The commit is durable already: a compaction that fails (a full disk) is
+            // tried again at the next commit, and must not make this one look failed.
+            if let Err(e) = self.compact(&mut view) {
+                tracing::warn!(store = %self.path.display(), error = %e, "compaction failed; the journal keeps growing until it succeeds");
+            }
         }
         Ok(revision)
     }
 
-    /// Appends one line durably. Under the lock, with the view current: anything past
-    /// the view's offset is a torn line from a crashed writer, cut off first.
-    fn append(&self, view: &mut View, text: &[u8]) -> std::io::Result<()> {
+    /// Appends one line durably: either it is written and synced, or the journal is
+    /// cut back to where it was. Under the lock, with the view current: anything past
+    /// the view's offset is a torn line from a crashed writer (never a committed one:
+    /// `refresh` checked the committed end), cut off first.
+    fn append(&self, view: &mut View, text: &[u8], lock: &File) -> Result<(), StoreError> {
+        let journal_error =
+            |what: &str, e| self.io_error(&format!("{what} {}", self.journal_path.display()), e);
         let mut journal = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.journal_path)?;
-        let meta = journal.metadata()?;
+            .open(&self.journal_path)
+            .map_err(|e| journal_error("open", e))?;
+        let meta = journal.metadata().map_err(|e| journal_error("stat", e))?;
         let identity = (meta.dev(), meta.ino());
         let created = view.journal != Some(identity);
         if created {
             view.journal = Some(identity);
             view.offset = 0;
+            view.lines = 0;
         }
-        if meta.size() != view.offset {
-            journal.set_len(view.offset)?;
+        if meta.size() < view.offset {
+            return Err(StoreError::Damaged {
+                location: self.location(),
+                reason: format!(
+                    "{} shrank from {} to {} bytes under this writer (cut outside Calyx)",
+                    self.journal_path.display(),
+                    view.offset,
+                    meta.size()
+                ),
+            });
         }
-        journal.write_all(text)?;
-        journal.sync_data()?;
+        if meta.size() > view.offset {
+            tracing::warn!(
+                journal = %self.journal_path.display(),
+                bytes = meta.size() - view.offset,
+                "cutting off the unfinished line of a writer that crashed"
+            );
+            journal
+                .set_len(view.offset)
+                .map_err(|e| journal_error("cut the torn line off", e))?;
+        }
+        let written = journal.write_all(text).and_then(|()| journal.sync_data());
+        if let Err(e) = written {
+            // Nothing of a failed commit may stay: a later reader would apply it.
+            if let Err(undo) = journal.set_len(view.offset) {
+                tracing::error!(journal = %self.journal_path.display(), error = %undo, "could not cut back a failed append");
+            }
+            return Err(journal_error("append to", e));
+        }
         if created {
-            self.sync_dir()?; // the journal's directory entry, once
+            // The journal's directory entry, once.
+            self.sync_dir()
+                .map_err(|e| journal_error("sync the directory of", e))?;
         }
         view.offset += text.len() as u64;
+        view.lines += 1;
+        let record = CommittedEnd {
+            journal: identity,
+            end: view.offset,
+        };
+        {
+            use std::os::unix::fs::FileExt;
+            if let Err(e) = lock.write_at(record.encode().as_bytes(), 0) {
+                tracing::warn!(lock = %self.lock_path.display(), error = %e, "record the committed end");
+            }
+        }
         Ok(())
     }
 
@@ -436,11 +611,20 @@ impl FileStore {
     ) -> WatchReceiver {
         let (tx, rx) = mpsc::channel(1024);
         let (path, journal_path) = (self.path.clone(), self.journal_path.clone());
+        let lock_path = self.lock_path.clone();
+        let location = self.location();
         let prefix = prefix.to_string();
         let mut first = report_first;
         tokio::spawn(async move {
             loop {
-                let changed = view.refresh(&path, &journal_path);
+                let changed = view.refresh(&path, &journal_path, &lock_path);
+                if let Err(ReadError::Damaged(reason)) = changed {
+                    // The watch ends here: its reader learns of the damage instead of
+                    // seeing every document deleted.
+                    let damaged = StoreError::Damaged { location, reason };
+                    let _ = tx.send(Err(damaged)).await;
+                    return;
+                }
                 if matches!(changed, Ok(true)) || (first && changed.is_ok()) {
                     first = false;
                     let now = snapshot_under(&view.contents, &prefix);
@@ -712,5 +896,144 @@ mod tests {
             assert!(docs.iter().all(|(_, v)| v.value.len() == 2002));
         }
         assert_eq!(reader.get("k/299").await.unwrap().unwrap().revision, 300);
+    }
+
+    async fn store_with(dir: &Path, keys: &[&str]) -> FileStore {
+        let store = FileStore::new(dir.join("store"));
+        for key in keys {
+            store
+                .commit(vec![put(key, json!(1), Expect::Absent)])
+                .await
+                .unwrap();
+        }
+        store
+    }
+
+    fn damaged(err: StoreError, mentions: &str) {
+        match &err {
+            StoreError::Damaged { reason, .. } => {
+                assert!(
+                    reason.contains(mentions),
+                    "{err}: should mention {mentions:?}"
+                )
+            }
+            other => panic!("expected Damaged, got {other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_committed_line_cut_off_after_the_fact_is_damage_not_a_torn_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = store_with(dir.path(), &["a", "b"]).await;
+        let journal = dir.path().join("store.journal");
+        let len = fs::metadata(&journal).unwrap().len();
+        // Cut inside the last committed line, and also exactly at a line boundary.
+        for cut in [len - 5, len - (len / 2)] {
+            let file = OpenOptions::new().write(true).open(&journal).unwrap();
+            file.set_len(cut).unwrap();
+            let fresh = FileStore::new(dir.path().join("store"));
+            damaged(
+                fresh.list("").await.unwrap_err(),
+                "committed writes were cut off",
+            );
+            let err = fresh
+                .commit(vec![put("c", json!(3), Expect::Absent)])
+                .await
+                .unwrap_err();
+            damaged(err, "cut off");
+            // The writer that saw the whole journal says it shrank.
+            damaged(writer.list("").await.unwrap_err(), "shrank");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_journal_shortened_under_a_writer_is_never_appended_to() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = store_with(dir.path(), &["a", "b"]).await;
+        let journal = dir.path().join("store.journal");
+        OpenOptions::new()
+            .write(true)
+            .open(&journal)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let err = writer
+            .commit(vec![put("c", json!(3), Expect::Absent)])
+            .await
+            .unwrap_err();
+        damaged(err, "shrank");
+        assert_eq!(
+            fs::metadata(&journal).unwrap().len(),
+            0,
+            "no zero bytes written"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_missing_snapshot_is_an_error_naming_it_never_an_empty_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store");
+        let writer = FileStore::new(&path);
+        let big = "x".repeat(2000);
+        for i in 0..200 {
+            writer
+                .commit(vec![put(&format!("k/{i}"), json!(big), Expect::Absent)])
+                .await
+                .unwrap();
+        }
+        assert!(path.exists(), "compaction wrote a snapshot");
+        // An empty journal right after compaction, and one with lines after it.
+        for extra in [false, true] {
+            if extra {
+                writer
+                    .commit(vec![put("later", json!(1), Expect::Absent)])
+                    .await
+                    .unwrap();
+            }
+            let moved = dir.path().join("moved");
+            fs::rename(&path, &moved).unwrap();
+            let err = FileStore::new(&path).list("").await.unwrap_err();
+            damaged(err, &path.display().to_string());
+            damaged(writer.list("").await.unwrap_err(), "vanished");
+            fs::rename(&moved, &path).unwrap();
+            assert_eq!(writer.list("k/").await.unwrap().len(), 200);
+        }
+    }
+
+    #[tokio::test]
+    async fn files_moved_away_under_a_watcher_end_its_watch_with_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with(dir.path(), &["k/a", "k/b"]).await;
+        let (found, mut watch) = store.list_and_watch("k/").await.unwrap();
+        assert_eq!(found.len(), 2);
+        fs::rename(
+            dir.path().join("store.journal"),
+            dir.path().join("elsewhere"),
+        )
+        .unwrap();
+        let event = tokio::time::timeout(Duration::from_secs(5), watch.recv())
+            .await
+            .expect("the watch reports")
+            .expect("an event");
+        damaged(event.unwrap_err(), "vanished");
+        damaged(store.list("k/").await.unwrap_err(), "vanished");
+    }
+
+    #[tokio::test]
+    async fn a_garbage_journal_line_is_named_by_file_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        store_with(dir.path(), &["a", "b"]).await;
+        let journal = dir.path().join("store.journal");
+        let mut file = OpenOptions::new().append(true).open(&journal).unwrap();
+        file.write_all(b"this is no journal line\n").unwrap();
+        let err = FileStore::new(dir.path().join("store"))
+            .list("")
+            .await
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(&format!("{} line 3", journal.display())),
+            "{text}"
+        );
     }
 }

@@ -88,6 +88,9 @@ pub enum StoreError {
         key: String,
         reason: String,
     },
+    /// The store's files lost or changed what was committed: never read as less.
+    #[error("datastore {location} is damaged: {reason}")]
+    Damaged { location: String, reason: String },
     #[error("bad datastore URL {url:?}: {reason}")]
     BadUrl { url: String, reason: String },
 }
