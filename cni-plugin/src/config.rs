@@ -16,6 +16,8 @@ use calyx_ipam::store::{self, Store, StoreError};
 pub const DEFAULT_DATASTORE: &str = "file:///var/lib/calyx/store";
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/calyx";
 pub const DEFAULT_MTU: u32 = 1450;
+/// The MTUs the plugin accepts, from the config or the agent's `mtu` file.
+const MTU_RANGE: std::ops::RangeInclusive<u32> = 576..=65535;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -115,7 +117,7 @@ impl NetConf {
             ));
         }
         if let Some(mtu) = self.mtu {
-            if !(576..=65535).contains(&mtu) {
+            if !MTU_RANGE.contains(&mtu) {
                 return invalid(format!(
                     "network config field mtu: {mtu} is outside 576..65535"
                 ));
@@ -213,12 +215,13 @@ impl NetConf {
         }
         let path = self.state_dir().join("mtu");
         match read_trimmed(&path) {
-            Some(text) => text.parse().map_err(|_| {
-                CniError::new(
+            Some(text) => match text.parse::<u32>() {
+                Ok(mtu) if MTU_RANGE.contains(&mtu) => Ok(mtu),
+                _ => Err(CniError::new(
                     Code::InvalidConfig,
-                    format!("{}: {text:?} is not an MTU", path.display()),
-                )
-            }),
+                    format!("{}: {text:?} is not an MTU in 576..65535", path.display()),
+                )),
+            },
             None => Ok(DEFAULT_MTU),
         }
     }
@@ -415,6 +418,23 @@ mod tests {
             assert_eq!(err.code, Code::InvalidConfig, "{json}");
             assert!(err.msg.contains(field), "{json}: {}", err.msg);
         }
+    }
+
+    #[test]
+    fn an_mtu_file_out_of_range_is_code_7_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = NetConf {
+            state_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        for bad in ["0", "70000", "big"] {
+            std::fs::write(dir.path().join("mtu"), bad).unwrap();
+            let err = conf.mtu().unwrap_err();
+            assert_eq!(err.code, Code::InvalidConfig);
+            assert!(err.msg.contains("mtu"), "{}", err.msg);
+        }
+        std::fs::write(dir.path().join("mtu"), "1400\n").unwrap();
+        assert_eq!(conf.mtu().unwrap(), 1400);
     }
 
     #[test]

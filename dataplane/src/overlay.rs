@@ -4,7 +4,7 @@
 use std::net::IpAddr;
 
 use futures::{StreamExt, TryStreamExt};
-use netlink_packet_route::link::{InfoData, InfoVxlan, LinkAttribute, LinkInfo};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVxlan, LinkAttribute, LinkInfo};
 use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
 };
@@ -35,6 +35,8 @@ pub struct VxlanLink {
     pub port: Option<u16>,
     pub local: Option<IpAddr>,
     pub learning: Option<bool>,
+    /// The link is a VXLAN device at all (a link of that name may be anything).
+    pub is_vxlan: bool,
 }
 
 impl VxlanLink {
@@ -92,12 +94,16 @@ impl Netlink {
             port: None,
             local: None,
             learning: None,
+            is_vxlan: false,
         };
         for attr in &msg.attributes {
             let LinkAttribute::LinkInfo(infos) = attr else {
                 continue;
             };
             for info in infos {
+                if matches!(info, LinkInfo::Kind(InfoKind::Vxlan)) {
+                    out.is_vxlan = true;
+                }
                 let LinkInfo::Data(InfoData::Vxlan(opts)) = info else {
                     continue;
                 };

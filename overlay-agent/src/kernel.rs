@@ -27,6 +27,15 @@ pub async fn ensure_device(nl: &Netlink, config: &DeviceConfig) -> anyhow::Resul
     let spec = &config.spec;
     let mut changed = false;
     let existing = nl.vxlan_by_name(&spec.name).await?;
+    if let Some(other) = existing.as_ref().filter(|v| !v.is_vxlan) {
+        // Someone else's link (the underlay, once): never deleted or changed.
+        anyhow::bail!(
+            "--vxlan-device {}: a link of that name exists and is not a VXLAN device (index {}); \
+             leaving it alone: choose another name",
+            spec.name,
+            other.link.index
+        );
+    }
     let link = match existing {
         Some(VxlanLink { ref link, .. }) if existing.as_ref().is_some_and(|v| v.matches(spec)) => {
             link.clone()

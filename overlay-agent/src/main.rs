@@ -51,14 +51,17 @@ struct Args {
     underlay_interface: Option<String>,
     #[arg(long, env = "CALYX_UNDERLAY_IP")]
     underlay_ip: Option<IpAddr>,
-    #[arg(long, env = "CALYX_VXLAN_DEVICE", default_value = "vxlan.calyx")]
+    #[arg(long, env = "CALYX_VXLAN_DEVICE", default_value = "vxlan.calyx", value_parser = parse_ifname)]
     vxlan_device: String,
-    #[arg(long, env = "CALYX_VXLAN_VNI", default_value_t = 4096)]
+    /// VXLAN network identifier: 24 bits.
+    #[arg(long, env = "CALYX_VXLAN_VNI", default_value_t = 4096,
+          value_parser = clap::value_parser!(u32).range(1..=16_777_215))]
     vxlan_vni: u32,
-    #[arg(long, env = "CALYX_VXLAN_PORT", default_value_t = 4789)]
+    #[arg(long, env = "CALYX_VXLAN_PORT", default_value_t = 4789,
+          value_parser = clap::value_parser!(u16).range(1..))]
     vxlan_port: u16,
     /// MTU of the VXLAN device and of pods; default: underlay MTU - 50 (IPv4) / - 70 (IPv6).
-    #[arg(long, env = "CALYX_MTU")]
+    #[arg(long, env = "CALYX_MTU", value_parser = clap::value_parser!(u32).range(576..=65535))]
     mtu: Option<u32>,
     /// Pools to create when the datastore has none (comma-separated CIDRs).
     #[arg(long = "pool", env = "CALYX_POOLS", value_delimiter = ',')]
@@ -74,12 +77,15 @@ struct Args {
     /// Where the plugin finds `nodename` and `mtu`.
     #[arg(long, env = "CALYX_STATE_DIR", default_value = "/var/lib/calyx")]
     state_dir: PathBuf,
-    #[arg(long, env = "CALYX_RESYNC_SECONDS", default_value_t = 10)]
+    #[arg(long, env = "CALYX_RESYNC_SECONDS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..))]
     resync_seconds: u64,
-    #[arg(long, env = "CALYX_HEARTBEAT_SECONDS", default_value_t = 5)]
+    #[arg(long, env = "CALYX_HEARTBEAT_SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(1..))]
     heartbeat_seconds: u64,
     /// A node whose heartbeat does not move for this long is treated as departed.
-    #[arg(long, env = "CALYX_NODE_TIMEOUT_SECONDS", default_value_t = 30)]
+    #[arg(long, env = "CALYX_NODE_TIMEOUT_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
     node_timeout_seconds: u64,
     /// Do not write firewall rules (for hosts where something else owns them).
     #[arg(long, env = "CALYX_NO_FIREWALL")]
@@ -90,6 +96,23 @@ struct Args {
     log_format: LogFormat,
     #[arg(long, env = "CALYX_CONFIG")]
     config: Option<PathBuf>,
+}
+
+/// A Linux interface name: 1 to 15 bytes, none of '/', ':', '%' or white space.
+fn parse_ifname(name: &str) -> Result<String, String> {
+    let bad = name.is_empty()
+        || name.len() > 15
+        || name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c == '%' || c.is_whitespace());
+    if bad {
+        return Err(format!(
+            "{name:?} is not an interface name (1 to 15 characters, no '/', ':', '%' or spaces)"
+        ));
+    }
+    Ok(name.to_string())
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]

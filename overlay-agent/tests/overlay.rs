@@ -625,3 +625,103 @@ fn is_ok(response: &str) -> bool {
         .next()
         .is_some_and(|status| status.contains(" 200 "))
 }
+
+/// Flags that would make every reconcile fail (or break the node) are refused at
+/// start with a message naming the flag.
+#[test]
+fn bad_flags_are_refused_at_start_naming_the_flag() {
+    let (_, agent) = binaries();
+    for (flag, value) in [
+        ("--mtu", "0"),
+        ("--mtu", "70000"),
+        ("--vxlan-vni", "99999999"),
+        ("--vxlan-port", "0"),
+        ("--vxlan-device", "a-name-much-too-long"),
+        ("--resync-seconds", "0"),
+    ] {
+        let out = std::process::Command::new(&agent)
+            .args(["--node-name", "n1", flag, value])
+            .env_clear()
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: {stderr}");
+        assert!(stderr.contains(flag), "{flag} {value}: {stderr}");
+    }
+}
+
+/// `--vxlan-device` naming a link that is not a VXLAN device (here the underlay
+/// itself) leaves that link alone.
+#[test]
+fn a_vxlan_device_name_that_is_another_link_is_never_deleted() {
+    if !privileged() {
+        return;
+    }
+    let (_, agent) = binaries();
+    let ns = format!("cyxo{}dev", std::process::id());
+    must("ip", &["netns", "add", &ns]);
+    let cleanup = scopeguard(ns.clone());
+    must("ip", &["-n", &ns, "link", "set", "lo", "up"]);
+    must(
+        "ip",
+        &[
+            "-n", &ns, "link", "add", "under0", "type", "veth", "peer", "name", "under1",
+        ],
+    );
+    must(
+        "ip",
+        &["-n", &ns, "addr", "add", "192.0.2.10/24", "dev", "under0"],
+    );
+    must("ip", &["-n", &ns, "link", "set", "under0", "up"]);
+    let dir = tempfile::tempdir().unwrap();
+    let store = format!("file://{}/store", dir.path().display());
+    let state = dir.path().join("state");
+    let mut child = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg(&agent)
+        .args([
+            "--node-name",
+            "n1",
+            "--datastore",
+            &store,
+            "--underlay-interface",
+            "under0",
+        ])
+        .args([
+            "--vxlan-device",
+            "under0",
+            "--pool",
+            "10.244.0.0/16",
+            "--no-firewall",
+        ])
+        .args(["--metrics-addr", "127.0.0.1:0", "--state-dir"])
+        .arg(&state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+    let links = must("ip", &["-n", &ns, "-o", "link", "show", "under0"]);
+    assert!(
+        links.contains("under0"),
+        "the underlay was deleted; agent log:\n{log}"
+    );
+    assert!(log.contains("not a VXLAN device"), "{log}");
+    drop(cleanup);
+}
+
+/// Deletes a namespace when dropped.
+struct NamespaceGuard(String);
+
+impl Drop for NamespaceGuard {
+    fn drop(&mut self) {
+        let _ = sh("ip", &["netns", "del", &self.0]);
+    }
+}
+
+fn scopeguard(ns: String) -> NamespaceGuard {
+    NamespaceGuard(ns)
+}
