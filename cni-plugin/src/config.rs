@@ -65,11 +65,21 @@ impl NetConf {
     /// Parses stdin; a syntax error is code 6, a field of the wrong shape code 7 with
     /// the field's path.
     pub fn parse(stdin: &[u8]) -> CniResult<NetConf> {
-        if let Err(e) = serde_json::from_slice::<serde_json::Value>(stdin) {
-            return Err(CniError::new(
-                Code::Decode,
-                format!("network config on stdin is not valid JSON: {e}"),
-            ));
+        match serde_json::from_slice::<serde_json::Value>(stdin) {
+            Err(e) => {
+                return Err(CniError::new(
+                    Code::Decode,
+                    format!("network config on stdin is not valid JSON: {e}"),
+                ))
+            }
+            // serde would read a list as the struct's fields in order.
+            Ok(value) if !value.is_object() => {
+                return Err(CniError::new(
+                    Code::InvalidConfig,
+                    "network config on stdin must be a JSON object",
+                ))
+            }
+            Ok(_) => {}
         }
         let mut de = serde_json::Deserializer::from_slice(stdin);
         let conf: NetConf = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -128,9 +138,10 @@ impl NetConf {
         Ok(())
     }
 
-    /// The pools the config lists, with block sizes applied.
+    /// The pools the config lists, with block sizes applied; no two may overlap.
     pub fn pools(&self) -> CniResult<Vec<Pool>> {
-        self.ipam
+        let pools = self
+            .ipam
             .pools
             .iter()
             .map(|cidr| {
@@ -146,7 +157,19 @@ impl NetConf {
                     )
                 })
             })
-            .collect()
+            .collect::<CniResult<Vec<Pool>>>()?;
+        for (i, pool) in pools.iter().enumerate() {
+            if let Some(earlier) = pools[..i].iter().find(|p| p.overlaps(&pool.cidr)) {
+                return Err(CniError::new(
+                    Code::InvalidConfig,
+                    format!(
+                        "network config field ipam.pools: {} overlaps {}",
+                        pool.cidr, earlier.cidr
+                    ),
+                ));
+            }
+        }
+        Ok(pools)
     }
 
     pub fn datastore(&self) -> &str {
@@ -373,6 +396,13 @@ mod tests {
     }
 
     #[test]
+    fn a_config_that_is_no_object_is_code_7() {
+        let err = NetConf::parse(br#"["1.0.0", "n", "calyx"]"#).unwrap_err();
+        assert_eq!(err.code, Code::InvalidConfig);
+        assert!(err.msg.contains("JSON object"), "{}", err.msg);
+    }
+
+    #[test]
     fn malformed_json_is_code_6() {
         let err = NetConf::parse(b"{\"cniVersion\":").unwrap_err();
         assert_eq!(err.code, Code::Decode);
@@ -398,6 +428,14 @@ mod tests {
                 "ipam.pools",
             ),
             (r#"{"type":"calyx"}"#, "name"),
+            (
+                r#"{"name":"n","type":"calyx","ipam":{"pools":["10.0.0.0/16","10.0.0.0/16"]}}"#,
+                "ipam.pools",
+            ),
+            (
+                r#"{"name":"n","type":"calyx","ipam":{"pools":["10.0.0.0/16","10.0.1.0/24"]}}"#,
+                "overlaps",
+            ),
             (
                 r#"{"name":"n","type":"calyx","datastore":"file://relative/x"}"#,
                 "field datastore",

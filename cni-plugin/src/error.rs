@@ -91,7 +91,13 @@ impl From<IpamError> for CniError {
             IpamError::PoolExhausted(_) => CniError::new(Code::PoolExhausted, err.to_string()),
             IpamError::NoPools => CniError::new(
                 Code::InvalidConfig,
-                "no enabled address pool: set ipam.pools in the network config or add one with ipamctl",
+                "no enabled address pool to allocate from: the pools network config field \
+                 ipam.pools names are disabled in the datastore, or it names none and the \
+                 datastore has none enabled (add one with `ipamctl pools add`)",
+            ),
+            IpamError::PoolOverlap { .. } => CniError::new(
+                Code::InvalidConfig,
+                format!("network config field ipam.pools: {err}"),
             ),
             IpamError::TooManyConflicts { .. } | IpamError::HostLock { .. } => {
                 CniError::new(Code::TryAgainLater, err.to_string())

@@ -21,7 +21,12 @@ netns_before=$(ip netns list | awk '{print $1}')
 CTRD_PID=""
 cleanup() {
     set +e
-    [ -n "$CTRD_PID" ] && kill "$CTRD_PID" 2>/dev/null && wait "$CTRD_PID" 2>/dev/null
+    if [ -n "$CTRD_PID" ]; then
+        kill "$CTRD_PID" 2>/dev/null
+        for _ in $(seq 1 50); do kill -0 "$CTRD_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$CTRD_PID" 2>/dev/null
+        wait "$CTRD_PID" 2>/dev/null
+    fi
     pkill -f "containerd-shim-runc-v2 -namespace k8s.io -id .* -address $WORK/containerd.sock" 2>/dev/null
     for s in $(ls /run/containerd/s 2>/dev/null); do
         echo "$shims_before" | grep -qx "$s" || rm -f "/run/containerd/s/$s"
@@ -53,7 +58,9 @@ state = "$WORK/containerd/state"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "native"
 TOML
-innode containerd --config "$WORK/containerd.toml" > "$WORK/containerd.log" 2>&1 &
+# Started directly (not through the innode function, whose background subshell would
+# be what $! names): nsenter execs containerd, so CTRD_PID is containerd's own PID.
+nsenter --net="/run/netns/$NODE" containerd --config "$WORK/containerd.toml" > "$WORK/containerd.log" 2>&1 &
 CTRD_PID=$!
 for _ in $(seq 1 50); do [ -S "$WORK/containerd.sock" ] && break; sleep 0.2; done
 [ -S "$WORK/containerd.sock" ] || { tail -20 "$WORK/containerd.log"; die "containerd did not start"; }
@@ -78,4 +85,8 @@ empty=$(grep '"message":"DEL"' "$WORK/calyx.log" | grep -c '"netns":""' || true)
 note "calyx saw $dels DEL calls, $empty of them with CNI_NETNS empty"
 [ "$dels" -ge 2 ] && [ "$empty" -ge 1 ] || die "expected a DEL with netns and a second one without"
 
+# Every test stops what it started: containerd must be gone once cleanup ran.
+trap - EXIT
+cleanup
+if kill -0 "$CTRD_PID" 2>/dev/null; then die "containerd (pid $CTRD_PID) still runs after cleanup"; fi
 echo "containerd: PASS"

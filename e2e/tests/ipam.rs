@@ -209,7 +209,20 @@ fn killed_allocators_leave_leaks_that_check_finds_and_release_repairs(etcd: bool
     std::fs::write(&pods, r#"{"items": []}"#).unwrap();
     let report = dir.path().join("report.json");
     let (pods, report_path) = (pods.to_str().unwrap(), report.to_str().unwrap());
-    let (code, _, _) = ipamctl(&url, &["check", "--pods", pods, "--report", report_path]);
+    let (code, _, stderr) = ipamctl(&url, &["check", "--pods", pods]);
+    assert_eq!(code, Some(1), "an empty pod list needs --allow-no-pods");
+    assert!(stderr.contains("--allow-no-pods"), "{stderr}");
+    let (code, _, _) = ipamctl(
+        &url,
+        &[
+            "check",
+            "--pods",
+            pods,
+            "--allow-no-pods",
+            "--report",
+            report_path,
+        ],
+    );
     assert_eq!(code, Some(1), "check must fail when it finds leaks");
     let doc: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
     let problems: Vec<calyx_ipam::check::Problem> =
@@ -220,7 +233,7 @@ fn killed_allocators_leave_leaks_that_check_finds_and_release_repairs(etcd: bool
         "a SIGKILL must never leave a half-written allocation: {problems:?}"
     );
     ipamctl_ok(&url, &["release", "--from-report", report_path]);
-    let (code, stdout, _) = ipamctl(&url, &["check", "--pods", pods]);
+    let (code, stdout, _) = ipamctl(&url, &["check", "--pods", pods, "--allow-no-pods"]);
     assert_eq!(code, Some(0), "{stdout}");
     assert_eq!(handles_now(), 0);
 }
@@ -554,6 +567,18 @@ fn ipamctl_names_a_bad_argument_in_one_line() {
     }
 }
 
+#[test]
+fn ipamctl_calls_a_store_that_was_never_written_an_error_not_an_empty_store() {
+    for args in [&["check"][..], &["show"][..], &["pools", "list"][..]] {
+        let (code, stdout, stderr) = ipamctl("file:///nonexistent/store", args);
+        assert_eq!(code, Some(1), "{args:?}: {stdout}");
+        assert!(
+            stderr.contains("no store at /nonexistent/store"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
 /// `pools delete` refuses while addresses are allocated, then removes the pool with
 /// its empty blocks and their index entries (nothing left for `check` to report).
 fn deleting_a_pool_takes_its_empty_blocks(etcd: bool) {
@@ -699,4 +724,50 @@ fn releasing_what_a_pod_holds_needs_force_file() {
 #[test]
 fn releasing_what_a_pod_holds_needs_force_etcd() {
     releasing_what_a_pod_holds_needs_force(true);
+}
+
+/// The network config's pools are created one by one where the store lacks them (an
+/// IPv6 pool joins an IPv4 cluster), and one overlapping a stored pool is refused.
+fn config_pools_join_the_stored_ones(etcd: bool) {
+    let Some((url, _server, _dir)) = datastore(etcd) else {
+        return;
+    };
+    let rt = runtime();
+    rt.block_on(async {
+        let s = store::open(&url).unwrap();
+        let ipam = Ipam::new(s.as_ref());
+        let pool = |cidr: &str| Pool::with_defaults(cidr.parse().unwrap(), None).unwrap();
+        ipam.ensure_pools(&[pool("10.20.0.0/16")]).await.unwrap();
+        ipam.ensure_pools(&[pool("10.20.0.0/16"), pool("fd00:20::/56")])
+            .await
+            .unwrap();
+        let cidrs: BTreeSet<String> = ipam
+            .pools()
+            .await
+            .unwrap()
+            .iter()
+            .map(|p| p.cidr.to_string())
+            .collect();
+        assert_eq!(
+            cidrs,
+            BTreeSet::from(["10.20.0.0/16".into(), "fd00:20::/56".into()])
+        );
+        let err = ipam
+            .ensure_pools(&[pool("10.20.5.0/24")])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, IpamError::PoolOverlap { .. }), "{err}");
+        assert!(err.to_string().contains("10.20.0.0/16"), "{err}");
+        assert_eq!(ipam.pools().await.unwrap().len(), 2);
+    });
+}
+
+#[test]
+fn config_pools_join_the_stored_ones_file() {
+    config_pools_join_the_stored_ones(false);
+}
+
+#[test]
+fn config_pools_join_the_stored_ones_etcd() {
+    config_pools_join_the_stored_ones(true);
 }

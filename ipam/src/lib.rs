@@ -45,6 +45,8 @@ pub enum IpamError {
     PoolExhausted(String),
     #[error("no enabled address pool to allocate from")]
     NoPools,
+    #[error("pool {cidr} overlaps pool {other}")]
+    PoolOverlap { cidr: String, other: String },
     #[error("node {node} still has {count} address(es) in use ({examples}); release them first or use --force")]
     NodeNotEmpty {
         node: String,
@@ -119,24 +121,48 @@ impl<'s> Ipam<'s> {
         Ok(decode_pools(self.store, &self.store.list("pools/").await?)?)
     }
 
-    /// Creates the given pools when the store has none yet (first use of a cluster).
+    /// Creates each of the given pools the store lacks (the network config's pools on
+    /// first use, an IPv6 pool added to an IPv4 cluster); one that overlaps a
+    /// different pool already stored is an error naming both.
     pub async fn ensure_pools(&self, wanted: &[Pool]) -> Result<(), IpamError> {
-        if wanted.is_empty() || !self.store.list("pools/").await?.is_empty() {
+        if wanted.is_empty() {
             return Ok(());
         }
-        let writes = wanted
-            .iter()
-            .map(|pool| Write::Put {
+        let stored = self.pools().await?;
+        for pool in wanted {
+            if stored.iter().any(|p| p.cidr == pool.cidr) {
+                continue;
+            }
+            match self.add_pool_among(pool, &stored).await {
+                // Someone else created it at the same moment: fine.
+                Err(IpamError::Store(StoreError::Conflict { .. })) | Ok(()) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds a pool, refusing one that overlaps a pool already stored.
+    pub async fn add_pool(&self, pool: &Pool) -> Result<(), IpamError> {
+        let stored = self.pools().await?;
+        self.add_pool_among(pool, &stored).await
+    }
+
+    async fn add_pool_among(&self, pool: &Pool, stored: &[Pool]) -> Result<(), IpamError> {
+        if let Some(other) = stored.iter().find(|p| p.overlaps(&pool.cidr)) {
+            return Err(IpamError::PoolOverlap {
+                cidr: pool.cidr.to_string(),
+                other: format!("{} ({})", other.name, other.cidr),
+            });
+        }
+        self.store
+            .commit(vec![Write::Put {
                 key: pool_key(&pool.name),
                 value: serde_json::to_string(pool).expect("pool serialises"),
                 expect: Expect::Absent,
-            })
-            .collect();
-        match self.store.commit(writes).await {
-            // Someone else created them at the same moment: fine either way.
-            Ok(_) | Err(StoreError::Conflict { .. }) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
+            }])
+            .await?;
+        Ok(())
     }
 
     /// The cluster's IPAM settings (defaults when never set).

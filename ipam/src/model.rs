@@ -33,6 +33,12 @@ fn yes() -> bool {
 }
 
 impl Pool {
+    /// Whether `cidr` shares any address with this pool.
+    pub fn overlaps(&self, cidr: &IpNetwork) -> bool {
+        let a = &self.cidr;
+        a.is_ipv4() == cidr.is_ipv4() && (a.contains(cidr.network()) || cidr.contains(a.network()))
+    }
+
     /// A pool with the default block size for its family and a name derived from the CIDR.
     pub fn with_defaults(cidr: IpNetwork, block_size: Option<u8>) -> Result<Pool, String> {
         let block_size = block_size.unwrap_or(match cidr {

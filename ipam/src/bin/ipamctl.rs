@@ -72,6 +72,11 @@ enum Command {
         /// Also write the problems as JSON, for `release --from-report`.
         #[arg(long)]
         report: Option<PathBuf>,
+        /// The --pods file may list no pod at all and still mean it: every allocation
+        /// is then reported as gone. Without it such a list is refused (an empty
+        /// `kubectl` answer is more often the wrong cluster than an empty one).
+        #[arg(long, requires = "pods")]
+        allow_no_pods: bool,
     },
     /// Frees addresses.
     Release {
@@ -215,6 +220,20 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Migrate { from, to } = &cli.command {
         return migrate(from, to, cli.output).await;
     }
+    let creates = matches!(
+        cli.command,
+        Command::Pools {
+            command: PoolsCommand::Add { .. }
+        } | Command::Config {
+            command: ConfigCommand::Set { .. }
+        }
+    );
+    if let Some(path) = store::missing_file_store(&cli.datastore).filter(|_| !creates) {
+        bail!(
+            "--datastore {}: no store at {path} (neither it nor {path}.journal exists)",
+            cli.datastore
+        );
+    }
     let store = store::open(&cli.datastore)?;
     let ipam = Ipam::new(store.as_ref());
     match cli.command {
@@ -223,7 +242,11 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             node: Some(node), ..
         } => show_node(&ipam, &node, cli.output).await?,
         Command::Show { blocks, .. } => show(&ipam, blocks, cli.output).await?,
-        Command::Check { pods, report } => return check(&ipam, pods, report, cli.output).await,
+        Command::Check {
+            pods,
+            report,
+            allow_no_pods,
+        } => return check(&ipam, pods, report, allow_no_pods, cli.output).await,
         Command::Release {
             ip,
             handle,
@@ -488,16 +511,24 @@ async fn check(
     ipam: &Ipam<'_>,
     pods: Option<PathBuf>,
     report: Option<PathBuf>,
+    allow_no_pods: bool,
     output: Output,
 ) -> anyhow::Result<ExitCode> {
     let live = match &pods {
         Some(path) => {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("--pods {}", path.display()))?;
-            Some(
-                LivePods::from_json(&text)
-                    .map_err(|e| anyhow::anyhow!("--pods {}: {e}", path.display()))?,
-            )
+            let live = LivePods::from_json(&text)
+                .map_err(|e| anyhow::anyhow!("--pods {}: {e}", path.display()))?;
+            if live.pods.is_empty() && live.attachments.is_empty() && !allow_no_pods {
+                bail!(
+                    "--pods {}: lists no pod, which would report every allocation as gone \
+                     (is kubectl pointed at the right cluster?); pass --allow-no-pods if \
+                     none runs",
+                    path.display()
+                );
+            }
+            Some(live)
         }
         None => None,
     };
@@ -702,23 +733,14 @@ async fn pools(ipam: &Ipam<'_>, command: PoolsCommand, output: Output) -> anyhow
             if let Some(name) = name {
                 pool.name = name;
             }
-            if let Some(other) = ipam
-                .pools()
-                .await?
-                .iter()
-                .find(|p| overlaps(&p.cidr, &pool.cidr))
-            {
-                bail!("CIDR {cidr} overlaps pool {} ({})", other.name, other.cidr);
-            }
-            store
-                .commit(vec![Write::Put {
-                    key: pool_key(&pool.name),
-                    value: serde_json::to_string(&pool)?,
-                    expect: Expect::Absent,
-                }])
+            ipam.add_pool(&pool)
                 .await
-                .with_context(|| format!("add pool {}", pool.name))?;
-            println!("added pool {} ({})", pool.name, pool.cidr);
+                .with_context(|| format!("CIDR {cidr}: add pool {}", pool.name))?;
+            if output == Output::Json {
+                println!("{}", json!({"added": pool.name, "cidr": pool.cidr}));
+            } else {
+                println!("added pool {} ({})", pool.name, pool.cidr);
+            }
         }
         PoolsCommand::Disable { name } => {
             let current = store
@@ -734,7 +756,11 @@ async fn pools(ipam: &Ipam<'_>, command: PoolsCommand, output: Output) -> anyhow
                     expect: Expect::Revision(current.revision),
                 }])
                 .await?;
-            println!("disabled pool {name}");
+            if output == Output::Json {
+                println!("{}", json!({"disabled": name}));
+            } else {
+                println!("disabled pool {name}");
+            }
         }
         PoolsCommand::Delete { name } => {
             let current = store
@@ -799,7 +825,11 @@ async fn pools(ipam: &Ipam<'_>, command: PoolsCommand, output: Output) -> anyhow
                     expect: Expect::Revision(revision),
                 }])
                 .await?;
-            println!("deleted pool {name}");
+            if output == Output::Json {
+                println!("{}", json!({"deleted": name}));
+            } else {
+                println!("deleted pool {name}");
+            }
         }
     }
     Ok(())
@@ -813,10 +843,6 @@ fn cell(v: &serde_json::Value) -> String {
         serde_json::Value::String(s) => s.clone(),
         other => other.to_string(),
     }
-}
-
-fn overlaps(a: &IpNetwork, b: &IpNetwork) -> bool {
-    a.is_ipv4() == b.is_ipv4() && (a.contains(b.network()) || b.contains(a.network()))
 }
 
 async fn show(ipam: &Ipam<'_>, with_blocks: bool, output: Output) -> anyhow::Result<()> {

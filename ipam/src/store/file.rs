@@ -337,6 +337,11 @@ pub struct FileStore {
 }
 
 impl FileStore {
+    /// Whether a store was ever written here (its snapshot or its journal exists).
+    pub fn exists(&self) -> bool {
+        self.path.exists() || self.journal_path.exists()
+    }
+
     pub fn new(path: impl Into<PathBuf>) -> FileStore {
         let path = path.into();
         let sibling = |suffix: &str| {

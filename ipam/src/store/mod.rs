@@ -167,6 +167,17 @@ pub fn open(url: &str) -> Result<Box<dyn Store>, StoreError> {
     }
 }
 
+/// The path of the embedded store `url` names, when no store was ever written there:
+/// a command that only reads must say so instead of reporting an empty store.
+pub fn missing_file_store(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    if parsed.scheme() != "file" {
+        return None;
+    }
+    let store = file::FileStore::new(parsed.path());
+    (!store.exists()).then(|| parsed.path().to_string())
+}
+
 /// Jittered exponential backoff for compare-and-swap retries.
 pub fn conflict_backoff(attempt: u32) -> Duration {
     let base_us = 200u64 << attempt.min(6);
