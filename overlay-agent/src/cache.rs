@@ -81,6 +81,8 @@ impl Entry for BlockRouting {
 
 pub struct ClusterCache {
     contents: Mutex<Contents>,
+    /// Why the datastore cannot be followed right now (None while both watches run).
+    problems: Mutex<BTreeMap<&'static str, String>>,
 }
 
 /// How long to wait before listing again after a watch failed, at most.
@@ -92,6 +94,7 @@ impl ClusterCache {
     pub fn spawn(store: &'static dyn Store, changed: OnChange) -> Arc<ClusterCache> {
         let cache = Arc::new(ClusterCache {
             contents: Mutex::new(Contents::default()),
+            problems: Mutex::new(BTreeMap::new()),
         });
         tokio::spawn(follow::<NodeRecord>(cache.clone(), store, changed.clone()));
         tokio::spawn(follow::<BlockRouting>(cache.clone(), store, changed));
@@ -109,6 +112,27 @@ impl ClusterCache {
             contents.nodes.items.values().cloned().collect(),
             contents.blocks.items.values().cloned().collect(),
         ))
+    }
+
+    /// What keeps the agent from following the datastore, for /readyz; None when
+    /// every watch runs.
+    pub fn datastore_problem(&self) -> Option<String> {
+        let problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        (!problems.is_empty()).then(|| {
+            problems
+                .iter()
+                .map(|(prefix, why)| format!("{prefix}: {why}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
+
+    fn set_problem(&self, prefix: &'static str, problem: Option<String>) {
+        let mut problems = self.problems.lock().unwrap_or_else(|e| e.into_inner());
+        match problem {
+            Some(why) => problems.insert(prefix, why),
+            None => problems.remove(prefix),
+        };
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Contents> {
@@ -158,7 +182,13 @@ async fn follow<T: Entry>(cache: Arc<ClusterCache>, store: &'static dyn Store, c
         if started.elapsed() > MAX_BACKOFF {
             backoff = Duration::from_millis(200);
         }
-        tracing::warn!(prefix = T::PREFIX, error = %error, retry_in = ?backoff, "datastore watch ended; listing again");
+        if matches!(error, StoreError::Damaged { .. }) {
+            // The cache keeps what it had, and so does the kernel: nothing is flushed.
+            tracing::error!(prefix = T::PREFIX, error = %error, retry_in = ?backoff, "DATASTORE DAMAGED: keeping the last known cluster and the kernel state; not ready until it reads again");
+        } else {
+            tracing::warn!(prefix = T::PREFIX, error = %error, retry_in = ?backoff, "datastore watch ended; listing again");
+        }
+        cache.set_problem(T::PREFIX, Some(error.to_string()));
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);
     }
@@ -174,6 +204,7 @@ async fn follow_once<T: Entry>(
         Ok(listed) => listed,
         Err(e) => return e,
     };
+    cache.set_problem(T::PREFIX, None);
     let items = found
         .into_iter()
         .filter_map(|(key, v)| decode_or_warn::<T>(&key, &v.value).map(|item| (key, item)))

@@ -234,6 +234,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The agent lives as long as the process; a 'static store lets every task share it.
     let store: &'static dyn Store = Box::leak(store::open(&args.datastore)?);
     let ipam = Ipam::new(store);
+    // Health from the first second, whatever the datastore does meanwhile.
+    let metrics = Metrics::new(Duration::from_secs(args.resync_seconds));
+    {
+        let metrics = metrics.clone();
+        let addr = args.metrics_addr;
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(addr, metrics).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     let nl = Netlink::current()?;
     let underlay =
         registration::detect_underlay(&nl, args.underlay_interface.as_deref(), args.underlay_ip)
@@ -256,7 +267,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .map_err(|e| anyhow::anyhow!("--pool {cidr}: {e}"))
         })
         .collect::<anyhow::Result<_>>()?;
-    ipam.ensure_pools(&pools).await?;
+    metrics.starting("waiting for the datastore (pools)");
+    retry_while_unavailable("create the --pool pools", || ipam.ensure_pools(&pools)).await?;
+    metrics.starting("waiting for the datastore (tunnel addresses)");
     let vtep_ips = registration::tunnel_addresses(&ipam, &args.node_name).await?;
     let mac = registration::vtep_mac(&args.node_name);
     registration::write_state_files(&args.state_dir, &args.node_name, mtu)?;
@@ -279,16 +292,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         sysctl::set("net.ipv6.conf.all.forwarding", "1")?;
     }
 
-    let metrics = Metrics::new(Duration::from_secs(args.resync_seconds));
-    {
-        let metrics = metrics.clone();
-        let addr = args.metrics_addr;
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(addr, metrics).await {
-                tracing::error!(error = %e, "metrics server stopped");
-            }
-        });
-    }
+    metrics.starting("first reconcile has not completed");
 
     let (trigger_tx, mut trigger_rx) = mpsc::unbounded_channel::<Trigger>();
     let device_index = Arc::new(std::sync::atomic::AtomicU32::new(0));
@@ -302,7 +306,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )
     };
     spawn_kernel_events(trigger_tx.clone(), device_index.clone())?;
-    spawn_timers(&args, store, trigger_tx.clone());
+    let heartbeat_problem = Arc::new(std::sync::Mutex::new(None::<String>));
+    spawn_timers(
+        &args,
+        store,
+        trigger_tx.clone(),
+        record,
+        heartbeat_problem.clone(),
+    );
+    {
+        let cluster = cluster.clone();
+        metrics.set_readiness_check(move || {
+            let heartbeat = heartbeat_problem
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            match (cluster.datastore_problem(), heartbeat) {
+                (None, None) => None,
+                (Some(a), Some(b)) => Some(format!("{a}; heartbeat: {b}")),
+                (Some(a), None) => Some(a),
+                (None, Some(b)) => Some(format!("heartbeat: {b}")),
+            }
+        });
+    }
 
     let mut agent = Agent {
         ipam,
@@ -331,27 +357,53 @@ async fn run(args: Args) -> anyhow::Result<()> {
     trigger_tx.send(Trigger::Startup).ok();
 
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let retry_cap = Duration::from_secs(args.resync_seconds);
+    // A failed run, retried after its backoff whether or not anything else triggers.
+    let mut retry: Option<(Trigger, bool)> = None;
+    let mut failures = 0u32;
     loop {
-        let trigger = tokio::select! {
-            t = trigger_rx.recv() => t.unwrap_or(Trigger::Resync),
+        let wait = match retry {
+            Some(_) => failure_backoff(failures, retry_cap),
+            None => retry_cap, // unused: the branch is off
+        };
+        let (trigger, mut full) = tokio::select! {
+            t = trigger_rx.recv(), if retry.is_none() => {
+                let t = t.unwrap_or(Trigger::Resync);
+                (t, matches!(t, Trigger::Startup | Trigger::Resync))
+            }
+            _ = tokio::time::sleep(wait), if retry.is_some() => retry.take().expect("set"),
             _ = sigterm.recv() => {
                 // Leave the dataplane as it is: pods keep working while the agent is away.
                 tracing::info!("SIGTERM: exiting, dataplane left in place");
                 return Ok(());
             }
         };
-        // Coalesce a burst of triggers into one run; a full run if any asked for it.
+        // Coalesce a burst of triggers (and what came in during a backoff: a failing
+        // run's own kernel events among them) into one run; full if any asked for it.
         tokio::time::sleep(Duration::from_millis(10)).await;
-        let mut full = matches!(trigger, Trigger::Startup | Trigger::Resync);
         while let Ok(t) = trigger_rx.try_recv() {
             full |= matches!(t, Trigger::Startup | Trigger::Resync);
         }
-        agent.reconcile(trigger, full).await;
+        if agent.reconcile(trigger, full).await {
+            failures = 0;
+        } else {
+            failures += 1;
+            retry = Some((trigger, full));
+        }
     }
 }
 
+/// How long to wait before retrying after `failures` failed runs in a row: 200 ms,
+/// doubling, at most `cap` (the resync interval), so a run that keeps failing (and
+/// keeps waking itself through its own kernel events) does not spin.
+fn failure_backoff(failures: u32, cap: Duration) -> Duration {
+    let wait = Duration::from_millis(200).saturating_mul(1 << failures.saturating_sub(1).min(16));
+    wait.min(cap)
+}
+
 impl Agent {
-    async fn reconcile(&mut self, trigger: Trigger, full: bool) {
+    /// One run; says whether it succeeded.
+    async fn reconcile(&mut self, trigger: Trigger, full: bool) -> bool {
         let started = Instant::now();
         self.metrics.reconciles.inc();
         match self.reconcile_once(full).await {
@@ -378,13 +430,18 @@ impl Agent {
                 tracing::error!(
                     ?trigger,
                     error = format!("{e:#}"),
-                    "reconcile failed; will retry"
+                    "reconcile failed; will retry after a backoff"
                 );
+                self.metrics
+                    .reconcile_seconds
+                    .observe(started.elapsed().as_secs_f64());
+                return false;
             }
         }
         self.metrics
             .reconcile_seconds
             .observe(started.elapsed().as_secs_f64());
+        true
     }
 
     async fn reconcile_once(&mut self, full: bool) -> anyhow::Result<usize> {
@@ -523,7 +580,40 @@ fn spawn_kernel_events(
     Ok(())
 }
 
-fn spawn_timers(args: &Args, store: &'static dyn Store, trigger: mpsc::UnboundedSender<Trigger>) {
+/// Runs a startup step again while the datastore is unavailable (backing off up to
+/// 5 s), so the agent behaves the same with or without flags that write to it; any
+/// other error ends the start.
+async fn retry_while_unavailable<F, Fut>(what: &str, mut step: F) -> anyhow::Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), calyx_ipam::IpamError>>,
+{
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match step().await {
+            Ok(()) => return Ok(()),
+            Err(calyx_ipam::IpamError::Store(
+                e @ calyx_ipam::store::StoreError::Unavailable { .. },
+            )) => {
+                tracing::warn!(error = %e, retry_in = ?delay, "{what}: datastore unavailable; retrying");
+            }
+            Err(e) => return Err(anyhow::Error::from(e).context(what.to_string())),
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The resync timer, and the heartbeat: bumps the node record every
+/// --heartbeat-seconds, registers the node again when its record vanished, and says
+/// in `problem` (for /readyz) when it cannot.
+fn spawn_timers(
+    args: &Args,
+    store: &'static dyn Store,
+    trigger: mpsc::UnboundedSender<Trigger>,
+    registered: NodeRecord,
+    problem: Arc<std::sync::Mutex<Option<String>>>,
+) {
     let resync = Duration::from_secs(args.resync_seconds.max(1));
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(resync);
@@ -540,24 +630,64 @@ fn spawn_timers(args: &Args, store: &'static dyn Store, trigger: mpsc::Unbounded
     tokio::spawn(async move {
         let ipam = Ipam::new(store);
         let mut tick = tokio::time::interval(heartbeat);
+        let set_problem = |why: Option<String>| {
+            *problem.lock().unwrap_or_else(|e| e.into_inner()) = why;
+        };
         loop {
             tick.tick().await;
             let key = calyx_ipam::model::node_key(&node);
-            let current = match ipam.store().get(&key).await {
-                Ok(Some(v)) => v,
-                Ok(None) => continue,
-                Err(e) => {
+            // A frozen datastore answers nothing: a deadline turns that into a problem.
+            let current = tokio::time::timeout(heartbeat * 2, ipam.store().get(&key)).await;
+            let record = match current {
+                Ok(Ok(Some(v))) => match serde_json::from_str::<NodeRecord>(&v.value) {
+                    Ok(mut record) => {
+                        record.heartbeat += 1;
+                        record
+                    }
+                    Err(e) => {
+                        tracing::error!(%key, error = %e, "heartbeat: node record unreadable");
+                        set_problem(Some(format!("{key} unreadable: {e}")));
+                        continue;
+                    }
+                },
+                Ok(Ok(None)) => {
+                    tracing::error!(%key, "NODE RECORD VANISHED from the datastore; registering again");
+                    registered.clone()
+                }
+                Ok(Err(e)) => {
                     tracing::warn!(error = %e, "heartbeat: datastore unavailable");
+                    set_problem(Some(e.to_string()));
+                    continue;
+                }
+                Err(_) => {
+                    tracing::warn!("heartbeat: the datastore did not answer in time");
+                    set_problem(Some("the datastore did not answer in time".into()));
                     continue;
                 }
             };
-            let Ok(mut record) = serde_json::from_str::<NodeRecord>(&current.value) else {
-                continue;
-            };
-            record.heartbeat += 1;
-            if let Err(e) = registration::register(&ipam, record).await {
-                tracing::warn!(error = %format!("{e:#}"), "heartbeat failed");
+            match tokio::time::timeout(heartbeat * 2, registration::register(&ipam, record)).await {
+                Ok(Ok(_)) => set_problem(None),
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %format!("{e:#}"), "heartbeat failed");
+                    set_problem(Some(format!("{e:#}")));
+                }
+                Err(_) => set_problem(Some("the datastore did not answer in time".into())),
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_back_off_doubling_up_to_the_resync_interval() {
+        let cap = Duration::from_secs(10);
+        let waits: Vec<u128> = (1..=8)
+            .map(|n| failure_backoff(n, cap).as_millis())
+            .collect();
+        assert_eq!(waits, [200, 400, 800, 1600, 3200, 6400, 10_000, 10_000]);
+        assert_eq!(failure_backoff(1000, cap), cap);
+    }
 }

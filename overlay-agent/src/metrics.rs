@@ -29,6 +29,8 @@ pub struct Metrics {
     registry: Registry,
     pub ready: AtomicBool,
     last_success: Mutex<Option<Instant>>,
+    starting: Mutex<String>,
+    readiness_check: std::sync::OnceLock<Box<dyn Fn() -> Option<String> + Send + Sync>>,
     pub resync_ms: AtomicU64,
 }
 
@@ -49,6 +51,8 @@ impl Metrics {
             registry: Registry::default(),
             ready: AtomicBool::new(false),
             last_success: Mutex::new(None),
+            starting: Mutex::new("starting".into()),
+            readiness_check: std::sync::OnceLock::new(),
             resync_ms: AtomicU64::new(resync.as_millis() as u64),
         };
         registry.register(
@@ -90,6 +94,30 @@ impl Metrics {
             m.reconcile_seconds.clone(),
         );
         Arc::new(Metrics { registry, ..m })
+    }
+
+    /// What else must hold for /readyz (the datastore followed, the node registered):
+    /// a reason when it does not. Set once, when the agent has started its watches.
+    pub fn set_readiness_check(&self, check: impl Fn() -> Option<String> + Send + Sync + 'static) {
+        let _ = self.readiness_check.set(Box::new(check));
+    }
+
+    /// Why the agent is not ready, None when it is.
+    fn not_ready(&self) -> Option<String> {
+        if !self.ready.load(Ordering::Relaxed) {
+            return Some(
+                self.starting
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clone(),
+            );
+        }
+        self.readiness_check.get().and_then(|check| check())
+    }
+
+    /// What the agent is waiting for while it starts, for /readyz.
+    pub fn starting(&self, what: impl Into<String>) {
+        *self.starting.lock().unwrap_or_else(|e| e.into_inner()) = what.into();
     }
 
     pub fn succeeded(&self) {
@@ -140,13 +168,12 @@ async fn healthz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
     }
 }
 
-async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
-    if m.ready.load(Ordering::Relaxed) {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (
+async fn readyz(State(m): State<Arc<Metrics>>) -> (StatusCode, String) {
+    match m.not_ready() {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some(why) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            "first reconcile has not completed\n",
-        )
+            format!("not ready: {why}\n"),
+        ),
     }
 }

@@ -586,13 +586,19 @@ on_both_stores!(
 
 /// GET `path` from the agent's metrics address inside a node's namespace.
 fn http_get(c: &Cluster, node: usize, path: &str) -> String {
+    http_get_in(&c.nodes[node].netns, path)
+        .unwrap_or_else(|| panic!("GET {path} on node {node}: no answer"))
+}
+
+/// GET `path` from 127.0.0.1:9099 inside `netns`; None when nothing answers.
+fn http_get_in(netns: &str, path: &str) -> Option<String> {
     use std::io::{Read, Write};
     let addr: SocketAddr = "127.0.0.1:9099".parse().unwrap();
-    let mut stream = connect_from(&c.nodes[node].netns, addr).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").unwrap();
+    let mut stream = connect_from(netns, addr).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").ok()?;
     let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
 }
 
 #[test]
@@ -657,60 +663,95 @@ fn a_vxlan_device_name_that_is_another_link_is_never_deleted() {
     if !privileged() {
         return;
     }
-    let (_, agent) = binaries();
-    let ns = format!("cyxo{}dev", std::process::id());
-    must("ip", &["netns", "add", &ns]);
-    let cleanup = scopeguard(ns.clone());
-    must("ip", &["-n", &ns, "link", "set", "lo", "up"]);
-    must(
-        "ip",
-        &[
-            "-n", &ns, "link", "add", "under0", "type", "veth", "peer", "name", "under1",
-        ],
+    let mut lone = LoneAgent::start(
+        "dev",
+        &["--vxlan-device", "under0", "--metrics-addr", "127.0.0.1:0"],
+        None,
     );
-    must(
-        "ip",
-        &["-n", &ns, "addr", "add", "192.0.2.10/24", "dev", "under0"],
-    );
-    must("ip", &["-n", &ns, "link", "set", "under0", "up"]);
-    let dir = tempfile::tempdir().unwrap();
-    let store = format!("file://{}/store", dir.path().display());
-    let state = dir.path().join("state");
-    let mut child = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{ns}"))
-        .arg(&agent)
-        .args([
-            "--node-name",
-            "n1",
-            "--datastore",
-            &store,
-            "--underlay-interface",
-            "under0",
-        ])
-        .args([
-            "--vxlan-device",
-            "under0",
-            "--pool",
-            "10.244.0.0/16",
-            "--no-firewall",
-        ])
-        .args(["--metrics-addr", "127.0.0.1:0", "--state-dir"])
-        .arg(&state)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
     std::thread::sleep(Duration::from_secs(3));
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    let log = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-    let links = must("ip", &["-n", &ns, "-o", "link", "show", "under0"]);
+    let log = lone.stop();
+    let links = must("ip", &["-n", &lone.ns.0, "-o", "link", "show", "under0"]);
     assert!(
         links.contains("under0"),
         "the underlay was deleted; agent log:\n{log}"
     );
     assert!(log.contains("not a VXLAN device"), "{log}");
-    drop(cleanup);
+}
+
+/// One agent in a namespace of its own with an underlay veth `under0`, on a file
+/// store unless `datastore` names another.
+struct LoneAgent {
+    ns: NamespaceGuard,
+    child: Option<std::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl LoneAgent {
+    fn start(name: &str, extra: &[&str], datastore: Option<&str>) -> LoneAgent {
+        let (_, agent) = binaries();
+        let ns = NamespaceGuard(format!("cyxo{}{name}", std::process::id()));
+        let n = ns.0.as_str();
+        must("ip", &["netns", "add", n]);
+        must("ip", &["-n", n, "link", "set", "lo", "up"]);
+        must(
+            "ip",
+            &[
+                "-n", n, "link", "add", "under0", "type", "veth", "peer", "name", "under1",
+            ],
+        );
+        must(
+            "ip",
+            &["-n", n, "addr", "add", "192.0.2.10/24", "dev", "under0"],
+        );
+        must("ip", &["-n", n, "link", "set", "under0", "up"]);
+        let dir = tempfile::tempdir().unwrap();
+        let store = format!("file://{}/store", dir.path().display());
+        let child = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{n}"))
+            .arg(&agent)
+            .args([
+                "--node-name",
+                "n1",
+                "--datastore",
+                datastore.unwrap_or(&store),
+            ])
+            .args(["--underlay-interface", "under0", "--pool", "10.244.0.0/16"])
+            .args(["--no-firewall", "--state-dir"])
+            .arg(dir.path().join("state"))
+            .args(extra)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        LoneAgent {
+            ns,
+            child: Some(child),
+            _dir: dir,
+        }
+    }
+
+    fn running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+
+    /// Kills the agent; returns what it logged.
+    fn stop(&mut self) -> String {
+        let mut child = self.child.take().expect("started");
+        let _ = child.kill();
+        let out = child.wait_with_output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    }
+}
+
+impl Drop for LoneAgent {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Deletes a namespace when dropped.
@@ -722,6 +763,116 @@ impl Drop for NamespaceGuard {
     }
 }
 
-fn scopeguard(ns: String) -> NamespaceGuard {
-    NamespaceGuard(ns)
+/// Store files moved away under running agents: the agents say so, go unready, keep
+/// every route, and come back when the files do; a node record deleted from the store
+/// is registered again.
+#[test]
+fn a_vanished_store_makes_agents_unready_and_keeps_their_routes() {
+    let Some(c) = cluster(2, &[POOL_V4], false) else {
+        return;
+    };
+    wait_until("readiness", Duration::from_secs(10), || {
+        is_ok(&http_get(&c, 0, "/readyz"))
+    });
+    wait_until("a route to the other node", Duration::from_secs(10), || {
+        !routes_on(&c, 0).is_empty()
+    });
+    let routes = routes_on(&c, 0);
+    let dir = c.state_dir();
+    let aside = dir.join("moved-aside");
+    std::fs::create_dir_all(&aside).unwrap();
+    let files = ["store", "store.journal"];
+    for f in files {
+        if dir.join(f).exists() {
+            std::fs::rename(dir.join(f), aside.join(f)).unwrap();
+        }
+    }
+    wait_until(
+        "unready while the store is gone",
+        Duration::from_secs(10),
+        || {
+            let ready = http_get(&c, 0, "/readyz");
+            !is_ok(&ready) && ready.contains("vanished")
+        },
+    );
+    std::thread::sleep(Duration::from_secs(3)); // several resyncs
+    assert_eq!(
+        routes_on(&c, 0),
+        routes,
+        "routes changed while the store was gone"
+    );
+    for f in files {
+        if aside.join(f).exists() {
+            std::fs::rename(aside.join(f), dir.join(f)).unwrap();
+        }
+    }
+    wait_until(
+        "ready again once the store is back",
+        Duration::from_secs(15),
+        || is_ok(&http_get(&c, 0, "/readyz")),
+    );
+
+    let store = c.store_url();
+    let ipamctl = binaries().0.with_file_name("ipamctl");
+    let record = |node: &str| {
+        let out = std::process::Command::new(&ipamctl)
+            .args(["--datastore", &store, "-o", "json", "node", "list"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).contains(node)
+    };
+    let name = c.nodes[1].name.clone();
+    assert!(record(&name));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let s = calyx_ipam::store::open(&store).unwrap();
+        let key = calyx_ipam::model::node_key(&name);
+        let current = s.get(&key).await.unwrap().unwrap();
+        s.commit(vec![calyx_ipam::store::Write::Delete {
+            key,
+            expect: calyx_ipam::store::Expect::Revision(current.revision),
+        }])
+        .await
+        .unwrap();
+    });
+    wait_until("the node registered again", Duration::from_secs(10), || {
+        record(&name)
+    });
+}
+
+/// Against an unreachable datastore the agent serves /healthz and /readyz from the
+/// start, says what it waits for, and keeps trying, with `--pool` as without.
+#[test]
+fn an_agent_waiting_for_its_datastore_answers_health_and_keeps_trying() {
+    if !privileged() {
+        return;
+    }
+    let mut lone = LoneAgent::start(
+        "wait",
+        &["--metrics-addr", "127.0.0.1:9099"],
+        Some("etcd://127.0.0.1:1"),
+    );
+    let ns = lone.ns.0.clone();
+    let mut ready = None;
+    for _ in 0..50 {
+        ready = http_get_in(&ns, "/readyz");
+        if ready.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let still_running = lone.running();
+    let ready_later = http_get_in(&ns, "/readyz");
+    let log = lone.stop();
+    let ready = ready.expect("/readyz answered within 5 s of the start");
+    assert!(!is_ok(&ready), "{ready}");
+    assert!(still_running, "the agent exited instead of waiting: {log}");
+    let ready_later = ready_later.expect("/readyz still answers");
+    assert!(
+        ready_later.contains("waiting for the datastore"),
+        "{ready_later}"
+    );
 }
