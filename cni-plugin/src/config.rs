@@ -133,6 +133,14 @@ impl NetConf {
                 ));
             }
         }
+        if let Some(node) = &self.node_name {
+            validate_node_name(node).map_err(|why| {
+                CniError::new(
+                    Code::InvalidConfig,
+                    format!("network config field nodeName: {node:?} {why}"),
+                )
+            })?;
+        }
         self.pools()?;
         self.open_store()?;
         Ok(())
@@ -220,7 +228,14 @@ impl NetConf {
         if let Some(name) = &self.node_name {
             return Ok(name.clone());
         }
-        if let Some(name) = read_trimmed(&self.state_dir().join("nodename")) {
+        let path = self.state_dir().join("nodename");
+        if let Some(name) = read_trimmed(&path) {
+            validate_node_name(&name).map_err(|why| {
+                CniError::new(
+                    Code::InvalidConfig,
+                    format!("{}: {name:?} {why}", path.display()),
+                )
+            })?;
             return Ok(name);
         }
         read_trimmed(Path::new("/proc/sys/kernel/hostname")).ok_or_else(|| {
@@ -330,6 +345,23 @@ impl CniEnv {
     }
 }
 
+/// Node names as Kubernetes has them (DNS subdomains, capitals tolerated): the name
+/// keys the node's record and blocks in the store, so "" or "../x" must not pass.
+pub fn validate_node_name(name: &str) -> Result<(), &'static str> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+        && !name.starts_with(['.', '-'])
+        && !name.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err("is not a node name (1 to 253 letters, digits, '-', '_' and '.', no \"..\")")
+    }
+}
+
 /// Linux interface names: 1 to 15 bytes, no '/', ':' or white space, not "." or "..".
 pub fn validate_ifname(name: &str) -> Result<(), &'static str> {
     if name.is_empty() || name.len() > 15 {
@@ -428,6 +460,11 @@ mod tests {
                 "ipam.pools",
             ),
             (r#"{"type":"calyx"}"#, "name"),
+            (r#"{"name":"n","type":"calyx","nodeName":""}"#, "nodeName"),
+            (
+                r#"{"name":"n","type":"calyx","nodeName":"../../x"}"#,
+                "nodeName",
+            ),
             (
                 r#"{"name":"n","type":"calyx","ipam":{"pools":["10.0.0.0/16","10.0.0.0/16"]}}"#,
                 "ipam.pools",

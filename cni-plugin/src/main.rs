@@ -21,11 +21,7 @@ fn main() {
     // Best effort: the version to answer in, and where to log, even for bad input.
     let conf = NetConf::parse(&stdin).ok();
     init_logging(conf.as_ref());
-    let answer_version = conf
-        .as_ref()
-        .and_then(|c| c.cni_version.clone())
-        .filter(|v| version::SUPPORTED.contains(&v.as_str()))
-        .unwrap_or_else(|| version::LATEST.to_string());
+    let answer_version = version::answer_version(&stdin);
 
     let outcome = match read {
         Err(e) => Err(CniError::new(Code::Io, format!("read stdin: {e}"))),
@@ -53,7 +49,7 @@ fn main() {
         Ok(None) => 0,
         Err(err) => {
             tracing::error!(code = err.code as u32, error = %err, "failed");
-            let _ = writeln!(stdout, "{}", err.to_json(&answer_version));
+            let _ = writeln!(stdout, "{}", err.to_json(answer_version));
             1
         }
     };

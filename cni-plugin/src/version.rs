@@ -67,6 +67,22 @@ impl CniVersion {
 }
 
 /// The VERSION answer: the versions Calyx supports, in the version asked for.
+/// The version an answer (an error included) is written in: the request's
+/// `cniVersion` when Calyx speaks it, read from the raw JSON so that a config whose
+/// other fields do not parse is still answered in its own version; else the latest.
+pub fn answer_version(stdin: &[u8]) -> &'static str {
+    let asked = serde_json::from_slice::<serde_json::Value>(stdin).ok();
+    let asked = asked
+        .as_ref()
+        .and_then(|v| v.get("cniVersion"))
+        .and_then(serde_json::Value::as_str);
+    SUPPORTED
+        .iter()
+        .copied()
+        .find(|v| Some(*v) == asked)
+        .unwrap_or(LATEST)
+}
+
 pub fn version_info(asked: Option<&str>) -> serde_json::Value {
     let answer_in = asked.filter(|v| SUPPORTED.contains(v)).unwrap_or(LATEST);
     serde_json::json!({"cniVersion": answer_in, "supportedVersions": SUPPORTED})
@@ -74,6 +90,16 @@ pub fn version_info(asked: Option<&str>) -> serde_json::Value {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn errors_are_answered_in_the_requested_version_even_when_the_config_is_bad() {
+        assert_eq!(
+            answer_version(br#"{"cniVersion":"1.0.0","mtu":"big"}"#),
+            "1.0.0"
+        );
+        assert_eq!(answer_version(br#"{"cniVersion":"0.2.0"}"#), LATEST);
+        assert_eq!(answer_version(b"not json"), LATEST);
+    }
+
     use super::*;
 
     #[test]

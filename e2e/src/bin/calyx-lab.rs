@@ -12,39 +12,54 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use calyx_e2e::cluster::{Cluster, ClusterSpec, POOL_V4};
 use calyx_e2e::lab::privileged;
+use clap::{Parser, Subcommand};
 
 const PREFIX: &str = "calyx-lab";
 
+#[derive(Parser)]
+#[command(
+    name = "calyx-lab",
+    about = "A Calyx cluster made of network namespaces on this machine"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Brings the lab up, checks pod-to-pod reachability and prints a table.
+    Up {
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..=200))]
+        nodes: u16,
+        #[arg(long, default_value_t = 2)]
+        pods_per_node: usize,
+        #[arg(long, default_value = "target/release/calyx")]
+        plugin: PathBuf,
+        #[arg(long, default_value = "target/release/calyx-agent")]
+        agent: PathBuf,
+    },
+    /// Shows the running lab's reachability.
+    Status,
+    /// Removes the lab's namespaces and processes.
+    Down,
+}
+
 fn main() -> Result<()> {
-    let mut args = std::env::args().skip(1);
-    let command = args.next().unwrap_or_else(|| "help".into());
-    let mut nodes = 3usize;
-    let mut pods_per_node = 2usize;
-    let mut plugin = PathBuf::from("target/release/calyx");
-    let mut agent = PathBuf::from("target/release/calyx-agent");
-    while let Some(arg) = args.next() {
-        let mut value = || args.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--nodes" => nodes = value()?.parse().context("--nodes")?,
-            "--pods-per-node" => pods_per_node = value()?.parse().context("--pods-per-node")?,
-            "--plugin" => plugin = value()?.into(),
-            "--agent" => agent = value()?.into(),
-            other => bail!("unknown argument {other}"),
-        }
-    }
-    match command.as_str() {
-        "up" => up(nodes, pods_per_node, plugin, agent),
-        "status" => status(&Cluster::load(PREFIX)?),
-        "down" => {
+    match Cli::parse().command {
+        Command::Up {
+            nodes,
+            pods_per_node,
+            plugin,
+            agent,
+        } => up(usize::from(nodes), pods_per_node, plugin, agent),
+        Command::Status => status(&Cluster::load(PREFIX)?),
+        Command::Down => {
             let removed = Cluster::destroy(PREFIX)?;
             println!("lab down: removed {removed} namespaces");
-            Ok(())
-        }
-        _ => {
-            println!("usage: calyx-lab up [--nodes N] [--pods-per-node N] [--plugin PATH] | status | down");
             Ok(())
         }
     }
@@ -53,9 +68,6 @@ fn main() -> Result<()> {
 fn up(nodes: usize, pods_per_node: usize, plugin: PathBuf, agent: PathBuf) -> Result<()> {
     if !privileged() {
         bail!("calyx-lab needs root and network namespaces");
-    }
-    if !(1..=200).contains(&nodes) {
-        bail!("--nodes must be 1 to 200");
     }
     let spec = ClusterSpec {
         prefix: PREFIX.into(),
