@@ -7,6 +7,8 @@ mod config;
 mod error;
 mod pod_network;
 mod result;
+#[cfg(test)]
+mod robustness;
 mod version;
 mod wiring;
 

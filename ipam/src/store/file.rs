@@ -1041,4 +1041,74 @@ mod tests {
             "{text}"
         );
     }
+
+    mod journal_reader_never_panics {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn read_back(snapshot: Option<&[u8]>, journal: &[u8], lock: &[u8]) {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("store");
+            if let Some(data) = snapshot {
+                fs::write(&path, data).unwrap();
+            }
+            fs::write(dir.path().join("store.journal"), journal).unwrap();
+            fs::write(dir.path().join("store.lock"), lock).unwrap();
+            let store = FileStore::new(&path);
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            match runtime.block_on(store.list("")) {
+                Ok(_) => {}
+                Err(StoreError::Corrupt { .. } | StoreError::Damaged { .. }) => {}
+                Err(other) => panic!("unexpected error kind: {other}"),
+            }
+        }
+
+        /// Journal lines as a writer makes them, so the cases reach past the first line.
+        fn journal_lines() -> impl Strategy<Value = Vec<u8>> {
+            prop::collection::vec((1u64..6, "[a-c/]{1,4}", prop::option::of(0u32..9)), 0..6)
+                .prop_map(|lines| {
+                    let mut out = Vec::new();
+                    for (rev, key, value) in lines {
+                        let write = match value {
+                            Some(v) => json!({"key": key, "value": v}),
+                            None => json!({"key": key}),
+                        };
+                        out.extend(json!({"rev": rev, "writes": [write]}).to_string().bytes());
+                        out.push(b'\n');
+                    }
+                    out
+                })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_bytes_as_journal(journal in prop::collection::vec(any::<u8>(), 0..300)) {
+                read_back(None, &journal, b"");
+            }
+
+            #[test]
+            fn written_lines_then_damage(
+                lines in journal_lines(),
+                cut in any::<prop::sample::Index>(),
+                garbage in prop::collection::vec(any::<u8>(), 0..40),
+                lock in prop::collection::vec(any::<u8>(), 0..80),
+            ) {
+                let mut journal = lines.clone();
+                journal.truncate(cut.index(lines.len() + 1));
+                journal.extend(garbage);
+                read_back(None, &journal, &lock);
+                read_back(Some(br#"{"revision":3,"keys":{}}"#), &journal, &lock);
+                read_back(Some(b"{not json"), &journal, &lock);
+            }
+
+            #[test]
+            fn any_bytes_as_the_committed_end_record(bytes in prop::collection::vec(any::<u8>(), 0..80)) {
+                let _ = CommittedEnd::decode(&bytes);
+            }
+        }
+    }
 }
