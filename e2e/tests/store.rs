@@ -399,3 +399,121 @@ fn a_full_disk_fails_a_commit_cleanly_or_not_at_all() {
         assert_eq!(fresh.list("k/").await.unwrap().len(), 131);
     });
 }
+
+/// Faults at random points of the embedded store's life: the journal cut at any byte,
+/// any byte changed, the snapshot or the journal removed, the disk filled. After each,
+/// a read or a commit by a new client either fails with an error that names the store
+/// or sees every acknowledged commit (and keeps its own): never less, never other.
+#[test]
+fn random_faults_either_fail_clearly_or_lose_nothing() {
+    let Some(disk) = FullDisk::mount("4m") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let seed = std::env::var("CALYX_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x5eed);
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let (mut failed_clearly, mut durable) = (0, 0);
+    for round in 0..80 {
+        let dir = disk.dir.path().join(format!("r{round}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("store");
+        let url = format!("file://{}", path.display());
+        let mut acked = std::collections::BTreeMap::new();
+        rt.block_on(async {
+            let s = store::open(&url).unwrap();
+            // Enough commits now and then to have compacted once.
+            let commits = if rng.bool() {
+                rng.usize(1..20)
+            } else {
+                rng.usize(120..160)
+            };
+            let big = "x".repeat(2000);
+            for i in 0..commits {
+                let value = format!("\"{}{i}\"", &big[..rng.usize(1..2000)]);
+                let key = format!("k/{}", rng.usize(0..40));
+                let expect = match acked.contains_key(&key) {
+                    true => Expect::Revision(s.get(&key).await.unwrap().unwrap().revision),
+                    false => Expect::Absent,
+                };
+                s.commit(vec![put(&key, &value, expect)]).await.unwrap();
+                acked.insert(key, value);
+            }
+        });
+        let journal = dir.join("store.journal");
+        let fault = rng.usize(0..4);
+        match fault {
+            0 => {
+                let len = std::fs::metadata(&journal).unwrap().len();
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&journal)
+                    .unwrap();
+                file.set_len(rng.u64(0..=len)).unwrap();
+            }
+            1 => {
+                let mut data = std::fs::read(&journal).unwrap();
+                if !data.is_empty() {
+                    let at = rng.usize(0..data.len());
+                    data[at] ^= 1 << rng.u8(0..8);
+                    std::fs::write(&journal, data).unwrap();
+                }
+            }
+            2 => {
+                let victim = if rng.bool() { &journal } else { &path };
+                let _ = std::fs::remove_file(victim);
+            }
+            _ => disk.fill_leaving(rng.u64(0..8192)),
+        }
+        rt.block_on(async {
+            let s = store::open(&url).unwrap();
+            let outcome = if rng.bool() {
+                s.list("k/").await.map(|found| (found, None))
+            } else {
+                let key = "k/new".to_string();
+                match s.commit(vec![put(&key, "\"new\"", Expect::Absent)]).await {
+                    Ok(_) => store::open(&url)
+                        .unwrap()
+                        .list("k/")
+                        .await
+                        .map(|found| (found, Some(key))),
+                    Err(e) => Err(e),
+                }
+            };
+            match outcome {
+                Ok((found, new_key)) => {
+                    let found: std::collections::BTreeMap<String, String> =
+                        found.into_iter().map(|(k, v)| (k, v.value)).collect();
+                    let mut want = acked.clone();
+                    if let Some(key) = new_key {
+                        want.insert(key, "\"new\"".into());
+                    }
+                    assert_eq!(
+                        found, want,
+                        "round {round}, fault {fault} (seed {seed}): read less or other than committed"
+                    );
+                    durable += 1;
+                }
+                Err(e) => {
+                    let named = e.to_string().contains(&dir.display().to_string());
+                    assert!(named, "round {round}, fault {fault}: error names no file: {e}");
+                    failed_clearly += 1;
+                }
+            }
+        });
+        if fault == 3 {
+            disk.free();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    eprintln!("80 rounds: {durable} read or committed everything, {failed_clearly} failed naming the store");
+    assert!(
+        durable > 0 && failed_clearly > 0,
+        "the faults exercised both outcomes"
+    );
+}

@@ -44,15 +44,60 @@ struct Entry {
     value: Box<RawValue>,
 }
 
-/// One commit, as a journal line.
+/// One commit, as a journal line. Unknown fields are refused, so a flipped byte in a
+/// field name is found rather than read past.
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct JournalLine {
     rev: u64,
     writes: Vec<JournalWrite>,
 }
 
+/// Every journal line ends with `,"crc32":N}`: the CRC-32 of the line without that
+/// field (`{"rev":..,"writes":[..]}`), so a byte changed after the write is found, not
+/// read as a different allocation. Lines from before checksums have none and still
+/// read.
+const CRC_FIELD: &[u8] = b",\"crc32\":";
+
+impl JournalLine {
+    fn encode(&self) -> Vec<u8> {
+        let mut text = serde_json::to_vec(self).expect("journal line serialises");
+        let crc = crc32fast::hash(&text);
+        text.pop(); // the closing brace, put back after the checksum
+        text.extend_from_slice(CRC_FIELD);
+        text.extend_from_slice(crc.to_string().as_bytes());
+        text.extend_from_slice(b"}\n");
+        text
+    }
+
+    /// One line (without its newline); Err says what is wrong with it.
+    fn decode(line: &[u8]) -> Result<JournalLine, LineError> {
+        let at = line.windows(CRC_FIELD.len()).rposition(|w| w == CRC_FIELD);
+        let Some(at) = at else {
+            return serde_json::from_slice(line).map_err(LineError::Parse);
+        };
+        let digits = line[at + CRC_FIELD.len()..]
+            .strip_suffix(b"}")
+            .and_then(|d| std::str::from_utf8(d).ok())
+            .and_then(|d| d.parse::<u32>().ok())
+            .ok_or(LineError::Checksum)?;
+        let mut body = line[..at].to_vec();
+        body.push(b'}');
+        if crc32fast::hash(&body) != digits {
+            return Err(LineError::Checksum);
+        }
+        serde_json::from_slice(&body).map_err(LineError::Parse)
+    }
+}
+
+enum LineError {
+    Parse(serde_json::Error),
+    Checksum,
+}
+
 /// A put (with its value) or a delete (without).
 #[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct JournalWrite {
     key: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -199,6 +244,16 @@ impl View {
                         journal_path.display()
                     )));
                 }
+                // Compaction replaces the journal but never removes it: commits were
+                // recorded here, so it was removed outside Calyx.
+                if let Some(c) = CommittedEnd::read(lock_path) {
+                    return Err(ReadError::Damaged(format!(
+                        "{} is missing, though {} records commits up to byte {}",
+                        journal_path.display(),
+                        lock_path.display(),
+                        c.end
+                    )));
+                }
                 return Ok(changed);
             }
             Err(e) => return Err(e.into()),
@@ -257,12 +312,18 @@ impl View {
                     continue;
                 }
                 self.lines += 1;
-                let parsed: JournalLine =
-                    serde_json::from_slice(line).map_err(|error| ReadError::Parse {
+                let parsed = JournalLine::decode(line).map_err(|e| match e {
+                    LineError::Parse(error) => ReadError::Parse {
                         file: journal_path.to_path_buf(),
                         line: Some(self.lines),
                         error,
-                    })?;
+                    },
+                    LineError::Checksum => ReadError::Damaged(format!(
+                        "{} line {}: checksum mismatch (the line changed after it was written)",
+                        journal_path.display(),
+                        self.lines
+                    )),
+                })?;
                 if first_look && self.snapshot.is_none() && self.lines == 1 && parsed.rev > 1 {
                     // Compaction wrote a snapshot before this journal began.
                     return Err(ReadError::Damaged(format!(
@@ -276,6 +337,16 @@ impl View {
             if complete > 0 {
                 self.offset += complete as u64;
                 changed = true;
+            }
+            // Everything up to the committed end was written as whole lines: a line
+            // there without its newline lost it after the fact.
+            if let Some(c) = committed.filter(|c| c.end > self.offset) {
+                return Err(ReadError::Damaged(format!(
+                    "{}: the committed line ending at byte {} is incomplete (changed after \
+                     it was written)",
+                    journal_path.display(),
+                    c.end
+                )));
             }
         }
         if first_look && self.snapshot.is_none() && self.lines == 0 && meta.size() == 0 {
@@ -475,8 +546,7 @@ impl FileStore {
                 Write::Delete { key, .. } => JournalWrite { key, value: None },
             });
         }
-        let mut text = serde_json::to_vec(&line).expect("journal line serialises");
-        text.push(b'\n');
+        let text = line.encode();
         self.append(&mut view, &text, &lock)?;
         Arc::make_mut(&mut view.contents).apply(line);
         let snapshot_size = view.snapshot.map_or(0, |id| id.size);
@@ -870,7 +940,8 @@ mod tests {
             .map(|(k, _)| k)
             .collect();
         assert_eq!(keys, ["a", "c"]);
-        assert!(fs::read_to_string(&journal).unwrap().ends_with("}]}\n"));
+        let text = fs::read_to_string(&journal).unwrap();
+        assert!(text.ends_with("}\n") && text.lines().last().unwrap().contains(r#""key":"c""#));
     }
 
     #[tokio::test]
@@ -1110,5 +1181,46 @@ mod tests {
                 let _ = CommittedEnd::decode(&bytes);
             }
         }
+    }
+
+    /// Any one byte of a committed journal changed after the fact: a fresh reader
+    /// either refuses the store or reads exactly what was committed, never something
+    /// else.
+    #[tokio::test]
+    async fn every_single_byte_change_in_the_journal_is_found_or_harmless() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = store_with(dir.path(), &["a", "b/c"]).await;
+        writer
+            .commit(vec![Write::Delete {
+                key: "a".into(),
+                expect: Expect::Revision(1),
+            }])
+            .await
+            .unwrap();
+        let committed = writer.list("").await.unwrap();
+        let journal = dir.path().join("store.journal");
+        let original = fs::read(&journal).unwrap();
+        for at in 0..original.len() {
+            for flip in [0x01u8, 0x20, 0x80] {
+                let mut damaged = original.clone();
+                damaged[at] ^= flip;
+                fs::write(&journal, &damaged).unwrap();
+                // Keep the file's identity so the committed-end record applies.
+                if let Ok(read) = FileStore::new(dir.path().join("store")).list("").await {
+                    assert_eq!(
+                        read, committed,
+                        "byte {at} ^ {flip:#x} read as other contents"
+                    );
+                }
+            }
+        }
+        fs::write(&journal, &original).unwrap();
+        assert_eq!(
+            FileStore::new(dir.path().join("store"))
+                .list("")
+                .await
+                .unwrap(),
+            committed
+        );
     }
 }
