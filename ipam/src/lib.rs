@@ -296,7 +296,31 @@ impl<'s> Ipam<'s> {
     /// Gives the request's handle one address per family. Idempotent: when the handle
     /// already holds addresses, returns them and allocates nothing. The second value
     /// says whether this call created the allocation.
+    ///
+    /// A failed call leaves no allocation: a commit that failed in a way that may
+    /// still have applied it (etcd applied it and the answer was lost) is undone.
     pub async fn allocate(&self, request: &AllocationRequest) -> Result<(Handle, bool), IpamError> {
+        let uncertain = std::sync::atomic::AtomicBool::new(false);
+        let result = self.allocate_once(request, &uncertain).await;
+        if result.is_err() && uncertain.load(std::sync::atomic::Ordering::Relaxed) {
+            match self.release(&request.handle_id).await {
+                Ok(Some(_)) => {
+                    tracing::warn!(handle = %request.handle_id, "a failed commit had applied; released it")
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(handle = %request.handle_id, error = %e, "a failed commit may have applied and could not be undone; DEL or `ipamctl check` will find it")
+                }
+            }
+        }
+        result
+    }
+
+    async fn allocate_once(
+        &self,
+        request: &AllocationRequest,
+        uncertain: &std::sync::atomic::AtomicBool,
+    ) -> Result<(Handle, bool), IpamError> {
         self.retry_conflicts(|| async {
             // Everything the plan needs in one round trip (one etcd transaction): the
             // node's blocks as last seen are read beside the index that names them.
@@ -340,8 +364,15 @@ impl<'s> Ipam<'s> {
                 }
             };
             self.remember_blocks(node, &index, &plan.writes);
-            self.store.commit(plan.writes).await?;
-            Ok((plan.handle, true))
+            match self.store.commit(plan.writes).await {
+                Ok(_) => Ok((plan.handle, true)),
+                // Nothing applied on a conflict; anything else may have.
+                Err(e @ StoreError::Conflict { .. }) => Err(e.into()),
+                Err(e) => {
+                    uncertain.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Err(e.into())
+                }
+            }
         })
         .await
     }
@@ -778,4 +809,90 @@ fn local_turn(location: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
     let turns = TURNS.get_or_init(Default::default);
     let mut turns = turns.lock().unwrap_or_else(|e| e.into_inner());
     turns.entry(location.to_string()).or_default().clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::allocator::AllocationRequest;
+    use crate::model::AllocationAttrs;
+    use crate::store::file::FileStore;
+    use crate::store::{Found, Read, Versioned, WatchReceiver};
+
+    /// A store whose commits apply and then report the store unavailable, as an etcd
+    /// whose answer is lost does.
+    struct LosesAnswers(FileStore);
+
+    #[async_trait::async_trait]
+    impl Store for LosesAnswers {
+        fn location(&self) -> String {
+            self.0.location()
+        }
+        async fn get(&self, key: &str) -> Result<Option<Versioned>, StoreError> {
+            self.0.get(key).await
+        }
+        async fn list(&self, prefix: &str) -> Result<Vec<(String, Versioned)>, StoreError> {
+            self.0.list(prefix).await
+        }
+        async fn list_and_watch(&self, prefix: &str) -> Result<(Found, WatchReceiver), StoreError> {
+            self.0.list_and_watch(prefix).await
+        }
+        async fn read(&self, reads: &[Read]) -> Result<Vec<Found>, StoreError> {
+            self.0.read(reads).await
+        }
+        async fn commit(&self, writes: Vec<Write>) -> Result<u64, StoreError> {
+            let allocating = writes.iter().any(|w| w.key().starts_with("handles/"))
+                && writes.iter().all(|w| matches!(w, Write::Put { .. }));
+            let revision = self.0.commit(writes).await?;
+            if allocating {
+                return Err(StoreError::Unavailable {
+                    location: self.location(),
+                    reason: "the answer was lost".into(),
+                });
+            }
+            Ok(revision)
+        }
+        async fn watch(&self, prefix: &str, after: u64) -> Result<WatchReceiver, StoreError> {
+            self.0.watch(prefix, after).await
+        }
+        async fn check_writable(&self) -> Result<(), StoreError> {
+            self.0.check_writable().await
+        }
+    }
+
+    #[tokio::test]
+    async fn an_allocation_whose_commit_answer_was_lost_is_undone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = LosesAnswers(FileStore::new(dir.path().join("store")));
+        let ipam = Ipam::new(&store);
+        let pool = Pool::with_defaults("10.9.0.0/24".parse().unwrap(), None).unwrap();
+        ipam.ensure_pools(&[pool]).await.unwrap();
+        let request = AllocationRequest {
+            handle_id: "n.c1.eth0".into(),
+            network: "n".into(),
+            attrs: AllocationAttrs {
+                node: "n1".into(),
+                ..Default::default()
+            },
+            host_interface: None,
+            pool_filter: vec![],
+        };
+        let err = ipam.allocate(&request).await.unwrap_err();
+        assert!(
+            matches!(err, IpamError::Store(StoreError::Unavailable { .. })),
+            "{err}"
+        );
+        assert!(
+            ipam.handle("n.c1.eth0").await.unwrap().is_none(),
+            "the handle stayed"
+        );
+        let held: usize = ipam
+            .blocks()
+            .await
+            .unwrap()
+            .values()
+            .map(|b| b.block.allocations.len())
+            .sum();
+        assert_eq!(held, 0, "an address stayed allocated");
+    }
 }
