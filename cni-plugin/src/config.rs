@@ -126,6 +126,12 @@ impl NetConf {
                 self.name
             ));
         }
+        if self.name == calyx_ipam::model::TUNNEL_NETWORK {
+            return invalid(format!(
+                "network config field name: {:?} is reserved for the nodes' tunnel addresses",
+                self.name
+            ));
+        }
         if let Some(mtu) = self.mtu {
             if !MTU_RANGE.contains(&mtu) {
                 return invalid(format!(
@@ -461,6 +467,7 @@ mod tests {
             ),
             (r#"{"type":"calyx"}"#, "name"),
             (r#"{"name":"n","type":"calyx","nodeName":""}"#, "nodeName"),
+            (r#"{"name":"vxlan-tunnel-addr","type":"calyx"}"#, "reserved"),
             (
                 r#"{"name":"n","type":"calyx","nodeName":"../../x"}"#,
                 "nodeName",

@@ -392,9 +392,13 @@ pub fn node_key(name: &str) -> String {
     format!("nodes/{name}")
 }
 
+/// The network name the tunnel handles start with; no CNI network may use it, or a
+/// pod's handle could equal a node's tunnel handle (node names hold dots).
+pub const TUNNEL_NETWORK: &str = "vxlan-tunnel-addr";
+
 /// The IPAM handle of a node's VXLAN tunnel addresses.
 pub fn tunnel_handle_id(node: &str) -> String {
-    format!("vxlan-tunnel-addr.{node}")
+    format!("{TUNNEL_NETWORK}.{node}")
 }
 
 pub fn pool_key(name: &str) -> String {
