@@ -82,6 +82,18 @@ impl Etcd {
         Some(etcd)
     }
 
+    /// Freezes the server (SIGSTOP: it accepts connections and answers nothing, as a
+    /// stalled etcd does) or thaws it (SIGCONT).
+    pub fn freeze(&self, frozen: bool) {
+        let child = self.child.as_ref().expect("etcd is running");
+        let signal = if frozen { "-STOP" } else { "-CONT" };
+        let status = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill {signal} etcd");
+    }
+
     /// The datastore URL for Calyx.
     pub fn url(&self) -> String {
         format!("etcd://{}:{}", self.ip, self.client_port)

@@ -346,7 +346,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             },
             vtep_ips,
         },
-        liveness: Liveness::new(Duration::from_secs(args.node_timeout_seconds)),
+        liveness: Liveness::new(
+            &args.node_name,
+            Duration::from_secs(args.node_timeout_seconds),
+        ),
         metrics,
         firewall: !args.no_firewall,
         applied_rules: [None, None],

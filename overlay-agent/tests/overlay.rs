@@ -876,3 +876,46 @@ fn an_agent_waiting_for_its_datastore_answers_health_and_keeps_trying() {
         "{ready_later}"
     );
 }
+
+/// A frozen etcd (it accepts connections and answers nothing) makes the agents
+/// unready within a few heartbeats, keeps every route, and they are ready again once
+/// it answers.
+#[test]
+fn a_frozen_etcd_makes_agents_unready_and_keeps_their_routes() {
+    let Some(c) = cluster(2, &[POOL_V4], true) else {
+        return;
+    };
+    wait_until("readiness", Duration::from_secs(15), || {
+        is_ok(&http_get(&c, 0, "/readyz"))
+    });
+    wait_until("a route to the other node", Duration::from_secs(10), || {
+        !routes_on(&c, 0).is_empty()
+    });
+    let routes = routes_on(&c, 0);
+    let etcd = c.etcd.as_ref().expect("an etcd cluster");
+    etcd.freeze(true);
+    let unready = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        wait_until(
+            "unready while etcd is frozen",
+            Duration::from_secs(15),
+            || {
+                let ready = http_get(&c, 0, "/readyz");
+                !is_ok(&ready) && ready.contains("did not answer in time")
+            },
+        );
+        assert_eq!(
+            routes_on(&c, 0),
+            routes,
+            "routes changed while etcd was frozen"
+        );
+    }));
+    etcd.freeze(false);
+    if let Err(panic) = unready {
+        std::panic::resume_unwind(panic);
+    }
+    wait_until(
+        "ready again once etcd answers",
+        Duration::from_secs(20),
+        || is_ok(&http_get(&c, 0, "/readyz")),
+    );
+}
