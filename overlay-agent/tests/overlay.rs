@@ -763,6 +763,17 @@ impl Drop for NamespaceGuard {
     }
 }
 
+/// Waits until node 0's agent is ready and routes to the other node; returns its routes.
+fn ready_with_a_route(c: &Cluster) -> String {
+    wait_until("readiness", Duration::from_secs(15), || {
+        is_ok(&http_get(c, 0, "/readyz"))
+    });
+    wait_until("a route to the other node", Duration::from_secs(10), || {
+        !routes_on(c, 0).is_empty()
+    });
+    routes_on(c, 0)
+}
+
 /// Store files moved away under running agents: the agents say so, go unready, keep
 /// every route, and come back when the files do; a node record deleted from the store
 /// is registered again.
@@ -771,13 +782,7 @@ fn a_vanished_store_makes_agents_unready_and_keeps_their_routes() {
     let Some(c) = cluster(2, &[POOL_V4], false) else {
         return;
     };
-    wait_until("readiness", Duration::from_secs(10), || {
-        is_ok(&http_get(&c, 0, "/readyz"))
-    });
-    wait_until("a route to the other node", Duration::from_secs(10), || {
-        !routes_on(&c, 0).is_empty()
-    });
-    let routes = routes_on(&c, 0);
+    let routes = ready_with_a_route(&c);
     let dir = c.state_dir();
     let aside = dir.join("moved-aside");
     std::fs::create_dir_all(&aside).unwrap();
@@ -885,13 +890,7 @@ fn a_frozen_etcd_makes_agents_unready_and_keeps_their_routes() {
     let Some(c) = cluster(2, &[POOL_V4], true) else {
         return;
     };
-    wait_until("readiness", Duration::from_secs(15), || {
-        is_ok(&http_get(&c, 0, "/readyz"))
-    });
-    wait_until("a route to the other node", Duration::from_secs(10), || {
-        !routes_on(&c, 0).is_empty()
-    });
-    let routes = routes_on(&c, 0);
+    let routes = ready_with_a_route(&c);
     let etcd = c.etcd.as_ref().expect("an etcd cluster");
     etcd.freeze(true);
     let unready = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
