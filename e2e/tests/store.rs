@@ -364,8 +364,10 @@ fn a_full_disk_fails_a_commit_cleanly_or_not_at_all() {
         let before = std::fs::metadata(&journal).unwrap().len();
 
         disk.fill_leaving(0);
+        // Larger than a page, so it cannot fit in the slack of the journal's last page.
+        let too_big = format!("\"{}\"", "y".repeat(3 * 4096));
         let err = s
-            .commit(vec![put("k/full", &value, Expect::Absent)])
+            .commit(vec![put("k/full", &too_big, Expect::Absent)])
             .await
             .unwrap_err();
         assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
