@@ -52,7 +52,11 @@ pub fn transfer(
         let mut total = 0;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            let n = conn.read(&mut buf)?;
+            let n = match conn.read(&mut buf) {
+                // A signal to this process (a child exiting) is no end of the stream.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => other?,
+            };
             if n == 0 {
                 return Ok((peer, total));
             }
