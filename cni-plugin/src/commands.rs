@@ -109,7 +109,13 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
     let addresses: Vec<IpAddr> = handle.addresses.iter().map(|a| a.ip).collect();
     tracing::info!(handle = %handle.id, ?addresses, created, "allocated");
 
-    let (has_default_v4, has_default_v6) = connections.pod_default_routes().await?;
+    // Only the families this attachment has addresses in: one route dump each.
+    let mut takes_default = [false; 2];
+    for (takes, v4) in takes_default.iter_mut().zip([true, false]) {
+        if addresses.iter().any(|ip| ip.is_ipv4() == v4) {
+            *takes = !connections.pod_has_default_route(v4).await?;
+        }
+    }
     let plan = PodNetwork {
         host_veth,
         ifname: ifname.to_string(),
@@ -117,8 +123,8 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
         pod_mac: crate::pod_network::pod_mac(container_id, ifname),
         mtu,
         addresses: addresses.clone(),
-        default_route_v4: !has_default_v4,
-        default_route_v6: !has_default_v6,
+        default_route_v4: takes_default[0],
+        default_route_v6: takes_default[1],
     };
     let links = match connections.wire(&plan).await {
         Ok(links) => {

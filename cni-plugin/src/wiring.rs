@@ -189,14 +189,15 @@ impl Connections {
         }
     }
 
-    /// Whether the pod already has an IPv4 and an IPv6 default route (from an earlier
+    /// Whether the pod already has a default route of a family (from an earlier
     /// interface): the plan gives a new interface only the families it lacks.
-    pub async fn pod_default_routes(&self) -> CniResult<(bool, bool)> {
-        let mut present = [false; 2];
-        for (slot, v4) in present.iter_mut().zip([true, false]) {
-            *slot = self.pod.routes(v4).await?.iter().any(|r| r.prefix_len == 0);
-        }
-        Ok((present[0], present[1]))
+    pub async fn pod_has_default_route(&self, ipv4: bool) -> CniResult<bool> {
+        Ok(self
+            .pod
+            .routes(ipv4)
+            .await?
+            .iter()
+            .any(|r| r.prefix_len == 0))
     }
 
     /// What CHECK compares: the pod interface, its addresses and routes, and the host

@@ -769,18 +769,25 @@ pub async fn exclusive_turn(path: &std::path::Path) -> Result<std::fs::File, Ipa
             .write(true)
             .open(path)
             .map_err(|e| error(e.to_string()))?;
-        // flock blocks the thread: wait for it off the runtime, with a deadline.
-        let waiting = tokio::task::spawn_blocking(move || file.lock().map(|()| file));
-        let left = deadline.saturating_duration_since(Instant::now());
-        let file = match tokio::time::timeout(left, waiting).await {
-            Ok(Ok(Ok(file))) => file,
-            Ok(Ok(Err(e))) => return Err(error(e.to_string())),
-            Ok(Err(e)) => return Err(error(e.to_string())),
-            Err(_) => {
-                return Err(error(format!(
-                    "still held by another process after {CONFLICT_DEADLINE:?}"
-                )))
+        let file = match file.try_lock() {
+            // Free: no thread needed (starting one costs more than the lock).
+            Ok(()) => file,
+            Err(std::fs::TryLockError::WouldBlock) => {
+                // flock blocks the thread: wait for it off the runtime, with a deadline.
+                let waiting = tokio::task::spawn_blocking(move || file.lock().map(|()| file));
+                let left = deadline.saturating_duration_since(Instant::now());
+                match tokio::time::timeout(left, waiting).await {
+                    Ok(Ok(Ok(file))) => file,
+                    Ok(Ok(Err(e))) => return Err(error(e.to_string())),
+                    Ok(Err(e)) => return Err(error(e.to_string())),
+                    Err(_) => {
+                        return Err(error(format!(
+                            "still held by another process after {CONFLICT_DEADLINE:?}"
+                        )))
+                    }
+                }
             }
+            Err(std::fs::TryLockError::Error(e)) => return Err(error(e.to_string())),
         };
         let held = file.metadata().map_err(|e| error(e.to_string()))?;
         match std::fs::metadata(path) {
