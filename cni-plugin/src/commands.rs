@@ -2,12 +2,11 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use calyx_ipam::allocator::AllocationRequest;
 use calyx_ipam::model::{handle_id, AllocationAttrs, Handle};
 use calyx_ipam::store::Store;
-use calyx_ipam::{exclusive_turn, remove_lock_file, Ipam};
+use calyx_ipam::{exclusive_turn, remove_lock_file, unix_now, Ipam};
 use serde_json::Value;
 
 use crate::check::plan_from_prev_result;
@@ -332,11 +331,4 @@ async fn status(conf: &NetConf) -> CniResult<()> {
         }
     }
     Ok(())
-}
-
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }

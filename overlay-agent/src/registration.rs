@@ -10,7 +10,7 @@ use calyx_dataplane::{Link, Netlink};
 use calyx_ipam::allocator::AllocationRequest;
 use calyx_ipam::model::{node_key, tunnel_handle_id, AllocationAttrs, NodeRecord};
 use calyx_ipam::store::{Expect, StoreError, Write};
-use calyx_ipam::{Ipam, IpamError};
+use calyx_ipam::{unix_now, Ipam, IpamError};
 use sha1::{Digest, Sha1};
 
 #[derive(Debug, Clone)]
@@ -172,13 +172,6 @@ pub fn write_state_files(dir: &Path, node: &str, pod_mtu: u32) -> anyhow::Result
         std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))?;
     }
     Ok(())
-}
-
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 #[cfg(test)]
