@@ -284,12 +284,14 @@ impl View {
             .then(|| CommittedEnd::read(lock_path))
             .flatten()
             .filter(|c| c.journal == identity);
-        // Judged twice before it is believed: a record read while a writer rewrote it.
-        let cut_off = |c: &CommittedEnd, size: u64| c.end > size;
-        let confirmed = committed.filter(|c| cut_off(c, meta.size())).and_then(|_| {
-            let again = CommittedEnd::read(lock_path).filter(|c| c.journal == identity)?;
-            let size = fs::metadata(journal_path).ok()?.size();
-            cut_off(&again, size).then_some(again)
+        // A record read while a writer rewrote it can say anything: a judgement
+        // against it is believed only when a second read gives the same record.
+        let reread_agrees = |c: &CommittedEnd| CommittedEnd::read(lock_path).as_ref() == Some(c);
+        let confirmed = committed.filter(|c| {
+            c.end > meta.size()
+                && reread_agrees(c)
+                // The size again too: a writer may have appended since the stat above.
+                && fs::metadata(journal_path).is_ok_and(|m| c.end > m.size())
         });
         if let Some(c) = confirmed {
             return Err(ReadError::Damaged(format!(
@@ -340,7 +342,7 @@ impl View {
             }
             // Everything up to the committed end was written as whole lines: a line
             // there without its newline lost it after the fact.
-            if let Some(c) = committed.filter(|c| c.end > self.offset) {
+            if let Some(c) = committed.filter(|c| c.end > self.offset && reread_agrees(c)) {
                 return Err(ReadError::Damaged(format!(
                     "{}: the committed line ending at byte {} is incomplete (changed after \
                      it was written)",
