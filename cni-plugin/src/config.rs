@@ -10,6 +10,7 @@ use serde::Deserialize;
 
 use crate::error::{CniError, CniResult, Code};
 use crate::version::CniVersion;
+use calyx_dataplane::validate_ifname;
 use calyx_ipam::model::Pool;
 use calyx_ipam::store::{self, Store, StoreError};
 
@@ -368,28 +369,6 @@ pub fn validate_node_name(name: &str) -> Result<(), &'static str> {
     }
 }
 
-/// Linux interface names: 1 to 15 bytes, no '/', ':' or white space, not "." or "..".
-pub fn validate_ifname(name: &str) -> Result<(), &'static str> {
-    if name.is_empty() || name.len() > 15 {
-        return Err("an interface name must be 1 to 15 characters");
-    }
-    if name == "." || name == ".." {
-        return Err("an interface name cannot be . or ..");
-    }
-    if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c.is_whitespace())
-    {
-        return Err("an interface name cannot hold '/', ':' or white space");
-    }
-    // The kernel reads "%d" as a template ("eth%d" becomes eth0, eth1...), so the
-    // interface would not be found under the name asked for.
-    if name.contains('%') {
-        return Err("an interface name cannot hold '%' (the kernel reads it as a template)");
-    }
-    Ok(())
-}
-
 /// `K=V;K=V` pairs. Unknown keys are ignored: runtimes add their own.
 pub fn parse_cni_args(text: &str) -> CniResult<BTreeMap<String, String>> {
     let mut args = BTreeMap::new();
@@ -528,16 +507,6 @@ mod tests {
             parse_cni_args("oops").unwrap_err().code,
             Code::InvalidEnvironment
         );
-    }
-
-    #[test]
-    fn ifname_rules() {
-        assert!(validate_ifname("eth0").is_ok());
-        assert!(validate_ifname("a-very-long-ifname").is_err());
-        assert!(validate_ifname("").is_err());
-        assert!(validate_ifname("a/b").is_err());
-        assert!(validate_ifname("..").is_err());
-        assert!(validate_ifname("eth%d").is_err());
     }
 
     #[test]

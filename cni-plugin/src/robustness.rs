@@ -6,7 +6,9 @@
 use proptest::prelude::*;
 use serde_json::{json, Value};
 
-use crate::config::{parse_cni_args, validate_ifname, NetConf};
+use calyx_dataplane::validate_ifname;
+
+use crate::config::{parse_cni_args, NetConf};
 use crate::error::Code;
 use crate::result::CniOutput;
 

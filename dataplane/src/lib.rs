@@ -80,9 +80,41 @@ pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
     parts.next().is_none().then_some(out)
 }
 
+/// Linux interface names: 1 to 15 bytes, no '/', ':' or white space, not "." or "..".
+pub fn validate_ifname(name: &str) -> std::result::Result<(), &'static str> {
+    if name.is_empty() || name.len() > 15 {
+        return Err("an interface name must be 1 to 15 characters");
+    }
+    if name == "." || name == ".." {
+        return Err("an interface name cannot be . or ..");
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
+        return Err("an interface name cannot hold '/', ':' or white space");
+    }
+    // The kernel reads "%d" as a template ("eth%d" becomes eth0, eth1...), so the
+    // interface would not be found under the name asked for.
+    if name.contains('%') {
+        return Err("an interface name cannot hold '%' (the kernel reads it as a template)");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ifname_rules() {
+        assert!(validate_ifname("eth0").is_ok());
+        assert!(validate_ifname("a-very-long-ifname").is_err());
+        assert!(validate_ifname("").is_err());
+        assert!(validate_ifname("a/b").is_err());
+        assert!(validate_ifname("..").is_err());
+        assert!(validate_ifname("eth%d").is_err());
+    }
 
     #[test]
     fn mac_round_trips() {

@@ -98,21 +98,11 @@ struct Args {
     config: Option<PathBuf>,
 }
 
-/// A Linux interface name: 1 to 15 bytes, none of '/', ':', '%' or white space.
+/// `--vxlan-device`: a name the kernel takes as it is (the plugin's CNI_IFNAME rules).
 fn parse_ifname(name: &str) -> Result<String, String> {
-    let bad = name.is_empty()
-        || name.len() > 15
-        || name == "."
-        || name == ".."
-        || name
-            .chars()
-            .any(|c| c == '/' || c == ':' || c == '%' || c.is_whitespace());
-    if bad {
-        return Err(format!(
-            "{name:?} is not an interface name (1 to 15 characters, no '/', ':', '%' or spaces)"
-        ));
-    }
-    Ok(name.to_string())
+    calyx_dataplane::validate_ifname(name)
+        .map(|()| name.to_string())
+        .map_err(|why| format!("{name:?}: {why}"))
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
