@@ -258,7 +258,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     metrics.starting("waiting for the datastore (pools)");
-    retry_while_unavailable("create the --pool pools", || ipam.ensure_pools(&pools)).await?;
+    registration::retry_while_waiting("create the --pool pools", || ipam.ensure_pools(&pools))
+        .await?;
     metrics.starting("waiting for the datastore (tunnel addresses)");
     let vtep_ips = registration::tunnel_addresses(&ipam, &args.node_name).await?;
     let mac = registration::vtep_mac(&args.node_name);
@@ -571,30 +572,6 @@ fn spawn_kernel_events(
         }
     });
     Ok(())
-}
-
-/// Runs a startup step again while the datastore is unavailable (backing off up to
-/// 5 s), so the agent behaves the same with or without flags that write to it; any
-/// other error ends the start.
-async fn retry_while_unavailable<F, Fut>(what: &str, mut step: F) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), calyx_ipam::IpamError>>,
-{
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match step().await {
-            Ok(()) => return Ok(()),
-            Err(calyx_ipam::IpamError::Store(
-                e @ calyx_ipam::store::StoreError::Unavailable { .. },
-            )) => {
-                tracing::warn!(error = %e, retry_in = ?delay, "{what}: datastore unavailable; retrying");
-            }
-            Err(e) => return Err(anyhow::Error::from(e).context(what.to_string())),
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
-    }
 }
 
 /// The resync timer, and the heartbeat: bumps the node record every

@@ -115,17 +115,30 @@ pub async fn tunnel_addresses(ipam: &Ipam<'_>, node: &str) -> anyhow::Result<Vec
         host_interface: None,
         pool_filter: vec![],
     };
+    let (handle, _) =
+        retry_while_waiting("allocate the tunnel addresses", || ipam.allocate(&request)).await?;
+    Ok(handle.addresses.iter().map(|a| a.ip).collect())
+}
+
+/// Runs a startup step again (backing off up to 5 s) while the datastore is
+/// unavailable or has no pool yet, so the agent behaves the same with or without
+/// flags that write to it; any other error ends the start.
+pub async fn retry_while_waiting<T, F, Fut>(what: &str, mut step: F) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, IpamError>>,
+{
     let mut delay = Duration::from_millis(200);
     loop {
-        match ipam.allocate(&request).await {
-            Ok((handle, _)) => return Ok(handle.addresses.iter().map(|a| a.ip).collect()),
+        match step().await {
+            Ok(done) => return Ok(done),
             Err(IpamError::NoPools) => {
-                tracing::warn!("no address pool in the datastore yet (pass --pool or add one with ipamctl); waiting");
+                tracing::warn!("{what}: no address pool in the datastore yet (pass --pool or add one with ipamctl); waiting");
             }
             Err(IpamError::Store(e @ StoreError::Unavailable { .. })) => {
-                tracing::warn!(error = %e, "datastore unavailable; retrying");
+                tracing::warn!(error = %e, retry_in = ?delay, "{what}: datastore unavailable; retrying");
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(anyhow::Error::from(e).context(what.to_string())),
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
