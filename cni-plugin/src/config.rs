@@ -155,24 +155,17 @@ impl NetConf {
 
     /// The pools the config lists, with block sizes applied; no two may overlap.
     pub fn pools(&self) -> CniResult<Vec<Pool>> {
-        let pools = self
-            .ipam
-            .pools
-            .iter()
-            .map(|cidr| {
-                let size = if cidr.is_ipv4() {
-                    self.ipam.block_size
-                } else {
-                    self.ipam.block_size_v6
-                };
-                Pool::with_defaults(*cidr, size).map_err(|e| {
-                    CniError::new(
-                        Code::InvalidConfig,
-                        format!("network config field ipam.pools {cidr}: {e}"),
-                    )
-                })
-            })
-            .collect::<CniResult<Vec<Pool>>>()?;
+        let pools = calyx_ipam::model::pools_from_cidrs(
+            &self.ipam.pools,
+            self.ipam.block_size,
+            self.ipam.block_size_v6,
+        )
+        .map_err(|e| {
+            CniError::new(
+                Code::InvalidConfig,
+                format!("network config field ipam.pools {e}"),
+            )
+        })?;
         for (i, pool) in pools.iter().enumerate() {
             if let Some(earlier) = pools[..i].iter().find(|p| p.overlaps(&pool.cidr)) {
                 return Err(CniError::new(

@@ -3,6 +3,8 @@
 //! else in the workspace builds netlink messages.
 
 pub mod batch;
+#[cfg(feature = "firewall")]
+pub mod firewall;
 pub mod netlink;
 pub mod nexthop;
 pub mod overlay;

@@ -32,6 +32,26 @@ fn yes() -> bool {
     true
 }
 
+/// Pools for CIDRs given on a command line or in a config, each with the block size
+/// of its family (None: the default); an error names the CIDR at fault.
+pub fn pools_from_cidrs(
+    cidrs: &[IpNetwork],
+    block_size_v4: Option<u8>,
+    block_size_v6: Option<u8>,
+) -> Result<Vec<Pool>, String> {
+    cidrs
+        .iter()
+        .map(|cidr| {
+            let size = if cidr.is_ipv4() {
+                block_size_v4
+            } else {
+                block_size_v6
+            };
+            Pool::with_defaults(*cidr, size).map_err(|e| format!("{cidr}: {e}"))
+        })
+        .collect()
+}
+
 impl Pool {
     /// Whether `cidr` shares any address with this pool.
     pub fn overlaps(&self, cidr: &IpNetwork) -> bool {

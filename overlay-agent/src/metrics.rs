@@ -30,8 +30,75 @@ pub struct Metrics {
     pub ready: AtomicBool,
     last_success: Mutex<Option<Instant>>,
     starting: Mutex<String>,
-    readiness_check: std::sync::OnceLock<Box<dyn Fn() -> Option<String> + Send + Sync>>,
+    readiness_checks: Mutex<Vec<ReadinessCheck>>,
     pub resync_ms: AtomicU64,
+    pub proxy: ProxyMetrics,
+}
+
+type ReadinessCheck = Box<dyn Fn() -> Option<String> + Send + Sync>;
+
+/// The service proxy's figures (`calyx_agent_proxy_*`).
+pub struct ProxyMetrics {
+    pub full_sync_seconds: Histogram,
+    pub partial_sync_seconds: Histogram,
+    pub network_programming_seconds: Histogram,
+    pub services: Gauge,
+    pub endpoints: Gauge,
+    pub sync_errors: Counter,
+    pub last_sync_timestamp: Gauge<f64, AtomicU64>,
+}
+
+impl ProxyMetrics {
+    fn new() -> ProxyMetrics {
+        ProxyMetrics {
+            full_sync_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            partial_sync_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            network_programming_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            services: Gauge::default(),
+            endpoints: Gauge::default(),
+            sync_errors: Counter::default(),
+            last_sync_timestamp: Gauge::default(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("proxy");
+        r.register(
+            "full_sync_duration_seconds",
+            "Full proxy syncs (kernel re-read, everything compared)",
+            self.full_sync_seconds.clone(),
+        );
+        r.register(
+            "partial_sync_duration_seconds",
+            "Proxy syncs that wrote only what changed",
+            self.partial_sync_seconds.clone(),
+        );
+        r.register(
+            "network_programming_duration_seconds",
+            "From an EndpointSlice's last-change-trigger-time to its rules in the kernel",
+            self.network_programming_seconds.clone(),
+        );
+        r.register(
+            "services_programmed",
+            "Service ports programmed",
+            self.services.clone(),
+        );
+        r.register(
+            "endpoints_programmed",
+            "Endpoints programmed",
+            self.endpoints.clone(),
+        );
+        r.register(
+            "sync_errors",
+            "Proxy syncs that failed",
+            self.sync_errors.clone(),
+        );
+        r.register(
+            "last_successful_sync_timestamp_seconds",
+            "Unix time of the last successful proxy sync",
+            self.last_sync_timestamp.clone(),
+        );
+    }
 }
 
 impl Metrics {
@@ -52,9 +119,11 @@ impl Metrics {
             ready: AtomicBool::new(false),
             last_success: Mutex::new(None),
             starting: Mutex::new("starting".into()),
-            readiness_check: std::sync::OnceLock::new(),
+            readiness_checks: Mutex::new(Vec::new()),
             resync_ms: AtomicU64::new(resync.as_millis() as u64),
+            proxy: ProxyMetrics::new(),
         };
+        m.proxy.register(&mut registry);
         registry.register(
             "nodes_known",
             "Nodes registered in the datastore",
@@ -96,10 +165,13 @@ impl Metrics {
         Arc::new(Metrics { registry, ..m })
     }
 
-    /// What else must hold for /readyz (the datastore followed, the node registered):
-    /// a reason when it does not. Set once, when the agent has started its watches.
-    pub fn set_readiness_check(&self, check: impl Fn() -> Option<String> + Send + Sync + 'static) {
-        let _ = self.readiness_check.set(Box::new(check));
+    /// What else must hold for /readyz (the datastore followed, the node registered,
+    /// the proxy synced): a reason when it does not. Each controller adds its own.
+    pub fn add_readiness_check(&self, check: impl Fn() -> Option<String> + Send + Sync + 'static) {
+        self.readiness_checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Box::new(check));
     }
 
     /// Why the agent is not ready, None when it is.
@@ -112,7 +184,14 @@ impl Metrics {
                     .clone(),
             );
         }
-        self.readiness_check.get().and_then(|check| check())
+        let reasons: Vec<String> = self
+            .readiness_checks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter_map(|check| check())
+            .collect();
+        (!reasons.is_empty()).then(|| reasons.join("; "))
     }
 
     /// What the agent is waiting for while it starts, for /readyz.

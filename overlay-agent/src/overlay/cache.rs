@@ -18,7 +18,7 @@ use calyx_ipam::store::{Store, StoreError, WatchEvent};
 /// Called when the overlay may need to change.
 pub type OnChange = Arc<dyn Fn() + Send + Sync>;
 
-use crate::desired::BlockRouting;
+use crate::overlay::desired::BlockRouting;
 
 /// One prefix's documents, by key.
 struct Section<T> {
@@ -293,7 +293,7 @@ mod tests {
     fn node(name: &str, n: u8, heartbeat: u64) -> NodeRecord {
         NodeRecord {
             heartbeat,
-            ..crate::desired::tests::node(name, n)
+            ..crate::overlay::desired::tests::node(name, n)
         }
     }
 

@@ -11,7 +11,7 @@ use ipnetwork::IpNetwork;
 use calyx_dataplane::batch::{Batch, Request};
 use calyx_dataplane::nexthop::{Nexthop, NexthopSocket};
 
-use crate::desired::{nexthop_id, BlockRoute, OverlayChanges, OverlayState, VtepNexthop};
+use crate::overlay::desired::{nexthop_id, BlockRoute, OverlayChanges, OverlayState, VtepNexthop};
 
 /// The device as configured, plus the VTEP addresses it must hold.
 #[derive(Debug, Clone)]

@@ -1,0 +1,517 @@
+//! iptables: chains owned by one caller (named exactly or by prefix) in the builtin
+//! tables, plus the jumps into them from builtin chains. `plan` rewrites only chains
+//! whose rules differ, adds missing jumps, and removes owned chains and jumps that are
+//! no longer wanted, as one `iptables-restore --noflush` input. Chains the caller does
+//! not own are never written, flushed or deleted.
+//!
+//! Rules are kept in the form `iptables-save` prints them (`-d 10.96.0.1/32`,
+//! `-p tcp -m tcp --dport 80`), so a dump compares equal to what was written and a
+//! restart rewrites nothing.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+use super::{run_tool, FirewallError, IpFamily};
+
+pub const TABLES: [&str; 4] = ["raw", "mangle", "nat", "filter"];
+
+/// Which chains a caller owns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ownership {
+    pub exact: Vec<&'static str>,
+    pub prefixes: Vec<&'static str>,
+}
+
+impl Ownership {
+    pub fn owns(&self, chain: &str) -> bool {
+        self.exact.contains(&chain) || self.prefixes.iter().any(|p| chain.starts_with(p))
+    }
+}
+
+/// A rule in a builtin chain that jumps into an owned chain, e.g. `-j CALYX-FORWARD`
+/// in FORWARD; inserted at the top when missing.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Jump {
+    pub from: String,
+    pub rule: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TableRules {
+    /// Owned chain -> its rules, each without the leading `-A <chain> `.
+    pub chains: BTreeMap<String, Vec<String>>,
+    pub jumps: Vec<Jump>,
+}
+
+/// One family's owned chains, by table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    pub family: IpFamily,
+    pub tables: BTreeMap<&'static str, TableRules>,
+}
+
+impl Ruleset {
+    pub fn new(family: IpFamily) -> Ruleset {
+        Ruleset {
+            family,
+            tables: BTreeMap::new(),
+        }
+    }
+
+    pub fn table(&mut self, name: &'static str) -> &mut TableRules {
+        self.tables.entry(name).or_default()
+    }
+
+    pub fn rule_count(&self) -> usize {
+        self.tables
+            .values()
+            .flat_map(|t| t.chains.values())
+            .map(Vec::len)
+            .sum()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// `:CHAIN - [0:0]`: creates the chain, or flushes it.
+    Declare(String),
+    Append(String, String),
+    /// At the top of a builtin chain.
+    Insert(String, String),
+    Delete(String, String),
+    DeleteChain(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    pub family: IpFamily,
+    pub tables: Vec<(&'static str, Vec<Op>)>,
+}
+
+impl Transaction {
+    pub fn is_empty(&self) -> bool {
+        self.tables.iter().all(|(_, ops)| ops.is_empty())
+    }
+
+    /// The `iptables-restore --noflush` input.
+    pub fn restore_input(&self) -> String {
+        let mut out = String::new();
+        for (table, ops) in &self.tables {
+            if ops.is_empty() {
+                continue;
+            }
+            writeln!(out, "*{table}").expect("String");
+            for op in ops {
+                match op {
+                    Op::Declare(c) => writeln!(out, ":{c} - [0:0]"),
+                    Op::Append(c, r) => writeln!(out, "-A {c} {r}"),
+                    Op::Insert(c, r) => writeln!(out, "-I {c} 1 {r}"),
+                    Op::Delete(c, r) => writeln!(out, "-D {c} {r}"),
+                    Op::DeleteChain(c) => writeln!(out, "-X {c}"),
+                }
+                .expect("String");
+            }
+            out.push_str("COMMIT\n");
+        }
+        out
+    }
+}
+
+/// The transaction that turns `current` into `desired` for the chains `owner` owns.
+pub fn plan(current: &Ruleset, desired: &Ruleset) -> Transaction {
+    let empty = TableRules::default();
+    let mut tables = Vec::new();
+    for table in TABLES {
+        let want = desired.tables.get(table).unwrap_or(&empty);
+        let have = current.tables.get(table).unwrap_or(&empty);
+        let mut ops = Vec::new();
+        let changed: Vec<&String> = want
+            .chains
+            .iter()
+            .filter(|(name, rules)| have.chains.get(*name) != Some(*rules))
+            .map(|(name, _)| name)
+            .collect();
+        let stale: Vec<&String> = have
+            .chains
+            .keys()
+            .filter(|name| !want.chains.contains_key(*name))
+            .collect();
+        // Declarations flush: every chain rewritten or removed is emptied first, so a
+        // removed chain is no longer referenced by the time it is deleted.
+        for name in changed.iter().chain(stale.iter()) {
+            ops.push(Op::Declare((*name).clone()));
+        }
+        for name in &changed {
+            for rule in &want.chains[*name] {
+                ops.push(Op::Append((*name).clone(), rule.clone()));
+            }
+        }
+        for jump in &have.jumps {
+            if !want.jumps.contains(jump) {
+                ops.push(Op::Delete(jump.from.clone(), jump.rule.clone()));
+            }
+        }
+        // Inserted at the top in reverse, so they end up in the order given.
+        for jump in want.jumps.iter().rev() {
+            if !have.jumps.contains(jump) {
+                ops.push(Op::Insert(jump.from.clone(), jump.rule.clone()));
+            }
+        }
+        for name in stale {
+            ops.push(Op::DeleteChain(name.clone()));
+        }
+        tables.push((table, ops));
+    }
+    Transaction {
+        family: desired.family,
+        tables,
+    }
+}
+
+pub trait Backend: Send + Sync {
+    /// The owned chains and the jumps into them, as the kernel holds them.
+    fn dump(&self, family: IpFamily, owner: &Ownership) -> Result<Ruleset, FirewallError>;
+    fn apply(&self, tx: &Transaction) -> Result<(), FirewallError>;
+}
+
+/// Keeps one owner's chains as wanted (see `nft::TableSync`).
+pub struct RulesetSync {
+    owner: Ownership,
+    last: Option<Ruleset>,
+}
+
+impl RulesetSync {
+    pub fn new(owner: Ownership) -> RulesetSync {
+        RulesetSync { owner, last: None }
+    }
+
+    pub fn sync(
+        &mut self,
+        backend: &dyn Backend,
+        desired: &Ruleset,
+        reread: bool,
+    ) -> Result<Transaction, FirewallError> {
+        let current = match self.last.take() {
+            Some(last) if !reread => last,
+            _ => backend.dump(desired.family, &self.owner)?,
+        };
+        let tx = plan(&current, desired);
+        if !tx.is_empty() {
+            // On failure `last` stays empty: the next sync reads the kernel again.
+            backend.apply(&tx)?;
+        }
+        self.last = Some(desired.clone());
+        Ok(tx)
+    }
+}
+
+/// Parses `iptables-save` output: the owned chains' rules and the jumps into them.
+pub fn parse_save(family: IpFamily, owner: &Ownership, text: &str) -> Ruleset {
+    let mut ruleset = Ruleset::new(family);
+    let mut table: Option<&'static str> = None;
+    for line in text.lines() {
+        if let Some(name) = line.strip_prefix('*') {
+            table = TABLES.into_iter().find(|t| *t == name);
+            continue;
+        }
+        let Some(t) = table else { continue };
+        if let Some(decl) = line.strip_prefix(':') {
+            let chain = decl.split_whitespace().next().unwrap_or_default();
+            if owner.owns(chain) {
+                ruleset
+                    .table(t)
+                    .chains
+                    .entry(chain.to_string())
+                    .or_default();
+            }
+        } else if let Some(rest) = line.strip_prefix("-A ") {
+            let (chain, rule) = rest.split_once(' ').unwrap_or((rest, ""));
+            if owner.owns(chain) {
+                ruleset
+                    .table(t)
+                    .chains
+                    .entry(chain.to_string())
+                    .or_default()
+                    .push(rule.to_string());
+            } else if jump_target(rule).is_some_and(|target| owner.owns(target)) {
+                ruleset.table(t).jumps.push(Jump {
+                    from: chain.to_string(),
+                    rule: rule.to_string(),
+                });
+            }
+        }
+    }
+    ruleset
+}
+
+fn jump_target(rule: &str) -> Option<&str> {
+    let mut words = rule.split_whitespace();
+    while let Some(w) = words.next() {
+        if w == "-j" || w == "-g" {
+            return words.next();
+        }
+    }
+    None
+}
+
+/// The kernel, through `iptables-save` / `iptables-restore` (whichever backend the
+/// `iptables` on PATH uses).
+pub struct IptablesCommand;
+
+impl Backend for IptablesCommand {
+    fn dump(&self, family: IpFamily, owner: &Ownership) -> Result<Ruleset, FirewallError> {
+        let mut text = String::new();
+        for table in ["nat", "filter"] {
+            let save = format!("{}-save", family.iptables());
+            text.push_str(&run_tool(&save, &["-t", table], None)?);
+        }
+        Ok(parse_save(family, owner, &text))
+    }
+
+    fn apply(&self, tx: &Transaction) -> Result<(), FirewallError> {
+        let restore = format!("{}-restore", tx.family.iptables());
+        run_tool(&restore, &["-w", "--noflush"], Some(&tx.restore_input())).map(|_| ())
+    }
+}
+
+/// A fake kernel for tests: every table's chains (builtin ones included), changed the
+/// way iptables-restore would change them, refusing what it would refuse.
+/// Every table's chains and their rules, per family.
+type FakeTables = BTreeMap<(IpFamily, &'static str), BTreeMap<String, Vec<String>>>;
+
+#[derive(Default)]
+pub struct RecordingIptables {
+    state: Mutex<FakeTables>,
+    inputs: Mutex<Vec<String>>,
+}
+
+impl RecordingIptables {
+    pub fn new() -> RecordingIptables {
+        RecordingIptables::default()
+    }
+
+    /// Rules of one chain, without `-A <chain> `.
+    pub fn chain(&self, family: IpFamily, table: &'static str, chain: &str) -> Option<Vec<String>> {
+        self.lock()
+            .get(&(family, table))
+            .and_then(|t| t.get(chain))
+            .cloned()
+    }
+
+    pub fn chains(&self, family: IpFamily, table: &'static str) -> BTreeMap<String, Vec<String>> {
+        self.lock()
+            .get(&(family, table))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Puts a rule somewhere, as another program would.
+    pub fn append_foreign(&self, family: IpFamily, table: &'static str, chain: &str, rule: &str) {
+        self.lock()
+            .entry((family, table))
+            .or_default()
+            .entry(chain.to_string())
+            .or_default()
+            .push(rule.to_string());
+    }
+
+    pub fn take_inputs(&self) -> Vec<String> {
+        std::mem::take(&mut *self.inputs.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, FakeTables> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn is_builtin(chain: &str) -> bool {
+    matches!(
+        chain,
+        "PREROUTING" | "INPUT" | "FORWARD" | "OUTPUT" | "POSTROUTING"
+    )
+}
+
+impl Backend for RecordingIptables {
+    fn dump(&self, family: IpFamily, owner: &Ownership) -> Result<Ruleset, FirewallError> {
+        let state = self.lock();
+        let mut text = String::new();
+        for table in TABLES {
+            let Some(chains) = state.get(&(family, table)) else {
+                continue;
+            };
+            writeln!(text, "*{table}").expect("String");
+            for name in chains.keys() {
+                writeln!(text, ":{name} - [0:0]").expect("String");
+            }
+            for (name, rules) in chains {
+                for rule in rules {
+                    writeln!(text, "-A {name} {rule}").expect("String");
+                }
+            }
+            text.push_str("COMMIT\n");
+        }
+        Ok(parse_save(family, owner, &text))
+    }
+
+    fn apply(&self, tx: &Transaction) -> Result<(), FirewallError> {
+        let mut state = self.lock();
+        let mut next = state.clone();
+        let refuse = |why: String| FirewallError::Refused {
+            tool: "fake iptables-restore".into(),
+            stderr: why,
+        };
+        for (table, ops) in &tx.tables {
+            let chains = next.entry((tx.family, *table)).or_default();
+            for op in ops {
+                match op {
+                    Op::Declare(c) => {
+                        chains.insert(c.clone(), Vec::new());
+                    }
+                    Op::Append(c, r) | Op::Insert(c, r) => {
+                        if let Some(target) = jump_target(r) {
+                            let known = chains.contains_key(target)
+                                || matches!(
+                                    target,
+                                    "ACCEPT"
+                                        | "DROP"
+                                        | "RETURN"
+                                        | "REJECT"
+                                        | "MASQUERADE"
+                                        | "DNAT"
+                                        | "SNAT"
+                                        | "MARK"
+                                );
+                            if !known {
+                                return Err(refuse(format!("{c}: jump to unknown chain {target}")));
+                            }
+                        }
+                        if !chains.contains_key(c) && !is_builtin(c) {
+                            return Err(refuse(format!("no chain {c}")));
+                        }
+                        let rules = chains.entry(c.clone()).or_default();
+                        if matches!(op, Op::Insert(..)) {
+                            rules.insert(0, r.clone());
+                        } else {
+                            rules.push(r.clone());
+                        }
+                    }
+                    Op::Delete(c, r) => {
+                        let rules = chains
+                            .get_mut(c)
+                            .ok_or_else(|| refuse(format!("no chain {c}")))?;
+                        let at = rules
+                            .iter()
+                            .position(|x| x == r)
+                            .ok_or_else(|| refuse(format!("-D {c} {r}: no such rule")))?;
+                        rules.remove(at);
+                    }
+                    Op::DeleteChain(c) => {
+                        if chains.get(c).is_some_and(|r| !r.is_empty()) {
+                            return Err(refuse(format!("-X {c}: not empty")));
+                        }
+                        if chains
+                            .values()
+                            .flatten()
+                            .any(|r| jump_target(r) == Some(c.as_str()))
+                        {
+                            return Err(refuse(format!("-X {c}: still referenced")));
+                        }
+                        chains.remove(c);
+                    }
+                }
+            }
+        }
+        *state = next;
+        self.inputs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tx.restore_input());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner() -> Ownership {
+        Ownership {
+            exact: vec!["CALYX-FORWARD"],
+            prefixes: vec!["CALYX-SVC-"],
+        }
+    }
+
+    fn ruleset(svc_rules: &[&str]) -> Ruleset {
+        let mut r = Ruleset::new(IpFamily::V4);
+        let filter = r.table("filter");
+        filter.chains.insert(
+            "CALYX-FORWARD".into(),
+            vec!["-s 10.244.0.0/16 -j ACCEPT".into()],
+        );
+        filter.jumps.push(Jump {
+            from: "FORWARD".into(),
+            rule: "-j CALYX-FORWARD".into(),
+        });
+        if !svc_rules.is_empty() {
+            r.table("nat").chains.insert(
+                "CALYX-SVC-A".into(),
+                svc_rules.iter().map(|s| s.to_string()).collect(),
+            );
+        }
+        r
+    }
+
+    #[test]
+    fn only_changed_chains_are_rewritten_and_foreign_chains_are_left_alone() {
+        let fake = RecordingIptables::new();
+        fake.append_foreign(IpFamily::V4, "filter", "FORWARD", "-j KUBE-FORWARD-X");
+        fake.append_foreign(IpFamily::V4, "filter", "KUBE-FORWARD-X", "-j ACCEPT");
+        let mut sync = RulesetSync::new(owner());
+        sync.sync(
+            &fake,
+            &ruleset(&["-j DNAT --to-destination 10.244.1.2:80"]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            fake.chain(IpFamily::V4, "filter", "FORWARD").unwrap(),
+            ["-j CALYX-FORWARD", "-j KUBE-FORWARD-X"]
+        );
+        let tx = sync
+            .sync(
+                &fake,
+                &ruleset(&["-j DNAT --to-destination 10.244.1.3:80"]),
+                false,
+            )
+            .unwrap();
+        assert_eq!(
+            tx.restore_input(),
+            "*nat\n:CALYX-SVC-A - [0:0]\n-A CALYX-SVC-A -j DNAT --to-destination 10.244.1.3:80\nCOMMIT\n"
+        );
+        // Removing the chain; a restart that reads the kernel then finds nothing to do.
+        sync.sync(&fake, &ruleset(&[]), false).unwrap();
+        assert!(fake.chain(IpFamily::V4, "nat", "CALYX-SVC-A").is_none());
+        let again = RulesetSync::new(owner())
+            .sync(&fake, &ruleset(&[]), true)
+            .unwrap();
+        assert!(again.is_empty(), "{}", again.restore_input());
+        assert!(fake
+            .chain(IpFamily::V4, "filter", "KUBE-FORWARD-X")
+            .is_some());
+    }
+
+    #[test]
+    fn save_output_is_read_back_for_owned_chains_only() {
+        let save = "*filter\n:INPUT ACCEPT [0:0]\n:FORWARD DROP [0:0]\n:CALYX-FORWARD - [0:0]\n:OTHER - [0:0]\n\
+                    -A FORWARD -j OTHER\n-A FORWARD -m comment --comment \"x y\" -j CALYX-FORWARD\n\
+                    -A CALYX-FORWARD -s 10.244.0.0/16 -j ACCEPT\n-A OTHER -j ACCEPT\nCOMMIT\n";
+        let r = parse_save(IpFamily::V4, &owner(), save);
+        let filter = &r.tables["filter"];
+        assert_eq!(filter.chains.len(), 1);
+        assert_eq!(
+            filter.jumps[0].rule,
+            "-m comment --comment \"x y\" -j CALYX-FORWARD"
+        );
+    }
+}

@@ -1,0 +1,858 @@
+//! nftables: one table per family, owned whole by its caller. `plan` turns (what the
+//! kernel holds, what is wanted) into one transaction that touches only what differs:
+//! changed chains are flushed and refilled, set and map elements are added and deleted
+//! one by one, and nothing else is written. A restart with the table already right
+//! plans nothing.
+//!
+//! What the kernel holds is read back with `nft -j list table`. Rules are not parsed
+//! back: the first rule of each chain carries a digest of the chain's rules in its
+//! comment, and each set a digest of its declaration in its own.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::Mutex;
+
+use super::{digest, run_tool, FirewallError, IpFamily};
+
+/// A base chain's hook: `type <kind> hook <hook> priority <priority>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hook {
+    pub kind: &'static str,
+    pub hook: &'static str,
+    pub priority: i32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chain {
+    pub hook: Option<Hook>,
+    /// Rules in nft syntax, without the table and chain (and without a comment: the
+    /// first rule's comment holds the chain's digest).
+    pub rules: Vec<String>,
+    /// For a chain read from the kernel: the digest its first rule recorded.
+    kernel_digest: Option<String>,
+}
+
+impl Chain {
+    pub fn new(rules: Vec<String>) -> Chain {
+        Chain {
+            hook: None,
+            rules,
+            kernel_digest: None,
+        }
+    }
+
+    pub fn base(hook: Hook, rules: Vec<String>) -> Chain {
+        Chain {
+            hook: Some(hook),
+            rules,
+            kernel_digest: None,
+        }
+    }
+
+    /// None for an empty chain.
+    pub fn digest(&self) -> Option<String> {
+        if self.rules.is_empty() {
+            return self.kernel_digest.clone();
+        }
+        Some(digest(&self.rules.join("\n")))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetKind {
+    Set,
+    Map,
+}
+
+/// A set or map. Elements are written as nft prints them (`10.96.0.1 . tcp . 80`,
+/// values after the key for maps), so a dump compares equal to what was written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Set {
+    pub kind: SetKind,
+    /// The declaration's body, e.g. `type ipv4_addr . inet_proto . inet_service : verdict;`.
+    pub declaration: String,
+    /// Filled by the kernel (e.g. session-affinity sets): elements are never diffed.
+    pub dynamic: bool,
+    pub elements: BTreeMap<String, Option<String>>,
+    digest: String,
+}
+
+impl Set {
+    pub fn new(kind: SetKind, declaration: impl Into<String>) -> Set {
+        let declaration = declaration.into();
+        Set {
+            kind,
+            digest: digest(&declaration),
+            declaration,
+            dynamic: false,
+            elements: BTreeMap::new(),
+        }
+    }
+
+    pub fn dynamic(mut self) -> Set {
+        self.dynamic = true;
+        self
+    }
+
+    pub fn insert(&mut self, key: impl Into<String>, value: Option<String>) {
+        self.elements.insert(key.into(), value);
+    }
+}
+
+/// One table as wanted, or as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Table {
+    pub family: IpFamily,
+    pub name: String,
+    pub chains: BTreeMap<String, Chain>,
+    pub sets: BTreeMap<String, Set>,
+}
+
+impl Table {
+    pub fn new(family: IpFamily, name: impl Into<String>) -> Table {
+        Table {
+            family,
+            name: name.into(),
+            chains: BTreeMap::new(),
+            sets: BTreeMap::new(),
+        }
+    }
+
+    /// Elements across all sets and maps (for logs and metrics).
+    pub fn element_count(&self) -> usize {
+        self.sets.values().map(|s| s.elements.len()).sum()
+    }
+}
+
+/// One step of a transaction.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    AddTable,
+    DeleteTable,
+    AddChain(String, Option<Hook>),
+    FlushChain(String),
+    DeleteChain(String),
+    /// (chain, rule, comment)
+    AddRule(String, String, Option<String>),
+    /// A set or map with no elements.
+    AddSet(String, Set),
+    DeleteSet(String),
+    AddElements(String, Vec<(String, Option<String>)>),
+    DeleteElements(String, Vec<String>),
+}
+
+/// What `plan` emits: applied with one `nft -f`, all or nothing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    pub family: IpFamily,
+    pub table: String,
+    pub ops: Vec<Op>,
+}
+
+impl Transaction {
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// The `nft -f` script.
+    pub fn script(&self) -> String {
+        let t = format!("{} {}", self.family.nft(), self.table);
+        let mut out = String::new();
+        for op in &self.ops {
+            match op {
+                Op::AddTable => writeln!(out, "add table {t}"),
+                Op::DeleteTable => writeln!(out, "delete table {t}"),
+                Op::AddChain(name, None) => writeln!(out, "add chain {t} {name}"),
+                Op::AddChain(name, Some(h)) => writeln!(
+                    out,
+                    "add chain {t} {name} {{ type {} hook {} priority {}; policy accept; }}",
+                    h.kind, h.hook, h.priority
+                ),
+                Op::FlushChain(name) => writeln!(out, "flush chain {t} {name}"),
+                Op::DeleteChain(name) => writeln!(out, "delete chain {t} {name}"),
+                Op::AddRule(chain, rule, None) => writeln!(out, "add rule {t} {chain} {rule}"),
+                Op::AddRule(chain, rule, Some(c)) => {
+                    writeln!(out, "add rule {t} {chain} {rule} comment \"{c}\"")
+                }
+                Op::AddSet(name, set) => writeln!(
+                    out,
+                    "add {} {t} {name} {{ {} comment \"{}\"; }}",
+                    match set.kind {
+                        SetKind::Set => "set",
+                        SetKind::Map => "map",
+                    },
+                    set.declaration,
+                    set.digest
+                ),
+                Op::DeleteSet(name) => writeln!(out, "delete set {t} {name}"),
+                Op::AddElements(name, elements) => {
+                    let list: Vec<String> = elements
+                        .iter()
+                        .map(|(k, v)| match v {
+                            Some(v) => format!("{k} : {v}"),
+                            None => k.clone(),
+                        })
+                        .collect();
+                    writeln!(out, "add element {t} {name} {{ {} }}", list.join(", "))
+                }
+                Op::DeleteElements(name, keys) => {
+                    writeln!(out, "delete element {t} {name} {{ {} }}", keys.join(", "))
+                }
+            }
+            .expect("write to a String");
+        }
+        out
+    }
+}
+
+/// Elements per `add element` line: long enough to be cheap, short enough for nft.
+const ELEMENTS_PER_LINE: usize = 1000;
+
+/// The transaction that turns `current` (None: no such table) into `desired`.
+pub fn plan(current: Option<&Table>, desired: &Table) -> Transaction {
+    let mut ops = Vec::new();
+    let rebuild = match current {
+        None => {
+            ops.push(Op::AddTable);
+            true
+        }
+        Some(current) => {
+            // A set whose declaration changed, or a chain whose hook changed, cannot be
+            // altered in place: rebuild the table in the same transaction.
+            let set_changed = desired.sets.iter().any(|(name, set)| {
+                current
+                    .sets
+                    .get(name)
+                    .is_some_and(|c| c.digest != set.digest || c.kind != set.kind)
+            });
+            let hook_changed = desired.chains.iter().any(|(name, chain)| {
+                current
+                    .chains
+                    .get(name)
+                    .is_some_and(|c| c.hook != chain.hook)
+            });
+            if set_changed || hook_changed {
+                ops.extend([Op::AddTable, Op::DeleteTable, Op::AddTable]);
+                true
+            } else {
+                false
+            }
+        }
+    };
+    let empty = Table::new(desired.family, desired.name.clone());
+    let current = if rebuild {
+        &empty
+    } else {
+        current.expect("not a rebuild")
+    };
+
+    // 1. New sets and chains, so that everything below may refer to them.
+    for (name, set) in &desired.sets {
+        if !current.sets.contains_key(name) {
+            let mut decl = set.clone();
+            decl.elements.clear();
+            ops.push(Op::AddSet(name.clone(), decl));
+        }
+    }
+    for (name, chain) in &desired.chains {
+        if !current.chains.contains_key(name) {
+            ops.push(Op::AddChain(name.clone(), chain.hook.clone()));
+        }
+    }
+    // 2. Elements: deletions first (a changed map value is a delete and an add).
+    for (name, set) in &desired.sets {
+        if set.dynamic {
+            continue;
+        }
+        let before = current.sets.get(name).map(|s| &s.elements);
+        let stale: Vec<String> = before
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| set.elements.get(*k) != Some(*v))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for chunk in stale.chunks(ELEMENTS_PER_LINE) {
+            ops.push(Op::DeleteElements(name.clone(), chunk.to_vec()));
+        }
+    }
+    for (name, set) in &desired.sets {
+        if set.dynamic {
+            continue;
+        }
+        let before = current.sets.get(name).map(|s| &s.elements);
+        let new: Vec<(String, Option<String>)> = set
+            .elements
+            .iter()
+            .filter(|(k, v)| before.and_then(|b| b.get(*k)) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        for chunk in new.chunks(ELEMENTS_PER_LINE) {
+            ops.push(Op::AddElements(name.clone(), chunk.to_vec()));
+        }
+    }
+    // 3. Chains whose rules differ: flushed and refilled.
+    for (name, chain) in &desired.chains {
+        let had = current.chains.get(name);
+        if had.is_some_and(|c| c.digest() == chain.digest()) {
+            continue;
+        }
+        if had.is_some() {
+            ops.push(Op::FlushChain(name.clone()));
+        }
+        let digest = chain.digest();
+        for (i, rule) in chain.rules.iter().enumerate() {
+            let comment = if i == 0 { digest.clone() } else { None };
+            ops.push(Op::AddRule(name.clone(), rule.clone(), comment));
+        }
+    }
+    // 4. What is no longer wanted: chains flushed first (one may jump to another),
+    //    then deleted; then sets, which no rule refers to any more.
+    let stale_chains: Vec<&String> = current
+        .chains
+        .keys()
+        .filter(|name| !desired.chains.contains_key(*name))
+        .collect();
+    for name in &stale_chains {
+        ops.push(Op::FlushChain((*name).clone()));
+    }
+    for name in &stale_chains {
+        ops.push(Op::DeleteChain((*name).clone()));
+    }
+    for name in current.sets.keys() {
+        if !desired.sets.contains_key(name) {
+            ops.push(Op::DeleteSet(name.clone()));
+        }
+    }
+    Transaction {
+        family: desired.family,
+        table: desired.name.clone(),
+        ops,
+    }
+}
+
+/// The transaction that removes the table (nothing when it is not there).
+pub fn plan_removal(current: Option<&Table>, family: IpFamily, name: &str) -> Transaction {
+    Transaction {
+        family,
+        table: name.to_string(),
+        ops: if current.is_some() {
+            vec![Op::DeleteTable]
+        } else {
+            Vec::new()
+        },
+    }
+}
+
+/// Where tables are read from and transactions applied: the kernel through `nft`, or
+/// a recording fake.
+pub trait Backend: Send + Sync {
+    fn dump(&self, family: IpFamily, table: &str) -> Result<Option<Table>, FirewallError>;
+    fn apply(&self, tx: &Transaction) -> Result<(), FirewallError>;
+}
+
+/// Keeps one table as wanted: reads the kernel on the first sync (and whenever asked
+/// to, e.g. a periodic full resync), otherwise diffs against what it applied last.
+pub struct TableSync {
+    last: Option<Table>,
+    known: bool,
+}
+
+impl Default for TableSync {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl TableSync {
+    pub fn new() -> TableSync {
+        TableSync {
+            last: None,
+            known: false,
+        }
+    }
+
+    /// Applies what differs; returns the transaction applied (empty when none was).
+    pub fn sync(
+        &mut self,
+        backend: &dyn Backend,
+        desired: &Table,
+        reread: bool,
+    ) -> Result<Transaction, FirewallError> {
+        if reread || !self.known {
+            self.last = backend.dump(desired.family, &desired.name)?;
+            self.known = true;
+        }
+        let tx = plan(self.last.as_ref(), desired);
+        if !tx.is_empty() {
+            if let Err(e) = backend.apply(&tx) {
+                // The kernel holds what it held; read it again next time.
+                self.known = false;
+                return Err(e);
+            }
+        }
+        self.last = Some(desired.clone());
+        Ok(tx)
+    }
+}
+
+/// The kernel, through the `nft` tool.
+pub struct NftCommand;
+
+impl Backend for NftCommand {
+    fn dump(&self, family: IpFamily, table: &str) -> Result<Option<Table>, FirewallError> {
+        let listed = run_tool("nft", &["-j", "list", "table", family.nft(), table], None);
+        let json = match listed {
+            Ok(json) => json,
+            Err(FirewallError::Refused { stderr, .. }) if stderr.contains("No such file") => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e),
+        };
+        parse_dump(family, table, &json).map(Some)
+    }
+
+    fn apply(&self, tx: &Transaction) -> Result<(), FirewallError> {
+        run_tool("nft", &["-f", "-"], Some(&tx.script())).map(|_| ())
+    }
+}
+
+/// Reads `nft -j list table` output back into a `Table` (rules as digests only).
+pub fn parse_dump(family: IpFamily, name: &str, json: &str) -> Result<Table, FirewallError> {
+    let bad = |why: String| FirewallError::Dump {
+        what: format!("table {} {name}", family.nft()),
+        why,
+    };
+    let doc: serde_json::Value = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
+    let objects = doc["nftables"]
+        .as_array()
+        .ok_or_else(|| bad("no \"nftables\" array".into()))?;
+    let mut table = Table::new(family, name);
+    let mut rules_seen: BTreeSet<String> = BTreeSet::new();
+    for object in objects {
+        if let Some(chain) = object.get("chain") {
+            let name = chain["name"].as_str().unwrap_or_default().to_string();
+            let hook = match (chain["type"].as_str(), chain["hook"].as_str()) {
+                (Some(kind), Some(hook)) => Some(Hook {
+                    kind: static_word(kind),
+                    hook: static_word(hook),
+                    priority: chain["prio"].as_i64().unwrap_or(0) as i32,
+                }),
+                _ => None,
+            };
+            table.chains.insert(
+                name,
+                Chain {
+                    hook,
+                    rules: Vec::new(),
+                    kernel_digest: None,
+                },
+            );
+        } else if let Some(rule) = object.get("rule") {
+            // Rules come after their chain, in order: the first one carries the digest.
+            let chain = rule["chain"].as_str().unwrap_or_default().to_string();
+            if rules_seen.insert(chain.clone()) {
+                let recorded = rule["comment"]
+                    .as_str()
+                    .unwrap_or("rules without a digest")
+                    .to_string();
+                if let Some(c) = table.chains.get_mut(&chain) {
+                    c.kernel_digest = Some(recorded);
+                }
+            }
+        } else if let Some((kind, set)) = object
+            .get("set")
+            .map(|s| (SetKind::Set, s))
+            .or_else(|| object.get("map").map(|m| (SetKind::Map, m)))
+        {
+            let name = set["name"].as_str().unwrap_or_default().to_string();
+            let mut parsed = Set::new(kind, "");
+            parsed.digest = set["comment"].as_str().unwrap_or_default().to_string();
+            for element in set["elem"].as_array().into_iter().flatten() {
+                match kind {
+                    SetKind::Map => {
+                        let pair = element
+                            .as_array()
+                            .filter(|p| p.len() == 2)
+                            .ok_or_else(|| bad(format!("map {name}: element {element}")))?;
+                        parsed.insert(element_text(&pair[0]), Some(element_text(&pair[1])));
+                    }
+                    SetKind::Set => parsed.insert(element_text(element), None),
+                }
+            }
+            table.sets.insert(name, parsed);
+        }
+    }
+    Ok(table)
+}
+
+/// Hook and chain-type words are a small fixed vocabulary.
+fn static_word(word: &str) -> &'static str {
+    const WORDS: [&str; 9] = [
+        "nat",
+        "filter",
+        "route",
+        "prerouting",
+        "input",
+        "forward",
+        "output",
+        "postrouting",
+        "ingress",
+    ];
+    WORDS.into_iter().find(|w| *w == word).unwrap_or("unknown")
+}
+
+/// An element (key or value) of a JSON dump as nft's text syntax prints it.
+fn element_text(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Object(o) => {
+            if let Some(parts) = o.get("concat").and_then(Value::as_array) {
+                parts
+                    .iter()
+                    .map(element_text)
+                    .collect::<Vec<_>>()
+                    .join(" . ")
+            } else if let Some(p) = o.get("prefix") {
+                format!("{}/{}", element_text(&p["addr"]), p["len"])
+            } else if let Some(r) = o.get("range").and_then(Value::as_array) {
+                format!(
+                    "{}-{}",
+                    element_text(&r[0]),
+                    r.get(1).map(element_text).unwrap_or_default()
+                )
+            } else if let Some(e) = o.get("elem") {
+                element_text(&e["val"])
+            } else if let Some(t) = o.get("goto") {
+                format!("goto {}", element_text(&t["target"]))
+            } else if let Some(t) = o.get("jump") {
+                format!("jump {}", element_text(&t["target"]))
+            } else if let Some((verdict, _)) = o.iter().next() {
+                // {"drop": null}, {"accept": null}
+                verdict.clone()
+            } else {
+                String::new()
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+/// A fake kernel for tests: holds tables, applies transactions to them the way the
+/// kernel does (refusing what it would refuse), and records every script.
+#[derive(Default)]
+pub struct RecordingNft {
+    tables: Mutex<BTreeMap<(IpFamily, String), Table>>,
+    scripts: Mutex<Vec<String>>,
+}
+
+impl RecordingNft {
+    pub fn new() -> RecordingNft {
+        RecordingNft::default()
+    }
+
+    pub fn table(&self, family: IpFamily, name: &str) -> Option<Table> {
+        self.lock_tables().get(&(family, name.to_string())).cloned()
+    }
+
+    /// Every script applied so far, oldest first.
+    pub fn scripts(&self) -> Vec<String> {
+        self.scripts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub fn take_scripts(&self) -> Vec<String> {
+        std::mem::take(&mut *self.scripts.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn lock_tables(&self) -> std::sync::MutexGuard<'_, BTreeMap<(IpFamily, String), Table>> {
+        self.tables.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Backend for RecordingNft {
+    fn dump(&self, family: IpFamily, table: &str) -> Result<Option<Table>, FirewallError> {
+        Ok(self.table(family, table))
+    }
+
+    fn apply(&self, tx: &Transaction) -> Result<(), FirewallError> {
+        let mut tables = self.lock_tables();
+        let key = (tx.family, tx.table.clone());
+        // Work on a copy: a refused transaction changes nothing.
+        let mut table = tables.get(&key).cloned();
+        let refuse = |why: String| FirewallError::Refused {
+            tool: "fake nft".into(),
+            stderr: why,
+        };
+        for op in &tx.ops {
+            if !matches!(op, Op::AddTable) && table.is_none() {
+                return Err(refuse(format!("{op:?}: no table {}", tx.table)));
+            }
+            match op {
+                Op::AddTable => {
+                    table.get_or_insert_with(|| Table::new(tx.family, tx.table.clone()));
+                }
+                Op::DeleteTable => table = None,
+                Op::AddChain(name, hook) => {
+                    let t = table.as_mut().expect("checked");
+                    t.chains.entry(name.clone()).or_insert(Chain {
+                        hook: hook.clone(),
+                        ..Chain::default()
+                    });
+                }
+                Op::FlushChain(name) => {
+                    let t = table.as_mut().expect("checked");
+                    t.chains
+                        .get_mut(name)
+                        .ok_or_else(|| refuse(format!("flush: no chain {name}")))?
+                        .rules
+                        .clear();
+                }
+                Op::DeleteChain(name) => {
+                    let t = table.as_mut().expect("checked");
+                    let chain = t
+                        .chains
+                        .get(name)
+                        .ok_or_else(|| refuse(format!("delete: no chain {name}")))?;
+                    if !chain.rules.is_empty() {
+                        return Err(refuse(format!("delete chain {name}: not empty")));
+                    }
+                    let target = format!(" {name}");
+                    let referenced =
+                        t.chains.values().flat_map(|c| &c.rules).any(|r| {
+                            r.ends_with(&format!("jump{target}"))
+                                || r.ends_with(&format!("goto{target}"))
+                        }) || t.sets.values().flat_map(|s| s.elements.values()).any(|v| {
+                            v.as_deref()
+                                .is_some_and(|v| v.ends_with(&target) && v.contains("goto"))
+                        });
+                    if referenced {
+                        return Err(refuse(format!("delete chain {name}: still referenced")));
+                    }
+                    t.chains.remove(name);
+                }
+                Op::AddRule(chain, rule, _) => {
+                    let t = table.as_mut().expect("checked");
+                    t.chains
+                        .get_mut(chain)
+                        .ok_or_else(|| refuse(format!("add rule: no chain {chain}")))?
+                        .rules
+                        .push(rule.clone());
+                }
+                Op::AddSet(name, set) => {
+                    let t = table.as_mut().expect("checked");
+                    t.sets.entry(name.clone()).or_insert_with(|| set.clone());
+                }
+                Op::DeleteSet(name) => {
+                    let t = table.as_mut().expect("checked");
+                    if t.chains
+                        .values()
+                        .flat_map(|c| &c.rules)
+                        .any(|r| r.contains(&format!("@{name}")))
+                    {
+                        return Err(refuse(format!("delete set {name}: still referenced")));
+                    }
+                    t.sets.remove(name);
+                }
+                Op::AddElements(name, elements) => {
+                    let t = table.as_mut().expect("checked");
+                    let chains: BTreeSet<String> = t.chains.keys().cloned().collect();
+                    let set = t
+                        .sets
+                        .get_mut(name)
+                        .ok_or_else(|| refuse(format!("add element: no set {name}")))?;
+                    for (k, v) in elements {
+                        if let Some(target) = v.as_deref().and_then(|v| v.strip_prefix("goto ")) {
+                            if !chains.contains(target) {
+                                return Err(refuse(format!("{name}: goto unknown chain {target}")));
+                            }
+                        }
+                        // As the kernel: adding an existing key keeps its old value.
+                        set.elements.entry(k.clone()).or_insert_with(|| v.clone());
+                    }
+                }
+                Op::DeleteElements(name, keys) => {
+                    let t = table.as_mut().expect("checked");
+                    let set = t
+                        .sets
+                        .get_mut(name)
+                        .ok_or_else(|| refuse(format!("delete element: no set {name}")))?;
+                    for k in keys {
+                        if set.elements.remove(k).is_none() {
+                            return Err(refuse(format!(
+                                "delete element {k} from {name}: not there"
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+        match table {
+            Some(t) => tables.insert(key, t),
+            None => tables.remove(&key),
+        };
+        self.scripts
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(tx.script());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(elements: &[(&str, &str)]) -> Table {
+        let mut t = Table::new(IpFamily::V4, "t");
+        let mut map = Set::new(
+            SetKind::Map,
+            "type ipv4_addr . inet_proto . inet_service : verdict;",
+        );
+        for (k, v) in elements {
+            map.insert(*k, Some(v.to_string()));
+        }
+        t.sets.insert("svc".into(), map);
+        t.chains
+            .insert("lb".into(), Chain::new(vec!["counter".into()]));
+        t.chains.insert(
+            "pre".into(),
+            Chain::base(
+                Hook {
+                    kind: "nat",
+                    hook: "prerouting",
+                    priority: -100,
+                },
+                vec!["ip daddr . meta l4proto . th dport vmap @svc".into()],
+            ),
+        );
+        t
+    }
+
+    #[test]
+    fn a_first_sync_writes_everything_and_a_second_nothing() {
+        let fake = RecordingNft::new();
+        let mut sync = TableSync::new();
+        let want = sample(&[("10.0.0.1 . tcp . 80", "goto lb")]);
+        let tx = sync.sync(&fake, &want, false).unwrap();
+        assert_eq!(tx.ops[0], Op::AddTable);
+        assert_eq!(fake.table(IpFamily::V4, "t").unwrap().sets, want.sets);
+        assert!(sync.sync(&fake, &want, false).unwrap().is_empty());
+        // A restart (a new TableSync reading the fake) plans nothing either.
+        assert!(TableSync::new()
+            .sync(&fake, &want, true)
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn an_element_change_emits_only_that_element() {
+        let fake = RecordingNft::new();
+        let mut sync = TableSync::new();
+        sync.sync(&fake, &sample(&[("10.0.0.1 . tcp . 80", "goto lb")]), false)
+            .unwrap();
+        let tx = sync
+            .sync(
+                &fake,
+                &sample(&[
+                    ("10.0.0.1 . tcp . 80", "goto lb"),
+                    ("10.0.0.2 . udp . 53", "goto lb"),
+                ]),
+                false,
+            )
+            .unwrap();
+        assert_eq!(
+            tx.script(),
+            "add element ip t svc { 10.0.0.2 . udp . 53 : goto lb }\n"
+        );
+        let tx = sync
+            .sync(&fake, &sample(&[("10.0.0.2 . udp . 53", "drop")]), false)
+            .unwrap();
+        assert_eq!(
+            tx.script(),
+            "delete element ip t svc { 10.0.0.1 . tcp . 80, 10.0.0.2 . udp . 53 }\n\
+             add element ip t svc { 10.0.0.2 . udp . 53 : drop }\n"
+        );
+    }
+
+    #[test]
+    fn a_stale_chain_is_unreferenced_flushed_and_deleted_in_that_order() {
+        let fake = RecordingNft::new();
+        let mut sync = TableSync::new();
+        sync.sync(&fake, &sample(&[("10.0.0.1 . tcp . 80", "goto lb")]), false)
+            .unwrap();
+        let mut want = sample(&[]);
+        want.chains.remove("lb");
+        let tx = sync.sync(&fake, &want, false).unwrap();
+        assert_eq!(
+            tx.script(),
+            "delete element ip t svc { 10.0.0.1 . tcp . 80 }\n\
+             flush chain ip t lb\ndelete chain ip t lb\n"
+        );
+        assert_eq!(fake.table(IpFamily::V4, "t").unwrap().chains.len(), 1);
+    }
+
+    #[test]
+    fn a_changed_set_declaration_rebuilds_the_table_in_one_transaction() {
+        let fake = RecordingNft::new();
+        let mut sync = TableSync::new();
+        sync.sync(&fake, &sample(&[("10.0.0.1 . tcp . 80", "goto lb")]), false)
+            .unwrap();
+        let mut want = sample(&[("10.0.0.1 . tcp . 80", "goto lb")]);
+        want.sets
+            .get_mut("svc")
+            .unwrap()
+            .declaration
+            .push_str(" flags interval;");
+        let old_digest = want.sets["svc"].digest.clone();
+        want.sets.get_mut("svc").unwrap().digest = digest(&want.sets["svc"].declaration);
+        assert_ne!(old_digest, want.sets["svc"].digest);
+        let tx = sync.sync(&fake, &want, false).unwrap();
+        assert_eq!(&tx.ops[..3], &[Op::AddTable, Op::DeleteTable, Op::AddTable]);
+        assert_eq!(
+            fake.table(IpFamily::V4, "t").unwrap().sets["svc"]
+                .elements
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn a_dump_reads_back_elements_digests_and_hooks() {
+        let json = r#"{"nftables": [{"metainfo": {}},
+          {"table": {"family": "ip", "name": "t"}},
+          {"map": {"family": "ip", "name": "ep-2", "table": "t", "comment": "abc", "map": "ipv4_addr . inet_service",
+            "elem": [[{"concat": ["10.96.0.10", "tcp", 80, 0]}, {"concat": ["10.244.1.2", 8080]}]]}},
+          {"map": {"name": "svc", "table": "t", "map": "verdict",
+            "elem": [[{"concat": ["10.96.0.10", "tcp", 80]}, {"goto": {"target": "lb-2"}}],
+                     [{"concat": ["10.96.0.11", "udp", 53]}, {"drop": null}]]}},
+          {"set": {"name": "fw", "table": "t", "elem": [{"concat": ["1.2.3.4", "tcp", 80, {"prefix": {"addr": "10.0.0.0", "len": 8}}]}]}},
+          {"chain": {"family": "ip", "table": "t", "name": "pre", "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
+          {"chain": {"family": "ip", "table": "t", "name": "empty"}},
+          {"rule": {"chain": "pre", "comment": "d1", "expr": []}},
+          {"rule": {"chain": "pre", "expr": []}}]}"#;
+        let t = parse_dump(IpFamily::V4, "t", json).unwrap();
+        assert_eq!(
+            t.sets["ep-2"].elements["10.96.0.10 . tcp . 80 . 0"].as_deref(),
+            Some("10.244.1.2 . 8080")
+        );
+        assert_eq!(t.sets["ep-2"].digest, "abc");
+        assert_eq!(
+            t.sets["svc"].elements["10.96.0.10 . tcp . 80"].as_deref(),
+            Some("goto lb-2")
+        );
+        assert_eq!(
+            t.sets["svc"].elements["10.96.0.11 . udp . 53"].as_deref(),
+            Some("drop")
+        );
+        assert!(t.sets["fw"]
+            .elements
+            .contains_key("1.2.3.4 . tcp . 80 . 10.0.0.0/8"));
+        assert_eq!(t.chains["pre"].digest().as_deref(), Some("d1"));
+        assert_eq!(t.chains["pre"].hook.as_ref().unwrap().priority, -100);
+        assert_eq!(t.chains["empty"].digest(), None);
+    }
+}

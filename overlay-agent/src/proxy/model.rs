@@ -1,0 +1,442 @@
+//! The proxy's view of the cluster, free of Kubernetes types: Services with their
+//! ports, and the endpoint slices that back them. The sources convert into it; every
+//! mode computes its rules from `port_plans`, so the rules of which endpoints a packet
+//! may reach are written once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+
+use calyx_dataplane::firewall::IpFamily;
+use ipnetwork::IpNetwork;
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServiceKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// As nft and iptables spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServicePort {
+    /// Matches the EndpointSlice port of the same name ("" when the Service has one port).
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub node_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Service {
+    pub key: ServiceKey,
+    pub cluster_ips: Vec<IpAddr>,
+    pub external_ips: Vec<IpAddr>,
+    pub load_balancer_ips: Vec<IpAddr>,
+    pub load_balancer_source_ranges: Vec<IpNetwork>,
+    pub ports: Vec<ServicePort>,
+    /// sessionAffinity ClientIP: the timeout in seconds.
+    pub affinity_seconds: Option<u32>,
+    pub external_local: bool,
+    pub internal_local: bool,
+    pub health_check_node_port: Option<u16>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlicePort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: IpAddr,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+    pub node: Option<String>,
+}
+
+/// One EndpointSlice.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Slice {
+    pub service: ServiceKey,
+    pub ports: Vec<SlicePort>,
+    pub endpoints: Vec<Endpoint>,
+    /// `endpoints.kubernetes.io/last-change-trigger-time`, seconds since the epoch.
+    pub trigger_time: Option<f64>,
+}
+
+/// Everything a source knows, keyed by (namespace, name) of each object: a Service
+/// may have several slices, each naming it in `service`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProxyState {
+    pub services: BTreeMap<ServiceKey, Service>,
+    pub slices: BTreeMap<ServiceKey, Slice>,
+}
+
+impl ProxyState {
+    /// The slices of each Service.
+    pub fn slices_by_service(&self) -> HashMap<&ServiceKey, Vec<&Slice>> {
+        let mut out: HashMap<&ServiceKey, Vec<&Slice>> = HashMap::new();
+        for slice in self.slices.values() {
+            out.entry(&slice.service).or_default().push(slice);
+        }
+        out
+    }
+}
+
+/// What to do with a packet for a Service port that has no endpoint it may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoEndpoints {
+    /// The Service has no endpoints at all: refuse at once (kube-proxy's REJECT).
+    Reject,
+    /// It has some, but the traffic policy allows none here: drop.
+    Drop,
+}
+
+/// The endpoints one kind of traffic (cluster or external) may reach.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Targets {
+    pub endpoints: Vec<SocketAddr>,
+    /// Used when `endpoints` is empty.
+    pub otherwise: NoEndpoints,
+}
+
+/// One Service port in one family, with everything the rules need.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortPlan {
+    pub service: ServiceKey,
+    pub port_name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+    pub cluster_ips: Vec<IpAddr>,
+    /// externalIPs and LoadBalancer ingress IPs.
+    pub external_ips: Vec<IpAddr>,
+    pub node_port: Option<u16>,
+    pub cluster: Targets,
+    pub external: Targets,
+    /// externalTrafficPolicy Local: external traffic keeps its source (no masquerade).
+    pub external_local: bool,
+    pub affinity_seconds: Option<u32>,
+    /// loadBalancerSourceRanges, for the LoadBalancer IPs (empty: everyone).
+    pub source_ranges: Vec<IpNetwork>,
+    pub load_balancer_ips: Vec<IpAddr>,
+}
+
+impl PortPlan {
+    /// kube-proxy's name for the port: `ns/name:port` (`ns/name` when unnamed).
+    pub fn port_name_string(&self) -> String {
+        if self.port_name.is_empty() {
+            self.service.to_string()
+        } else {
+            format!("{}:{}", self.service, self.port_name)
+        }
+    }
+
+    /// Every endpoint either kind of traffic may reach.
+    pub fn all_endpoints(&self) -> impl Iterator<Item = &SocketAddr> {
+        self.cluster.endpoints.iter().chain(
+            self.external
+                .endpoints
+                .iter()
+                .filter(|e| !self.cluster.endpoints.contains(e)),
+        )
+    }
+}
+
+/// The port plans of every Service in one family, as node `node` sees them.
+pub fn port_plans(state: &ProxyState, node: &str, family: IpFamily) -> Vec<PortPlan> {
+    let in_family = |ip: &IpAddr| IpFamily::of(*ip) == family;
+    let mut plans = Vec::new();
+    let slices = state.slices_by_service();
+    for service in state.services.values() {
+        let cluster_ips: Vec<IpAddr> = service
+            .cluster_ips
+            .iter()
+            .copied()
+            .filter(in_family)
+            .collect();
+        let external_ips: Vec<IpAddr> = service
+            .external_ips
+            .iter()
+            .chain(&service.load_balancer_ips)
+            .copied()
+            .filter(in_family)
+            .collect();
+        let load_balancer_ips: Vec<IpAddr> = service
+            .load_balancer_ips
+            .iter()
+            .copied()
+            .filter(in_family)
+            .collect();
+        // A Service of the other family only: NodePorts belong to its own family.
+        if cluster_ips.is_empty() && external_ips.is_empty() {
+            continue;
+        }
+        let own_slices = slices.get(&service.key).map(Vec::as_slice).unwrap_or(&[]);
+        for port in &service.ports {
+            let mut all: Vec<(SocketAddr, &Endpoint)> = Vec::new();
+            for slice in own_slices {
+                let Some(target) = slice
+                    .ports
+                    .iter()
+                    .find(|p| p.name == port.name && p.protocol == port.protocol)
+                else {
+                    continue;
+                };
+                for ep in slice.endpoints.iter().filter(|e| in_family(&e.address)) {
+                    let addr = SocketAddr::new(ep.address, target.port);
+                    if !all.iter().any(|(a, _)| *a == addr) {
+                        all.push((addr, ep));
+                    }
+                }
+            }
+            all.sort_by_key(|(a, _)| *a);
+            let usable = |local_only: bool| -> Vec<SocketAddr> {
+                let candidates: Vec<&(SocketAddr, &Endpoint)> = all
+                    .iter()
+                    .filter(|(_, e)| !local_only || e.node.as_deref() == Some(node))
+                    .collect();
+                // kube-proxy: ready endpoints; when none is, the serving ones that are
+                // terminating, so a rolling update with no ready pod left still works.
+                let ready: Vec<SocketAddr> = candidates
+                    .iter()
+                    .filter(|(_, e)| e.ready)
+                    .map(|(a, _)| *a)
+                    .collect();
+                if !ready.is_empty() {
+                    return ready;
+                }
+                candidates
+                    .iter()
+                    .filter(|(_, e)| e.serving && e.terminating)
+                    .map(|(a, _)| *a)
+                    .collect()
+            };
+            let any = !usable(false).is_empty();
+            let otherwise = if any {
+                NoEndpoints::Drop
+            } else {
+                NoEndpoints::Reject
+            };
+            plans.push(PortPlan {
+                service: service.key.clone(),
+                port_name: port.name.clone(),
+                protocol: port.protocol,
+                port: port.port,
+                cluster_ips: cluster_ips.clone(),
+                external_ips: external_ips.clone(),
+                node_port: port.node_port,
+                cluster: Targets {
+                    endpoints: usable(service.internal_local),
+                    otherwise,
+                },
+                external: Targets {
+                    endpoints: usable(service.external_local),
+                    otherwise,
+                },
+                external_local: service.external_local,
+                affinity_seconds: service.affinity_seconds,
+                source_ranges: service.load_balancer_source_ranges.clone(),
+                load_balancer_ips: load_balancer_ips.clone(),
+            });
+        }
+    }
+    plans
+}
+
+/// For the health-check server: eTP Local Services with a healthCheckNodePort, and how
+/// many local endpoints each has (ready, or serving-terminating when none is ready).
+pub fn health_checks(state: &ProxyState, node: &str) -> BTreeMap<u16, (ServiceKey, usize)> {
+    let mut out = BTreeMap::new();
+    let slices = state.slices_by_service();
+    for service in state.services.values() {
+        let Some(port) = service
+            .health_check_node_port
+            .filter(|_| service.external_local)
+        else {
+            continue;
+        };
+        let local: Vec<&Endpoint> = slices
+            .get(&service.key)
+            .into_iter()
+            .flatten()
+            .flat_map(|s| &s.endpoints)
+            .filter(|e| e.node.as_deref() == Some(node))
+            .collect();
+        let ready = local.iter().filter(|e| e.ready).count();
+        let count = if ready > 0 {
+            ready
+        } else {
+            local.iter().filter(|e| e.serving && e.terminating).count()
+        };
+        out.insert(port, (service.key.clone(), count));
+    }
+    out
+}
+
+#[cfg(test)]
+pub mod tests {
+    use super::*;
+
+    pub fn key(name: &str) -> ServiceKey {
+        ServiceKey {
+            namespace: "default".into(),
+            name: name.into(),
+        }
+    }
+
+    pub fn service(name: &str, cluster_ip: &str, port: u16) -> Service {
+        Service {
+            key: key(name),
+            cluster_ips: vec![cluster_ip.parse().unwrap()],
+            external_ips: vec![],
+            load_balancer_ips: vec![],
+            load_balancer_source_ranges: vec![],
+            ports: vec![ServicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port,
+                node_port: None,
+            }],
+            affinity_seconds: None,
+            external_local: false,
+            internal_local: false,
+            health_check_node_port: None,
+        }
+    }
+
+    pub fn endpoint(ip: &str, node: &str) -> Endpoint {
+        Endpoint {
+            address: ip.parse().unwrap(),
+            ready: true,
+            serving: true,
+            terminating: false,
+            node: Some(node.into()),
+        }
+    }
+
+    pub fn slice(name: &str, target_port: u16, endpoints: Vec<Endpoint>) -> Slice {
+        Slice {
+            service: key(name),
+            ports: vec![SlicePort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: target_port,
+            }],
+            endpoints,
+            trigger_time: None,
+        }
+    }
+
+    pub fn state(services: Vec<Service>, slices: Vec<Slice>) -> ProxyState {
+        ProxyState {
+            services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
+            slices: slices.into_iter().map(|s| (s.service.clone(), s)).collect(),
+        }
+    }
+
+    fn addrs(list: &[&str]) -> Vec<SocketAddr> {
+        list.iter().map(|a| a.parse().unwrap()).collect()
+    }
+
+    #[test]
+    fn terminating_endpoints_are_used_only_when_no_endpoint_is_ready() {
+        let mut old = endpoint("10.244.1.2", "n1");
+        old.ready = false;
+        old.terminating = true;
+        let mut st = state(
+            vec![service("web", "10.96.0.10", 80)],
+            vec![slice(
+                "web",
+                8080,
+                vec![old.clone(), endpoint("10.244.2.2", "n2")],
+            )],
+        );
+        let plans = port_plans(&st, "n1", IpFamily::V4);
+        assert_eq!(plans[0].cluster.endpoints, addrs(&["10.244.2.2:8080"]));
+        st.slices.get_mut(&key("web")).unwrap().endpoints = vec![old.clone()];
+        let plans = port_plans(&st, "n1", IpFamily::V4);
+        assert_eq!(plans[0].cluster.endpoints, addrs(&["10.244.1.2:8080"]));
+        // Terminating and no longer serving: nothing, and the Service rejects.
+        old.serving = false;
+        st.slices.get_mut(&key("web")).unwrap().endpoints = vec![old];
+        let plans = port_plans(&st, "n1", IpFamily::V4);
+        assert!(plans[0].cluster.endpoints.is_empty());
+        assert_eq!(plans[0].cluster.otherwise, NoEndpoints::Reject);
+    }
+
+    #[test]
+    fn local_policies_keep_local_endpoints_and_drop_when_none_is_here() {
+        let mut svc = service("web", "10.96.0.10", 80);
+        svc.external_local = true;
+        svc.internal_local = true;
+        let st = state(
+            vec![svc],
+            vec![slice("web", 8080, vec![endpoint("10.244.2.2", "n2")])],
+        );
+        let on_n1 = &port_plans(&st, "n1", IpFamily::V4)[0];
+        assert!(on_n1.cluster.endpoints.is_empty() && on_n1.external.endpoints.is_empty());
+        assert_eq!(on_n1.external.otherwise, NoEndpoints::Drop);
+        let on_n2 = &port_plans(&st, "n2", IpFamily::V4)[0];
+        assert_eq!(on_n2.external.endpoints, addrs(&["10.244.2.2:8080"]));
+    }
+
+    #[test]
+    fn ports_match_slice_ports_by_name_and_families_stay_apart() {
+        let mut svc = service("web", "10.96.0.10", 80);
+        svc.cluster_ips.push("fd00:96::10".parse().unwrap());
+        svc.ports.push(ServicePort {
+            name: "dns".into(),
+            protocol: Protocol::Udp,
+            port: 53,
+            node_port: None,
+        });
+        let mut sl = slice(
+            "web",
+            8080,
+            vec![
+                endpoint("10.244.1.2", "n1"),
+                endpoint("fd00:10:244::2", "n1"),
+            ],
+        );
+        sl.ports.push(SlicePort {
+            name: "dns".into(),
+            protocol: Protocol::Udp,
+            port: 5353,
+        });
+        let st = state(vec![svc], vec![sl]);
+        let v4 = port_plans(&st, "n1", IpFamily::V4);
+        assert_eq!(v4.len(), 2);
+        assert_eq!(v4[1].cluster.endpoints, addrs(&["10.244.1.2:5353"]));
+        let v6 = port_plans(&st, "n1", IpFamily::V6);
+        assert_eq!(v6[0].cluster.endpoints, addrs(&["[fd00:10:244::2]:8080"]));
+        assert_eq!(
+            v6[0].cluster_ips,
+            vec!["fd00:96::10".parse::<IpAddr>().unwrap()]
+        );
+    }
+}

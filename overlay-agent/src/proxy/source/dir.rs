@@ -1,0 +1,314 @@
+//! `--services-dir`: Services and EndpointSlices from files, as `kubectl get -o yaml`
+//! or `-o json` prints them (several YAML documents and `kind: List` allowed). The
+//! directory is polled; a changed file is read again and takes effect within a second.
+//! A file that does not parse keeps its last good objects; an invalid object is
+//! skipped; both are logged with the file and the field at fault.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::Service as KubeService;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde_json::Value;
+
+use super::objects::{self, Converted};
+use super::Publisher;
+use crate::proxy::model::{ProxyState, Service, ServiceKey, Slice};
+
+pub const POLL: Duration = Duration::from_millis(200);
+
+/// What one file holds.
+#[derive(Debug, Clone, Default)]
+pub struct FileObjects {
+    pub services: Vec<Service>,
+    pub slices: Vec<(ServiceKey, Slice)>,
+}
+
+/// A problem with part of a file; the rest of it is used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub document: usize,
+    pub what: String,
+}
+
+/// Reads one file's objects; Err when the file as a whole cannot be used.
+pub fn read_file(path: &Path) -> Result<(FileObjects, Vec<Problem>), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let is_json = path.extension().is_some_and(|e| e == "json");
+    let documents: Vec<Value> = if is_json {
+        vec![serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))?]
+    } else {
+        serde_saphyr::from_multiple(&text).map_err(|e| format!("not YAML: {e}"))?
+    };
+    let mut objects = FileObjects::default();
+    let mut problems = Vec::new();
+    for (document, doc) in documents.into_iter().enumerate() {
+        let is_list = doc["kind"].as_str().is_some_and(|k| k.ends_with("List"));
+        let items = if is_list {
+            doc["items"].as_array().cloned().unwrap_or_default()
+        } else {
+            vec![doc]
+        };
+        for (i, item) in items.into_iter().enumerate() {
+            if let Err(what) = convert(item, &mut objects) {
+                let what = if is_list {
+                    format!("items[{i}]: {what}")
+                } else {
+                    what
+                };
+                problems.push(Problem { document, what });
+            }
+        }
+    }
+    Ok((objects, problems))
+}
+
+/// One object into `into`; Err names what is wrong (an ignored kind is not an error
+/// but is said too, so the log shows why an object did nothing).
+fn convert(item: Value, into: &mut FileObjects) -> Result<(), String> {
+    let api = item["apiVersion"].as_str().unwrap_or_default().to_string();
+    let kind = item["kind"].as_str().unwrap_or_default().to_string();
+    let name = item["metadata"]["name"].as_str().unwrap_or("?").to_string();
+    match (api.as_str(), kind.as_str()) {
+        ("v1", "Service") => {
+            let parsed: KubeService = serde_path_to_error::deserialize(item)
+                .map_err(|e| format!("Service {name}: field {}: {}", e.path(), e.inner()))?;
+            match objects::service(&parsed).map_err(|e| format!("Service {name}: {e}"))? {
+                Converted::Object(s) => into.services.push(s),
+                Converted::Skip(why) => tracing::debug!(service = %name, why, "not proxied"),
+            }
+        }
+        ("discovery.k8s.io/v1", "EndpointSlice") => {
+            let parsed: EndpointSlice = serde_path_to_error::deserialize(item)
+                .map_err(|e| format!("EndpointSlice {name}: field {}: {}", e.path(), e.inner()))?;
+            match objects::endpoint_slice(&parsed)
+                .map_err(|e| format!("EndpointSlice {name}: {e}"))?
+            {
+                Converted::Object(s) => into.slices.push(s),
+                Converted::Skip(why) => tracing::debug!(slice = %name, why, "not used"),
+            }
+        }
+        _ => return Err(format!("{api} {kind} {name}: ignored (only v1 Service and discovery.k8s.io/v1 EndpointSlice are read)")),
+    }
+    Ok(())
+}
+
+/// A file's identity for change detection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+        inode: meta.ino(),
+    })
+}
+
+/// The directory's files and what each held when last read well.
+pub struct DirSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, (Stamp, FileObjects)>,
+    listed: bool,
+}
+
+impl DirSource {
+    pub fn new(dir: PathBuf) -> DirSource {
+        DirSource {
+            dir,
+            files: BTreeMap::new(),
+            listed: false,
+        }
+    }
+
+    /// Reads what changed since the last scan; Some(state) when anything did (and on
+    /// the first scan, even of an empty directory).
+    pub fn scan(&mut self) -> Option<ProxyState> {
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries,
+            Err(e) => {
+                // Keep serving what was read: a directory that vanishes for a moment
+                // (a ConfigMap's atomic swap) must not remove every Service.
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot read the services directory");
+                return None;
+            }
+        };
+        let mut present: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension()
+                    .and_then(|e| e.to_str())
+                    .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
+                    && !p
+                        .file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| n.starts_with('.'))
+            })
+            .collect();
+        present.sort();
+        let mut changed = !self.listed;
+        let before = self.files.len();
+        self.files.retain(|path, _| present.contains(path));
+        changed |= self.files.len() != before;
+        for path in present {
+            let Some(now) = stamp(&path) else { continue };
+            if self.files.get(&path).is_some_and(|(s, _)| *s == now) {
+                continue;
+            }
+            changed = true;
+            match read_file(&path) {
+                Ok((objects, problems)) => {
+                    for p in problems {
+                        tracing::warn!(file = %path.display(), document = p.document, problem = %p.what, "object skipped");
+                    }
+                    tracing::info!(
+                        file = %path.display(),
+                        services = objects.services.len(),
+                        endpoint_slices = objects.slices.len(),
+                        "read"
+                    );
+                    self.files.insert(path, (now, objects));
+                }
+                Err(why) => {
+                    let kept = self.files.get(&path).map(|(_, o)| o.clone());
+                    tracing::error!(
+                        file = %path.display(),
+                        error = %why,
+                        kept_last_good = kept.is_some(),
+                        "file not used; its last good objects stay"
+                    );
+                    // Remember the stamp so the same broken file is not logged every poll.
+                    self.files.insert(path, (now, kept.unwrap_or_default()));
+                }
+            }
+        }
+        self.listed = true;
+        changed.then(|| self.state())
+    }
+
+    fn state(&self) -> ProxyState {
+        let mut state = ProxyState::default();
+        for (path, (_, objects)) in &self.files {
+            for s in &objects.services {
+                if state.services.insert(s.key.clone(), s.clone()).is_some() {
+                    tracing::warn!(file = %path.display(), service = %s.key, "Service defined again; this file's wins");
+                }
+            }
+            for (key, slice) in &objects.slices {
+                state.slices.insert(key.clone(), slice.clone());
+            }
+        }
+        state
+    }
+}
+
+/// Polls the directory for as long as the publisher has readers.
+pub fn spawn(dir: PathBuf, publisher: Publisher) {
+    std::thread::Builder::new()
+        .name("services-dir".into())
+        .spawn(move || {
+            let mut source = DirSource::new(dir);
+            loop {
+                if let Some(state) = source.scan() {
+                    if !publisher.publish(Arc::new(state)) {
+                        return;
+                    }
+                }
+                std::thread::sleep(POLL);
+            }
+        })
+        .expect("spawn the services-dir thread");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::source::objects::tests::{NODEPORT_SERVICE, SLICE};
+
+    #[test]
+    fn multi_document_yaml_lists_and_json_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            format!("{NODEPORT_SERVICE}\n---\n{SLICE}"),
+        )
+        .unwrap();
+        let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "db", "namespace": "shop"},
+             "spec": {"clusterIP": "10.96.0.20", "ports": [{"port": 5432}]}},
+            {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x"}}
+        ]});
+        std::fs::write(dir.path().join("b.json"), list.to_string()).unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "not read").unwrap();
+        let mut source = DirSource::new(dir.path().into());
+        let state = source.scan().expect("first scan");
+        assert_eq!(state.services.len(), 2);
+        assert_eq!(state.slices.len(), 1);
+        assert!(source.scan().is_none(), "nothing changed");
+    }
+
+    #[test]
+    fn a_broken_file_keeps_its_last_good_objects_and_an_invalid_object_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("svc.yaml");
+        std::fs::write(&path, NODEPORT_SERVICE).unwrap();
+        let mut source = DirSource::new(dir.path().into());
+        assert_eq!(source.scan().unwrap().services.len(), 1);
+        std::fs::write(&path, "apiVersion: v1\nkind: Service\n  bad: [indent\n").unwrap();
+        // Changed, but the file is unusable: the Service stays.
+        let state = source.scan().unwrap();
+        assert_eq!(state.services.len(), 1);
+        let two = format!(
+            "{}\n---\n{}",
+            NODEPORT_SERVICE.replace("10.96.0.10", "10.96.0.999"),
+            NODEPORT_SERVICE.replace("name: web", "name: api")
+        );
+        std::fs::write(&path, two).unwrap();
+        let (objects, problems) = read_file(&path).unwrap();
+        assert_eq!(objects.services.len(), 1);
+        assert_eq!(problems[0].document, 0);
+        assert!(
+            problems[0].what.contains("spec.clusterIP"),
+            "{}",
+            problems[0].what
+        );
+        let state = source.scan().unwrap();
+        assert_eq!(
+            state
+                .services
+                .keys()
+                .map(|k| k.name.as_str())
+                .collect::<Vec<_>>(),
+            ["api"]
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert!(source.scan().unwrap().services.is_empty());
+    }
+
+    #[test]
+    fn a_type_error_names_the_field_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("svc.yaml");
+        std::fs::write(
+            &path,
+            NODEPORT_SERVICE.replace("port: 80\n", "port: eighty\n"),
+        )
+        .unwrap();
+        let (objects, problems) = read_file(&path).unwrap();
+        assert!(objects.services.is_empty());
+        assert!(
+            problems[0].what.contains("spec.ports[0].port"),
+            "{}",
+            problems[0].what
+        );
+    }
+}
