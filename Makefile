@@ -5,7 +5,7 @@ RELEASE := target/release
 
 # Debian packages the tests and the lab use.
 DEB_PACKAGES := iproute2 iptables ipset nftables conntrack iputils-ping netcat-openbsd \
-	tcpdump iperf3 util-linux etcd-server etcd-client containernetworking-plugins \
+	tcpdump iperf3 util-linux ethtool etcd-server etcd-client containernetworking-plugins \
 	podman containerd runc busybox-static catatonit python3-venv protobuf-compiler
 
 .PHONY: all build release deps test test-unit test-runtimes lint fmt bench bench-cni bench-ipam bench-agent \

@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-fn in_netns<T: Send + 'static>(
+/// Runs `f` (which makes a socket) inside `netns`; the socket stays there.
+pub fn in_netns<T: Send + 'static>(
     netns: &str,
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> Result<T> {

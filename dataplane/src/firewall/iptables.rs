@@ -30,11 +30,39 @@ impl Ownership {
 }
 
 /// A rule in a builtin chain that jumps into an owned chain, e.g. `-j CALYX-FORWARD`
-/// in FORWARD; inserted at the top when missing.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+/// in FORWARD; inserted at the top when missing. A jump that must come `first` (before
+/// every rule of other owners, e.g. the proxy's REJECT of Services without endpoints
+/// before a blanket pod ACCEPT) is moved back to the top when a full sync finds it below
+/// someone else's rule.
+#[derive(Debug, Clone, Eq)]
 pub struct Jump {
     pub from: String,
     pub rule: String,
+    pub first: bool,
+}
+
+impl PartialEq for Jump {
+    /// The same rule in the same chain, wherever it must be.
+    fn eq(&self, other: &Jump) -> bool {
+        self.from == other.from && self.rule == other.rule
+    }
+}
+
+impl Jump {
+    pub fn new(from: impl Into<String>, rule: impl Into<String>) -> Jump {
+        Jump {
+            from: from.into(),
+            rule: rule.into(),
+            first: false,
+        }
+    }
+
+    pub fn first(from: impl Into<String>, rule: impl Into<String>) -> Jump {
+        Jump {
+            first: true,
+            ..Jump::new(from, rule)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -42,6 +70,8 @@ pub struct TableRules {
     /// Owned chain -> its rules, each without the leading `-A <chain> `.
     pub chains: BTreeMap<String, Vec<String>>,
     pub jumps: Vec<Jump>,
+    /// In a dump: owned jumps found below another owner's rule in their chain.
+    pub below_foreign: Vec<Jump>,
 }
 
 /// One family's owned chains, by table.
@@ -147,14 +177,17 @@ pub fn plan(current: &Ruleset, desired: &Ruleset) -> Transaction {
                 ops.push(Op::Append((*name).clone(), rule.clone()));
             }
         }
+        // A jump that must be first but is not is taken out and put back on top.
+        let misplaced = |j: &Jump| j.first && have.below_foreign.contains(j);
         for jump in &have.jumps {
-            if !want.jumps.contains(jump) {
+            let wanted = want.jumps.iter().find(|w| *w == jump);
+            if wanted.is_none_or(misplaced) {
                 ops.push(Op::Delete(jump.from.clone(), jump.rule.clone()));
             }
         }
         // Inserted at the top in reverse, so they end up in the order given.
         for jump in want.jumps.iter().rev() {
-            if !have.jumps.contains(jump) {
+            if !have.jumps.contains(jump) || misplaced(jump) {
                 ops.push(Op::Insert(jump.from.clone(), jump.rule.clone()));
             }
         }
@@ -210,6 +243,8 @@ impl RulesetSync {
 pub fn parse_save(family: IpFamily, owner: &Ownership, text: &str) -> Ruleset {
     let mut ruleset = Ruleset::new(family);
     let mut table: Option<&'static str> = None;
+    // Builtin chains (per table) in which a rule of another owner has been seen.
+    let mut foreign_seen: Vec<(&'static str, String)> = Vec::new();
     for line in text.lines() {
         if let Some(name) = line.strip_prefix('*') {
             table = TABLES.into_iter().find(|t| *t == name);
@@ -235,10 +270,13 @@ pub fn parse_save(family: IpFamily, owner: &Ownership, text: &str) -> Ruleset {
                     .or_default()
                     .push(rule.to_string());
             } else if jump_target(rule).is_some_and(|target| owner.owns(target)) {
-                ruleset.table(t).jumps.push(Jump {
-                    from: chain.to_string(),
-                    rule: rule.to_string(),
-                });
+                let jump = Jump::new(chain, rule);
+                if foreign_seen.contains(&(t, chain.to_string())) {
+                    ruleset.table(t).below_foreign.push(jump.clone());
+                }
+                ruleset.table(t).jumps.push(jump);
+            } else {
+                foreign_seen.push((t, chain.to_string()));
             }
         }
     }
@@ -449,10 +487,7 @@ mod tests {
             "CALYX-FORWARD".into(),
             vec!["-s 10.244.0.0/16 -j ACCEPT".into()],
         );
-        filter.jumps.push(Jump {
-            from: "FORWARD".into(),
-            rule: "-j CALYX-FORWARD".into(),
-        });
+        filter.jumps.push(Jump::new("FORWARD", "-j CALYX-FORWARD"));
         if !svc_rules.is_empty() {
             r.table("nat").chains.insert(
                 "CALYX-SVC-A".into(),
@@ -499,6 +534,36 @@ mod tests {
         assert!(fake
             .chain(IpFamily::V4, "filter", "KUBE-FORWARD-X")
             .is_some());
+    }
+
+    #[test]
+    fn a_jump_that_must_be_first_is_moved_back_above_another_owners_rule() {
+        let fake = RecordingIptables::new();
+        let mut want = ruleset(&[]);
+        want.table("filter").jumps[0].first = true;
+        let mut sync = RulesetSync::new(owner());
+        sync.sync(&fake, &want, false).unwrap();
+        // Another owner inserts its own rule on top.
+        fake.append_foreign(IpFamily::V4, "filter", "OTHER", "-j ACCEPT");
+        let mut other = Ruleset::new(IpFamily::V4);
+        other
+            .table("filter")
+            .jumps
+            .push(Jump::new("FORWARD", "-j OTHER"));
+        let tx = plan(&Ruleset::new(IpFamily::V4), &other);
+        fake.apply(&tx).unwrap();
+        assert_eq!(
+            fake.chain(IpFamily::V4, "filter", "FORWARD").unwrap(),
+            ["-j OTHER", "-j CALYX-FORWARD"]
+        );
+        // Between full syncs nothing moves; a full sync puts ours first again, once.
+        assert!(sync.sync(&fake, &want, false).unwrap().is_empty());
+        assert!(!sync.sync(&fake, &want, true).unwrap().is_empty());
+        assert_eq!(
+            fake.chain(IpFamily::V4, "filter", "FORWARD").unwrap(),
+            ["-j CALYX-FORWARD", "-j OTHER"]
+        );
+        assert!(sync.sync(&fake, &want, true).unwrap().is_empty());
     }
 
     #[test]

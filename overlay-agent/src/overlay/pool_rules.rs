@@ -72,18 +72,16 @@ pub fn desired_ruleset(pools: &[Pool], family: IpFamily) -> Ruleset {
     filter
         .chains
         .insert(FORWARD_CHAIN.into(), strip(FORWARD_CHAIN, forward));
-    filter.jumps.push(Jump {
-        from: "FORWARD".into(),
-        rule: format!("-j {FORWARD_CHAIN}"),
-    });
+    filter
+        .jumps
+        .push(Jump::new("FORWARD", format!("-j {FORWARD_CHAIN}")));
     let nat_table = ruleset.table("nat");
     nat_table
         .chains
         .insert(POSTROUTING_CHAIN.into(), strip(POSTROUTING_CHAIN, nat));
-    nat_table.jumps.push(Jump {
-        from: "POSTROUTING".into(),
-        rule: format!("-j {POSTROUTING_CHAIN}"),
-    });
+    nat_table
+        .jumps
+        .push(Jump::new("POSTROUTING", format!("-j {POSTROUTING_CHAIN}")));
     ruleset
 }
 

@@ -342,16 +342,16 @@ pub fn desired_ruleset(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) 
             "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".into(),
         ],
     );
-    let jump = |from: &str, comment: &str, to: &str, new_only: bool| Jump {
-        from: from.into(),
-        rule: format!(
-            "{}-m comment --comment \"{comment}\" -j {to}",
-            if new_only {
-                "-m conntrack --ctstate NEW "
-            } else {
-                ""
-            }
-        ),
+    let jump = |from: &str, comment: &str, to: &str, new_only: bool| {
+        let state = if new_only {
+            "-m conntrack --ctstate NEW "
+        } else {
+            ""
+        };
+        Jump::new(
+            from,
+            format!("{state}-m comment --comment \"{comment}\" -j {to}"),
+        )
     };
     nat.jumps = vec![
         jump(
@@ -440,6 +440,11 @@ pub fn desired_ruleset(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) 
             true,
         ),
     ];
+    // Filter jumps come first: a blanket ACCEPT of pod traffic above them would let new
+    // connections to a Service without endpoints time out instead of being refused.
+    for j in &mut filter.jumps {
+        j.first = true;
+    }
     r
 }
 

@@ -63,6 +63,14 @@ impl Backends {
     }
 }
 
+/// What a sync left programmed, and how many kernel writes (transaction steps) it took.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Programmed {
+    pub ports: usize,
+    pub endpoints: usize,
+    pub writes: usize,
+}
+
 pub struct ProxyController {
     mode: ProxyMode,
     node: String,
@@ -147,9 +155,9 @@ impl ProxyController {
         }
     }
 
-    /// One sync; returns (service ports, endpoints) programmed, or None before the
-    /// source has listed everything once.
-    fn sync(&mut self, full: bool) -> anyhow::Result<Option<(usize, usize)>> {
+    /// One sync; returns what is programmed, or None before the source has listed
+    /// everything once.
+    fn sync(&mut self, full: bool) -> anyhow::Result<Option<Programmed>> {
         let Some(state) = self.snapshot.borrow().clone() else {
             return Ok(None);
         };
@@ -160,17 +168,16 @@ impl ProxyController {
                 .as_ref()
                 .is_some_and(|s| Arc::ptr_eq(s, &state))
         {
-            return Ok(Some(self.programmed()));
+            return Ok(Some(self.programmed(0)));
         }
+        let mut writes = 0;
         for (i, family) in IpFamily::BOTH.into_iter().enumerate() {
             let plans = model::port_plans(&state, &self.node, family);
             match self.mode {
                 ProxyMode::Nftables => {
                     let table = nftables::desired_table(&plans, family, &self.ctx);
                     let tx = self.tables[i].sync(self.backends.nft.as_ref(), &table, full)?;
-                    if !tx.is_empty() {
-                        tracing::debug!(%family, ops = tx.ops.len(), "nftables written");
-                    }
+                    writes += tx.ops.len();
                 }
                 ProxyMode::Iptables => {
                     let ruleset = iptables::desired_ruleset(&plans, family, &self.ctx);
@@ -192,18 +199,20 @@ impl ProxyController {
             .update(&model::health_checks(&state, &self.node));
         self.observe_programming_latency(&state);
         self.applied_state = Some(state);
-        Ok(Some(self.programmed()))
+        Ok(Some(self.programmed(writes)))
     }
 
-    fn programmed(&self) -> (usize, usize) {
-        let ports = self.applied.iter().map(Vec::len).sum();
-        let endpoints = self
-            .applied
-            .iter()
-            .flatten()
-            .map(|p| p.all_endpoints().count())
-            .sum();
-        (ports, endpoints)
+    fn programmed(&self, writes: usize) -> Programmed {
+        Programmed {
+            ports: self.applied.iter().map(Vec::len).sum(),
+            endpoints: self
+                .applied
+                .iter()
+                .flatten()
+                .map(|p| p.all_endpoints().count())
+                .sum(),
+            writes,
+        }
     }
 
     /// Network-programming latency: from each slice's new trigger time to now.
@@ -249,7 +258,11 @@ impl Controller for ProxyController {
                 tracing::debug!("waiting for the first listing of Services and EndpointSlices");
                 true
             }
-            Ok(Some((ports, endpoints))) => {
+            Ok(Some(Programmed {
+                ports,
+                endpoints,
+                writes,
+            })) => {
                 if full {
                     m.full_sync_seconds.observe(elapsed);
                 } else {
@@ -263,11 +276,14 @@ impl Controller for ProxyController {
                         .map(|d| d.as_secs_f64())
                         .unwrap_or_default(),
                 );
-                if !self.synced.swap(true, Ordering::Relaxed) || trigger == Trigger::Startup {
+                let first = !self.synced.swap(true, Ordering::Relaxed);
+                if first || writes > 0 {
                     tracing::info!(
                         ?trigger,
+                        first,
                         ports,
                         endpoints,
+                        writes,
                         elapsed_ms = elapsed * 1e3,
                         "service proxy synced"
                     );
@@ -277,7 +293,7 @@ impl Controller for ProxyController {
                         ports,
                         endpoints,
                         elapsed_ms = elapsed * 1e3,
-                        "service proxy synced"
+                        "service proxy synced, nothing to write"
                     );
                 }
                 true

@@ -144,7 +144,7 @@ impl Affinity<'_> {
                 ep_chain,
                 Chain::new(vec![
                     format!("update @{set} {{ {ip} saddr }}"),
-                    format!("dnat {ip} to {to}"),
+                    format!("meta l4proto {proto} dnat {ip} to {to}"),
                 ]),
             );
         }
