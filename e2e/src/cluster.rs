@@ -520,6 +520,11 @@ impl Cluster {
         let mut removed = 0;
         for name in listing.lines().filter_map(|l| l.split_whitespace().next()) {
             if name.starts_with(&format!("{prefix}-")) {
+                // Whatever still runs in it (a lab's demo server) goes with it.
+                let pids = sh("ip", &["netns", "pids", name]);
+                for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                    sh("kill", &["-KILL", pid]);
+                }
                 let out = sh("ip", &["netns", "del", name]);
                 if out.status.success() {
                     removed += 1;

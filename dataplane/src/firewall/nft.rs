@@ -97,6 +97,17 @@ impl Set {
     pub fn insert(&mut self, key: impl Into<String>, value: Option<String>) {
         self.elements.insert(key.into(), value);
     }
+
+    /// The set without its elements.
+    fn clone_declaration(&self) -> Set {
+        Set {
+            kind: self.kind,
+            declaration: self.declaration.clone(),
+            dynamic: self.dynamic,
+            elements: BTreeMap::new(),
+            digest: self.digest.clone(),
+        }
+    }
 }
 
 /// One table as wanted, or as read back.
@@ -330,6 +341,52 @@ pub fn plan(current: Option<&Table>, desired: &Table) -> Transaction {
     }
 }
 
+/// What a change touched: elements (set, key), and chains and sets added or removed.
+/// `TableSync::sync_touched` compares only these, so its cost follows the change,
+/// not the table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Touched {
+    pub elements: BTreeSet<(String, String)>,
+    pub chains: BTreeSet<String>,
+    pub sets: BTreeSet<String>,
+}
+
+impl Touched {
+    pub fn is_empty(&self) -> bool {
+        self.elements.is_empty() && self.chains.is_empty() && self.sets.is_empty()
+    }
+}
+
+/// The part of `table` that `touched` names: touched chains, and touched sets or sets
+/// holding touched elements, with only their touched elements.
+fn restrict(table: &Table, touched: &Touched) -> Table {
+    let mut out = Table::new(table.family, table.name.clone());
+    for name in &touched.chains {
+        if let Some(chain) = table.chains.get(name) {
+            out.chains.insert(name.clone(), chain.clone());
+        }
+    }
+    let sets = touched
+        .sets
+        .iter()
+        .chain(touched.elements.iter().map(|(set, _)| set));
+    for name in sets {
+        if let Some(set) = table.sets.get(name) {
+            out.sets.entry(name.clone()).or_insert_with(|| Set {
+                elements: BTreeMap::new(),
+                ..set.clone_declaration()
+            });
+        }
+    }
+    for (set, key) in &touched.elements {
+        let value = table.sets.get(set).and_then(|s| s.elements.get(key));
+        if let (Some(value), Some(target)) = (value, out.sets.get_mut(set)) {
+            target.elements.insert(key.clone(), value.clone());
+        }
+    }
+    out
+}
+
 /// The transaction that removes the table (nothing when it is not there).
 pub fn plan_removal(current: Option<&Table>, family: IpFamily, name: &str) -> Transaction {
     Transaction {
@@ -391,6 +448,51 @@ impl TableSync {
             }
         }
         self.last = Some(desired.clone());
+        Ok(tx)
+    }
+}
+
+impl TableSync {
+    /// Like `sync`, comparing only what `touched` names (the rest of `desired` must be
+    /// what was applied last). Falls back to a whole comparison when nothing was
+    /// applied yet.
+    pub fn sync_touched(
+        &mut self,
+        backend: &dyn Backend,
+        desired: &Table,
+        touched: &Touched,
+    ) -> Result<Transaction, FirewallError> {
+        let Some(last) = self.last.as_mut().filter(|_| self.known) else {
+            return self.sync(backend, desired, false);
+        };
+        let tx = plan(Some(&restrict(last, touched)), &restrict(desired, touched));
+        if !tx.is_empty() {
+            if let Err(e) = backend.apply(&tx) {
+                self.known = false;
+                return Err(e);
+            }
+        }
+        for name in &touched.chains {
+            match desired.chains.get(name) {
+                Some(chain) => last.chains.insert(name.clone(), chain.clone()),
+                None => last.chains.remove(name),
+            };
+        }
+        for name in &touched.sets {
+            match desired.sets.get(name) {
+                Some(set) => last.sets.insert(name.clone(), set.clone()),
+                None => last.sets.remove(name),
+            };
+        }
+        for (set, key) in &touched.elements {
+            let value = desired.sets.get(set).and_then(|s| s.elements.get(key));
+            if let Some(target) = last.sets.get_mut(set) {
+                match value {
+                    Some(v) => target.elements.insert(key.clone(), v.clone()),
+                    None => target.elements.remove(key),
+                };
+            }
+        }
         Ok(tx)
     }
 }

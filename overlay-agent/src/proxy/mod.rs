@@ -12,14 +12,14 @@ pub mod source;
 #[cfg(test)]
 mod trace;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
 use calyx_dataplane::firewall::iptables::{self as ipt, IptablesCommand, RulesetSync};
-use calyx_dataplane::firewall::nft::{self, NftCommand, TableSync};
+use calyx_dataplane::firewall::nft::{self, NftCommand, TableSync, Touched};
 use calyx_dataplane::firewall::IpFamily;
 use clap::ValueEnum;
 use ipnetwork::IpNetwork;
@@ -79,14 +79,21 @@ pub struct ProxyController {
     backends: Backends,
     tables: [TableSync; 2],
     rulesets: [RulesetSync; 2],
-    /// The plans last written, per family: what conntrack cleanup compares against.
-    applied: [Vec<PortPlan>; 2],
+    /// The plans last written, per family and Service: what conntrack cleanup and the
+    /// next change compare against.
+    applied: [HashMap<ServiceKey, Vec<PortPlan>>; 2],
+    /// nftables mode: the table as wanted, kept across changes.
+    assemblers: [Option<nftables::Assembler>; 2],
     applied_state: Option<Arc<ProxyState>>,
     health: health::HealthServers,
     metrics: Arc<Metrics>,
     synced: Arc<AtomicBool>,
-    /// Trigger times already measured, per slice.
-    trigger_times: BTreeMap<ServiceKey, f64>,
+    /// Trigger times already measured, per slice (slices that go keep theirs: a few
+    /// bytes each, and a slice that comes back under the same name is measured again
+    /// only when its time moved).
+    trigger_times: HashMap<ServiceKey, f64>,
+    /// healthCheckNodePort and local endpoint count, per eTP Local Service.
+    health_checks: BTreeMap<ServiceKey, (u16, usize)>,
 }
 
 impl ProxyController {
@@ -136,12 +143,14 @@ impl ProxyController {
                 RulesetSync::new(iptables::ownership()),
                 RulesetSync::new(iptables::ownership()),
             ],
-            applied: [Vec::new(), Vec::new()],
+            applied: [HashMap::new(), HashMap::new()],
+            assemblers: [None, None],
             applied_state: None,
             health: health::HealthServers::default(),
             metrics,
             synced,
-            trigger_times: BTreeMap::new(),
+            trigger_times: HashMap::new(),
+            health_checks: BTreeMap::new(),
         }
     }
 
@@ -170,76 +179,164 @@ impl ProxyController {
         {
             return Ok(Some(self.programmed(0)));
         }
+        // A full run (start, resync) recomputes every Service and compares the whole
+        // table with the kernel; otherwise only the Services whose objects changed.
+        let changed = match &self.applied_state {
+            Some(before) if !full => Some(state.changed_services(before)),
+            _ => None,
+        };
+        let t0 = Instant::now();
+        // The slices of the Services to recompute (all of them on a full run).
+        let mut slices: HashMap<&ServiceKey, Vec<&Arc<model::Slice>>> = HashMap::new();
+        let mut new_slices: Vec<(&ServiceKey, &model::Slice)> = Vec::new();
+        for (slice_key, slice) in &state.slices {
+            if changed.as_ref().is_none_or(|c| c.contains(&slice.service)) {
+                slices.entry(&slice.service).or_default().push(slice);
+                new_slices.push((slice_key, slice));
+            }
+        }
+        tracing::debug!(changed = ?changed.as_ref().map(|c| c.len()), elapsed = ?t0.elapsed(), "changes found");
         let mut writes = 0;
         for (i, family) in IpFamily::BOTH.into_iter().enumerate() {
-            let plans = model::port_plans(&state, &self.node, family);
+            let started = Instant::now();
+            let keys: Vec<ServiceKey> = match &changed {
+                Some(keys) if self.mode != ProxyMode::Nftables || self.assemblers[i].is_some() => {
+                    keys.iter().cloned().collect()
+                }
+                _ => {
+                    let mut all: Vec<ServiceKey> = state.services.keys().cloned().collect();
+                    all.extend(self.applied[i].keys().cloned());
+                    all.sort();
+                    all.dedup();
+                    all
+                }
+            };
+            let mut stale = std::collections::BTreeSet::new();
+            let mut updates = Vec::with_capacity(keys.len());
+            for key in keys {
+                let plans = state
+                    .services
+                    .get(&key)
+                    .map(|svc| {
+                        let own = slices.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+                        model::service_port_plans(svc, own, &self.node, family)
+                    })
+                    .unwrap_or_default();
+                let before = self.applied[i].remove(&key).unwrap_or_default();
+                stale.extend(conntrack::stale_udp(&before, &plans));
+                updates.push((key, plans));
+            }
+            let planned = started.elapsed();
             match self.mode {
                 ProxyMode::Nftables => {
-                    let table = nftables::desired_table(&plans, family, &self.ctx);
-                    let tx = self.tables[i].sync(self.backends.nft.as_ref(), &table, full)?;
-                    writes += tx.ops.len();
-                }
-                ProxyMode::Iptables => {
-                    let ruleset = iptables::desired_ruleset(&plans, family, &self.ctx);
-                    let tx =
-                        self.rulesets[i].sync(self.backends.iptables.as_ref(), &ruleset, full)?;
-                    if !tx.is_empty() {
-                        tracing::debug!(%family, "iptables written");
+                    let rebuild = changed.is_none() || self.assemblers[i].is_none();
+                    // A failed write leaves what the kernel holds unknown: the next
+                    // run starts over (every Service, the kernel read again).
+                    let start_over = |c: &mut Self| {
+                        c.assemblers = [None, None];
+                        c.applied_state = None;
+                    };
+                    if rebuild {
+                        self.assemblers[i] = Some(nftables::Assembler::new(family, &self.ctx));
                     }
+                    let assembler = self.assemblers[i].as_mut().expect("set above");
+                    let mut touched = Touched::default();
+                    for (key, plans) in &updates {
+                        let fragments = plans.iter().map(|p| nftables::fragment(p, family)).collect();
+                        assembler.replace(key, fragments, &mut touched);
+                    }
+                    let nft = self.backends.nft.as_ref();
+                    let result = if rebuild {
+                        self.tables[i].sync(nft, assembler.table(), full)
+                    } else {
+                        self.tables[i].sync_touched(nft, assembler.table(), &touched)
+                    };
+                    let tx = match result {
+                        Ok(tx) => tx,
+                        Err(e) => {
+                            start_over(self);
+                            return Err(e.into());
+                        }
+                    };
+                    writes += tx.ops.len();
+                    tracing::debug!(%family, services = updates.len(), ?planned, written = ?started.elapsed(), ops = tx.ops.len(), "nftables sync");
                 }
+                ProxyMode::Iptables => {}
                 ProxyMode::Off => {}
             }
-            let stale = conntrack::stale_udp(&self.applied[i], &plans);
+            for (key, plans) in updates {
+                if !plans.is_empty() {
+                    self.applied[i].insert(key, plans);
+                }
+            }
+            if self.mode == ProxyMode::Iptables {
+                let mut all: Vec<&PortPlan> = self.applied[i].values().flatten().collect();
+                all.sort_by(|a, b| (&a.service, &a.port_name).cmp(&(&b.service, &b.port_name)));
+                let plans: Vec<PortPlan> = all.into_iter().cloned().collect();
+                let ruleset = iptables::desired_ruleset(&plans, family, &self.ctx);
+                let tx = self.rulesets[i]
+                    .sync(self.backends.iptables.as_ref(), &ruleset, full)
+                    .inspect_err(|_| self.applied_state = None)?;
+                writes += tx.tables.iter().map(|(_, ops)| ops.len()).sum::<usize>();
+            }
             if self.backends.conntrack && !stale.is_empty() {
                 conntrack::delete(&stale);
             }
-            self.applied[i] = plans;
         }
-        self.health
-            .update(&model::health_checks(&state, &self.node));
-        self.observe_programming_latency(&state);
+        let t1 = Instant::now();
+        if changed.is_none() {
+            self.health_checks.clear();
+        }
+        for key in changed.iter().flatten().chain(changed.is_none().then(|| state.services.keys()).into_iter().flatten()) {
+            let check = state.services.get(key).and_then(|svc| {
+                let own = slices.get(key).map(Vec::as_slice).unwrap_or(&[]);
+                model::health_check(svc, own, &self.node)
+            });
+            match check {
+                Some(c) => self.health_checks.insert(key.clone(), c),
+                None => self.health_checks.remove(key),
+            };
+        }
+        let wanted = self
+            .health_checks
+            .iter()
+            .map(|(key, (port, count))| (*port, (key.clone(), *count)))
+            .collect();
+        self.health.update(&wanted);
+        self.observe_programming_latency(&new_slices, changed.is_none());
+        tracing::debug!(elapsed = ?t1.elapsed(), total = ?t0.elapsed(), "health and latency");
         self.applied_state = Some(state);
         Ok(Some(self.programmed(writes)))
     }
 
     fn programmed(&self, writes: usize) -> Programmed {
+        let plans = || self.applied.iter().flat_map(|m| m.values().flatten());
         Programmed {
-            ports: self.applied.iter().map(Vec::len).sum(),
-            endpoints: self
-                .applied
-                .iter()
-                .flatten()
-                .map(|p| p.all_endpoints().count())
-                .sum(),
+            ports: plans().count(),
+            endpoints: plans().map(|p| p.all_endpoints().count()).sum(),
             writes,
         }
     }
 
-    /// Network-programming latency: from each slice's new trigger time to now.
-    fn observe_programming_latency(&mut self, state: &ProxyState) {
-        let now = calyx_ipam::unix_now() as f64;
-        let now = now.max(
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_secs_f64())
-                .unwrap_or(now),
-        );
-        let first = self.applied_state.is_none();
-        let mut seen = BTreeMap::new();
-        for (key, slice) in &state.slices {
+    /// Network-programming latency: from each changed slice's new trigger time to now.
+    /// A full run (a start) measures nothing: those changes are old.
+    fn observe_programming_latency(&mut self, slices: &[(&ServiceKey, &model::Slice)], full: bool) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        if full {
+            self.trigger_times.clear();
+        }
+        for (key, slice) in slices {
             let Some(t) = slice.trigger_time else {
                 continue;
             };
-            // The first sync after a start measures nothing: those changes are old.
-            if !first && self.trigger_times.get(key) != Some(&t) && now >= t {
-                self.metrics
-                    .proxy
-                    .network_programming_seconds
-                    .observe(now - t);
+            let previous = self.trigger_times.insert((*key).clone(), t);
+            if !full && previous != Some(t) && now >= t {
+                self.metrics.proxy.network_programming_seconds.observe(now - t);
             }
-            seen.insert(key.clone(), t);
         }
-        self.trigger_times = seen;
     }
 }
 
@@ -353,4 +450,101 @@ pub fn cleanup_all() -> anyhow::Result<()> {
     remove_nft_tables(&NftCommand);
     remove_iptables_chains(&IptablesCommand);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::model::tests::{endpoint, key, service, slice, slice_mut, state};
+    use crate::runtime::Triggers;
+    use calyx_dataplane::firewall::iptables::RecordingIptables;
+    use calyx_dataplane::firewall::nft::RecordingNft;
+
+    /// A controller on fakes, and the way to hand it snapshots.
+    fn controller(mode: ProxyMode) -> (ProxyController, Publisher, Arc<RecordingNft>) {
+        let (triggers, _rx) = Triggers::channel();
+        let (publisher, snapshot) = Publisher::new(triggers);
+        let nft = Arc::new(RecordingNft::new());
+        struct Shared(Arc<RecordingNft>);
+        impl nft::Backend for Shared {
+            fn dump(&self, f: IpFamily, t: &str) -> Result<Option<nft::Table>, calyx_dataplane::firewall::FirewallError> {
+                self.0.dump(f, t)
+            }
+            fn apply(&self, tx: &nft::Transaction) -> Result<(), calyx_dataplane::firewall::FirewallError> {
+                self.0.apply(tx)
+            }
+        }
+        let backends = Backends {
+            nft: Box::new(Shared(nft.clone())),
+            iptables: Box::new(RecordingIptables::new()),
+            conntrack: false,
+        };
+        let config = ProxyConfig {
+            mode,
+            node_name: "n1".into(),
+            services_dir: None,
+            kubeconfig: None,
+            nodeport_addresses: vec!["192.0.2.11/32".parse().unwrap()],
+        };
+        let metrics = Metrics::new(std::time::Duration::from_secs(10));
+        (ProxyController::new(config, backends, snapshot, metrics), publisher, nft)
+    }
+
+    #[test]
+    fn changes_applied_one_service_at_a_time_leave_the_kernel_as_a_full_sync_would() {
+        let (mut c, publisher, kernel) = controller(ProxyMode::Nftables);
+        let mut st = state(
+            (0..20).map(|i| service(&format!("s{i}"), &format!("10.96.0.{}", i + 1), 80)).collect(),
+            (0..20)
+                .map(|i| slice(&format!("s{i}"), 8080, vec![endpoint(&format!("10.244.1.{}", i + 1), "n1")]))
+                .collect(),
+        );
+        publisher.publish(Arc::new(st.clone()));
+        assert!(c.sync(true).unwrap().unwrap().writes > 0);
+        // Endpoint counts change (maps and chains come and go), Services come and go.
+        let steps: Vec<Box<dyn Fn(&mut ProxyState)>> = vec![
+            Box::new(|st| slice_mut(st, "s1").endpoints.push(endpoint("10.244.2.9", "n2"))),
+            Box::new(|st| slice_mut(st, "s1").endpoints.push(endpoint("10.244.3.9", "n3"))),
+            Box::new(|st| slice_mut(st, "s2").endpoints.clear()),
+            Box::new(|st| {
+                st.services.remove(&key("s3"));
+            }),
+            Box::new(|st| {
+                let mut s = service("s3", "10.96.0.99", 81);
+                s.affinity_seconds = Some(30);
+                st.services.insert(key("s3"), Arc::new(s));
+            }),
+            Box::new(|st| slice_mut(st, "s1").endpoints.truncate(1)),
+            Box::new(|st| {
+                st.slices.remove(&key("s4"));
+            }),
+        ];
+        for (n, step) in steps.iter().enumerate() {
+            step(&mut st);
+            publisher.publish(Arc::new(st.clone()));
+            let written = c.sync(false).unwrap().unwrap();
+            assert!(written.writes > 0, "step {n} wrote nothing");
+            let mut plans = Vec::new();
+            for svc in st.services.values() {
+                let own: Vec<&Arc<model::Slice>> =
+                    st.slices.values().filter(|s| s.service == svc.key).collect();
+                plans.extend(model::service_port_plans(svc, &own, "n1", IpFamily::V4));
+            }
+            let whole = nftables::desired_table(&plans, IpFamily::V4, &c.ctx);
+            let mut held = kernel.table(IpFamily::V4, nftables::TABLE).unwrap();
+            // The fake keeps what was written; compare like with like.
+            for (name, set) in &mut held.sets {
+                assert_eq!(set.elements, whole.sets[name].elements, "step {n}: set {name}");
+            }
+            assert_eq!(
+                held.sets.keys().collect::<Vec<_>>(),
+                whole.sets.keys().collect::<Vec<_>>(),
+                "step {n}: sets"
+            );
+            assert_eq!(held.chains, whole.chains, "step {n}: chains");
+        }
+        // Nothing changed: nothing written.
+        publisher.publish(Arc::new(st.clone()));
+        assert_eq!(c.sync(false).unwrap().unwrap().writes, 0);
+    }
 }

@@ -3,8 +3,11 @@
 //! mode computes its rules from `port_plans`, so the rules of which endpoints a packet
 //! may reach are written once.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
+#[cfg(test)]
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use calyx_dataplane::firewall::IpFamily;
 use ipnetwork::IpNetwork;
@@ -93,18 +96,76 @@ pub struct Slice {
 /// may have several slices, each naming it in `service`.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ProxyState {
-    pub services: BTreeMap<ServiceKey, Service>,
-    pub slices: BTreeMap<ServiceKey, Slice>,
+    /// Shared, so that an object a change did not touch is the same allocation in the
+    /// next snapshot: the controller recomputes only Services whose objects moved.
+    pub services: BTreeMap<ServiceKey, Arc<Service>>,
+    pub slices: BTreeMap<ServiceKey, Arc<Slice>>,
 }
 
 impl ProxyState {
     /// The slices of each Service.
-    pub fn slices_by_service(&self) -> HashMap<&ServiceKey, Vec<&Slice>> {
-        let mut out: HashMap<&ServiceKey, Vec<&Slice>> = HashMap::new();
+    #[cfg(test)]
+    pub fn slices_by_service(&self) -> HashMap<&ServiceKey, Vec<&Arc<Slice>>> {
+        let mut out: HashMap<&ServiceKey, Vec<&Arc<Slice>>> = HashMap::new();
         for slice in self.slices.values() {
             out.entry(&slice.service).or_default().push(slice);
         }
         out
+    }
+
+    /// Services whose Service or slices are not the same objects in `other` (added,
+    /// removed or changed either way). One ordered walk of each map: unchanged objects
+    /// cost a pointer comparison.
+    pub fn changed_services(&self, other: &ProxyState) -> BTreeSet<ServiceKey> {
+        let mut out = BTreeSet::new();
+        walk(&self.services, &other.services, |key, _| {
+            out.insert(key.clone());
+        });
+        walk(&self.slices, &other.slices, |_, slice| {
+            out.insert(slice.service.clone());
+        });
+        out
+    }
+}
+
+/// Calls `changed` for every key whose value is not the same allocation in `a` and
+/// `b` (with the value of either side), walking both sorted maps once.
+fn walk<T>(
+    a: &BTreeMap<ServiceKey, Arc<T>>,
+    b: &BTreeMap<ServiceKey, Arc<T>>,
+    mut changed: impl FnMut(&ServiceKey, &T),
+) {
+    let (mut x, mut y) = (a.iter().peekable(), b.iter().peekable());
+    loop {
+        match (x.peek(), y.peek()) {
+            (None, None) => return,
+            (Some((k, v)), None) => {
+                changed(k, v);
+                x.next();
+            }
+            (None, Some((k, v))) => {
+                changed(k, v);
+                y.next();
+            }
+            (Some((ka, va)), Some((kb, vb))) => match ka.cmp(kb) {
+                std::cmp::Ordering::Less => {
+                    changed(ka, va);
+                    x.next();
+                }
+                std::cmp::Ordering::Greater => {
+                    changed(kb, vb);
+                    y.next();
+                }
+                std::cmp::Ordering::Equal => {
+                    if !Arc::ptr_eq(va, vb) {
+                        changed(ka, va);
+                        changed(kb, vb);
+                    }
+                    x.next();
+                    y.next();
+                }
+            },
+        }
     }
 }
 
@@ -168,134 +229,132 @@ impl PortPlan {
 }
 
 /// The port plans of every Service in one family, as node `node` sees them.
+#[cfg(test)]
 pub fn port_plans(state: &ProxyState, node: &str, family: IpFamily) -> Vec<PortPlan> {
+    let slices = state.slices_by_service();
+    state
+        .services
+        .values()
+        .flat_map(|service| {
+            let own = slices.get(&service.key).map(Vec::as_slice).unwrap_or(&[]);
+            service_port_plans(service, own, node, family)
+        })
+        .collect()
+}
+
+/// The port plans of one Service in one family, from its slices.
+pub fn service_port_plans(
+    service: &Service,
+    own_slices: &[&Arc<Slice>],
+    node: &str,
+    family: IpFamily,
+) -> Vec<PortPlan> {
     let in_family = |ip: &IpAddr| IpFamily::of(*ip) == family;
     let mut plans = Vec::new();
-    let slices = state.slices_by_service();
-    for service in state.services.values() {
-        let cluster_ips: Vec<IpAddr> = service
-            .cluster_ips
-            .iter()
-            .copied()
-            .filter(in_family)
-            .collect();
-        let external_ips: Vec<IpAddr> = service
-            .external_ips
-            .iter()
-            .chain(&service.load_balancer_ips)
-            .copied()
-            .filter(in_family)
-            .collect();
-        let load_balancer_ips: Vec<IpAddr> = service
-            .load_balancer_ips
-            .iter()
-            .copied()
-            .filter(in_family)
-            .collect();
-        // A Service of the other family only: NodePorts belong to its own family.
-        if cluster_ips.is_empty() && external_ips.is_empty() {
-            continue;
-        }
-        let own_slices = slices.get(&service.key).map(Vec::as_slice).unwrap_or(&[]);
-        for port in &service.ports {
-            let mut all: Vec<(SocketAddr, &Endpoint)> = Vec::new();
-            for slice in own_slices {
-                let Some(target) = slice
-                    .ports
-                    .iter()
-                    .find(|p| p.name == port.name && p.protocol == port.protocol)
-                else {
-                    continue;
-                };
-                for ep in slice.endpoints.iter().filter(|e| in_family(&e.address)) {
-                    let addr = SocketAddr::new(ep.address, target.port);
-                    if !all.iter().any(|(a, _)| *a == addr) {
-                        all.push((addr, ep));
-                    }
+    let cluster_ips: Vec<IpAddr> = service.cluster_ips.iter().copied().filter(in_family).collect();
+    let external_ips: Vec<IpAddr> = service
+        .external_ips
+        .iter()
+        .chain(&service.load_balancer_ips)
+        .copied()
+        .filter(in_family)
+        .collect();
+    let load_balancer_ips: Vec<IpAddr> = service
+        .load_balancer_ips
+        .iter()
+        .copied()
+        .filter(in_family)
+        .collect();
+    // A Service of the other family only: NodePorts belong to its own family.
+    if cluster_ips.is_empty() && external_ips.is_empty() {
+        return plans;
+    }
+    for port in &service.ports {
+        let mut all: Vec<(SocketAddr, &Endpoint)> = Vec::new();
+        for slice in own_slices {
+            let Some(target) = slice
+                .ports
+                .iter()
+                .find(|p| p.name == port.name && p.protocol == port.protocol)
+            else {
+                continue;
+            };
+            for ep in slice.endpoints.iter().filter(|e| in_family(&e.address)) {
+                let addr = SocketAddr::new(ep.address, target.port);
+                if !all.iter().any(|(a, _)| *a == addr) {
+                    all.push((addr, ep));
                 }
             }
-            all.sort_by_key(|(a, _)| *a);
-            let usable = |local_only: bool| -> Vec<SocketAddr> {
-                let candidates: Vec<&(SocketAddr, &Endpoint)> = all
-                    .iter()
-                    .filter(|(_, e)| !local_only || e.node.as_deref() == Some(node))
-                    .collect();
-                // kube-proxy: ready endpoints; when none is, the serving ones that are
-                // terminating, so a rolling update with no ready pod left still works.
-                let ready: Vec<SocketAddr> = candidates
-                    .iter()
-                    .filter(|(_, e)| e.ready)
-                    .map(|(a, _)| *a)
-                    .collect();
-                if !ready.is_empty() {
-                    return ready;
-                }
-                candidates
-                    .iter()
-                    .filter(|(_, e)| e.serving && e.terminating)
-                    .map(|(a, _)| *a)
-                    .collect()
-            };
-            let any = !usable(false).is_empty();
-            let otherwise = if any {
-                NoEndpoints::Drop
-            } else {
-                NoEndpoints::Reject
-            };
-            plans.push(PortPlan {
-                service: service.key.clone(),
-                port_name: port.name.clone(),
-                protocol: port.protocol,
-                port: port.port,
-                cluster_ips: cluster_ips.clone(),
-                external_ips: external_ips.clone(),
-                node_port: port.node_port,
-                cluster: Targets {
-                    endpoints: usable(service.internal_local),
-                    otherwise,
-                },
-                external: Targets {
-                    endpoints: usable(service.external_local),
-                    otherwise,
-                },
-                external_local: service.external_local,
-                affinity_seconds: service.affinity_seconds,
-                source_ranges: service.load_balancer_source_ranges.clone(),
-                load_balancer_ips: load_balancer_ips.clone(),
-            });
         }
+        all.sort_by_key(|(a, _)| *a);
+        let usable = |local_only: bool| -> Vec<SocketAddr> {
+            let candidates: Vec<&(SocketAddr, &Endpoint)> = all
+                .iter()
+                .filter(|(_, e)| !local_only || e.node.as_deref() == Some(node))
+                .collect();
+            // kube-proxy: ready endpoints; when none is, the serving ones that are
+            // terminating, so a rolling update with no ready pod left still works.
+            let ready: Vec<SocketAddr> = candidates
+                .iter()
+                .filter(|(_, e)| e.ready)
+                .map(|(a, _)| *a)
+                .collect();
+            if !ready.is_empty() {
+                return ready;
+            }
+            candidates
+                .iter()
+                .filter(|(_, e)| e.serving && e.terminating)
+                .map(|(a, _)| *a)
+                .collect()
+        };
+        let any = !usable(false).is_empty();
+        let otherwise = if any {
+            NoEndpoints::Drop
+        } else {
+            NoEndpoints::Reject
+        };
+        plans.push(PortPlan {
+            service: service.key.clone(),
+            port_name: port.name.clone(),
+            protocol: port.protocol,
+            port: port.port,
+            cluster_ips: cluster_ips.clone(),
+            external_ips: external_ips.clone(),
+            node_port: port.node_port,
+            cluster: Targets {
+                endpoints: usable(service.internal_local),
+                otherwise,
+            },
+            external: Targets {
+                endpoints: usable(service.external_local),
+                otherwise,
+            },
+            external_local: service.external_local,
+            affinity_seconds: service.affinity_seconds,
+            source_ranges: service.load_balancer_source_ranges.clone(),
+            load_balancer_ips: load_balancer_ips.clone(),
+        });
     }
     plans
 }
 
-/// For the health-check server: eTP Local Services with a healthCheckNodePort, and how
-/// many local endpoints each has (ready, or serving-terminating when none is ready).
-pub fn health_checks(state: &ProxyState, node: &str) -> BTreeMap<u16, (ServiceKey, usize)> {
-    let mut out = BTreeMap::new();
-    let slices = state.slices_by_service();
-    for service in state.services.values() {
-        let Some(port) = service
-            .health_check_node_port
-            .filter(|_| service.external_local)
-        else {
-            continue;
-        };
-        let local: Vec<&Endpoint> = slices
-            .get(&service.key)
-            .into_iter()
-            .flatten()
-            .flat_map(|s| &s.endpoints)
-            .filter(|e| e.node.as_deref() == Some(node))
-            .collect();
-        let ready = local.iter().filter(|e| e.ready).count();
-        let count = if ready > 0 {
-            ready
-        } else {
-            local.iter().filter(|e| e.serving && e.terminating).count()
-        };
-        out.insert(port, (service.key.clone(), count));
-    }
-    out
+/// For the health-check server: an eTP Local Service's healthCheckNodePort and how
+/// many local endpoints it has (ready, or serving-terminating when none is ready).
+pub fn health_check(service: &Service, own_slices: &[&Arc<Slice>], node: &str) -> Option<(u16, usize)> {
+    let port = service.health_check_node_port.filter(|_| service.external_local)?;
+    let local: Vec<&Endpoint> = own_slices
+        .iter()
+        .flat_map(|s| &s.endpoints)
+        .filter(|e| e.node.as_deref() == Some(node))
+        .collect();
+    let ready = local.iter().filter(|e| e.ready).count();
+    let count = if ready > 0 {
+        ready
+    } else {
+        local.iter().filter(|e| e.serving && e.terminating).count()
+    };
+    Some((port, count))
 }
 
 #[cfg(test)]
@@ -354,9 +413,20 @@ pub mod tests {
 
     pub fn state(services: Vec<Service>, slices: Vec<Slice>) -> ProxyState {
         ProxyState {
-            services: services.into_iter().map(|s| (s.key.clone(), s)).collect(),
-            slices: slices.into_iter().map(|s| (s.service.clone(), s)).collect(),
+            services: services
+                .into_iter()
+                .map(|s| (s.key.clone(), Arc::new(s)))
+                .collect(),
+            slices: slices
+                .into_iter()
+                .map(|s| (s.service.clone(), Arc::new(s)))
+                .collect(),
         }
+    }
+
+    /// A slice of `name` to change (a new object, as a source would make).
+    pub fn slice_mut<'s>(st: &'s mut ProxyState, name: &str) -> &'s mut Slice {
+        Arc::make_mut(st.slices.get_mut(&key(name)).unwrap())
     }
 
     fn addrs(list: &[&str]) -> Vec<SocketAddr> {
@@ -378,12 +448,12 @@ pub mod tests {
         );
         let plans = port_plans(&st, "n1", IpFamily::V4);
         assert_eq!(plans[0].cluster.endpoints, addrs(&["10.244.2.2:8080"]));
-        st.slices.get_mut(&key("web")).unwrap().endpoints = vec![old.clone()];
+        slice_mut(&mut st, "web").endpoints = vec![old.clone()];
         let plans = port_plans(&st, "n1", IpFamily::V4);
         assert_eq!(plans[0].cluster.endpoints, addrs(&["10.244.1.2:8080"]));
         // Terminating and no longer serving: nothing, and the Service rejects.
         old.serving = false;
-        st.slices.get_mut(&key("web")).unwrap().endpoints = vec![old];
+        slice_mut(&mut st, "web").endpoints = vec![old];
         let plans = port_plans(&st, "n1", IpFamily::V4);
         assert!(plans[0].cluster.endpoints.is_empty());
         assert_eq!(plans[0].cluster.otherwise, NoEndpoints::Reject);

@@ -15,15 +15,15 @@
 //! - A Service port without usable endpoints is rejected (none at all) or dropped (a
 //!   Local policy and none here) in filter chains, for new connections only.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 
-use calyx_dataplane::firewall::nft::{Chain, Hook, Set, SetKind, Table};
+use calyx_dataplane::firewall::nft::{Chain, Hook, Set, SetKind, Table, Touched};
 use calyx_dataplane::firewall::IpFamily;
 use ipnetwork::IpNetwork;
 use sha1::{Digest, Sha1};
 
-use super::model::{NoEndpoints, PortPlan, Targets};
+use super::model::{NoEndpoints, PortPlan, ServiceKey, Targets};
 
 pub const TABLE: &str = "calyx-proxy";
 pub const MASQUERADE_MARK: u32 = 0x4000;
@@ -76,238 +76,224 @@ fn short_id(text: &str, len: usize) -> String {
     hex
 }
 
-/// Where packets for one (address or NodePort) entry go.
-enum Route<'a> {
-    /// Through the shared map of Services with N endpoints.
-    Shared(&'a [SocketAddr]),
-    /// Through a chain of its own (session affinity).
-    Affinity(String),
+/// One Service port's share of the table: elements of the shared sets and maps, and
+/// the chains and sets it needs (shared ones, like the map of Services with N
+/// endpoints, are counted: they go when the last port using them does).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fragment {
+    pub sets: Vec<(String, Set)>,
+    pub chains: Vec<(String, Chain)>,
+    /// (set or map, key, value)
+    pub elements: Vec<(String, String, Option<String>)>,
 }
 
-/// The chains and sets of session-affinity Service ports (kube-proxy's layout: a
-/// chain per endpoint that records the client in a timed set, checked first).
-struct Affinity<'t> {
-    family: IpFamily,
-    chains: &'t mut BTreeMap<String, Chain>,
-    sets: &'t mut BTreeMap<String, Set>,
-}
-
-impl Affinity<'_> {
-    /// The chain or shared map one kind of traffic ("cluster", "external") goes
-    /// through; None when it has no endpoint.
-    fn route<'p>(
-        &mut self,
-        plan: &PortPlan,
-        kind: &str,
-        targets: &'p Targets,
-    ) -> Option<Route<'p>> {
-        if targets.endpoints.is_empty() {
-            return None;
-        }
-        let Some(timeout) = plan.affinity_seconds else {
-            return Some(Route::Shared(&targets.endpoints));
-        };
-        let Words {
-            ip, addr_type: at, ..
-        } = words(self.family);
-        let family = self.family;
-        let proto = plan.protocol.name();
-        let id = short_id(
-            &format!("{}/{}/{kind}/{family}", plan.port_name_string(), proto),
-            12,
-        );
-        let chain = format!("affinity-{id}");
-        if self.chains.contains_key(&chain) {
-            return Some(Route::Affinity(chain));
-        }
-        let mut rules = Vec::new();
-        let mut picks = Vec::new();
-        for (i, ep) in targets.endpoints.iter().enumerate() {
-            let ep_id = short_id(&ep.to_string(), 8);
-            let ep_chain = format!("affinity-{id}-{ep_id}");
-            let set = format!("aff-{id}-{ep_id}");
-            rules.push(format!("{ip} saddr @{set} goto {ep_chain}"));
-            picks.push(format!("{i} : goto {ep_chain}"));
-            self.sets.insert(
-                set.clone(),
-                Set::new(
-                    SetKind::Set,
-                    format!("type {at}; flags dynamic,timeout; timeout {timeout}s;"),
-                )
-                .dynamic(),
-            );
-            let to = match ep {
-                SocketAddr::V4(v4) => v4.to_string(),
-                SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
-            };
-            self.chains.insert(
-                ep_chain,
-                Chain::new(vec![
-                    format!("update @{set} {{ {ip} saddr }}"),
-                    format!("meta l4proto {proto} dnat {ip} to {to}"),
-                ]),
-            );
-        }
-        rules.push(format!(
-            "numgen random mod {} vmap {{ {} }}",
-            targets.endpoints.len(),
-            picks.join(", ")
-        ));
-        self.chains.insert(chain.clone(), Chain::new(rules));
-        Some(Route::Affinity(chain))
+impl Fragment {
+    fn element(&mut self, set: &str, key: String, value: Option<String>) {
+        self.elements.push((set.to_string(), key, value));
     }
 }
 
-/// The table for one family.
-pub fn desired_table(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) -> Table {
+/// The per-count chain and maps for Services with `n` endpoints.
+fn shared_by_count(f: &mut Fragment, ip: &str, n: usize, nodeport: bool) {
+    let (chain, map, key) = if nodeport {
+        ("nodeport-lb", "nodeport-endpoints", "meta l4proto . th dport".to_string())
+    } else {
+        (
+            "service-lb",
+            "service-endpoints",
+            format!("{ip} daddr . meta l4proto . th dport"),
+        )
+    };
+    let map_name = format!("{map}-{n}");
+    f.sets.push((
+        map_name.clone(),
+        Set::new(
+            SetKind::Map,
+            format!("typeof {key} . numgen random mod {n} : {ip} daddr . th dport;"),
+        ),
+    ));
+    f.chains.push((
+        format!("{chain}-{n}"),
+        Chain::new(vec![format!(
+            "dnat {ip} to {key} . numgen random mod {n} map @{map_name}"
+        )]),
+    ));
+}
+
+/// Where one kind of traffic of a port goes: a verdict for the address and NodePort
+/// maps (None: no endpoint), filling the fragment with what that verdict needs.
+fn route(
+    f: &mut Fragment,
+    plan: &PortPlan,
+    family: IpFamily,
+    kind: &str,
+    targets: &Targets,
+) -> Option<String> {
+    if targets.endpoints.is_empty() {
+        return None;
+    }
+    let Words { ip, addr_type: at, .. } = words(family);
+    let Some(timeout) = plan.affinity_seconds else {
+        return Some(format!("goto service-lb-{}", targets.endpoints.len()));
+    };
+    // Session affinity: kube-proxy's layout, a chain per endpoint that records the
+    // client in a timed set, checked first.
+    let proto = plan.protocol.name();
+    let id = short_id(
+        &format!("{}/{}/{kind}/{family}", plan.port_name_string(), proto),
+        12,
+    );
+    let chain = format!("affinity-{id}");
+    let mut rules = Vec::new();
+    let mut picks = Vec::new();
+    for (i, ep) in targets.endpoints.iter().enumerate() {
+        let ep_id = short_id(&ep.to_string(), 8);
+        let ep_chain = format!("affinity-{id}-{ep_id}");
+        let set = format!("aff-{id}-{ep_id}");
+        rules.push(format!("{ip} saddr @{set} goto {ep_chain}"));
+        picks.push(format!("{i} : goto {ep_chain}"));
+        f.sets.push((
+            set.clone(),
+            Set::new(
+                SetKind::Set,
+                format!("type {at}; flags dynamic,timeout; timeout {timeout}s;"),
+            )
+            .dynamic(),
+        ));
+        let to = match ep {
+            SocketAddr::V4(v4) => v4.to_string(),
+            SocketAddr::V6(v6) => format!("[{}]:{}", v6.ip(), v6.port()),
+        };
+        f.chains.push((
+            ep_chain,
+            Chain::new(vec![
+                format!("update @{set} {{ {ip} saddr }}"),
+                format!("meta l4proto {proto} dnat {ip} to {to}"),
+            ]),
+        ));
+    }
+    rules.push(format!(
+        "numgen random mod {} vmap {{ {} }}",
+        targets.endpoints.len(),
+        picks.join(", ")
+    ));
+    f.chains.push((chain.clone(), Chain::new(rules)));
+    Some(format!("goto {chain}"))
+}
+
+/// One Service port's fragment.
+pub fn fragment(plan: &PortPlan, family: IpFamily) -> Fragment {
+    let ip = words(family).ip;
+    let proto = plan.protocol.name();
+    let mut f = Fragment::default();
+    let verdict_for = |targets: &Targets| match targets.otherwise {
+        NoEndpoints::Reject => "goto reject-chain".to_string(),
+        NoEndpoints::Drop => "drop".to_string(),
+    };
+    for ep in plan.all_endpoints() {
+        f.element("hairpin", format!("{} . {}", ep.ip(), ep.ip()), None);
+    }
+    let cluster = route(&mut f, plan, family, "cluster", &plan.cluster);
+    let external = route(&mut f, plan, family, "external", &plan.external);
+    let by_address = |f: &mut Fragment, addr: &IpAddr, targets: &Targets, verdict: &Option<String>| {
+        let key = format!("{addr} . {proto} . {}", plan.port);
+        match verdict {
+            None => f.element("no-endpoint-services", key, Some(verdict_for(targets))),
+            Some(v) => {
+                if plan.affinity_seconds.is_none() {
+                    let n = targets.endpoints.len();
+                    shared_by_count(f, ip, n, false);
+                    for (i, ep) in targets.endpoints.iter().enumerate() {
+                        f.element(
+                            &format!("service-endpoints-{n}"),
+                            format!("{key} . {i}"),
+                            Some(endpoint_text(ep)),
+                        );
+                    }
+                }
+                f.element("service-ips", key, Some(v.clone()));
+            }
+        }
+    };
+    for addr in &plan.cluster_ips {
+        by_address(&mut f, addr, &plan.cluster, &cluster);
+        f.element("cluster-masquerade", format!("{addr} . {proto} . {}", plan.port), None);
+    }
+    for addr in &plan.external_ips {
+        by_address(&mut f, addr, &plan.external, &external);
+        if !plan.external_local {
+            f.element("external-masquerade", format!("{addr} . {proto} . {}", plan.port), None);
+        }
+    }
+    if !plan.source_ranges.is_empty() {
+        for addr in &plan.load_balancer_ips {
+            let key = format!("{addr} . {proto} . {}", plan.port);
+            f.element("firewall-ips", key.clone(), None);
+            for range in plan
+                .source_ranges
+                .iter()
+                .filter(|r| r.is_ipv4() == addr.is_ipv4())
+            {
+                f.element("firewall-allow", format!("{key} . {}", prefix_text(range)), None);
+            }
+        }
+    }
+    if let Some(node_port) = plan.node_port {
+        let key = format!("{proto} . {node_port}");
+        match &external {
+            None => f.element("no-endpoint-nodeports", key.clone(), Some(verdict_for(&plan.external))),
+            Some(v) if plan.affinity_seconds.is_some() => {
+                f.element("service-nodeports", key.clone(), Some(v.clone()))
+            }
+            Some(_) => {
+                let n = plan.external.endpoints.len();
+                shared_by_count(&mut f, ip, n, true);
+                for (i, ep) in plan.external.endpoints.iter().enumerate() {
+                    f.element(
+                        &format!("nodeport-endpoints-{n}"),
+                        format!("{key} . {i}"),
+                        Some(endpoint_text(ep)),
+                    );
+                }
+                f.element("service-nodeports", key.clone(), Some(format!("goto nodeport-lb-{n}")));
+            }
+        }
+        if !plan.external_local {
+            f.element("nodeport-masquerade", key, None);
+        }
+    }
+    f
+}
+
+/// The table without any Service: base chains, the fixed chains, empty sets and maps,
+/// and the node-port addresses.
+pub fn skeleton(family: IpFamily, ctx: &NodeContext) -> Table {
     let w = words(family);
     let ip = w.ip;
     let at = w.addr_type;
     let mut t = Table::new(family, TABLE);
     let key3 = format!("type {at} . inet_proto . inet_service");
-    let vmap3 = || Set::new(SetKind::Map, format!("{key3} : verdict;"));
-    let set3 = || Set::new(SetKind::Set, format!("{key3};"));
-    let mut service_ips = vmap3();
-    let mut no_endpoint_services = vmap3();
-    let mut cluster_masq = set3();
-    let mut external_masq = set3();
-    let mut firewall_ips = set3();
-    let mut firewall_allow = Set::new(
-        SetKind::Set,
-        format!("type {at} . inet_proto . inet_service . {at}; flags interval;"),
-    );
     let port_key = "type inet_proto . inet_service";
-    let mut service_nodeports = Set::new(SetKind::Map, format!("{port_key} : verdict;"));
-    let mut no_endpoint_nodeports = Set::new(SetKind::Map, format!("{port_key} : verdict;"));
-    let mut nodeport_masq = Set::new(SetKind::Set, format!("{port_key};"));
-    let mut hairpin = Set::new(SetKind::Set, format!("type {at} . {at};"));
+    let s = &mut t.sets;
+    for name in ["service-ips", "no-endpoint-services"] {
+        s.insert(name.into(), Set::new(SetKind::Map, format!("{key3} : verdict;")));
+    }
+    for name in ["cluster-masquerade", "external-masquerade", "firewall-ips"] {
+        s.insert(name.into(), Set::new(SetKind::Set, format!("{key3};")));
+    }
+    s.insert(
+        "firewall-allow".into(),
+        Set::new(
+            SetKind::Set,
+            format!("type {at} . inet_proto . inet_service . {at}; flags interval;"),
+        ),
+    );
+    for name in ["service-nodeports", "no-endpoint-nodeports"] {
+        s.insert(name.into(), Set::new(SetKind::Map, format!("{port_key} : verdict;")));
+    }
+    s.insert("nodeport-masquerade".into(), Set::new(SetKind::Set, format!("{port_key};")));
+    s.insert("hairpin".into(), Set::new(SetKind::Set, format!("type {at} . {at};")));
     let mut nodeport_ips = Set::new(SetKind::Set, format!("type {at}; flags interval;"));
-    // Endpoint maps by count: (address-keyed, port-keyed).
-    let mut by_count: BTreeMap<usize, (Set, Set)> = BTreeMap::new();
-    let mut by_count_entry = |n: usize| {
-        by_count.entry(n).or_insert_with(|| {
-            (
-                Set::new(
-                    SetKind::Map,
-                    format!("typeof {ip} daddr . meta l4proto . th dport . numgen random mod {n} : {ip} daddr . th dport;"),
-                ),
-                Set::new(
-                    SetKind::Map,
-                    format!("typeof meta l4proto . th dport . numgen random mod {n} : {ip} daddr . th dport;"),
-                ),
-            )
-        });
-    };
-    let mut extra_chains: BTreeMap<String, Chain> = BTreeMap::new();
-    let mut extra_sets: BTreeMap<String, Set> = BTreeMap::new();
-    let mut nodeport_maps: BTreeMap<usize, Vec<(String, String)>> = BTreeMap::new();
-    let mut address_maps: BTreeMap<usize, Vec<(String, String)>> = BTreeMap::new();
-
-    for plan in plans {
-        let proto = plan.protocol.name();
-        let verdict_for = |targets: &Targets| match targets.otherwise {
-            NoEndpoints::Reject => "goto reject-chain".to_string(),
-            NoEndpoints::Drop => "drop".to_string(),
-        };
-        for ep in plan.all_endpoints() {
-            hairpin.insert(format!("{} . {}", ep.ip(), ep.ip()), None);
-        }
-        let mut affinity = Affinity {
-            family,
-            chains: &mut extra_chains,
-            sets: &mut extra_sets,
-        };
-        let cluster_route = affinity.route(plan, "cluster", &plan.cluster);
-        let external_route = affinity.route(plan, "external", &plan.external);
-
-        let mut address_entry = |addr: &IpAddr, targets: &Targets, route: &Option<Route>| {
-            let key = format!("{addr} . {proto} . {}", plan.port);
-            match route {
-                None => no_endpoint_services.insert(key, Some(verdict_for(targets))),
-                Some(Route::Affinity(chain)) => {
-                    service_ips.insert(key, Some(format!("goto {chain}")))
-                }
-                Some(Route::Shared(eps)) => {
-                    let n = eps.len();
-                    service_ips.insert(key.clone(), Some(format!("goto service-lb-{n}")));
-                    let list = address_maps.entry(n).or_default();
-                    for (i, ep) in eps.iter().enumerate() {
-                        list.push((format!("{key} . {i}"), endpoint_text(ep)));
-                    }
-                }
-            }
-        };
-        for addr in &plan.cluster_ips {
-            address_entry(addr, &plan.cluster, &cluster_route);
-            cluster_masq.insert(format!("{addr} . {proto} . {}", plan.port), None);
-        }
-        for addr in &plan.external_ips {
-            address_entry(addr, &plan.external, &external_route);
-            if !plan.external_local {
-                external_masq.insert(format!("{addr} . {proto} . {}", plan.port), None);
-            }
-        }
-        if !plan.source_ranges.is_empty() {
-            for addr in &plan.load_balancer_ips {
-                let key = format!("{addr} . {proto} . {}", plan.port);
-                firewall_ips.insert(key.clone(), None);
-                for range in plan
-                    .source_ranges
-                    .iter()
-                    .filter(|r| r.is_ipv4() == addr.is_ipv4())
-                {
-                    firewall_allow.insert(format!("{key} . {}", prefix_text(range)), None);
-                }
-            }
-        }
-        if let Some(node_port) = plan.node_port {
-            let key = format!("{proto} . {node_port}");
-            match &external_route {
-                None => {
-                    no_endpoint_nodeports.insert(key.clone(), Some(verdict_for(&plan.external)))
-                }
-                Some(Route::Affinity(chain)) => {
-                    service_nodeports.insert(key.clone(), Some(format!("goto {chain}")))
-                }
-                Some(Route::Shared(eps)) => {
-                    let n = eps.len();
-                    service_nodeports.insert(key.clone(), Some(format!("goto nodeport-lb-{n}")));
-                    let list = nodeport_maps.entry(n).or_default();
-                    for (i, ep) in eps.iter().enumerate() {
-                        list.push((format!("{key} . {i}"), endpoint_text(ep)));
-                    }
-                }
-            }
-            if !plan.external_local {
-                nodeport_masq.insert(key, None);
-            }
-        }
-    }
-    for n in address_maps.keys().chain(nodeport_maps.keys()) {
-        by_count_entry(*n);
-    }
-    for (n, (mut address_map, mut port_map)) in by_count {
-        for (k, v) in address_maps.remove(&n).unwrap_or_default() {
-            address_map.insert(k, Some(v));
-        }
-        for (k, v) in nodeport_maps.remove(&n).unwrap_or_default() {
-            port_map.insert(k, Some(v));
-        }
-        t.chains.insert(
-            format!("service-lb-{n}"),
-            Chain::new(vec![format!(
-                "dnat {ip} to {ip} daddr . meta l4proto . th dport . numgen random mod {n} map @service-endpoints-{n}"
-            )]),
-        );
-        t.chains.insert(
-            format!("nodeport-lb-{n}"),
-            Chain::new(vec![format!(
-                "dnat {ip} to meta l4proto . th dport . numgen random mod {n} map @nodeport-endpoints-{n}"
-            )]),
-        );
-        t.sets.insert(format!("service-endpoints-{n}"), address_map);
-        t.sets.insert(format!("nodeport-endpoints-{n}"), port_map);
-    }
     // NodePort addresses: never loopback; an address inside another listed prefix is
     // left out (an interval set refuses overlaps).
     let own: Vec<&IpNetwork> = ctx
@@ -323,6 +309,7 @@ pub fn desired_table(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) ->
             nodeport_ips.insert(prefix_text(net), None);
         }
     }
+    s.insert("nodeport-ips".into(), nodeport_ips);
 
     let hook = |kind: &'static str, hook: &'static str, priority: i32| Hook {
         kind,
@@ -332,10 +319,7 @@ pub fn desired_table(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) ->
     let c = &mut t.chains;
     c.insert(
         "nat-prerouting".into(),
-        Chain::base(
-            hook("nat", "prerouting", -100),
-            vec!["jump services".into()],
-        ),
+        Chain::base(hook("nat", "prerouting", -100), vec!["jump services".into()]),
     );
     c.insert(
         "nat-output".into(),
@@ -343,10 +327,7 @@ pub fn desired_table(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) ->
     );
     c.insert(
         "nat-postrouting".into(),
-        Chain::base(
-            hook("nat", "postrouting", 100),
-            vec!["jump masquerading".into()],
-        ),
+        Chain::base(hook("nat", "postrouting", 100), vec!["jump masquerading".into()]),
     );
     c.insert(
         "filter-prerouting".into(),
@@ -403,9 +384,7 @@ pub fn desired_table(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) ->
     );
     c.insert(
         "mark-for-masquerade".into(),
-        Chain::new(vec![format!(
-            "meta mark set meta mark | {MASQUERADE_MARK:#x}"
-        )]),
+        Chain::new(vec![format!("meta mark set meta mark | {MASQUERADE_MARK:#x}")]),
     );
     c.insert(
         "masquerading".into(),
@@ -419,19 +398,125 @@ pub fn desired_table(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) ->
             "masquerade fully-random".into(),
         ]),
     );
-    c.extend(extra_chains);
-    let s = &mut t.sets;
-    s.insert("service-ips".into(), service_ips);
-    s.insert("no-endpoint-services".into(), no_endpoint_services);
-    s.insert("cluster-masquerade".into(), cluster_masq);
-    s.insert("external-masquerade".into(), external_masq);
-    s.insert("firewall-ips".into(), firewall_ips);
-    s.insert("firewall-allow".into(), firewall_allow);
-    s.insert("service-nodeports".into(), service_nodeports);
-    s.insert("no-endpoint-nodeports".into(), no_endpoint_nodeports);
-    s.insert("nodeport-masquerade".into(), nodeport_masq);
-    s.insert("nodeport-ips".into(), nodeport_ips);
-    s.insert("hairpin".into(), hairpin);
-    s.extend(extra_sets);
     t
+}
+
+/// The table kept as wanted across changes: fragments per Service added and removed
+/// with reference counts, so that a change to one Service costs work for that Service
+/// only, and says what it touched.
+pub struct Assembler {
+    table: Table,
+    element_refs: HashMap<(String, String), u32>,
+    chain_refs: HashMap<String, u32>,
+    set_refs: HashMap<String, u32>,
+    fragments: HashMap<ServiceKey, Vec<Fragment>>,
+}
+
+impl Assembler {
+    pub fn new(family: IpFamily, ctx: &NodeContext) -> Assembler {
+        Assembler {
+            table: skeleton(family, ctx),
+            element_refs: HashMap::new(),
+            chain_refs: HashMap::new(),
+            set_refs: HashMap::new(),
+            fragments: HashMap::new(),
+        }
+    }
+
+    pub fn table(&self) -> &Table {
+        &self.table
+    }
+
+    /// Replaces the fragments of `service` (none: it is gone), noting what changed.
+    pub fn replace(&mut self, service: &ServiceKey, fragments: Vec<Fragment>, touched: &mut Touched) {
+        for old in self.fragments.remove(service).unwrap_or_default() {
+            for (set, key, _) in old.elements {
+                let refs = self.element_refs.entry((set.clone(), key.clone())).or_default();
+                *refs -= 1;
+                if *refs == 0 {
+                    self.element_refs.remove(&(set.clone(), key.clone()));
+                    if let Some(s) = self.table.sets.get_mut(&set) {
+                        s.elements.remove(&key);
+                    }
+                    touched.elements.insert((set, key));
+                }
+            }
+            for (name, _) in old.chains {
+                if release(&mut self.chain_refs, &name) {
+                    self.table.chains.remove(&name);
+                    touched.chains.insert(name);
+                }
+            }
+            for (name, _) in old.sets {
+                if release(&mut self.set_refs, &name) {
+                    self.table.sets.remove(&name);
+                    touched.sets.insert(name);
+                }
+            }
+        }
+        for new in &fragments {
+            for (name, set) in &new.sets {
+                let refs = self.set_refs.entry(name.clone()).or_default();
+                *refs += 1;
+                if *refs == 1 {
+                    self.table.sets.insert(name.clone(), set.clone());
+                    touched.sets.insert(name.clone());
+                }
+            }
+            for (name, chain) in &new.chains {
+                let refs = self.chain_refs.entry(name.clone()).or_default();
+                *refs += 1;
+                if *refs == 1 {
+                    self.table.chains.insert(name.clone(), chain.clone());
+                    touched.chains.insert(name.clone());
+                }
+            }
+            for (set, key, value) in &new.elements {
+                *self
+                    .element_refs
+                    .entry((set.clone(), key.clone()))
+                    .or_default() += 1;
+                if let Some(s) = self.table.sets.get_mut(set) {
+                    s.elements.insert(key.clone(), value.clone());
+                }
+                touched.elements.insert((set.clone(), key.clone()));
+            }
+        }
+        if !fragments.is_empty() {
+            self.fragments.insert(service.clone(), fragments);
+        }
+    }
+}
+
+/// Drops one reference; true when it was the last.
+fn release(refs: &mut HashMap<String, u32>, name: &str) -> bool {
+    let Some(count) = refs.get_mut(name) else {
+        return false;
+    };
+    *count -= 1;
+    if *count == 0 {
+        refs.remove(name);
+        true
+    } else {
+        false
+    }
+}
+
+/// The whole table for `plans` at once.
+#[cfg(test)]
+pub fn desired_table(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) -> Table {
+    let mut by_service: std::collections::BTreeMap<&ServiceKey, Vec<Fragment>> =
+        Default::default();
+    for plan in plans {
+        by_service
+            .entry(&plan.service)
+            .or_default()
+            .push(fragment(plan, family));
+    }
+    let mut assembler = Assembler::new(family, ctx);
+    let mut touched = Touched::default();
+    for (service, fragments) in by_service {
+        assembler.replace(service, fragments, &mut touched);
+    }
+    assembler.table
 }

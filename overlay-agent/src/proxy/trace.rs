@@ -158,7 +158,7 @@ pub fn trace(table: &Table, packet: &Packet, local: &[IpAddr]) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::model::tests::{endpoint, key, service, slice, state};
+    use crate::proxy::model::tests::{endpoint, key, service, slice, slice_mut, state};
     use crate::proxy::model::{port_plans, ProxyState, ServicePort};
     use crate::proxy::nftables::{desired_table, NodeContext, TABLE};
     use calyx_dataplane::firewall::nft::{RecordingNft, TableSync};
@@ -346,7 +346,7 @@ mod tests {
         let (fake, mut sync) = synced(&st, "n1", IpFamily::V4);
         fake.take_scripts();
         // One endpoint of "web" replaced.
-        st.slices.get_mut(&key("web")).unwrap().endpoints[1] = endpoint("10.244.2.3", "n2");
+        slice_mut(&mut st, "web").endpoints[1] = endpoint("10.244.2.3", "n2");
         let table = desired_table(&port_plans(&st, "n1", IpFamily::V4), IpFamily::V4, &ctx());
         sync.sync(&fake, &table, false).unwrap();
         assert_eq!(
@@ -386,10 +386,7 @@ mod tests {
     fn an_endpoint_count_change_moves_the_service_to_another_map() {
         let mut st = cluster();
         let (fake, mut sync) = synced(&st, "n1", IpFamily::V4);
-        st.slices
-            .get_mut(&key("web"))
-            .unwrap()
-            .endpoints
+        slice_mut(&mut st, "web").endpoints
             .push(endpoint("10.244.3.2", "n3"));
         let table = desired_table(&port_plans(&st, "n1", IpFamily::V4), IpFamily::V4, &ctx());
         sync.sync(&fake, &table, false).unwrap();
@@ -402,7 +399,7 @@ mod tests {
             ])
         );
         // Back to none: the 3-endpoint chain and map go away, and the Service rejects.
-        st.slices.get_mut(&key("web")).unwrap().endpoints.clear();
+        slice_mut(&mut st, "web").endpoints.clear();
         let table = desired_table(&port_plans(&st, "n1", IpFamily::V4), IpFamily::V4, &ctx());
         sync.sync(&fake, &table, false).unwrap();
         let now = fake.table(IpFamily::V4, TABLE).unwrap();

@@ -1,6 +1,7 @@
 //! `--services-dir`: Services and EndpointSlices from files, as `kubectl get -o yaml`
 //! or `-o json` prints them (several YAML documents and `kind: List` allowed). The
-//! directory is polled; a changed file is read again and takes effect within a second.
+//! directory is watched (inotify) and polled as a fallback; a changed file is read
+//! again and takes effect at once, within a second at worst.
 //! A file that does not parse keeps its last good objects; an invalid object is
 //! skipped; both are logged with the file and the field at fault.
 
@@ -17,13 +18,14 @@ use super::objects::{self, Converted};
 use super::Publisher;
 use crate::proxy::model::{ProxyState, Service, ServiceKey, Slice};
 
-pub const POLL: Duration = Duration::from_millis(200);
+/// The fallback poll, for file systems that send no events.
+pub const POLL: Duration = Duration::from_millis(500);
 
 /// What one file holds.
 #[derive(Debug, Clone, Default)]
 pub struct FileObjects {
-    pub services: Vec<Service>,
-    pub slices: Vec<(ServiceKey, Slice)>,
+    pub services: Vec<Arc<Service>>,
+    pub slices: Vec<(ServiceKey, Arc<Slice>)>,
 }
 
 /// A problem with part of a file; the rest of it is used.
@@ -76,7 +78,7 @@ fn convert(item: Value, into: &mut FileObjects) -> Result<(), String> {
             let parsed: KubeService = serde_path_to_error::deserialize(item)
                 .map_err(|e| format!("Service {name}: field {}: {}", e.path(), e.inner()))?;
             match objects::service(&parsed).map_err(|e| format!("Service {name}: {e}"))? {
-                Converted::Object(s) => into.services.push(s),
+                Converted::Object(s) => into.services.push(Arc::new(s)),
                 Converted::Skip(why) => tracing::debug!(service = %name, why, "not proxied"),
             }
         }
@@ -86,7 +88,7 @@ fn convert(item: Value, into: &mut FileObjects) -> Result<(), String> {
             match objects::endpoint_slice(&parsed)
                 .map_err(|e| format!("EndpointSlice {name}: {e}"))?
             {
-                Converted::Object(s) => into.slices.push(s),
+                Converted::Object((key, s)) => into.slices.push((key, Arc::new(s))),
                 Converted::Skip(why) => tracing::debug!(slice = %name, why, "not used"),
             }
         }
@@ -118,6 +120,8 @@ pub struct DirSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, (Stamp, FileObjects)>,
     listed: bool,
+    /// Every file's objects together, patched file by file.
+    merged: ProxyState,
 }
 
 impl DirSource {
@@ -126,6 +130,7 @@ impl DirSource {
             dir,
             files: BTreeMap::new(),
             listed: false,
+            merged: ProxyState::default(),
         }
     }
 
@@ -156,9 +161,18 @@ impl DirSource {
             .collect();
         present.sort();
         let mut changed = !self.listed;
-        let before = self.files.len();
-        self.files.retain(|path, _| present.contains(path));
-        changed |= self.files.len() != before;
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !present.contains(p))
+            .cloned()
+            .collect();
+        for path in gone {
+            if let Some((_, old)) = self.files.remove(&path) {
+                self.unmerge(&old);
+                changed = true;
+            }
+        }
         for path in present {
             let Some(now) = stamp(&path) else { continue };
             if self.files.get(&path).is_some_and(|(s, _)| *s == now) {
@@ -176,6 +190,10 @@ impl DirSource {
                         endpoint_slices = objects.slices.len(),
                         "read"
                     );
+                    if let Some((_, old)) = self.files.remove(&path) {
+                        self.unmerge(&old);
+                    }
+                    self.merge(&path, &objects);
                     self.files.insert(path, (now, objects));
                 }
                 Err(why) => {
@@ -196,34 +214,66 @@ impl DirSource {
     }
 
     fn state(&self) -> ProxyState {
-        let mut state = ProxyState::default();
-        for (path, (_, objects)) in &self.files {
-            for s in &objects.services {
-                if state.services.insert(s.key.clone(), s.clone()).is_some() {
-                    tracing::warn!(file = %path.display(), service = %s.key, "Service defined again; this file's wins");
-                }
-            }
-            for (key, slice) in &objects.slices {
-                state.slices.insert(key.clone(), slice.clone());
+        self.merged.clone()
+    }
+
+    fn merge(&mut self, path: &Path, objects: &FileObjects) {
+        for s in &objects.services {
+            if self.merged.services.insert(s.key.clone(), s.clone()).is_some() {
+                tracing::warn!(file = %path.display(), service = %s.key, "Service defined again; this file's wins");
             }
         }
-        state
+        for (key, slice) in &objects.slices {
+            self.merged.slices.insert(key.clone(), slice.clone());
+        }
+    }
+
+    /// Takes a file's objects out (those another file has since redefined stay).
+    fn unmerge(&mut self, objects: &FileObjects) {
+        for s in &objects.services {
+            if self.merged.services.get(&s.key).is_some_and(|m| Arc::ptr_eq(m, s)) {
+                self.merged.services.remove(&s.key);
+            }
+        }
+        for (key, slice) in &objects.slices {
+            if self.merged.slices.get(key).is_some_and(|m| Arc::ptr_eq(m, slice)) {
+                self.merged.slices.remove(key);
+            }
+        }
     }
 }
 
-/// Polls the directory for as long as the publisher has readers.
+/// Follows the directory for as long as the publisher has readers.
 pub fn spawn(dir: PathBuf, publisher: Publisher) {
     std::thread::Builder::new()
         .name("services-dir".into())
         .spawn(move || {
+            use notify::Watcher;
+            let (tx, rx) = std::sync::mpsc::channel();
+            // Kept alive for as long as the loop runs; without it, polling alone.
+            let _watcher = notify::recommended_watcher(move |_| {
+                let _ = tx.send(());
+            })
+            .and_then(|mut w| {
+                w.watch(&dir, notify::RecursiveMode::NonRecursive)?;
+                Ok(w)
+            })
+            .map_err(|e| {
+                tracing::warn!(dir = %dir.display(), error = %e, "no change events; polling every {POLL:?}")
+            })
+            .ok();
             let mut source = DirSource::new(dir);
             loop {
+                let started = std::time::Instant::now();
                 if let Some(state) = source.scan() {
+                    tracing::debug!(elapsed = ?started.elapsed(), "services directory read");
                     if !publisher.publish(Arc::new(state)) {
                         return;
                     }
                 }
-                std::thread::sleep(POLL);
+                // An event (or the poll) wakes the next scan; a burst is one scan.
+                let _ = rx.recv_timeout(POLL);
+                while rx.try_recv().is_ok() {}
             }
         })
         .expect("spawn the services-dir thread");

@@ -57,11 +57,11 @@ async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
 /// What the watchers have seen, converted.
 #[derive(Default)]
 struct Mirror {
-    services: BTreeMap<ServiceKey, Service>,
-    slices: BTreeMap<ServiceKey, Slice>,
+    services: BTreeMap<ServiceKey, Arc<Service>>,
+    slices: BTreeMap<ServiceKey, Arc<Slice>>,
     /// Objects of a listing in progress (replacing the map when it is done).
-    listing_services: Option<BTreeMap<ServiceKey, Service>>,
-    listing_slices: Option<BTreeMap<ServiceKey, Slice>>,
+    listing_services: Option<BTreeMap<ServiceKey, Arc<Service>>>,
+    listing_slices: Option<BTreeMap<ServiceKey, Arc<Slice>>>,
     services_listed: bool,
     slices_listed: bool,
 }
@@ -82,7 +82,7 @@ impl Mirror {
                 if let Some(service) = convert_service(&object) {
                     self.listing_services
                         .get_or_insert_with(BTreeMap::new)
-                        .insert(key, service);
+                        .insert(key, Arc::new(service));
                 }
             }
             Event::InitDone => {
@@ -92,7 +92,7 @@ impl Mirror {
             Event::Apply(object) => {
                 let key = key_of(&object);
                 match convert_service(&object) {
-                    Some(service) => self.services.insert(key, service),
+                    Some(service) => self.services.insert(key, Arc::new(service)),
                     None => self.services.remove(&key),
                 };
             }
@@ -109,7 +109,7 @@ impl Mirror {
                 if let Some((key, slice)) = convert_slice(&object) {
                     self.listing_slices
                         .get_or_insert_with(BTreeMap::new)
-                        .insert(key, slice);
+                        .insert(key, Arc::new(slice));
                 }
             }
             Event::InitDone => {
@@ -119,7 +119,7 @@ impl Mirror {
             Event::Apply(object) => {
                 let key = key_of(&object);
                 match convert_slice(&object) {
-                    Some((_, slice)) => self.slices.insert(key, slice),
+                    Some((_, slice)) => self.slices.insert(key, Arc::new(slice)),
                     None => self.slices.remove(&key),
                 };
             }
