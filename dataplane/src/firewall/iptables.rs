@@ -556,7 +556,10 @@ mod tests {
     #[test]
     fn chains_are_written_after_the_chains_they_jump_to() {
         let mut chains = BTreeMap::new();
-        chains.insert("A".to_string(), vec!["-j B".to_string(), "-j C".to_string()]);
+        chains.insert(
+            "A".to_string(),
+            vec!["-j B".to_string(), "-j C".to_string()],
+        );
         chains.insert("B".to_string(), vec!["-j C".to_string()]);
         chains.insert("C".to_string(), vec!["-j ACCEPT".to_string()]);
         let names: Vec<String> = chains.keys().cloned().collect();
@@ -660,9 +663,13 @@ mod tests {
             let svc = format!("CALYX-SVC-{i}");
             let eps: Vec<String> = (0..2).map(|j| format!("CALYX-SVC-{i}-EP-{j}")).collect();
             for ep in &eps {
-                nat.chains.insert(ep.clone(), vec!["-j DNAT --to-destination 10.0.0.1:80".into()]);
+                nat.chains.insert(
+                    ep.clone(),
+                    vec!["-j DNAT --to-destination 10.0.0.1:80".into()],
+                );
             }
-            nat.chains.insert(svc.clone(), eps.iter().map(|e| format!("-j {e}")).collect());
+            nat.chains
+                .insert(svc.clone(), eps.iter().map(|e| format!("-j {e}")).collect());
             top.push(format!("-j {svc}"));
         }
         nat.chains.insert("CALYX-SVC-TOP".into(), top);
@@ -677,7 +684,10 @@ mod tests {
         }
         let got = RecordingIptables::new();
         got.apply(&tx).unwrap();
-        assert_eq!(fake.chains(IpFamily::V4, "nat"), got.chains(IpFamily::V4, "nat"));
+        assert_eq!(
+            fake.chains(IpFamily::V4, "nat"),
+            got.chains(IpFamily::V4, "nat")
+        );
         // Removing half of it, cut the same way, also only ever leaves whole states.
         let mut less = want.clone();
         let nat = less.table("nat");
@@ -687,7 +697,10 @@ mod tests {
                 nat.chains.remove(&format!("CALYX-SVC-{i}-EP-{j}"));
             }
         }
-        nat.chains.insert("CALYX-SVC-TOP".into(), vec!["-j CALYX-SVC-3".into(), "-j CALYX-SVC-4".into()]);
+        nat.chains.insert(
+            "CALYX-SVC-TOP".into(),
+            vec!["-j CALYX-SVC-3".into(), "-j CALYX-SVC-4".into()],
+        );
         for batch in plan(&want, &less).split(2) {
             fake.apply(&batch).unwrap();
         }

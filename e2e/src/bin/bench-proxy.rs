@@ -8,6 +8,7 @@
 //! - the floor beside it: the same final rules (as the kernel lists them) loaded into
 //!   an empty namespace with one `nft -f` / `iptables-restore`, in the same run;
 //! - RSS after the sync, and its peak.
+//!
 //! At --change-size (default 10000): one endpoint change, source change -> kernel,
 //! p50/p99 over --changes (default 100); and a restart (kill -9) with the rules present:
 //! time to the first sync and how many kernel writes it made (goal: none).
@@ -56,7 +57,9 @@ fn main() -> Result<()> {
             }
             "--change-size" => args.change_size = value()?.parse()?,
             "--changes" => args.changes = value()?.parse()?,
-            other => bail!("unknown argument {other}; see the header of e2e/src/bin/bench-proxy.rs"),
+            other => {
+                bail!("unknown argument {other}; see the header of e2e/src/bin/bench-proxy.rs")
+            }
         }
     }
     if !privileged() {
@@ -94,7 +97,7 @@ const ENDPOINTS_BASE: u32 = 0x0A80_0000; // 10.128.0.0
 /// Service `i` with two endpoints (`shift` moves the second one: a change).
 fn objects(i: usize, shift: usize) -> Vec<Value> {
     let name = format!("svc-{i}");
-    let node_port = (i % 10 == 0).then_some(30000 + i / 10);
+    let node_port = i.is_multiple_of(10).then_some(30000 + i / 10);
     let mut port = json!({"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080});
     if let Some(np) = node_port {
         port["nodePort"] = json!(np);
@@ -118,7 +121,10 @@ fn objects(i: usize, shift: usize) -> Vec<Value> {
 
 fn write_list(dir: &Path, file: &str, items: Vec<Value>) -> Result<()> {
     let tmp = dir.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "List", "items": items}))?)?;
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "List", "items": items}))?,
+    )?;
     std::fs::rename(&tmp, dir.join(file))?;
     Ok(())
 }
@@ -128,7 +134,9 @@ fn write_list(dir: &Path, file: &str, items: Vec<Value>) -> Result<()> {
 fn write_services(dir: &Path, n: usize) -> Result<()> {
     write_list(dir, "churn.json", objects(0, 0))?;
     for (chunk, start) in (1..n).step_by(500).enumerate() {
-        let items = (start..(start + 500).min(n)).flat_map(|i| objects(i, 0)).collect();
+        let items = (start..(start + 500).min(n))
+            .flat_map(|i| objects(i, 0))
+            .collect();
         write_list(dir, &format!("services-{chunk:04}.json"), items)?;
     }
     Ok(())
@@ -180,7 +188,10 @@ fn wait_synced(c: &Cluster, from: usize, timeout: Duration) -> Result<Synced> {
             return Ok(s);
         }
         if Instant::now() > deadline {
-            bail!("no proxy sync after {timeout:?}; log:\n{}", c.agent_log_tail(0, 20));
+            bail!(
+                "no proxy sync after {timeout:?}; log:\n{}",
+                c.agent_log_tail(0, 20)
+            );
         }
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -205,7 +216,19 @@ fn dump(mode: &str, netns: &str) -> String {
     if mode == "nftables" {
         let mut out = String::new();
         for family in ["ip", "ip6"] {
-            out.push_str(&must("ip", &["netns", "exec", netns, "nft", "list", "table", family, "calyx-proxy"]));
+            out.push_str(&must(
+                "ip",
+                &[
+                    "netns",
+                    "exec",
+                    netns,
+                    "nft",
+                    "list",
+                    "table",
+                    family,
+                    "calyx-proxy",
+                ],
+            ));
         }
         out
     } else {
@@ -221,15 +244,31 @@ fn floor(mode: &str, rules: &str) -> Result<f64> {
     std::fs::write(&file, rules)?;
     let started = Instant::now();
     let out = if mode == "nftables" {
-        sh("ip", &["netns", "exec", &netns, "nft", "-f", file.to_str().unwrap()])
+        sh(
+            "ip",
+            &["netns", "exec", &netns, "nft", "-f", file.to_str().unwrap()],
+        )
     } else {
-        sh("ip", &["netns", "exec", &netns, "sh", "-c", &format!("iptables-restore < {}", file.display())])
+        sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &netns,
+                "sh",
+                "-c",
+                &format!("iptables-restore < {}", file.display()),
+            ],
+        )
     };
     let took = started.elapsed().as_secs_f64();
     sh("ip", &["netns", "del", &netns]);
     let _ = std::fs::remove_file(&file);
     if !out.status.success() {
-        bail!("floor load failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "floor load failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(took)
 }

@@ -124,12 +124,18 @@ fn demo_service(cluster: &Cluster) -> Result<()> {
         std::fs::create_dir_all(&www)?;
         std::fs::write(www.join("index.html"), format!("{}\n", pod.name))?;
         let out = std::process::Command::new("ip")
-            .args(["netns", "exec", &pod.netns, "busybox", "httpd", "-p", "8080", "-h"])
+            .args([
+                "netns", "exec", &pod.netns, "busybox", "httpd", "-p", "8080", "-h",
+            ])
             .arg(&www)
             .output()
             .context("run busybox httpd (busybox-static)")?;
         if !out.status.success() {
-            bail!("httpd in {}: {}", pod.name, String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "httpd in {}: {}",
+                pod.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
     let endpoints: Vec<String> = backends
@@ -174,7 +180,9 @@ fn service_status(cluster: &Cluster) -> Result<bool> {
     }
     let vip: SocketAddr = format!("{DEMO_CLUSTER_IP}:80").parse()?;
     let mut ok = true;
-    println!("service demo (ClusterIP {vip}, NodePort {DEMO_NODE_PORT}; Services in {SERVICES_DIR}):");
+    println!(
+        "service demo (ClusterIP {vip}, NodePort {DEMO_NODE_PORT}; Services in {SERVICES_DIR}):"
+    );
     let mut line = |from: &str, to: SocketAddr| {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         let answer = loop {
@@ -195,7 +203,10 @@ fn service_status(cluster: &Cluster) -> Result<bool> {
     }
     for from in &cluster.nodes {
         for to in &cluster.nodes {
-            line(&from.netns, format!("{}:{DEMO_NODE_PORT}", to.underlay_ip).parse()?);
+            line(
+                &from.netns,
+                format!("{}:{DEMO_NODE_PORT}", to.underlay_ip).parse()?,
+            );
         }
     }
     Ok(ok)

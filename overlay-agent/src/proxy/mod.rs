@@ -242,7 +242,10 @@ impl ProxyController {
                     let assembler = self.assemblers[i].as_mut().expect("set above");
                     let mut touched = Touched::default();
                     for (key, plans) in &updates {
-                        let fragments = plans.iter().map(|p| nftables::fragment(p, family)).collect();
+                        let fragments = plans
+                            .iter()
+                            .map(|p| nftables::fragment(p, family))
+                            .collect();
                         assembler.replace(key, fragments, &mut touched);
                     }
                     let nft = self.backends.nft.as_ref();
@@ -287,7 +290,13 @@ impl ProxyController {
         if changed.is_none() {
             self.health_checks.clear();
         }
-        for key in changed.iter().flatten().chain(changed.is_none().then(|| state.services.keys()).into_iter().flatten()) {
+        for key in changed.iter().flatten().chain(
+            changed
+                .is_none()
+                .then(|| state.services.keys())
+                .into_iter()
+                .flatten(),
+        ) {
             let check = state.services.get(key).and_then(|svc| {
                 let own = slices.get(key).map(Vec::as_slice).unwrap_or(&[]);
                 model::health_check(svc, own, &self.node)
@@ -334,7 +343,10 @@ impl ProxyController {
             };
             let previous = self.trigger_times.insert((*key).clone(), t);
             if !full && previous != Some(t) && now >= t {
-                self.metrics.proxy.network_programming_seconds.observe(now - t);
+                self.metrics
+                    .proxy
+                    .network_programming_seconds
+                    .observe(now - t);
             }
         }
     }
@@ -467,10 +479,17 @@ mod tests {
         let nft = Arc::new(RecordingNft::new());
         struct Shared(Arc<RecordingNft>);
         impl nft::Backend for Shared {
-            fn dump(&self, f: IpFamily, t: &str) -> Result<Option<nft::Table>, calyx_dataplane::firewall::FirewallError> {
+            fn dump(
+                &self,
+                f: IpFamily,
+                t: &str,
+            ) -> Result<Option<nft::Table>, calyx_dataplane::firewall::FirewallError> {
                 self.0.dump(f, t)
             }
-            fn apply(&self, tx: &nft::Transaction) -> Result<(), calyx_dataplane::firewall::FirewallError> {
+            fn apply(
+                &self,
+                tx: &nft::Transaction,
+            ) -> Result<(), calyx_dataplane::firewall::FirewallError> {
                 self.0.apply(tx)
             }
         }
@@ -487,24 +506,45 @@ mod tests {
             nodeport_addresses: vec!["192.0.2.11/32".parse().unwrap()],
         };
         let metrics = Metrics::new(std::time::Duration::from_secs(10));
-        (ProxyController::new(config, backends, snapshot, metrics), publisher, nft)
+        (
+            ProxyController::new(config, backends, snapshot, metrics),
+            publisher,
+            nft,
+        )
     }
 
     #[test]
     fn changes_applied_one_service_at_a_time_leave_the_kernel_as_a_full_sync_would() {
         let (mut c, publisher, kernel) = controller(ProxyMode::Nftables);
         let mut st = state(
-            (0..20).map(|i| service(&format!("s{i}"), &format!("10.96.0.{}", i + 1), 80)).collect(),
             (0..20)
-                .map(|i| slice(&format!("s{i}"), 8080, vec![endpoint(&format!("10.244.1.{}", i + 1), "n1")]))
+                .map(|i| service(&format!("s{i}"), &format!("10.96.0.{}", i + 1), 80))
+                .collect(),
+            (0..20)
+                .map(|i| {
+                    slice(
+                        &format!("s{i}"),
+                        8080,
+                        vec![endpoint(&format!("10.244.1.{}", i + 1), "n1")],
+                    )
+                })
                 .collect(),
         );
         publisher.publish(Arc::new(st.clone()));
         assert!(c.sync(true).unwrap().unwrap().writes > 0);
         // Endpoint counts change (maps and chains come and go), Services come and go.
-        let steps: Vec<Box<dyn Fn(&mut ProxyState)>> = vec![
-            Box::new(|st| slice_mut(st, "s1").endpoints.push(endpoint("10.244.2.9", "n2"))),
-            Box::new(|st| slice_mut(st, "s1").endpoints.push(endpoint("10.244.3.9", "n3"))),
+        type Step = Box<dyn Fn(&mut ProxyState)>;
+        let steps: Vec<Step> = vec![
+            Box::new(|st| {
+                slice_mut(st, "s1")
+                    .endpoints
+                    .push(endpoint("10.244.2.9", "n2"))
+            }),
+            Box::new(|st| {
+                slice_mut(st, "s1")
+                    .endpoints
+                    .push(endpoint("10.244.3.9", "n3"))
+            }),
             Box::new(|st| slice_mut(st, "s2").endpoints.clear()),
             Box::new(|st| {
                 st.services.remove(&key("s3"));
@@ -526,15 +566,21 @@ mod tests {
             assert!(written.writes > 0, "step {n} wrote nothing");
             let mut plans = Vec::new();
             for svc in st.services.values() {
-                let own: Vec<&Arc<model::Slice>> =
-                    st.slices.values().filter(|s| s.service == svc.key).collect();
+                let own: Vec<&Arc<model::Slice>> = st
+                    .slices
+                    .values()
+                    .filter(|s| s.service == svc.key)
+                    .collect();
                 plans.extend(model::service_port_plans(svc, &own, "n1", IpFamily::V4));
             }
             let whole = nftables::desired_table(&plans, IpFamily::V4, &c.ctx);
             let mut held = kernel.table(IpFamily::V4, nftables::TABLE).unwrap();
             // The fake keeps what was written; compare like with like.
             for (name, set) in &mut held.sets {
-                assert_eq!(set.elements, whole.sets[name].elements, "step {n}: set {name}");
+                assert_eq!(
+                    set.elements, whole.sets[name].elements,
+                    "step {n}: set {name}"
+                );
             }
             assert_eq!(
                 held.sets.keys().collect::<Vec<_>>(),

@@ -3,9 +3,9 @@
 //! mode computes its rules from `port_plans`, so the rules of which endpoints a packet
 //! may reach are written once.
 
-use std::collections::{BTreeMap, BTreeSet};
 #[cfg(test)]
 use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
@@ -251,7 +251,12 @@ pub fn service_port_plans(
 ) -> Vec<PortPlan> {
     let in_family = |ip: &IpAddr| IpFamily::of(*ip) == family;
     let mut plans = Vec::new();
-    let cluster_ips: Vec<IpAddr> = service.cluster_ips.iter().copied().filter(in_family).collect();
+    let cluster_ips: Vec<IpAddr> = service
+        .cluster_ips
+        .iter()
+        .copied()
+        .filter(in_family)
+        .collect();
     let external_ips: Vec<IpAddr> = service
         .external_ips
         .iter()
@@ -341,8 +346,14 @@ pub fn service_port_plans(
 
 /// For the health-check server: an eTP Local Service's healthCheckNodePort and how
 /// many local endpoints it has (ready, or serving-terminating when none is ready).
-pub fn health_check(service: &Service, own_slices: &[&Arc<Slice>], node: &str) -> Option<(u16, usize)> {
-    let port = service.health_check_node_port.filter(|_| service.external_local)?;
+pub fn health_check(
+    service: &Service,
+    own_slices: &[&Arc<Slice>],
+    node: &str,
+) -> Option<(u16, usize)> {
+    let port = service
+        .health_check_node_port
+        .filter(|_| service.external_local)?;
     let local: Vec<&Endpoint> = own_slices
         .iter()
         .flat_map(|s| &s.endpoints)

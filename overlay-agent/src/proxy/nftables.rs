@@ -96,7 +96,11 @@ impl Fragment {
 /// The per-count chain and maps for Services with `n` endpoints.
 fn shared_by_count(f: &mut Fragment, ip: &str, n: usize, nodeport: bool) {
     let (chain, map, key) = if nodeport {
-        ("nodeport-lb", "nodeport-endpoints", "meta l4proto . th dport".to_string())
+        (
+            "nodeport-lb",
+            "nodeport-endpoints",
+            "meta l4proto . th dport".to_string(),
+        )
     } else {
         (
             "service-lb",
@@ -132,7 +136,9 @@ fn route(
     if targets.endpoints.is_empty() {
         return None;
     }
-    let Words { ip, addr_type: at, .. } = words(family);
+    let Words {
+        ip, addr_type: at, ..
+    } = words(family);
     let Some(timeout) = plan.affinity_seconds else {
         return Some(format!("goto service-lb-{}", targets.endpoints.len()));
     };
@@ -195,34 +201,43 @@ pub fn fragment(plan: &PortPlan, family: IpFamily) -> Fragment {
     }
     let cluster = route(&mut f, plan, family, "cluster", &plan.cluster);
     let external = route(&mut f, plan, family, "external", &plan.external);
-    let by_address = |f: &mut Fragment, addr: &IpAddr, targets: &Targets, verdict: &Option<String>| {
-        let key = format!("{addr} . {proto} . {}", plan.port);
-        match verdict {
-            None => f.element("no-endpoint-services", key, Some(verdict_for(targets))),
-            Some(v) => {
-                if plan.affinity_seconds.is_none() {
-                    let n = targets.endpoints.len();
-                    shared_by_count(f, ip, n, false);
-                    for (i, ep) in targets.endpoints.iter().enumerate() {
-                        f.element(
-                            &format!("service-endpoints-{n}"),
-                            format!("{key} . {i}"),
-                            Some(endpoint_text(ep)),
-                        );
+    let by_address =
+        |f: &mut Fragment, addr: &IpAddr, targets: &Targets, verdict: &Option<String>| {
+            let key = format!("{addr} . {proto} . {}", plan.port);
+            match verdict {
+                None => f.element("no-endpoint-services", key, Some(verdict_for(targets))),
+                Some(v) => {
+                    if plan.affinity_seconds.is_none() {
+                        let n = targets.endpoints.len();
+                        shared_by_count(f, ip, n, false);
+                        for (i, ep) in targets.endpoints.iter().enumerate() {
+                            f.element(
+                                &format!("service-endpoints-{n}"),
+                                format!("{key} . {i}"),
+                                Some(endpoint_text(ep)),
+                            );
+                        }
                     }
+                    f.element("service-ips", key, Some(v.clone()));
                 }
-                f.element("service-ips", key, Some(v.clone()));
             }
-        }
-    };
+        };
     for addr in &plan.cluster_ips {
         by_address(&mut f, addr, &plan.cluster, &cluster);
-        f.element("cluster-masquerade", format!("{addr} . {proto} . {}", plan.port), None);
+        f.element(
+            "cluster-masquerade",
+            format!("{addr} . {proto} . {}", plan.port),
+            None,
+        );
     }
     for addr in &plan.external_ips {
         by_address(&mut f, addr, &plan.external, &external);
         if !plan.external_local {
-            f.element("external-masquerade", format!("{addr} . {proto} . {}", plan.port), None);
+            f.element(
+                "external-masquerade",
+                format!("{addr} . {proto} . {}", plan.port),
+                None,
+            );
         }
     }
     if !plan.source_ranges.is_empty() {
@@ -234,14 +249,22 @@ pub fn fragment(plan: &PortPlan, family: IpFamily) -> Fragment {
                 .iter()
                 .filter(|r| r.is_ipv4() == addr.is_ipv4())
             {
-                f.element("firewall-allow", format!("{key} . {}", prefix_text(range)), None);
+                f.element(
+                    "firewall-allow",
+                    format!("{key} . {}", prefix_text(range)),
+                    None,
+                );
             }
         }
     }
     if let Some(node_port) = plan.node_port {
         let key = format!("{proto} . {node_port}");
         match &external {
-            None => f.element("no-endpoint-nodeports", key.clone(), Some(verdict_for(&plan.external))),
+            None => f.element(
+                "no-endpoint-nodeports",
+                key.clone(),
+                Some(verdict_for(&plan.external)),
+            ),
             Some(v) if plan.affinity_seconds.is_some() => {
                 f.element("service-nodeports", key.clone(), Some(v.clone()))
             }
@@ -255,7 +278,11 @@ pub fn fragment(plan: &PortPlan, family: IpFamily) -> Fragment {
                         Some(endpoint_text(ep)),
                     );
                 }
-                f.element("service-nodeports", key.clone(), Some(format!("goto nodeport-lb-{n}")));
+                f.element(
+                    "service-nodeports",
+                    key.clone(),
+                    Some(format!("goto nodeport-lb-{n}")),
+                );
             }
         }
         if !plan.external_local {
@@ -276,7 +303,10 @@ pub fn skeleton(family: IpFamily, ctx: &NodeContext) -> Table {
     let port_key = "type inet_proto . inet_service";
     let s = &mut t.sets;
     for name in ["service-ips", "no-endpoint-services"] {
-        s.insert(name.into(), Set::new(SetKind::Map, format!("{key3} : verdict;")));
+        s.insert(
+            name.into(),
+            Set::new(SetKind::Map, format!("{key3} : verdict;")),
+        );
     }
     for name in ["cluster-masquerade", "external-masquerade", "firewall-ips"] {
         s.insert(name.into(), Set::new(SetKind::Set, format!("{key3};")));
@@ -289,10 +319,19 @@ pub fn skeleton(family: IpFamily, ctx: &NodeContext) -> Table {
         ),
     );
     for name in ["service-nodeports", "no-endpoint-nodeports"] {
-        s.insert(name.into(), Set::new(SetKind::Map, format!("{port_key} : verdict;")));
+        s.insert(
+            name.into(),
+            Set::new(SetKind::Map, format!("{port_key} : verdict;")),
+        );
     }
-    s.insert("nodeport-masquerade".into(), Set::new(SetKind::Set, format!("{port_key};")));
-    s.insert("hairpin".into(), Set::new(SetKind::Set, format!("type {at} . {at};")));
+    s.insert(
+        "nodeport-masquerade".into(),
+        Set::new(SetKind::Set, format!("{port_key};")),
+    );
+    s.insert(
+        "hairpin".into(),
+        Set::new(SetKind::Set, format!("type {at} . {at};")),
+    );
     let mut nodeport_ips = Set::new(SetKind::Set, format!("type {at}; flags interval;"));
     // NodePort addresses: never loopback; an address inside another listed prefix is
     // left out (an interval set refuses overlaps).
@@ -319,7 +358,10 @@ pub fn skeleton(family: IpFamily, ctx: &NodeContext) -> Table {
     let c = &mut t.chains;
     c.insert(
         "nat-prerouting".into(),
-        Chain::base(hook("nat", "prerouting", -100), vec!["jump services".into()]),
+        Chain::base(
+            hook("nat", "prerouting", -100),
+            vec!["jump services".into()],
+        ),
     );
     c.insert(
         "nat-output".into(),
@@ -327,7 +369,10 @@ pub fn skeleton(family: IpFamily, ctx: &NodeContext) -> Table {
     );
     c.insert(
         "nat-postrouting".into(),
-        Chain::base(hook("nat", "postrouting", 100), vec!["jump masquerading".into()]),
+        Chain::base(
+            hook("nat", "postrouting", 100),
+            vec!["jump masquerading".into()],
+        ),
     );
     c.insert(
         "filter-prerouting".into(),
@@ -384,7 +429,9 @@ pub fn skeleton(family: IpFamily, ctx: &NodeContext) -> Table {
     );
     c.insert(
         "mark-for-masquerade".into(),
-        Chain::new(vec![format!("meta mark set meta mark | {MASQUERADE_MARK:#x}")]),
+        Chain::new(vec![format!(
+            "meta mark set meta mark | {MASQUERADE_MARK:#x}"
+        )]),
     );
     c.insert(
         "masquerading".into(),
@@ -428,10 +475,18 @@ impl Assembler {
     }
 
     /// Replaces the fragments of `service` (none: it is gone), noting what changed.
-    pub fn replace(&mut self, service: &ServiceKey, fragments: Vec<Fragment>, touched: &mut Touched) {
+    pub fn replace(
+        &mut self,
+        service: &ServiceKey,
+        fragments: Vec<Fragment>,
+        touched: &mut Touched,
+    ) {
         for old in self.fragments.remove(service).unwrap_or_default() {
             for (set, key, _) in old.elements {
-                let refs = self.element_refs.entry((set.clone(), key.clone())).or_default();
+                let refs = self
+                    .element_refs
+                    .entry((set.clone(), key.clone()))
+                    .or_default();
                 *refs -= 1;
                 if *refs == 0 {
                     self.element_refs.remove(&(set.clone(), key.clone()));
@@ -505,8 +560,7 @@ fn release(refs: &mut HashMap<String, u32>, name: &str) -> bool {
 /// The whole table for `plans` at once.
 #[cfg(test)]
 pub fn desired_table(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) -> Table {
-    let mut by_service: std::collections::BTreeMap<&ServiceKey, Vec<Fragment>> =
-        Default::default();
+    let mut by_service: std::collections::BTreeMap<&ServiceKey, Vec<Fragment>> = Default::default();
     for plan in plans {
         by_service
             .entry(&plan.service)

@@ -386,7 +386,8 @@ mod tests {
     fn an_endpoint_count_change_moves_the_service_to_another_map() {
         let mut st = cluster();
         let (fake, mut sync) = synced(&st, "n1", IpFamily::V4);
-        slice_mut(&mut st, "web").endpoints
+        slice_mut(&mut st, "web")
+            .endpoints
             .push(endpoint("10.244.3.2", "n3"));
         let table = desired_table(&port_plans(&st, "n1", IpFamily::V4), IpFamily::V4, &ctx());
         sync.sync(&fake, &table, false).unwrap();

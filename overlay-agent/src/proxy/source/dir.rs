@@ -219,7 +219,12 @@ impl DirSource {
 
     fn merge(&mut self, path: &Path, objects: &FileObjects) {
         for s in &objects.services {
-            if self.merged.services.insert(s.key.clone(), s.clone()).is_some() {
+            if self
+                .merged
+                .services
+                .insert(s.key.clone(), s.clone())
+                .is_some()
+            {
                 tracing::warn!(file = %path.display(), service = %s.key, "Service defined again; this file's wins");
             }
         }
@@ -231,12 +236,22 @@ impl DirSource {
     /// Takes a file's objects out (those another file has since redefined stay).
     fn unmerge(&mut self, objects: &FileObjects) {
         for s in &objects.services {
-            if self.merged.services.get(&s.key).is_some_and(|m| Arc::ptr_eq(m, s)) {
+            if self
+                .merged
+                .services
+                .get(&s.key)
+                .is_some_and(|m| Arc::ptr_eq(m, s))
+            {
                 self.merged.services.remove(&s.key);
             }
         }
         for (key, slice) in &objects.slices {
-            if self.merged.slices.get(key).is_some_and(|m| Arc::ptr_eq(m, slice)) {
+            if self
+                .merged
+                .slices
+                .get(key)
+                .is_some_and(|m| Arc::ptr_eq(m, slice))
+            {
                 self.merged.slices.remove(key);
             }
         }

@@ -237,3 +237,189 @@ fn apply(mirror: &mut Mirror, update: Update) -> bool {
         },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The watchers against kube's test service (tower-test's mock), playing an API
+    //! server: lists, watches that end, a 410 Gone, and the initial-list gate.
+    use super::*;
+    use crate::runtime::Triggers;
+    use http::{Request, Response};
+    use kube::client::Body;
+    use serde_json::{json, Value};
+    use tower_test::mock;
+
+    fn service(name: &str, ip: &str, rv: u32) -> Value {
+        json!({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": name, "namespace": "shop", "resourceVersion": rv.to_string()},
+               "spec": {"clusterIP": ip, "ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}})
+    }
+
+    fn slice(name: &str, ip: &str) -> Value {
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+               "metadata": {"name": format!("{name}-x"), "namespace": "shop", "resourceVersion": "1",
+                            "labels": {"kubernetes.io/service-name": name}},
+               "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+               "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}]})
+    }
+
+    fn list(kind: &str, rv: u32, items: Vec<Value>) -> Response<Body> {
+        let body = json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": rv.to_string()}, "items": items});
+        Response::builder()
+            .body(Body::from(body.to_string().into_bytes()))
+            .unwrap()
+    }
+
+    fn events(events: &[(&str, Value)]) -> Response<Body> {
+        let mut body = String::new();
+        for (kind, object) in events {
+            body.push_str(&json!({"type": kind, "object": object}).to_string());
+            body.push('\n');
+        }
+        Response::builder()
+            .body(Body::from(body.into_bytes()))
+            .unwrap()
+    }
+
+    fn gone() -> Value {
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "message": "too old resource version", "reason": "Expired", "code": 410})
+    }
+
+    type Handle = mock::Handle<Request<Body>, Response<Body>>;
+
+    type Parked = Vec<(String, mock::SendResponse<Response<Body>>)>;
+
+    /// The next request for `resource` ("services" or "endpointslices"); requests for
+    /// the other wait unanswered in `parked` (a watch that stays open) until asked for.
+    async fn next(
+        handle: &mut Handle,
+        resource: &str,
+        parked: &mut Parked,
+    ) -> (String, mock::SendResponse<Response<Body>>) {
+        let wanted = format!("/{resource}?");
+        if let Some(at) = parked.iter().position(|(uri, _)| uri.contains(&wanted)) {
+            return parked.remove(at);
+        }
+        loop {
+            let (request, respond) =
+                tokio::time::timeout(std::time::Duration::from_secs(20), handle.next_request())
+                    .await
+                    .expect("the watcher asks again")
+                    .expect("a request");
+            let uri = request.uri().to_string();
+            if uri.contains(&wanted) {
+                return (uri, respond);
+            }
+            parked.push((uri, respond));
+        }
+    }
+
+    async fn snapshot_where(
+        snapshot: &mut super::super::Snapshot,
+        what: &str,
+        ok: impl Fn(&ProxyState) -> bool,
+    ) -> Arc<ProxyState> {
+        tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            loop {
+                if let Some(state) = snapshot.borrow_and_update().clone() {
+                    if ok(&state) {
+                        return state;
+                    }
+                }
+                snapshot.changed().await.expect("publisher alive");
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no snapshot with {what}"))
+    }
+
+    fn names(state: &ProxyState) -> Vec<&str> {
+        state.services.keys().map(|k| k.name.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn lists_gate_then_watches_resume_and_a_410_relists() {
+        let (service_mock, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service_mock, "default");
+        let (triggers, _rx) = Triggers::channel();
+        let (publisher, mut snapshot) = Publisher::new(triggers);
+        tokio::spawn(follow(client, publisher));
+        let mut parked = Parked::new();
+
+        // Services list; no snapshot until the slices are listed too.
+        let (uri, respond) = next(&mut handle, "services", &mut parked).await;
+        assert!(!uri.contains("watch=true"), "{uri}");
+        assert!(
+            uri.contains("labelSelector="),
+            "kube-proxy's selectors: {uri}"
+        );
+        respond.send_response(list(
+            "ServiceList",
+            1,
+            vec![service("web", "10.96.0.10", 1)],
+        ));
+        let (_, watch1) = next(&mut handle, "services", &mut parked).await;
+        assert!(
+            snapshot.borrow().is_none(),
+            "published before both lists were in"
+        );
+        let (uri, respond) = next(&mut handle, "endpointslices", &mut parked).await;
+        assert!(!uri.contains("watch=true"), "{uri}");
+        respond.send_response(list(
+            "EndpointSliceList",
+            1,
+            vec![slice("web", "10.244.1.2")],
+        ));
+        let state = snapshot_where(&mut snapshot, "the listed objects", |s| {
+            !s.slices.is_empty()
+        })
+        .await;
+        assert_eq!(names(&state), ["web"]);
+
+        // A watch that adds and modifies, then ends (a dropped connection).
+        watch1.send_response(events(&[
+            ("ADDED", service("db", "10.96.0.20", 2)),
+            ("MODIFIED", service("web", "10.96.0.11", 3)),
+        ]));
+        let state = snapshot_where(&mut snapshot, "db and the new web", |s| {
+            s.services.len() == 2
+        })
+        .await;
+        assert_eq!(
+            state.services[&ServiceKey {
+                namespace: "shop".into(),
+                name: "web".into()
+            }]
+                .cluster_ips[0]
+                .to_string(),
+            "10.96.0.11"
+        );
+
+        // Resumed from where it was, not listed again.
+        let (uri, watch2) = next(&mut handle, "services", &mut parked).await;
+        assert!(
+            uri.contains("watch=true") && uri.contains("resourceVersion=3"),
+            "{uri}"
+        );
+        watch2.send_response(events(&[("DELETED", service("db", "10.96.0.20", 4))]));
+        snapshot_where(&mut snapshot, "db deleted", |s| names(s) == ["web"]).await;
+
+        // 410 Gone: the watcher lists again, and the list replaces what was known.
+        let (uri, watch3) = next(&mut handle, "services", &mut parked).await;
+        assert!(uri.contains("resourceVersion=4"), "{uri}");
+        watch3.send_response(events(&[("ERROR", gone())]));
+        let (uri, relist) = next(&mut handle, "services", &mut parked).await;
+        assert!(!uri.contains("watch=true"), "a 410 must re-list: {uri}");
+        relist.send_response(list(
+            "ServiceList",
+            10,
+            vec![service("api", "10.96.0.30", 10)],
+        ));
+        let state = snapshot_where(&mut snapshot, "the re-listed state", |s| {
+            names(s) == ["api"]
+        })
+        .await;
+        assert_eq!(state.slices.len(), 1, "the slices stream was not disturbed");
+    }
+}
