@@ -8,7 +8,7 @@ DEB_PACKAGES := iproute2 iptables ipset nftables conntrack iputils-ping netcat-o
 	tcpdump iperf3 util-linux ethtool etcd-server etcd-client containernetworking-plugins \
 	podman containerd runc busybox-static catatonit python3-venv protobuf-compiler
 
-.PHONY: all build release deps test test-unit test-runtimes lint fmt bench bench-cni bench-ipam bench-agent \
+.PHONY: all build release deps test test-unit test-runtimes lint fmt bench bench-cni bench-ipam bench-agent bench-proxy \
 	lab lab-down image e2e-kind clean
 
 all: build
@@ -47,7 +47,7 @@ test-unit:
 test-runtimes: release
 	e2e/runtimes/run.sh $(RELEASE)/calyx
 
-bench: bench-cni bench-ipam bench-agent
+bench: bench-cni bench-ipam bench-agent bench-proxy
 
 bench-cni: deps release
 	$(RELEASE)/bench-cni --calyx $(RELEASE)/calyx
@@ -57,6 +57,9 @@ bench-ipam: deps release
 
 bench-agent: deps release
 	$(RELEASE)/bench-agent --plugin $(RELEASE)/calyx --agent $(RELEASE)/calyx-agent
+
+bench-proxy: deps release
+	$(RELEASE)/bench-proxy --plugin $(RELEASE)/calyx --agent $(RELEASE)/calyx-agent
 
 lab: deps release
 	$(RELEASE)/calyx-lab up --plugin $(RELEASE)/calyx --agent $(RELEASE)/calyx-agent

@@ -17,6 +17,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use calyx_dataplane::firewall::nft::{Chain, Hook, Set, SetKind, Table, Touched};
 use calyx_dataplane::firewall::IpFamily;
@@ -448,30 +449,54 @@ pub fn skeleton(family: IpFamily, ctx: &NodeContext) -> Table {
     t
 }
 
-/// The table kept as wanted across changes: fragments per Service added and removed
-/// with reference counts, so that a change to one Service costs work for that Service
-/// only, and says what it touched.
+/// The table kept as wanted across changes: fragments per Service added and removed,
+/// so that a change to one Service costs work for that Service only, and says what
+/// it touched. Chains and sets shared by several Services (the per-count maps, the
+/// hairpin set's entries for an endpoint of several Services) are reference-counted;
+/// every other element belongs to one Service port (keys hold its address and port).
 pub struct Assembler {
     table: Table,
-    element_refs: HashMap<(String, String), u32>,
+    /// What each Service put in, to take out again (set names shared, not copied).
+    owned: HashMap<ServiceKey, Owned>,
+    hairpin_refs: HashMap<String, u32>,
     chain_refs: HashMap<String, u32>,
     set_refs: HashMap<String, u32>,
-    fragments: HashMap<ServiceKey, Vec<Fragment>>,
+    names: HashMap<String, Arc<str>>,
 }
+
+#[derive(Default)]
+struct Owned {
+    elements: Vec<(Arc<str>, String)>,
+    chains: Vec<String>,
+    sets: Vec<String>,
+}
+
+/// The one set whose elements several Services may share.
+const SHARED_SET: &str = "hairpin";
 
 impl Assembler {
     pub fn new(family: IpFamily, ctx: &NodeContext) -> Assembler {
         Assembler {
             table: skeleton(family, ctx),
-            element_refs: HashMap::new(),
+            owned: HashMap::new(),
+            hairpin_refs: HashMap::new(),
             chain_refs: HashMap::new(),
             set_refs: HashMap::new(),
-            fragments: HashMap::new(),
+            names: HashMap::new(),
         }
     }
 
     pub fn table(&self) -> &Table {
         &self.table
+    }
+
+    fn name(&mut self, set: &str) -> Arc<str> {
+        if let Some(name) = self.names.get(set) {
+            return name.clone();
+        }
+        let name: Arc<str> = Arc::from(set);
+        self.names.insert(set.to_string(), name.clone());
+        name
     }
 
     /// Replaces the fragments of `service` (none: it is gone), noting what changed.
@@ -481,64 +506,62 @@ impl Assembler {
         fragments: Vec<Fragment>,
         touched: &mut Touched,
     ) {
-        for old in self.fragments.remove(service).unwrap_or_default() {
-            for (set, key, _) in old.elements {
-                let refs = self
-                    .element_refs
-                    .entry((set.clone(), key.clone()))
-                    .or_default();
-                *refs -= 1;
-                if *refs == 0 {
-                    self.element_refs.remove(&(set.clone(), key.clone()));
-                    if let Some(s) = self.table.sets.get_mut(&set) {
-                        s.elements.remove(&key);
-                    }
-                    touched.elements.insert((set, key));
-                }
+        let old = self.owned.remove(service).unwrap_or_default();
+        for (set, key) in old.elements {
+            if &*set == SHARED_SET && !release(&mut self.hairpin_refs, &key) {
+                continue;
             }
-            for (name, _) in old.chains {
-                if release(&mut self.chain_refs, &name) {
-                    self.table.chains.remove(&name);
-                    touched.chains.insert(name);
-                }
+            if let Some(s) = self.table.sets.get_mut(&*set) {
+                s.elements.remove(&key);
             }
-            for (name, _) in old.sets {
-                if release(&mut self.set_refs, &name) {
-                    self.table.sets.remove(&name);
-                    touched.sets.insert(name);
-                }
+            touched.elements.insert((set.to_string(), key));
+        }
+        for name in old.chains {
+            if release(&mut self.chain_refs, &name) {
+                self.table.chains.remove(&name);
+                touched.chains.insert(name);
             }
         }
-        for new in &fragments {
-            for (name, set) in &new.sets {
+        for name in old.sets {
+            if release(&mut self.set_refs, &name) {
+                self.table.sets.remove(&name);
+                touched.sets.insert(name);
+            }
+        }
+        let mut owned = Owned::default();
+        for new in fragments {
+            for (name, set) in new.sets {
                 let refs = self.set_refs.entry(name.clone()).or_default();
                 *refs += 1;
                 if *refs == 1 {
-                    self.table.sets.insert(name.clone(), set.clone());
+                    self.table.sets.insert(name.clone(), set);
                     touched.sets.insert(name.clone());
                 }
+                owned.sets.push(name);
             }
-            for (name, chain) in &new.chains {
+            for (name, chain) in new.chains {
                 let refs = self.chain_refs.entry(name.clone()).or_default();
                 *refs += 1;
                 if *refs == 1 {
-                    self.table.chains.insert(name.clone(), chain.clone());
+                    self.table.chains.insert(name.clone(), chain);
                     touched.chains.insert(name.clone());
                 }
+                owned.chains.push(name);
             }
-            for (set, key, value) in &new.elements {
-                *self
-                    .element_refs
-                    .entry((set.clone(), key.clone()))
-                    .or_default() += 1;
-                if let Some(s) = self.table.sets.get_mut(set) {
-                    s.elements.insert(key.clone(), value.clone());
+            for (set, key, value) in new.elements {
+                if set == SHARED_SET {
+                    *self.hairpin_refs.entry(key.clone()).or_default() += 1;
+                }
+                if let Some(s) = self.table.sets.get_mut(&set) {
+                    s.elements.insert(key.clone(), value);
                 }
                 touched.elements.insert((set.clone(), key.clone()));
+                let name = self.name(&set);
+                owned.elements.push((name, key));
             }
         }
-        if !fragments.is_empty() {
-            self.fragments.insert(service.clone(), fragments);
+        if !owned.elements.is_empty() || !owned.chains.is_empty() || !owned.sets.is_empty() {
+            self.owned.insert(service.clone(), owned);
         }
     }
 }
