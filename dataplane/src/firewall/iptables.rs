@@ -226,9 +226,19 @@ fn targets_first(chains: &BTreeMap<String, Vec<String>>, changed: &[&String]) ->
         out.push(name.to_string());
     }
     let set: std::collections::BTreeSet<&str> = changed.iter().map(|s| s.as_str()).collect();
+    // Walking down from the chains nothing else jumps to keeps each subtree (a
+    // Service's chains) together, so a cut batch mostly refers to its own chains:
+    // iptables-nft resolves a jump to a chain of an earlier batch slowly.
+    let referenced: std::collections::BTreeSet<&str> = changed
+        .iter()
+        .flat_map(|name| chains[name.as_str()].iter().filter_map(|r| jump_target(r)))
+        .filter(|t| set.contains(t))
+        .collect();
+    let roots = changed.iter().filter(|n| !referenced.contains(n.as_str()));
+    let rest = changed.iter().filter(|n| referenced.contains(n.as_str()));
     let mut done = std::collections::BTreeSet::new();
     let mut out = Vec::new();
-    for name in changed {
+    for name in roots.chain(rest) {
         visit(name, chains, &set, &mut done, &mut out);
     }
     out
@@ -238,8 +248,9 @@ impl Transaction {
     /// Cuts a transaction that writes more than `max_chains` chains into several, at
     /// chain boundaries, in order. iptables-nft's restore with --noflush grows
     /// quadratically with the chains one input creates (25 s for 30,000 chains against
-    /// 2.5 s in batches of 3,000, measured on Debian 12); `plan` orders the ops so
-    /// that each cut leaves every jump with its target.
+    /// 2.5 s in batches of 3,000, measured on Debian 12's iptables 1.8.9); `plan`
+    /// orders the ops so that each cut leaves every jump with its target. Not atomic
+    /// as a whole: each batch is, and each leaves a working state.
     pub fn split(&self, max_chains: usize) -> Vec<Transaction> {
         let mut out = Vec::new();
         for (table, ops) in &self.tables {
@@ -269,8 +280,9 @@ impl Transaction {
     }
 }
 
-/// Chains per restore when a transaction is cut (see `Transaction::split`).
-pub const CHAINS_PER_RESTORE: usize = 3000;
+/// Chains per restore when a transaction is cut (see `Transaction::split`): 10,000
+/// Services in kube-proxy's layout load in 5.1 s at 1,500, 5.5 s at 3,000, 25 s uncut.
+pub const CHAINS_PER_RESTORE: usize = 1500;
 
 pub trait Backend: Send + Sync {
     /// The owned chains and the jumps into them, as the kernel holds them.

@@ -11,7 +11,7 @@ use calyx_dataplane::firewall::IpFamily;
 use ipnetwork::IpNetwork;
 use sha2::{Digest, Sha256};
 
-use super::model::{NoEndpoints, PortPlan, Targets};
+use super::model::{NoEndpoints, PortPlan, Protocol, Targets};
 use super::nftables::{NodeContext, MASQUERADE_MARK};
 
 const POD_INTERFACES: &str = "cyx+";
@@ -120,6 +120,13 @@ pub fn desired_ruleset(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) 
         let port_name = plan.port_name_string();
         let n = names(plan);
         let dport = |port: u16| format!("-m {proto} --dport {port}");
+        // TCP gets a reset (as in nftables mode): refused at once whatever the client
+        // makes of an ICMP error; the rest an ICMP port unreachable.
+        let reject_with = if plan.protocol == Protocol::Tcp {
+            "tcp-reset"
+        } else {
+            reject_with
+        };
         let reject = |targets: &Targets, comment: &str| match targets.otherwise {
             NoEndpoints::Reject => format!(
                 "-m comment --comment \"{comment}\" {{}} -j REJECT --reject-with {reject_with}"

@@ -277,10 +277,13 @@ impl ProxyController {
                 all.sort_by(|a, b| (&a.service, &a.port_name).cmp(&(&b.service, &b.port_name)));
                 let plans: Vec<PortPlan> = all.into_iter().cloned().collect();
                 let ruleset = iptables::desired_ruleset(&plans, family, &self.ctx);
+                let computed = started.elapsed();
                 let tx = self.rulesets[i]
                     .sync(self.backends.iptables.as_ref(), &ruleset, full)
                     .inspect_err(|_| self.applied_state = None)?;
-                writes += tx.tables.iter().map(|(_, ops)| ops.len()).sum::<usize>();
+                let ops = tx.tables.iter().map(|(_, ops)| ops.len()).sum::<usize>();
+                writes += ops;
+                tracing::debug!(%family, ?computed, written = ?started.elapsed(), ops, "iptables sync");
             }
             if self.backends.conntrack && !stale.is_empty() {
                 conntrack::delete(&stale);
