@@ -748,13 +748,15 @@ fn restart_and_switch(mode: &str) {
         // is everything as wanted, and a restart must write nothing.
         wait_until(
             "the proxy's jumps first in FORWARD",
-            Duration::from_secs(10),
+            Duration::from_secs(15),
             || {
-                let forward = must(
-                    "ip",
-                    &["netns", "exec", &node1, "iptables", "-S", "FORWARD"],
-                );
-                forward.lines().nth(1).is_some_and(|l| l.contains("KUBE-"))
+                ["iptables", "ip6tables"].iter().all(|tool| {
+                    let forward = must("ip", &["netns", "exec", &node1, tool, "-S", "FORWARD"]);
+                    let rules: Vec<&str> = forward.lines().skip(1).collect();
+                    let ours = rules.iter().rposition(|l| l.contains("-j KUBE-"));
+                    let overlay = rules.iter().position(|l| l.contains("CALYX-FORWARD"));
+                    matches!((ours, overlay), (Some(a), Some(b)) if a < b)
+                })
             },
         )
         .unwrap();
