@@ -18,6 +18,19 @@ pub fn state_dir(prefix: &str) -> PathBuf {
     PathBuf::from(format!("/run/{prefix}"))
 }
 
+/// The plugin and agent binaries of a build, given the agent's path (a test has it as
+/// `env!("CARGO_BIN_EXE_calyx-agent")`; the plugin is built beside it).
+pub fn binaries_beside(agent: &str) -> (PathBuf, PathBuf) {
+    let agent = PathBuf::from(agent);
+    let plugin = agent.with_file_name("calyx");
+    assert!(
+        plugin.exists(),
+        "{} is missing: run `cargo build --workspace` first (make test does)",
+        plugin.display()
+    );
+    (plugin, agent)
+}
+
 pub const POOL_V4: &str = "10.244.0.0/16";
 pub const POOL_V6: &str = "fd00:10:244::/56";
 pub const UNDERLAY_PREFIX: &str = "192.0.2";

@@ -232,7 +232,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The proxy first: it needs no datastore, so Services work while the overlay waits.
     let proxy = match args.proxy_mode {
         ProxyMode::Off => {
-            tokio::task::block_in_place(|| proxy::cleanup_stale(None));
+            tokio::task::block_in_place(proxy::cleanup_stale);
             None
         }
         mode => {

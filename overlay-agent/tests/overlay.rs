@@ -36,14 +36,7 @@ impl std::ops::DerefMut for TestCluster {
 }
 
 fn binaries() -> (PathBuf, PathBuf) {
-    let agent = PathBuf::from(env!("CARGO_BIN_EXE_calyx-agent"));
-    let plugin = agent.with_file_name("calyx");
-    assert!(
-        plugin.exists(),
-        "{} is missing: run `cargo build --workspace` first (make test does)",
-        plugin.display()
-    );
-    (plugin, agent)
+    calyx_e2e::cluster::binaries_beside(env!("CARGO_BIN_EXE_calyx-agent"))
 }
 
 /// `nodes` nodes with agents that resync every second and drop a silent node after 3 s.

@@ -333,10 +333,7 @@ impl ProxyController {
     /// Network-programming latency: from each changed slice's new trigger time to now.
     /// A full run (a start) measures nothing: those changes are old.
     fn observe_programming_latency(&mut self, slices: &[(&ServiceKey, &model::Slice)], full: bool) {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or_default();
+        let now = epoch_seconds();
         if full {
             self.trigger_times.clear();
         }
@@ -382,12 +379,7 @@ impl Controller for ProxyController {
                 }
                 m.services.set(ports as i64);
                 m.endpoints.set(endpoints as i64);
-                m.last_sync_timestamp.set(
-                    std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_secs_f64())
-                        .unwrap_or_default(),
-                );
+                m.last_sync_timestamp.set(epoch_seconds());
                 let first = !self.synced.swap(true, Ordering::Relaxed);
                 if first || writes > 0 {
                     tracing::info!(
@@ -423,6 +415,15 @@ impl Controller for ProxyController {
     }
 }
 
+/// Now, in seconds since the epoch with a fraction (trigger times and the metric's
+/// timestamp are compared at sub-second precision, which `calyx_ipam::unix_now` lacks).
+fn epoch_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
+}
+
 fn remove_nft_tables(backend: &dyn nft::Backend) {
     for family in IpFamily::BOTH {
         let result = backend.dump(family, nftables::TABLE).and_then(|current| {
@@ -456,7 +457,7 @@ fn remove_iptables_chains(backend: &dyn ipt::Backend) {
 
 /// At start with --proxy-mode off: remove the nftables table a previous run left. The
 /// iptables chains carry kube-proxy's names and may be kube-proxy's own: left alone.
-pub fn cleanup_stale(_: Option<ProxyMode>) {
+pub fn cleanup_stale() {
     remove_nft_tables(&NftCommand);
 }
 

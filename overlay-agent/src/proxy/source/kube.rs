@@ -54,16 +54,60 @@ async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
     Ok(Client::try_from(config)?)
 }
 
+/// What one watcher has seen, converted, keyed by the object's namespace and name.
+struct Followed<T> {
+    objects: BTreeMap<ServiceKey, Arc<T>>,
+    /// Objects of a listing in progress (replacing `objects` when it is done).
+    listing: Option<BTreeMap<ServiceKey, Arc<T>>>,
+    listed: bool,
+}
+
+impl<T> Default for Followed<T> {
+    fn default() -> Self {
+        Followed {
+            objects: BTreeMap::new(),
+            listing: None,
+            listed: false,
+        }
+    }
+}
+
+impl<T> Followed<T> {
+    /// One watcher event; `convert` gives None for an object to leave out (skipped or
+    /// invalid: an update that makes an object so removes it).
+    fn event<K: Resource>(&mut self, event: Event<K>, convert: impl Fn(&K) -> Option<T>) {
+        match event {
+            Event::Init => self.listing = Some(BTreeMap::new()),
+            Event::InitApply(object) => {
+                if let Some(value) = convert(&object) {
+                    self.listing
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(key_of(&object), Arc::new(value));
+                }
+            }
+            Event::InitDone => {
+                self.objects = self.listing.take().unwrap_or_default();
+                self.listed = true;
+            }
+            Event::Apply(object) => {
+                let key = key_of(&object);
+                match convert(&object) {
+                    Some(value) => self.objects.insert(key, Arc::new(value)),
+                    None => self.objects.remove(&key),
+                };
+            }
+            Event::Delete(object) => {
+                self.objects.remove(&key_of(&object));
+            }
+        }
+    }
+}
+
 /// What the watchers have seen, converted.
 #[derive(Default)]
 struct Mirror {
-    services: BTreeMap<ServiceKey, Arc<Service>>,
-    slices: BTreeMap<ServiceKey, Arc<Slice>>,
-    /// Objects of a listing in progress (replacing the map when it is done).
-    listing_services: Option<BTreeMap<ServiceKey, Arc<Service>>>,
-    listing_slices: Option<BTreeMap<ServiceKey, Arc<Slice>>>,
-    services_listed: bool,
-    slices_listed: bool,
+    services: Followed<Service>,
+    slices: Followed<Slice>,
 }
 
 fn key_of<K: Resource>(object: &K) -> ServiceKey {
@@ -74,65 +118,10 @@ fn key_of<K: Resource>(object: &K) -> ServiceKey {
 }
 
 impl Mirror {
-    fn service_event(&mut self, event: Event<KubeService>) {
-        match event {
-            Event::Init => self.listing_services = Some(BTreeMap::new()),
-            Event::InitApply(object) => {
-                let key = key_of(&object);
-                if let Some(service) = convert_service(&object) {
-                    self.listing_services
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(key, Arc::new(service));
-                }
-            }
-            Event::InitDone => {
-                self.services = self.listing_services.take().unwrap_or_default();
-                self.services_listed = true;
-            }
-            Event::Apply(object) => {
-                let key = key_of(&object);
-                match convert_service(&object) {
-                    Some(service) => self.services.insert(key, Arc::new(service)),
-                    None => self.services.remove(&key),
-                };
-            }
-            Event::Delete(object) => {
-                self.services.remove(&key_of(&object));
-            }
-        }
-    }
-
-    fn slice_event(&mut self, event: Event<EndpointSlice>) {
-        match event {
-            Event::Init => self.listing_slices = Some(BTreeMap::new()),
-            Event::InitApply(object) => {
-                if let Some((key, slice)) = convert_slice(&object) {
-                    self.listing_slices
-                        .get_or_insert_with(BTreeMap::new)
-                        .insert(key, Arc::new(slice));
-                }
-            }
-            Event::InitDone => {
-                self.slices = self.listing_slices.take().unwrap_or_default();
-                self.slices_listed = true;
-            }
-            Event::Apply(object) => {
-                let key = key_of(&object);
-                match convert_slice(&object) {
-                    Some((_, slice)) => self.slices.insert(key, Arc::new(slice)),
-                    None => self.slices.remove(&key),
-                };
-            }
-            Event::Delete(object) => {
-                self.slices.remove(&key_of(&object));
-            }
-        }
-    }
-
     fn state(&self) -> Option<ProxyState> {
-        (self.services_listed && self.slices_listed).then(|| ProxyState {
-            services: self.services.clone(),
-            slices: self.slices.clone(),
+        (self.services.listed && self.slices.listed).then(|| ProxyState {
+            services: self.services.objects.clone(),
+            slices: self.slices.objects.clone(),
         })
     }
 }
@@ -151,9 +140,10 @@ fn convert_service(object: &KubeService) -> Option<Service> {
     }
 }
 
-fn convert_slice(object: &EndpointSlice) -> Option<(ServiceKey, Slice)> {
+/// The slice (its own key is the object's, as for every object here).
+fn convert_slice(object: &EndpointSlice) -> Option<Slice> {
     match objects::endpoint_slice(object) {
-        Ok(Converted::Object(pair)) => Some(pair),
+        Ok(Converted::Object((_, slice))) => Some(slice),
         Ok(Converted::Skip(why)) => {
             tracing::debug!(slice = %key_of(object), why, "not used");
             None
@@ -216,7 +206,7 @@ fn apply(mirror: &mut Mirror, update: Update) -> bool {
         Update::Service(boxed) => match *boxed {
             Ok(event) => {
                 let listing = matches!(event, Event::Init | Event::InitApply(_));
-                mirror.service_event(event);
+                mirror.services.event(event, convert_service);
                 !listing
             }
             Err(e) => {
@@ -227,7 +217,7 @@ fn apply(mirror: &mut Mirror, update: Update) -> bool {
         Update::Slice(boxed) => match *boxed {
             Ok(event) => {
                 let listing = matches!(event, Event::Init | Event::InitApply(_));
-                mirror.slice_event(event);
+                mirror.slices.event(event, convert_slice);
                 !listing
             }
             Err(e) => {
