@@ -351,8 +351,18 @@ impl View {
                 )));
             }
         }
-        if first_look && self.snapshot.is_none() && self.lines == 0 && meta.size() == 0 {
-            // Only a compaction leaves an empty journal, and it writes the snapshot first.
+        // An empty journal without a snapshot: a compaction's (it wrote the snapshot
+        // first, and records the new journal as committed to byte 0) whose snapshot
+        // went, or a new store's first writer between creating the journal and writing
+        // its first line (no record names the journal yet): nothing to read then.
+        let compacted =
+            || CommittedEnd::read(lock_path).filter(|c| c.journal == identity && c.end == 0);
+        if first_look
+            && self.snapshot.is_none()
+            && self.lines == 0
+            && meta.size() == 0
+            && compacted().is_some_and(|c| reread_agrees(&c))
+        {
             return Err(ReadError::Damaged(format!(
                 "{} is missing beside an empty journal {}",
                 path.display(),
@@ -555,7 +565,7 @@ impl FileStore {
         if view.offset > COMPACT_MIN.max(snapshot_size) {
             // The commit is durable already: a compaction that fails (a full disk) is
             // tried again at the next commit, and must not make this one look failed.
-            if let Err(e) = self.compact(&mut view) {
+            if let Err(e) = self.compact(&mut view, &lock) {
                 tracing::warn!(store = %self.path.display(), error = %e, "compaction failed; the journal keeps growing until it succeeds");
             }
         }
@@ -618,21 +628,21 @@ impl FileStore {
         }
         view.offset += text.len() as u64;
         view.lines += 1;
-        let record = CommittedEnd {
-            journal: identity,
-            end: view.offset,
-        };
-        {
-            use std::os::unix::fs::FileExt;
-            if let Err(e) = lock.write_at(record.encode().as_bytes(), 0) {
-                tracing::warn!(lock = %self.lock_path.display(), error = %e, "record the committed end");
-            }
-        }
+        record_committed_end(
+            lock,
+            &self.lock_path,
+            CommittedEnd {
+                journal: identity,
+                end: view.offset,
+            },
+        );
         Ok(())
     }
 
-    /// The whole state to a new snapshot, then a new empty journal.
-    fn compact(&self, view: &mut View) -> std::io::Result<()> {
+    /// The whole state to a new snapshot, then a new empty journal, recorded as
+    /// committed to byte 0 (so that readers can tell it from a new store's journal
+    /// that its first writer has not written yet).
+    fn compact(&self, view: &mut View, lock: &File) -> std::io::Result<()> {
         let data = serde_json::to_vec(&*view.contents).expect("store contents serialise");
         self.replace_file(&self.path, &data)?;
         self.replace_file(&self.journal_path, b"")?;
@@ -641,7 +651,19 @@ impl FileStore {
             .ok()
             .map(|m| (m.dev(), m.ino()));
         view.offset = 0;
+        if let Some(journal) = view.journal {
+            record_committed_end(lock, &self.lock_path, CommittedEnd { journal, end: 0 });
+        }
         Ok(())
+    }
+}
+
+/// Writes the committed-end record at the start of the lock file (a pwrite, no fsync:
+/// see `CommittedEnd`); a failure only weakens the cut-off check, so it is logged.
+fn record_committed_end(lock: &File, lock_path: &Path, record: CommittedEnd) {
+    use std::os::unix::fs::FileExt;
+    if let Err(e) = lock.write_at(record.encode().as_bytes(), 0) {
+        tracing::warn!(lock = %lock_path.display(), error = %e, "record the committed end");
     }
 }
 
