@@ -115,6 +115,19 @@ impl EtcdConfig {
     }
 }
 
+/// Whether an error's chain holds a transport or I/O failure: the request did not
+/// reach a working server, so the store is unavailable, not wrong.
+fn caused_by_transport(status: &tonic::Status) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(status);
+    while let Some(err) = cause {
+        if err.is::<tonic::transport::Error>() || err.is::<std::io::Error>() {
+            return true;
+        }
+        cause = err.source();
+    }
+    false
+}
+
 pub struct EtcdStore {
     config: EtcdConfig,
     client: tokio::sync::OnceCell<Client>,
@@ -143,6 +156,9 @@ impl EtcdStore {
                 tonic::Code::Unavailable
                 | tonic::Code::DeadlineExceeded
                 | tonic::Code::Cancelled => self.unavailable(err),
+                // A connection that breaks mid-request (etcd killed) comes back as
+                // Unknown with the transport error as its source.
+                tonic::Code::Unknown if caused_by_transport(status) => self.unavailable(err),
                 _ => StoreError::Io {
                     location: self.location(),
                     reason: err.to_string(),
@@ -463,5 +479,19 @@ mod tests {
             let err = parse(url).unwrap_err().to_string();
             assert!(err.contains(says), "{url}: {err}");
         }
+    }
+
+    #[test]
+    fn a_connection_broken_mid_request_is_unavailable_not_an_io_error() {
+        let store = EtcdStore::new(parse("etcd://127.0.0.1:2379").unwrap());
+        let broken = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "stream closed");
+        let status = tonic::Status::from_error(Box::new(broken));
+        assert_eq!(status.code(), tonic::Code::Unknown);
+        let err = store.error(etcd_client::Error::GRpcStatus(status));
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err}");
+
+        let refused = tonic::Status::unknown("a server-side failure");
+        let err = store.error(etcd_client::Error::GRpcStatus(refused));
+        assert!(matches!(err, StoreError::Io { .. }), "{err}");
     }
 }
