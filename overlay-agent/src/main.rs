@@ -22,7 +22,7 @@ use ipnetwork::IpNetwork;
 use crate::metrics::Metrics;
 use crate::overlay::{registration, OverlayConfig, OverlayController};
 use crate::proxy::{ProxyConfig, ProxyController, ProxyMode};
-use crate::runtime::Triggers;
+use crate::runtime::{Schedule, Triggers};
 
 /// Every flag can also come from its environment variable or, below both, from the
 /// JSON config file (`--config`, keys in camelCase: {"nodeName": ..., "datastore": ...}).
@@ -103,6 +103,16 @@ struct Args {
     /// Node addresses NodePorts answer on, as CIDRs (default: the underlay address).
     #[arg(long, env = "CALYX_NODEPORT_ADDRESSES", value_delimiter = ',')]
     nodeport_addresses: Vec<IpNetwork>,
+    /// How often the service proxy checks that the kernel still holds its rules (its
+    /// jumps in the builtin chains, its table and chains), as kube-proxy's syncPeriod.
+    #[arg(long, env = "CALYX_PROXY_SYNC_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    proxy_sync_seconds: u64,
+    /// How often the service proxy re-reads every rule and recomputes every Service
+    /// (kube-proxy's full sync period, one hour; changes are applied as they come).
+    #[arg(long, env = "CALYX_PROXY_FULL_SYNC_SECONDS", default_value_t = 3600,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    proxy_full_sync_seconds: u64,
     /// Remove everything the service proxy created (both modes) and exit.
     #[arg(long)]
     proxy_cleanup: bool,
@@ -249,7 +259,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 },
             };
             let controller = ProxyController::start(config, metrics.clone(), triggers.clone())?;
-            Some(tokio::spawn(runtime::run(controller, triggers, rx, resync)))
+            let schedule = Schedule {
+                resync: Duration::from_secs(args.proxy_full_sync_seconds),
+                check: Some(Duration::from_secs(args.proxy_sync_seconds)),
+            };
+            Some(tokio::spawn(runtime::run(
+                controller, triggers, rx, schedule,
+            )))
         }
     };
 
@@ -276,7 +292,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             return Ok(());
         }
     };
-    let overlay = tokio::spawn(runtime::run(overlay, triggers, rx, resync));
+    let overlay = tokio::spawn(runtime::run(
+        overlay,
+        triggers,
+        rx,
+        Schedule::resync(resync),
+    ));
     sigterm.recv().await;
     // Leave the dataplane as it is: pods and Services keep working while the agent is away.
     tracing::info!("SIGTERM: exiting, dataplane left in place");

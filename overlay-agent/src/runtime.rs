@@ -1,6 +1,7 @@
 //! What every controller in the agent shares: a trigger channel, coalescing of bursts,
-//! a periodic full resync, and retries with backoff after a failed run. A controller
-//! only says how to reconcile once.
+//! a periodic full resync (and, for controllers that ask, a cheaper periodic check),
+//! and retries with backoff after a failed run. A controller only says how to
+//! reconcile once.
 
 use std::future::Future;
 use std::time::Duration;
@@ -16,6 +17,9 @@ pub enum Trigger {
     Source,
     /// The kernel lost something the controller owns.
     Kernel,
+    /// A periodic look at whether the kernel still holds what was written, cheaper
+    /// than a resync: the controller decides whether a full run is needed.
+    Check,
     Resync,
 }
 
@@ -52,26 +56,55 @@ impl Triggers {
 /// How long a burst of triggers is gathered into one run.
 const COALESCE: Duration = Duration::from_millis(10);
 
+/// When a controller runs without being triggered.
+#[derive(Debug, Clone, Copy)]
+pub struct Schedule {
+    /// A full run every so often.
+    pub resync: Duration,
+    /// A `Check` run every so often, if the controller has a cheap check.
+    pub check: Option<Duration>,
+}
+
+impl Schedule {
+    pub fn resync(every: Duration) -> Schedule {
+        Schedule {
+            resync: every,
+            check: None,
+        }
+    }
+
+    /// The longest wait between retries of a failing run: the shorter period.
+    fn backoff_cap(&self) -> Duration {
+        self.check.map_or(self.resync, |c| c.min(self.resync))
+    }
+}
+
+/// Fires `trigger` every `period` (not at once) until the controller is gone.
+fn tick(triggers: Triggers, period: Duration, trigger: Trigger) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if !triggers.fire(trigger) {
+                return;
+            }
+        }
+    });
+}
+
 /// Runs `controller` until its trigger channel closes: a Startup run at once, a full
-/// run every `resync`, a run on each burst of triggers, retries after failures.
+/// run every `schedule.resync`, a Check run every `schedule.check`, a run on each
+/// burst of triggers, retries after failures.
 pub async fn run<C: Controller>(
     mut controller: C,
     triggers: Triggers,
     mut rx: mpsc::UnboundedReceiver<Trigger>,
-    resync: Duration,
+    schedule: Schedule,
 ) {
-    {
-        let triggers = triggers.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(resync);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                if !triggers.fire(Trigger::Resync) {
-                    return;
-                }
-            }
-        });
+    tick(triggers.clone(), schedule.resync, Trigger::Resync);
+    if let Some(check) = schedule.check {
+        tick(triggers.clone(), check, Trigger::Check);
     }
     triggers.fire(Trigger::Startup);
     drop(triggers);
@@ -79,8 +112,8 @@ pub async fn run<C: Controller>(
     let mut retry: Option<(Trigger, bool)> = None;
     let mut failures = 0u32;
     loop {
-        let wait = failure_backoff(failures, resync);
-        let (trigger, mut full) = tokio::select! {
+        let wait = failure_backoff(failures, schedule.backoff_cap());
+        let (mut trigger, mut full) = tokio::select! {
             t = rx.recv(), if retry.is_none() => match t {
                 Some(t) => (t, t.is_full()),
                 None => return,
@@ -88,10 +121,14 @@ pub async fn run<C: Controller>(
             _ = tokio::time::sleep(wait), if retry.is_some() => retry.take().expect("set"),
         };
         // Coalesce a burst of triggers (and what came in during a backoff: a failing
-        // run's own kernel events among them) into one run; full if any asked for it.
+        // run's own kernel events among them) into one run; full if any asked for it,
+        // and a check if any asked for one (a check run handles events too).
         tokio::time::sleep(COALESCE).await;
         while let Ok(t) = rx.try_recv() {
             full |= t.is_full();
+            if t == Trigger::Check {
+                trigger = t;
+            }
         }
         if controller.reconcile(trigger, full).await {
             failures = 0;
@@ -104,7 +141,7 @@ pub async fn run<C: Controller>(
 }
 
 /// How long to wait before retrying after `failures` failed runs in a row: 200 ms,
-/// doubling, at most `cap` (the resync interval), so a run that keeps failing (and
+/// doubling, at most `cap` (the shorter periodic interval), so a run that keeps failing (and
 /// keeps waking itself through its own kernel events) does not spin.
 pub fn failure_backoff(failures: u32, cap: Duration) -> Duration {
     let wait = Duration::from_millis(200).saturating_mul(1 << failures.saturating_sub(1).min(16));
@@ -153,7 +190,7 @@ mod tests {
             controller,
             triggers.clone(),
             rx,
-            Duration::from_secs(60),
+            Schedule::resync(Duration::from_secs(60)),
         ));
         tokio::time::sleep(Duration::from_millis(100)).await;
         // Startup failed; its retry comes after 200 ms with no trigger at all.

@@ -75,6 +75,8 @@ fn cluster(mode: &str, etcd: bool) -> Option<TestCluster> {
         agent_args: vec![
             "--resync-seconds".into(),
             "5".into(),
+            "--proxy-sync-seconds".into(),
+            "1".into(),
             "--proxy-mode".into(),
             mode.into(),
             "--services-dir".into(),
@@ -735,10 +737,54 @@ fn restart_and_switch(mode: &str) {
             .join("\n")
         }
     };
+    // Rules lost by hand come back at the next periodic check (every second here; the
+    // full sync, hourly, is not what brings them back).
+    if mode == "nftables" {
+        must(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &node1,
+                "nft",
+                "delete",
+                "table",
+                "ip",
+                "calyx-proxy",
+            ],
+        );
+    } else {
+        let prerouting = must(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &node1,
+                "iptables",
+                "-t",
+                "nat",
+                "-S",
+                "PREROUTING",
+            ],
+        );
+        let jump = prerouting
+            .lines()
+            .find(|l| l.contains("-j KUBE-SERVICES"))
+            .unwrap_or_else(|| panic!("no jump to KUBE-SERVICES:\n{prerouting}"));
+        // The rule as -S prints it, quotes and all: the shell splits it.
+        let delete = format!("iptables -t nat {}", jump.replacen("-A", "-D", 1));
+        must("ip", &["netns", "exec", &node1, "sh", "-c", &delete]);
+    }
+    wait_until(
+        "the Service answering again after its rules were deleted by hand",
+        Duration::from_secs(10),
+        || ask_tcp_within(&c1, addr("10.96.0.10", 80), Duration::from_millis(500)).is_ok(),
+    )
+    .unwrap();
     if mode == "iptables" {
-        // The proxy's filter jumps go above the overlay's at its next full sync when
-        // the overlay inserted its own after the proxy's first (5 s here); only then
-        // is everything as wanted, and a restart must write nothing.
+        // The proxy's filter jumps go above the overlay's at its next check when the
+        // overlay inserted its own after the proxy's first; only then is everything
+        // as wanted, and a restart must write nothing.
         wait_until(
             "the proxy's jumps first in FORWARD",
             Duration::from_secs(15),

@@ -288,6 +288,19 @@ pub trait Backend: Send + Sync {
     /// The owned chains and the jumps into them, as the kernel holds them.
     fn dump(&self, family: IpFamily, owner: &Ownership) -> Result<Ruleset, FirewallError>;
     fn apply(&self, tx: &Transaction) -> Result<(), FirewallError>;
+
+    /// At least the jumps from `builtin` chains (table, chain) into owned chains, with
+    /// their placement: what `RulesetSync::jumps_drifted` looks at. A backend that can
+    /// read a few chains cheaply reads only those.
+    fn dump_jumps(
+        &self,
+        family: IpFamily,
+        owner: &Ownership,
+        builtin: &[(&'static str, String)],
+    ) -> Result<Ruleset, FirewallError> {
+        let _ = builtin;
+        self.dump(family, owner)
+    }
 }
 
 /// Keeps one owner's chains as wanted (see `nft::TableSync`).
@@ -318,6 +331,32 @@ impl RulesetSync {
         }
         self.last = Some(desired.clone());
         Ok(tx)
+    }
+
+    /// Whether the kernel's jumps into the owned chains are not as last applied: one is
+    /// missing, or one that must be first sits below another owner's rule (an agent that
+    /// inserted its own jump at the top after ours). True when nothing was applied yet.
+    /// Reads only the builtin chains those jumps are in.
+    pub fn jumps_drifted(&self, backend: &dyn Backend) -> Result<bool, FirewallError> {
+        let Some(last) = &self.last else {
+            return Ok(true);
+        };
+        let mut builtin: Vec<(&'static str, String)> = last
+            .tables
+            .iter()
+            .flat_map(|(table, rules)| rules.jumps.iter().map(|j| (*table, j.from.clone())))
+            .collect();
+        builtin.sort();
+        builtin.dedup();
+        let now = backend.dump_jumps(last.family, &self.owner, &builtin)?;
+        let empty = TableRules::default();
+        Ok(last.tables.iter().any(|(table, rules)| {
+            let have = now.tables.get(table).unwrap_or(&empty);
+            rules
+                .jumps
+                .iter()
+                .any(|j| !have.jumps.contains(j) || (j.first && have.below_foreign.contains(j)))
+        }))
     }
 }
 
@@ -385,6 +424,23 @@ impl Backend for IptablesCommand {
         for table in ["nat", "filter"] {
             let save = format!("{}-save", family.iptables());
             text.push_str(&run_tool(&save, &["-t", table], None)?);
+        }
+        Ok(parse_save(family, owner, &text))
+    }
+
+    /// `iptables -S <chain>` per builtin chain: a few short listings instead of the
+    /// whole nat table (tens of thousands of rules with 10,000 Services).
+    fn dump_jumps(
+        &self,
+        family: IpFamily,
+        owner: &Ownership,
+        builtin: &[(&'static str, String)],
+    ) -> Result<Ruleset, FirewallError> {
+        let mut text = String::new();
+        for (table, chain) in builtin {
+            let listed = run_tool(family.iptables(), &["-w", "-t", table, "-S", chain], None)?;
+            let _ = writeln!(text, "*{table}");
+            text.push_str(&listed);
         }
         Ok(parse_save(family, owner, &text))
     }
@@ -641,7 +697,9 @@ mod tests {
         let mut want = ruleset(&[]);
         want.table("filter").jumps[0].first = true;
         let mut sync = RulesetSync::new(owner());
+        assert!(sync.jumps_drifted(&fake).unwrap(), "nothing applied yet");
         sync.sync(&fake, &want, false).unwrap();
+        assert!(!sync.jumps_drifted(&fake).unwrap());
         // Another owner inserts its own rule on top.
         fake.append_foreign(IpFamily::V4, "filter", "OTHER", "-j ACCEPT");
         let mut other = Ruleset::new(IpFamily::V4);
@@ -655,14 +713,25 @@ mod tests {
             fake.chain(IpFamily::V4, "filter", "FORWARD").unwrap(),
             ["-j OTHER", "-j CALYX-FORWARD"]
         );
-        // Between full syncs nothing moves; a full sync puts ours first again, once.
+        // Between full syncs nothing moves, but the cheap check sees it; a full sync
+        // puts ours first again, once.
         assert!(sync.sync(&fake, &want, false).unwrap().is_empty());
+        assert!(sync.jumps_drifted(&fake).unwrap());
         assert!(!sync.sync(&fake, &want, true).unwrap().is_empty());
         assert_eq!(
             fake.chain(IpFamily::V4, "filter", "FORWARD").unwrap(),
             ["-j CALYX-FORWARD", "-j OTHER"]
         );
+        assert!(!sync.jumps_drifted(&fake).unwrap());
         assert!(sync.sync(&fake, &want, true).unwrap().is_empty());
+        // A jump deleted by hand is drift too.
+        let mut gone = Ruleset::new(IpFamily::V4);
+        gone.table("filter")
+            .jumps
+            .push(Jump::new("FORWARD", "-j CALYX-FORWARD"));
+        fake.apply(&plan(&gone, &Ruleset::new(IpFamily::V4)))
+            .unwrap();
+        assert!(sync.jumps_drifted(&fake).unwrap());
     }
 
     #[test]

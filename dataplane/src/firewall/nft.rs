@@ -405,6 +405,18 @@ pub fn plan_removal(current: Option<&Table>, family: IpFamily, name: &str) -> Tr
 pub trait Backend: Send + Sync {
     fn dump(&self, family: IpFamily, table: &str) -> Result<Option<Table>, FirewallError>;
     fn apply(&self, tx: &Transaction) -> Result<(), FirewallError>;
+
+    /// The names of the table's chains (None: no such table), for
+    /// `TableSync::drifted`; a backend that can list chains without their rules does.
+    fn chain_names(
+        &self,
+        family: IpFamily,
+        table: &str,
+    ) -> Result<Option<BTreeSet<String>>, FirewallError> {
+        Ok(self
+            .dump(family, table)?
+            .map(|t| t.chains.into_keys().collect()))
+    }
 }
 
 /// Keeps one table as wanted: reads the kernel on the first sync (and whenever asked
@@ -453,6 +465,20 @@ impl TableSync {
 }
 
 impl TableSync {
+    /// Whether the kernel lost the table or any of its chains since the last sync (a
+    /// flush of the ruleset, a chain deleted by hand): cheap, as it reads no rules.
+    /// Rules changed by hand are found by the next full sync. True when nothing is known.
+    pub fn drifted(&self, backend: &dyn Backend) -> Result<bool, FirewallError> {
+        let Some(last) = self.last.as_ref().filter(|_| self.known) else {
+            return Ok(true);
+        };
+        let wanted: BTreeSet<&String> = last.chains.keys().collect();
+        Ok(match backend.chain_names(last.family, &last.name)? {
+            Some(names) => names.iter().collect::<BTreeSet<_>>() != wanted,
+            None => true,
+        })
+    }
+
     /// Like `sync`, comparing only what `touched` names (the rest of `desired` must be
     /// what was applied last). Falls back to a whole comparison when nothing was
     /// applied yet.
@@ -515,6 +541,31 @@ impl Backend for NftCommand {
 
     fn apply(&self, tx: &Transaction) -> Result<(), FirewallError> {
         run_tool("nft", &["-f", "-"], Some(&tx.script())).map(|_| ())
+    }
+
+    /// `nft -j list chains <family>`: chains without rules or set elements.
+    fn chain_names(
+        &self,
+        family: IpFamily,
+        table: &str,
+    ) -> Result<Option<BTreeSet<String>>, FirewallError> {
+        let json = run_tool("nft", &["-j", "list", "chains", family.nft()], None)?;
+        let doc: serde_json::Value =
+            serde_json::from_str(&json).map_err(|e| FirewallError::Dump {
+                what: format!("chains of {}", family.nft()),
+                why: e.to_string(),
+            })?;
+        let objects = doc["nftables"].as_array().into_iter().flatten();
+        let mut table_seen = false;
+        let mut names = BTreeSet::new();
+        for chain in objects.filter_map(|o| o.get("chain")) {
+            if chain["table"].as_str() == Some(table) {
+                table_seen = true;
+                names.extend(chain["name"].as_str().map(str::to_string));
+            }
+        }
+        // A table without chains lists nothing here; ours always has its base chains.
+        Ok(table_seen.then_some(names))
     }
 }
 
@@ -848,6 +899,19 @@ mod tests {
             .sync(&fake, &want, true)
             .unwrap()
             .is_empty());
+        // The cheap check: nothing lost, until someone deletes the table.
+        assert!(!sync.drifted(&fake).unwrap());
+        let delete = Transaction {
+            family: IpFamily::V4,
+            table: "t".into(),
+            ops: vec![Op::DeleteTable],
+        };
+        fake.apply(&delete).unwrap();
+        assert!(sync.drifted(&fake).unwrap());
+        assert!(
+            TableSync::new().drifted(&fake).unwrap(),
+            "nothing known yet"
+        );
     }
 
     #[test]

@@ -107,9 +107,13 @@ impl ProxyController {
         match &config.services_dir {
             Some(dir) => {
                 tracing::info!(dir = %dir.display(), "Services and EndpointSlices from a directory");
-                source::dir::spawn(dir.clone(), publisher);
+                source::dir::spawn(dir.clone(), config.node_name.clone(), publisher);
             }
-            None => source::kube::spawn(config.kubeconfig.clone(), publisher)?,
+            None => source::kube::spawn(
+                config.kubeconfig.clone(),
+                config.node_name.clone(),
+                publisher,
+            )?,
         }
         let controller = ProxyController::new(config, Backends::kernel(), snapshot, metrics);
         tokio::task::block_in_place(|| controller.remove_other_modes());
@@ -181,8 +185,11 @@ impl ProxyController {
         }
         // A full run (start, resync) recomputes every Service and compares the whole
         // table with the kernel; otherwise only the Services whose objects changed.
+        // A new zone for this node can change every Service's endpoints (hints).
         let changed = match &self.applied_state {
-            Some(before) if !full => Some(state.changed_services(before)),
+            Some(before) if !full && before.node_zone == state.node_zone => {
+                Some(state.changed_services(before))
+            }
             _ => None,
         };
         let t0 = Instant::now();
@@ -219,7 +226,11 @@ impl ProxyController {
                     .get(&key)
                     .map(|svc| {
                         let own = slices.get(&key).map(Vec::as_slice).unwrap_or(&[]);
-                        model::service_port_plans(svc, own, &self.node, family)
+                        let here = model::Here {
+                            node: &self.node,
+                            zone: state.node_zone.as_deref(),
+                        };
+                        model::service_port_plans(svc, own, here, family)
                     })
                     .unwrap_or_default();
                 let before = self.applied[i].remove(&key).unwrap_or_default();
@@ -321,6 +332,36 @@ impl ProxyController {
         Ok(Some(self.programmed(writes)))
     }
 
+    /// The periodic check: whether the kernel lost anything this mode wrote (a table or
+    /// chain deleted, a jump removed or pushed below another agent's), read cheaply.
+    /// Only a synced proxy checks; a failed look counts as drift.
+    fn kernel_drifted(&self) -> bool {
+        if self.applied_state.is_none() {
+            return false;
+        }
+        let drifted = IpFamily::BOTH
+            .into_iter()
+            .enumerate()
+            .find_map(|(i, family)| {
+                let looked = match self.mode {
+                    ProxyMode::Nftables => self.tables[i].drifted(self.backends.nft.as_ref()),
+                    ProxyMode::Iptables => {
+                        self.rulesets[i].jumps_drifted(self.backends.iptables.as_ref())
+                    }
+                    ProxyMode::Off => Ok(false),
+                };
+                match looked {
+                    Ok(false) => None,
+                    Ok(true) => Some((family, "rules lost or moved".to_string())),
+                    Err(e) => Some((family, format!("could not look: {e}"))),
+                }
+            });
+        if let Some((family, why)) = &drifted {
+            tracing::warn!(%family, why, "the kernel no longer holds what the service proxy wrote; syncing everything");
+        }
+        drifted.is_some()
+    }
+
     fn programmed(&self, writes: usize) -> Programmed {
         let plans = || self.applied.iter().flat_map(|m| m.values().flatten());
         Programmed {
@@ -359,7 +400,10 @@ impl Controller for ProxyController {
 
     async fn reconcile(&mut self, trigger: Trigger, full: bool) -> bool {
         let started = Instant::now();
-        let outcome = tokio::task::block_in_place(|| self.sync(full));
+        let outcome = tokio::task::block_in_place(|| {
+            let full = full || (trigger == Trigger::Check && self.kernel_drifted());
+            self.sync(full)
+        });
         let elapsed = started.elapsed().as_secs_f64();
         let m = &self.metrics.proxy;
         match outcome {
@@ -568,15 +612,7 @@ mod tests {
             publisher.publish(Arc::new(st.clone()));
             let written = c.sync(false).unwrap().unwrap();
             assert!(written.writes > 0, "step {n} wrote nothing");
-            let mut plans = Vec::new();
-            for svc in st.services.values() {
-                let own: Vec<&Arc<model::Slice>> = st
-                    .slices
-                    .values()
-                    .filter(|s| s.service == svc.key)
-                    .collect();
-                plans.extend(model::service_port_plans(svc, &own, "n1", IpFamily::V4));
-            }
+            let plans = model::port_plans(&st, "n1", IpFamily::V4);
             let whole = nftables::desired_table(&plans, IpFamily::V4, &c.ctx);
             let mut held = kernel.table(IpFamily::V4, nftables::TABLE).unwrap();
             // The fake keeps what was written; compare like with like.

@@ -80,6 +80,10 @@ pub struct Endpoint {
     pub serving: bool,
     pub terminating: bool,
     pub node: Option<String>,
+    /// Topology hints: the zones (`hints.forZones`) and nodes (`hints.forNodes`) this
+    /// endpoint is meant for; empty when the slice gives none.
+    pub zone_hints: Vec<String>,
+    pub node_hints: Vec<String>,
 }
 
 /// One EndpointSlice.
@@ -100,6 +104,8 @@ pub struct ProxyState {
     /// next snapshot: the controller recomputes only Services whose objects moved.
     pub services: BTreeMap<ServiceKey, Arc<Service>>,
     pub slices: BTreeMap<ServiceKey, Arc<Slice>>,
+    /// This node's `topology.kubernetes.io/zone` label, for topology hints.
+    pub node_zone: Option<String>,
 }
 
 impl ProxyState {
@@ -232,23 +238,75 @@ impl PortPlan {
 #[cfg(test)]
 pub fn port_plans(state: &ProxyState, node: &str, family: IpFamily) -> Vec<PortPlan> {
     let slices = state.slices_by_service();
+    let here = Here {
+        node,
+        zone: state.node_zone.as_deref(),
+    };
     state
         .services
         .values()
         .flat_map(|service| {
             let own = slices.get(&service.key).map(Vec::as_slice).unwrap_or(&[]);
-            service_port_plans(service, own, node, family)
+            service_port_plans(service, own, here, family)
         })
         .collect()
+}
+
+/// Where the proxy runs: what traffic policies and topology hints are judged by.
+#[derive(Debug, Clone, Copy)]
+pub struct Here<'a> {
+    pub node: &'a str,
+    /// The node's `topology.kubernetes.io/zone` label.
+    pub zone: Option<&'a str>,
+}
+
+/// Which topology hints cluster traffic follows (kube-proxy's `topologyModeFromHints`):
+/// those for this node when every ready endpoint has node hints and one names this
+/// node; else those for this zone, likewise; else none (every endpoint).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TopologyMode {
+    Any,
+    SameNode,
+    SameZone,
+}
+
+fn topology_mode(endpoints: &[(SocketAddr, &Endpoint)], here: Here) -> TopologyMode {
+    let ready = || endpoints.iter().map(|(_, e)| *e).filter(|e| e.ready);
+    let has = |hints: &[String], wanted: Option<&str>| {
+        wanted.is_some_and(|w| hints.iter().any(|h| h == w))
+    };
+    if ready().next().is_none() {
+        return TopologyMode::Any;
+    }
+    if ready().all(|e| !e.node_hints.is_empty())
+        && ready().any(|e| has(&e.node_hints, Some(here.node)))
+    {
+        return TopologyMode::SameNode;
+    }
+    if ready().all(|e| !e.zone_hints.is_empty()) && ready().any(|e| has(&e.zone_hints, here.zone)) {
+        return TopologyMode::SameZone;
+    }
+    TopologyMode::Any
+}
+
+fn meant_for(endpoint: &Endpoint, mode: TopologyMode, here: Here) -> bool {
+    match mode {
+        TopologyMode::Any => true,
+        TopologyMode::SameNode => endpoint.node_hints.iter().any(|n| n == here.node),
+        TopologyMode::SameZone => here
+            .zone
+            .is_some_and(|z| endpoint.zone_hints.iter().any(|h| h == z)),
+    }
 }
 
 /// The port plans of one Service in one family, from its slices.
 pub fn service_port_plans(
     service: &Service,
     own_slices: &[&Arc<Slice>],
-    node: &str,
+    here: Here,
     family: IpFamily,
 ) -> Vec<PortPlan> {
+    let node = here.node;
     let in_family = |ip: &IpAddr| IpFamily::of(*ip) == family;
     let mut plans = Vec::new();
     let cluster_ips: Vec<IpAddr> = service
@@ -292,16 +350,20 @@ pub fn service_port_plans(
             }
         }
         all.sort_by_key(|(a, _)| *a);
+        // Topology hints steer cluster-wide traffic only; a Local policy already keeps
+        // traffic on this node.
+        let topology = topology_mode(&all, here);
         let usable = |local_only: bool| -> Vec<SocketAddr> {
             let candidates: Vec<&(SocketAddr, &Endpoint)> = all
                 .iter()
                 .filter(|(_, e)| !local_only || e.node.as_deref() == Some(node))
                 .collect();
             // kube-proxy: ready endpoints; when none is, the serving ones that are
-            // terminating, so a rolling update with no ready pod left still works.
+            // terminating, so a rolling update with no ready pod left still works
+            // (hints are ignored then: no ready endpoint anywhere).
             let ready: Vec<SocketAddr> = candidates
                 .iter()
-                .filter(|(_, e)| e.ready)
+                .filter(|(_, e)| e.ready && (local_only || meant_for(e, topology, here)))
                 .map(|(a, _)| *a)
                 .collect();
             if !ready.is_empty() {
@@ -406,6 +468,8 @@ pub mod tests {
             serving: true,
             terminating: false,
             node: Some(node.into()),
+            zone_hints: vec![],
+            node_hints: vec![],
         }
     }
 
@@ -432,6 +496,7 @@ pub mod tests {
                 .into_iter()
                 .map(|s| (s.service.clone(), Arc::new(s)))
                 .collect(),
+            node_zone: None,
         }
     }
 
@@ -468,6 +533,68 @@ pub mod tests {
         let plans = port_plans(&st, "n1", IpFamily::V4);
         assert!(plans[0].cluster.endpoints.is_empty());
         assert_eq!(plans[0].cluster.otherwise, NoEndpoints::Reject);
+    }
+
+    #[test]
+    fn topology_hints_steer_cluster_traffic_to_this_zone_or_node_when_every_endpoint_has_them() {
+        let hinted = |ip: &str, node: &str, zone: &str| Endpoint {
+            zone_hints: vec![zone.into()],
+            node_hints: vec![node.into()],
+            ..endpoint(ip, node)
+        };
+        let mut web = service("web", "10.96.0.10", 80);
+        web.external_local = true;
+        let mut st = state(
+            vec![web],
+            vec![slice(
+                "web",
+                8080,
+                vec![
+                    hinted("10.244.1.2", "n1", "a"),
+                    hinted("10.244.2.2", "n2", "a"),
+                    hinted("10.244.3.2", "n3", "b"),
+                ],
+            )],
+        );
+        let every = addrs(&["10.244.1.2:8080", "10.244.2.2:8080", "10.244.3.2:8080"]);
+        // Node hints for this node win (PreferSameNode)...
+        assert_eq!(
+            port_plans(&st, "n1", IpFamily::V4)[0].cluster.endpoints,
+            addrs(&["10.244.1.2:8080"])
+        );
+        // ...on a node no endpoint names, the zone's (PreferClose), if the node has one.
+        st.node_zone = Some("a".into());
+        let on_n4 = &port_plans(&st, "n4", IpFamily::V4)[0];
+        assert_eq!(
+            on_n4.cluster.endpoints,
+            addrs(&["10.244.1.2:8080", "10.244.2.2:8080"])
+        );
+        // Local policies are not narrowed further: eTP Local keeps the node's own.
+        assert!(on_n4.external.endpoints.is_empty());
+        st.node_zone = Some("c".into());
+        assert_eq!(
+            port_plans(&st, "n4", IpFamily::V4)[0].cluster.endpoints,
+            every
+        );
+        st.node_zone = None;
+        assert_eq!(
+            port_plans(&st, "n4", IpFamily::V4)[0].cluster.endpoints,
+            every
+        );
+        // One ready endpoint without hints: hints are ignored altogether.
+        st.node_zone = Some("a".into());
+        slice_mut(&mut st, "web").endpoints[2].zone_hints.clear();
+        slice_mut(&mut st, "web").endpoints[2].node_hints.clear();
+        assert_eq!(
+            port_plans(&st, "n1", IpFamily::V4)[0].cluster.endpoints,
+            every
+        );
+        // An unready endpoint does not count, with or without hints.
+        slice_mut(&mut st, "web").endpoints[2].ready = false;
+        assert_eq!(
+            port_plans(&st, "n4", IpFamily::V4)[0].cluster.endpoints,
+            addrs(&["10.244.1.2:8080", "10.244.2.2:8080"])
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! `--services-dir`: Services and EndpointSlices from files, as `kubectl get -o yaml`
-//! or `-o json` prints them (several YAML documents and `kind: List` allowed). The
+//! or `-o json` prints them, and this node's Node object if one is there (its zone
+//! label, for topology hints) (several YAML documents and `kind: List` allowed). The
 //! directory is watched (inotify) and polled as a fallback; a changed file is read
 //! again and takes effect at once, within a second at worst.
 //! A file that does not parse keeps its last good objects; an invalid object is
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::Service as KubeService;
+use k8s_openapi::api::core::v1::{Node, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
@@ -26,6 +27,8 @@ pub const POLL: Duration = Duration::from_millis(500);
 pub struct FileObjects {
     pub services: Vec<Arc<Service>>,
     pub slices: Vec<(ServiceKey, Arc<Slice>)>,
+    /// Nodes: name and zone.
+    pub nodes: Vec<(String, Option<String>)>,
 }
 
 /// A problem with part of a file; the rest of it is used.
@@ -92,7 +95,13 @@ fn convert(item: Value, into: &mut FileObjects) -> Result<(), String> {
                 Converted::Skip(why) => tracing::debug!(slice = %name, why, "not used"),
             }
         }
-        _ => return Err(format!("{api} {kind} {name}: ignored (only v1 Service and discovery.k8s.io/v1 EndpointSlice are read)")),
+        ("v1", "Node") => {
+            let parsed: Node = serde_path_to_error::deserialize(item)
+                .map_err(|e| format!("Node {name}: field {}: {}", e.path(), e.inner()))?;
+            into.nodes
+                .push((name, objects::node_zone(&parsed.metadata)));
+        }
+        _ => return Err(format!("{api} {kind} {name}: ignored (only v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node are read)")),
     }
     Ok(())
 }
@@ -118,6 +127,8 @@ fn stamp(path: &Path) -> Option<Stamp> {
 /// The directory's files and what each held when last read well.
 pub struct DirSource {
     dir: PathBuf,
+    /// This node's name: its Node object gives the zone.
+    node: String,
     files: BTreeMap<PathBuf, (Stamp, FileObjects)>,
     listed: bool,
     /// Every file's objects together, patched file by file.
@@ -125,9 +136,10 @@ pub struct DirSource {
 }
 
 impl DirSource {
-    pub fn new(dir: PathBuf) -> DirSource {
+    pub fn new(dir: PathBuf, node: String) -> DirSource {
         DirSource {
             dir,
+            node,
             files: BTreeMap::new(),
             listed: false,
             merged: ProxyState::default(),
@@ -231,10 +243,18 @@ impl DirSource {
         for (key, slice) in &objects.slices {
             self.merged.slices.insert(key.clone(), slice.clone());
         }
+        for (name, zone) in &objects.nodes {
+            if *name == self.node {
+                self.merged.node_zone = zone.clone();
+            }
+        }
     }
 
     /// Takes a file's objects out (those another file has since redefined stay).
     fn unmerge(&mut self, objects: &FileObjects) {
+        if objects.nodes.iter().any(|(name, _)| *name == self.node) {
+            self.merged.node_zone = None;
+        }
         for s in &objects.services {
             if self
                 .merged
@@ -259,7 +279,7 @@ impl DirSource {
 }
 
 /// Follows the directory for as long as the publisher has readers.
-pub fn spawn(dir: PathBuf, publisher: Publisher) {
+pub fn spawn(dir: PathBuf, node: String, publisher: Publisher) {
     std::thread::Builder::new()
         .name("services-dir".into())
         .spawn(move || {
@@ -277,7 +297,7 @@ pub fn spawn(dir: PathBuf, publisher: Publisher) {
                 tracing::warn!(dir = %dir.display(), error = %e, "no change events; polling every {POLL:?}")
             })
             .ok();
-            let mut source = DirSource::new(dir);
+            let mut source = DirSource::new(dir, node);
             loop {
                 let started = std::time::Instant::now();
                 if let Some(state) = source.scan() {
@@ -314,7 +334,7 @@ mod tests {
         ]});
         std::fs::write(dir.path().join("b.json"), list.to_string()).unwrap();
         std::fs::write(dir.path().join("notes.txt"), "not read").unwrap();
-        let mut source = DirSource::new(dir.path().into());
+        let mut source = DirSource::new(dir.path().into(), "n1".into());
         let state = source.scan().expect("first scan");
         assert_eq!(state.services.len(), 2);
         assert_eq!(state.slices.len(), 1);
@@ -322,11 +342,32 @@ mod tests {
     }
 
     #[test]
+    fn this_nodes_zone_label_comes_from_its_node_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = |name: &str, zone: &str| {
+            format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels:\n    topology.kubernetes.io/zone: {zone}\n")
+        };
+        let path = dir.path().join("nodes.yaml");
+        std::fs::write(
+            &path,
+            format!("{}---\n{}", node("n2", "b"), node("n1", "a")),
+        )
+        .unwrap();
+        let mut source = DirSource::new(dir.path().into(), "n1".into());
+        assert_eq!(source.scan().unwrap().node_zone.as_deref(), Some("a"));
+        // A label change is a change; the file going takes the zone with it.
+        std::fs::write(&path, node("n1", "c")).unwrap();
+        assert_eq!(source.scan().unwrap().node_zone.as_deref(), Some("c"));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(source.scan().unwrap().node_zone, None);
+    }
+
+    #[test]
     fn a_broken_file_keeps_its_last_good_objects_and_an_invalid_object_is_skipped() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("svc.yaml");
         std::fs::write(&path, NODEPORT_SERVICE).unwrap();
-        let mut source = DirSource::new(dir.path().into());
+        let mut source = DirSource::new(dir.path().into(), "n1".into());
         assert_eq!(source.scan().unwrap().services.len(), 1);
         std::fs::write(&path, "apiVersion: v1\nkind: Service\n  bad: [indent\n").unwrap();
         // Changed, but the file is unusable: the Service stays.

@@ -1,7 +1,7 @@
-//! Services and EndpointSlices from the Kubernetes API, through kube's watchers: each
-//! stream lists, then watches; a watch that ends or fails (410 Gone included) is
-//! resumed or re-listed by the watcher, with backoff, never fatally. Nothing is
-//! published until both streams have listed once.
+//! Services, EndpointSlices and this node's Node (its zone label, for topology hints)
+//! from the Kubernetes API, through kube's watchers: each stream lists, then watches; a
+//! watch that ends or fails (410 Gone included) is resumed or re-listed by the watcher,
+//! with backoff, never fatally. Nothing is published until every stream has listed once.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::Service as KubeService;
+use k8s_openapi::api::core::v1::{Node, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
@@ -21,7 +21,11 @@ use crate::proxy::model::{ProxyState, Service, ServiceKey, Slice};
 
 /// Connects (in-cluster config, or `kubeconfig`) and follows the API from a task of
 /// its own; retries the connection until it works.
-pub fn spawn(kubeconfig: Option<PathBuf>, publisher: Publisher) -> anyhow::Result<()> {
+pub fn spawn(
+    kubeconfig: Option<PathBuf>,
+    node: String,
+    publisher: Publisher,
+) -> anyhow::Result<()> {
     tokio::spawn(async move {
         let mut wait = Duration::from_millis(500);
         let client = loop {
@@ -38,7 +42,7 @@ pub fn spawn(kubeconfig: Option<PathBuf>, publisher: Publisher) -> anyhow::Resul
                 }
             }
         };
-        follow(client, publisher).await;
+        follow(client, &node, publisher).await;
     });
     Ok(())
 }
@@ -108,6 +112,8 @@ impl<T> Followed<T> {
 struct Mirror {
     services: Followed<Service>,
     slices: Followed<Slice>,
+    /// This node (one object at most): its zone.
+    node: Followed<Option<String>>,
 }
 
 fn key_of<K: Resource>(object: &K) -> ServiceKey {
@@ -119,9 +125,16 @@ fn key_of<K: Resource>(object: &K) -> ServiceKey {
 
 impl Mirror {
     fn state(&self) -> Option<ProxyState> {
-        (self.services.listed && self.slices.listed).then(|| ProxyState {
+        let listed = self.services.listed && self.slices.listed && self.node.listed;
+        listed.then(|| ProxyState {
             services: self.services.objects.clone(),
             slices: self.slices.objects.clone(),
+            node_zone: self
+                .node
+                .objects
+                .values()
+                .next()
+                .and_then(|z| (**z).clone()),
         })
     }
 }
@@ -158,9 +171,10 @@ fn convert_slice(object: &EndpointSlice) -> Option<Slice> {
 enum Update {
     Service(Box<Result<Event<KubeService>, watcher::Error>>),
     Slice(Box<Result<Event<EndpointSlice>, watcher::Error>>),
+    Node(Box<Result<Event<Node>, watcher::Error>>),
 }
 
-fn streams(client: Client) -> impl Stream<Item = Update> + Send {
+fn streams(client: Client, node: &str) -> impl Stream<Item = Update> + Send {
     // kube-proxy's selectors: another proxy's Services and headless ones are not read.
     let selector = format!(
         "!{},!service.kubernetes.io/headless",
@@ -173,17 +187,24 @@ fn streams(client: Client) -> impl Stream<Item = Update> + Send {
     .default_backoff()
     .map(|e| Update::Service(Box::new(e)));
     let slices = watcher::watcher(
-        Api::<EndpointSlice>::all(client),
+        Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default().labels(&selector),
     )
     .default_backoff()
     .map(|e| Update::Slice(Box::new(e)));
-    futures::stream::select(services, slices)
+    // Only this node, for its labels (kube-proxy watches its own Node too).
+    let node = watcher::watcher(
+        Api::<Node>::all(client),
+        watcher::Config::default().fields(&format!("metadata.name={node}")),
+    )
+    .default_backoff()
+    .map(|e| Update::Node(Box::new(e)));
+    futures::stream::select(futures::stream::select(services, slices), node)
 }
 
-/// Follows both streams until the controller is gone.
-pub async fn follow(client: Client, publisher: Publisher) {
-    let mut updates = Box::pin(streams(client));
+/// Follows every stream until the controller is gone.
+pub async fn follow(client: Client, node: &str, publisher: Publisher) {
+    let mut updates = Box::pin(streams(client, node));
     let mut mirror = Mirror::default();
     while let Some(update) = updates.next().await {
         let mut changed = apply(&mut mirror, update);
@@ -225,6 +246,19 @@ fn apply(mirror: &mut Mirror, update: Update) -> bool {
                 false
             }
         },
+        Update::Node(boxed) => match *boxed {
+            Ok(event) => {
+                let listing = matches!(event, Event::Init | Event::InitApply(_));
+                mirror
+                    .node
+                    .event(event, |n: &Node| Some(objects::node_zone(&n.metadata)));
+                !listing
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Kubernetes watch of this Node failed; retrying with backoff");
+                false
+            }
+        },
     }
 }
 
@@ -251,6 +285,12 @@ mod tests {
                             "labels": {"kubernetes.io/service-name": name}},
                "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
                "endpoints": [{"addresses": [ip], "conditions": {"ready": true}}]})
+    }
+
+    fn node(zone: &str, rv: u32) -> Value {
+        json!({"apiVersion": "v1", "kind": "Node",
+               "metadata": {"name": "n1", "resourceVersion": rv.to_string(),
+                            "labels": {"topology.kubernetes.io/zone": zone}}})
     }
 
     fn list(kind: &str, rv: u32, items: Vec<Value>) -> Response<Body> {
@@ -334,7 +374,7 @@ mod tests {
         let client = Client::new(service_mock, "default");
         let (triggers, _rx) = Triggers::channel();
         let (publisher, mut snapshot) = Publisher::new(triggers);
-        tokio::spawn(follow(client, publisher));
+        tokio::spawn(async move { follow(client, "n1", publisher).await });
         let mut parked = Parked::new();
 
         // Services list; no snapshot until the slices are listed too.
@@ -361,11 +401,28 @@ mod tests {
             1,
             vec![slice("web", "10.244.1.2")],
         ));
+        // This node only, by name; its listing opens the gate.
+        let (uri, respond) = next(&mut handle, "nodes", &mut parked).await;
+        assert!(uri.contains("fieldSelector=metadata.name%3Dn1"), "{uri}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            snapshot.borrow().is_none(),
+            "published before the Node was listed"
+        );
+        respond.send_response(list("NodeList", 1, vec![node("a", 1)]));
         let state = snapshot_where(&mut snapshot, "the listed objects", |s| {
             !s.slices.is_empty()
         })
         .await;
         assert_eq!(names(&state), ["web"]);
+        assert_eq!(state.node_zone.as_deref(), Some("a"));
+        // The node's label changes: a new snapshot with the new zone.
+        let (_, node_watch) = next(&mut handle, "nodes", &mut parked).await;
+        node_watch.send_response(events(&[("MODIFIED", node("b", 2))]));
+        snapshot_where(&mut snapshot, "zone b", |s| {
+            s.node_zone.as_deref() == Some("b")
+        })
+        .await;
 
         // A watch that adds and modifies, then ends (a dropped connection).
         watch1.send_response(events(&[

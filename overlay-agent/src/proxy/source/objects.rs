@@ -14,6 +14,8 @@ use crate::proxy::model::{Endpoint, Protocol, Service, ServiceKey, ServicePort, 
 /// Services with this label belong to another proxy (kube-proxy skips them too).
 pub const SERVICE_PROXY_NAME: &str = "service.kubernetes.io/service-proxy-name";
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// The Node label topology hints are matched against.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 pub const TRIGGER_TIME: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 /// kube's default sessionAffinityConfig.clientIP.timeoutSeconds.
 pub const DEFAULT_AFFINITY_SECONDS: u32 = 10_800;
@@ -213,6 +215,11 @@ pub fn service(object: &KubeService) -> Result<Converted<Service>, FieldError> {
     }))
 }
 
+/// A Node's zone (its `topology.kubernetes.io/zone` label), for topology hints.
+pub fn node_zone(meta: &ObjectMeta) -> Option<String> {
+    meta.labels.as_ref()?.get(ZONE_LABEL).cloned()
+}
+
 /// The slice's own key (namespace, slice name) and its model.
 pub fn endpoint_slice(
     object: &EndpointSlice,
@@ -250,6 +257,7 @@ pub fn endpoint_slice(
         };
         let address = ip(format!("endpoints[{i}].addresses[0]"), first)?;
         let conditions = e.conditions.as_ref();
+        let hints = e.hints.as_ref();
         let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
         endpoints.push(Endpoint {
             address,
@@ -257,6 +265,18 @@ pub fn endpoint_slice(
             serving: conditions.and_then(|c| c.serving).unwrap_or(ready),
             terminating: conditions.and_then(|c| c.terminating).unwrap_or(false),
             node: e.node_name.clone(),
+            zone_hints: hints
+                .and_then(|h| h.for_zones.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|z| z.name.clone())
+                .collect(),
+            node_hints: hints
+                .and_then(|h| h.for_nodes.as_ref())
+                .into_iter()
+                .flatten()
+                .map(|n| n.name.clone())
+                .collect(),
         });
     }
     let trigger_time = object
@@ -348,7 +368,13 @@ endpoints:
     ready: false
     serving: true
     terminating: true
+  hints:
+    forNodes:
+    - name: node2
+    forZones:
+    - name: zone-b
   nodeName: node2
+  zone: zone-b
 kind: EndpointSlice
 metadata:
   annotations:
@@ -397,6 +423,9 @@ ports:
         assert!(s.endpoints[0].ready && !s.endpoints[1].ready);
         assert!(s.endpoints[1].serving && s.endpoints[1].terminating);
         assert_eq!(s.endpoints[1].node.as_deref(), Some("node2"));
+        assert_eq!(s.endpoints[1].zone_hints, ["zone-b"]);
+        assert_eq!(s.endpoints[1].node_hints, ["node2"]);
+        assert!(s.endpoints[0].zone_hints.is_empty());
         assert_eq!(s.trigger_time, Some(1_796_032_801.0));
     }
 
