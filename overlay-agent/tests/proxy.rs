@@ -694,6 +694,61 @@ fn changes_take_effect(c: &TestCluster, checks: &mut Checks) {
             )
         },
     );
+    checks.run(
+        "topology hints: each node's zone, from its Node's label, picks the hinted endpoint",
+        || {
+            let node = |name: &str, zone: &str| {
+                json!({"apiVersion": "v1", "kind": "Node",
+                       "metadata": {"name": name, "labels": {"topology.kubernetes.io/zone": zone}}})
+            };
+            let mut objects = services(c);
+            objects.push(service_object(
+                "topo",
+                &["10.96.0.19"],
+                &[("http", "TCP", 80, None)],
+            ));
+            let mut slices = slice_objects("topo", &http, &[b1(), b2()]);
+            for (endpoint, zone) in slices[0]["endpoints"]
+                .as_array_mut()
+                .unwrap()
+                .iter_mut()
+                .zip(["a", "b"])
+            {
+                endpoint["zone"] = json!(zone);
+                endpoint["hints"] = json!({"forZones": [{"name": zone}]});
+            }
+            objects.extend(slices);
+            let dir = c.services.path();
+            write_objects(
+                dir,
+                "nodes.json",
+                vec![node("node1", "a"), node("node2", "b")],
+            )
+            .map_err(|e| format!("{e:#}"))?;
+            publish(c, objects);
+            let node2 = c.nodes[1].netns.clone();
+            let reaches = |netns: &str, want: &[&str]| {
+                ask_many(netns, addr("10.96.0.19", 80), 10).is_ok_and(|(b, _)| b == set(want))
+            };
+            wait_until(
+                "node1's pod on b1 (zone a), node2 on b2 (zone b)",
+                Duration::from_secs(5),
+                || reaches(&c1, &["b1"]) && reaches(&node2, &["b2"]),
+            )?;
+            // node1 moves to zone b: a label change alone moves its traffic.
+            write_objects(
+                dir,
+                "nodes.json",
+                vec![node("node1", "b"), node("node2", "b")],
+            )
+            .map_err(|e| format!("{e:#}"))?;
+            wait_until(
+                "node1's pod on b2 after its node's relabel",
+                Duration::from_secs(5),
+                || reaches(&c1, &["b2"]),
+            )
+        },
+    );
 }
 
 /// Item 14: a restart (kill -9) keeps established connections and rewrites nothing;
