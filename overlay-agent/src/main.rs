@@ -259,9 +259,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 },
             };
             let controller = ProxyController::start(config, metrics.clone(), triggers.clone())?;
+            // No gathering of bursts: each run reads the source's latest snapshot, so
+            // changes that come in while a run writes are taken together by the next.
             let schedule = Schedule {
                 resync: Duration::from_secs(args.proxy_full_sync_seconds),
                 check: Some(Duration::from_secs(args.proxy_sync_seconds)),
+                coalesce: Duration::ZERO,
             };
             Some(tokio::spawn(runtime::run(
                 controller, triggers, rx, schedule,

@@ -53,9 +53,6 @@ impl Triggers {
     }
 }
 
-/// How long a burst of triggers is gathered into one run.
-const COALESCE: Duration = Duration::from_millis(10);
-
 /// When a controller runs without being triggered.
 #[derive(Debug, Clone, Copy)]
 pub struct Schedule {
@@ -63,13 +60,18 @@ pub struct Schedule {
     pub resync: Duration,
     /// A `Check` run every so often, if the controller has a cheap check.
     pub check: Option<Duration>,
+    /// How long a burst of triggers is gathered into one run (a controller whose
+    /// source already hands over only the latest state needs none).
+    pub coalesce: Duration,
 }
 
 impl Schedule {
+    /// A full run every `every`; bursts gathered for 10 ms.
     pub fn resync(every: Duration) -> Schedule {
         Schedule {
             resync: every,
             check: None,
+            coalesce: Duration::from_millis(10),
         }
     }
 
@@ -123,7 +125,9 @@ pub async fn run<C: Controller>(
         // Coalesce a burst of triggers (and what came in during a backoff: a failing
         // run's own kernel events among them) into one run; full if any asked for it,
         // and a check if any asked for one (a check run handles events too).
-        tokio::time::sleep(COALESCE).await;
+        if !schedule.coalesce.is_zero() {
+            tokio::time::sleep(schedule.coalesce).await;
+        }
         while let Ok(t) = rx.try_recv() {
             full |= t.is_full();
             if t == Trigger::Check {

@@ -350,6 +350,8 @@ fn run_size(args: &Args, mode: &str, n: usize) -> Result<()> {
         latencies.len()
     );
 
+    print_log_tail(&c);
+
     // Restart with the rules present.
     let from = agent_log(&c).len();
     c.signal_agent(0, "KILL")?;
@@ -365,8 +367,16 @@ fn run_size(args: &Args, mode: &str, n: usize) -> Result<()> {
         s.first
     );
     c.signal_agent(0, "KILL")?;
-    if std::env::var_os("BENCH_PROXY_LOG").is_some() {
-        println!("{}", c.agent_log_tail(0, 40));
-    }
+    print_log_tail(&c);
     Ok(())
+}
+
+/// BENCH_PROXY_LOG=N: the agent's last N log lines (CALYX_LOG=debug shows each phase).
+fn print_log_tail(c: &Cluster) {
+    if let Some(lines) = std::env::var("BENCH_PROXY_LOG")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        println!("{}", c.agent_log_tail(0, lines));
+    }
 }

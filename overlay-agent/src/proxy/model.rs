@@ -3,13 +3,14 @@
 //! mode computes its rules from `port_plans`, so the rules of which endpoints a packet
 //! may reach are written once.
 
+use std::collections::BTreeSet;
 #[cfg(test)]
 use std::collections::HashMap;
-use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use calyx_dataplane::firewall::IpFamily;
+use imbl::OrdMap;
 use ipnetwork::IpNetwork;
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -102,8 +103,10 @@ pub struct Slice {
 pub struct ProxyState {
     /// Shared, so that an object a change did not touch is the same allocation in the
     /// next snapshot: the controller recomputes only Services whose objects moved.
-    pub services: BTreeMap<ServiceKey, Arc<Service>>,
-    pub slices: BTreeMap<ServiceKey, Arc<Slice>>,
+    /// Persistent maps: a source publishes a new snapshot in O(1) and a change in
+    /// O(log n), not a copy of every key (milliseconds at 10,000 Services).
+    pub services: OrdMap<ServiceKey, Arc<Service>>,
+    pub slices: OrdMap<ServiceKey, Arc<Slice>>,
     /// This node's `topology.kubernetes.io/zone` label, for topology hints.
     pub node_zone: Option<String>,
 }
@@ -137,8 +140,8 @@ impl ProxyState {
 /// Calls `changed` for every key whose value is not the same allocation in `a` and
 /// `b` (with the value of either side), walking both sorted maps once.
 fn walk<T>(
-    a: &BTreeMap<ServiceKey, Arc<T>>,
-    b: &BTreeMap<ServiceKey, Arc<T>>,
+    a: &OrdMap<ServiceKey, Arc<T>>,
+    b: &OrdMap<ServiceKey, Arc<T>>,
     mut changed: impl FnMut(&ServiceKey, &T),
 ) {
     let (mut x, mut y) = (a.iter().peekable(), b.iter().peekable());

@@ -185,11 +185,15 @@ impl DirSource {
                 changed = true;
             }
         }
-        for path in present {
-            let Some(now) = stamp(&path) else { continue };
-            if self.files.get(&path).is_some_and(|(s, _)| *s == now) {
-                continue;
-            }
+        let to_read: Vec<(PathBuf, Stamp)> = present
+            .into_iter()
+            .filter_map(|path| {
+                let now = stamp(&path)?;
+                let same = self.files.get(&path).is_some_and(|(s, _)| *s == now);
+                (!same).then_some((path, now))
+            })
+            .collect();
+        for (path, now) in to_read {
             changed = true;
             match read_file(&path) {
                 Ok((objects, problems)) => {

@@ -3,12 +3,12 @@
 //! watch that ends or fails (410 Gone included) is resumed or re-listed by the watcher,
 //! with backoff, never fatally. Nothing is published until every stream has listed once.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use imbl::OrdMap;
 use k8s_openapi::api::core::v1::{Node, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
@@ -60,16 +60,16 @@ async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
 
 /// What one watcher has seen, converted, keyed by the object's namespace and name.
 struct Followed<T> {
-    objects: BTreeMap<ServiceKey, Arc<T>>,
+    objects: OrdMap<ServiceKey, Arc<T>>,
     /// Objects of a listing in progress (replacing `objects` when it is done).
-    listing: Option<BTreeMap<ServiceKey, Arc<T>>>,
+    listing: Option<OrdMap<ServiceKey, Arc<T>>>,
     listed: bool,
 }
 
 impl<T> Default for Followed<T> {
     fn default() -> Self {
         Followed {
-            objects: BTreeMap::new(),
+            objects: OrdMap::new(),
             listing: None,
             listed: false,
         }
@@ -81,11 +81,11 @@ impl<T> Followed<T> {
     /// invalid: an update that makes an object so removes it).
     fn event<K: Resource>(&mut self, event: Event<K>, convert: impl Fn(&K) -> Option<T>) {
         match event {
-            Event::Init => self.listing = Some(BTreeMap::new()),
+            Event::Init => self.listing = Some(OrdMap::new()),
             Event::InitApply(object) => {
                 if let Some(value) = convert(&object) {
                     self.listing
-                        .get_or_insert_with(BTreeMap::new)
+                        .get_or_insert_with(OrdMap::new)
                         .insert(key_of(&object), Arc::new(value));
                 }
             }
