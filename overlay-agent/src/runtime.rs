@@ -183,6 +183,34 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn checks_come_between_resyncs_on_their_own_period() {
+        let runs = Arc::new(Mutex::new(Vec::new()));
+        let (triggers, rx) = Triggers::channel();
+        let controller = Recorder {
+            runs: runs.clone(),
+            fail_first: false,
+        };
+        let schedule = Schedule {
+            resync: Duration::from_secs(10),
+            check: Some(Duration::from_secs(3)),
+            coalesce: Duration::ZERO,
+        };
+        let handle = tokio::spawn(run(controller, triggers, rx, schedule));
+        tokio::time::sleep(Duration::from_millis(10_500)).await;
+        assert_eq!(
+            *runs.lock().unwrap(),
+            [
+                (Trigger::Startup, true),
+                (Trigger::Check, false),
+                (Trigger::Check, false),
+                (Trigger::Check, false),
+                (Trigger::Resync, true),
+            ]
+        );
+        handle.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_burst_is_one_run_and_a_failure_is_retried_without_a_trigger() {
         let runs = Arc::new(Mutex::new(Vec::new()));
         let (triggers, rx) = Triggers::channel();

@@ -314,6 +314,12 @@ impl RulesetSync {
         RulesetSync { owner, last: None }
     }
 
+    /// Takes `dumped` (what `Backend::dump` returned, read ahead of the first sync) as
+    /// what the kernel holds, so the next sync need not read it again.
+    pub fn start_from(&mut self, dumped: Ruleset) {
+        self.last = Some(dumped);
+    }
+
     pub fn sync(
         &mut self,
         backend: &dyn Backend,

@@ -440,6 +440,13 @@ impl TableSync {
         }
     }
 
+    /// Takes `dumped` (what `Backend::dump` returned, read ahead of the first sync) as
+    /// what the kernel holds, so the next sync need not read it again.
+    pub fn start_from(&mut self, dumped: Option<Table>) {
+        self.last = dumped;
+        self.known = true;
+    }
+
     /// Applies what differs; returns the transaction applied (empty when none was).
     pub fn sync(
         &mut self,

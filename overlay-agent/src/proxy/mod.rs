@@ -20,7 +20,7 @@ use std::time::Instant;
 
 use calyx_dataplane::firewall::iptables::{self as ipt, IptablesCommand, RulesetSync};
 use calyx_dataplane::firewall::nft::{self, NftCommand, TableSync, Touched};
-use calyx_dataplane::firewall::IpFamily;
+use calyx_dataplane::firewall::{FirewallError, IpFamily};
 use clap::ValueEnum;
 use ipnetwork::IpNetwork;
 
@@ -94,6 +94,35 @@ pub struct ProxyController {
     trigger_times: HashMap<ServiceKey, f64>,
     /// healthCheckNodePort and local endpoint count, per eTP Local Service.
     health_checks: BTreeMap<ServiceKey, (u16, usize)>,
+    /// What the kernel held at start, being read while the source lists (at 10,000
+    /// Services both take a good part of a second, on different cores).
+    prefetch: Option<(Instant, std::thread::JoinHandle<Prefetched>)>,
+}
+
+/// A read older than this is not trusted for the first sync (a source that took long
+/// to list); the kernel is read again then.
+const PREFETCH_FRESH: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The kernel's rules of this mode, per family, as read at start.
+enum Prefetched {
+    Nft([Result<Option<nft::Table>, FirewallError>; 2]),
+    Iptables([Result<ipt::Ruleset, FirewallError>; 2]),
+    Nothing,
+}
+
+impl Prefetched {
+    fn read(mode: ProxyMode) -> Prefetched {
+        match mode {
+            ProxyMode::Nftables => Prefetched::Nft(
+                IpFamily::BOTH
+                    .map(|family| nft::Backend::dump(&NftCommand, family, nftables::TABLE)),
+            ),
+            ProxyMode::Iptables => Prefetched::Iptables(IpFamily::BOTH.map(|family| {
+                ipt::Backend::dump(&IptablesCommand, family, &iptables::ownership())
+            })),
+            ProxyMode::Off => Prefetched::Nothing,
+        }
+    }
 }
 
 impl ProxyController {
@@ -115,8 +144,14 @@ impl ProxyController {
                 publisher,
             )?,
         }
-        let controller = ProxyController::new(config, Backends::kernel(), snapshot, metrics);
+        let mut controller = ProxyController::new(config, Backends::kernel(), snapshot, metrics);
         tokio::task::block_in_place(|| controller.remove_other_modes());
+        let mode = controller.mode;
+        controller.prefetch = std::thread::Builder::new()
+            .name("proxy-prefetch".into())
+            .spawn(move || Prefetched::read(mode))
+            .ok()
+            .map(|handle| (Instant::now(), handle));
         Ok(controller)
     }
 
@@ -155,7 +190,40 @@ impl ProxyController {
             synced,
             trigger_times: HashMap::new(),
             health_checks: BTreeMap::new(),
+            prefetch: None,
         }
+    }
+
+    /// Hands what was read at start to the firewall layer: true when the kernel need
+    /// not be read again for this run. A failed read is read again.
+    fn take_prefetch(&mut self) -> bool {
+        let Some((started, handle)) = self.prefetch.take() else {
+            return false;
+        };
+        let Ok(read) = handle.join() else {
+            return false;
+        };
+        if started.elapsed() > PREFETCH_FRESH {
+            return false;
+        }
+        match read {
+            Prefetched::Nft(tables) => {
+                let [Ok(v4), Ok(v6)] = tables else {
+                    return false;
+                };
+                self.tables[0].start_from(v4);
+                self.tables[1].start_from(v6);
+            }
+            Prefetched::Iptables(rulesets) => {
+                let [Ok(v4), Ok(v6)] = rulesets else {
+                    return false;
+                };
+                self.rulesets[0].start_from(v4);
+                self.rulesets[1].start_from(v6);
+            }
+            Prefetched::Nothing => return false,
+        }
+        true
     }
 
     /// Switching modes: what the other mode wrote goes at start.
@@ -193,6 +261,9 @@ impl ProxyController {
             _ => None,
         };
         let t0 = Instant::now();
+        // The first run: what the kernel held was read at start.
+        let primed = self.take_prefetch();
+        let reread = full && !primed;
         // The slices of the Services to recompute (all of them on a full run).
         let mut slices: HashMap<&ServiceKey, Vec<&Arc<model::Slice>>> = HashMap::new();
         let mut new_slices: Vec<(&ServiceKey, &model::Slice)> = Vec::new();
@@ -261,7 +332,7 @@ impl ProxyController {
                     }
                     let nft = self.backends.nft.as_ref();
                     let result = if rebuild {
-                        self.tables[i].sync(nft, assembler.table(), full)
+                        self.tables[i].sync(nft, assembler.table(), reread)
                     } else {
                         self.tables[i].sync_touched(nft, assembler.table(), &touched)
                     };
@@ -290,7 +361,7 @@ impl ProxyController {
                 let ruleset = iptables::desired_ruleset(&plans, family, &self.ctx);
                 let computed = started.elapsed();
                 let tx = self.rulesets[i]
-                    .sync(self.backends.iptables.as_ref(), &ruleset, full)
+                    .sync(self.backends.iptables.as_ref(), &ruleset, reread)
                     .inspect_err(|_| self.applied_state = None)?;
                 let ops = tx.tables.iter().map(|(_, ops)| ops.len()).sum::<usize>();
                 writes += ops;
@@ -559,6 +630,34 @@ mod tests {
             publisher,
             nft,
         )
+    }
+
+    #[test]
+    fn the_periodic_check_sees_a_table_deleted_by_hand() {
+        let (mut c, publisher, kernel) = controller(ProxyMode::Nftables);
+        assert!(
+            !c.kernel_drifted(),
+            "nothing to check before the first sync"
+        );
+        let st = state(
+            vec![service("web", "10.96.0.10", 80)],
+            vec![slice("web", 8080, vec![endpoint("10.244.1.2", "n1")])],
+        );
+        publisher.publish(Arc::new(st));
+        c.sync(true).unwrap().unwrap();
+        assert!(!c.kernel_drifted());
+        nft::Backend::apply(
+            kernel.as_ref(),
+            &nft::Transaction {
+                family: IpFamily::V4,
+                table: nftables::TABLE.into(),
+                ops: vec![nft::Op::DeleteTable],
+            },
+        )
+        .unwrap();
+        assert!(c.kernel_drifted());
+        assert!(c.sync(true).unwrap().unwrap().writes > 0);
+        assert!(!c.kernel_drifted());
     }
 
     #[test]
