@@ -11,6 +11,7 @@
 
 pub mod iptables;
 pub mod nft;
+pub mod nft_netlink;
 
 use std::fmt;
 

@@ -406,6 +406,13 @@ pub trait Backend: Send + Sync {
     fn dump(&self, family: IpFamily, table: &str) -> Result<Option<Table>, FirewallError>;
     fn apply(&self, tx: &Transaction) -> Result<(), FirewallError>;
 
+    /// `apply`, with the table as wanted at hand (each set's declaration), for a
+    /// backend that writes some transactions another way.
+    fn apply_in(&self, tx: &Transaction, desired: &Table) -> Result<(), FirewallError> {
+        let _ = desired;
+        self.apply(tx)
+    }
+
     /// The names of the table's chains (None: no such table), for
     /// `TableSync::drifted`; a backend that can list chains without their rules does.
     fn chain_names(
@@ -500,7 +507,7 @@ impl TableSync {
         };
         let tx = plan(Some(&restrict(last, touched)), &restrict(desired, touched));
         if !tx.is_empty() {
-            if let Err(e) = backend.apply(&tx) {
+            if let Err(e) = backend.apply_in(&tx, desired) {
                 self.known = false;
                 return Err(e);
             }
@@ -548,6 +555,16 @@ impl Backend for NftCommand {
 
     fn apply(&self, tx: &Transaction) -> Result<(), FirewallError> {
         run_tool("nft", &["-f", "-"], Some(&tx.script())).map(|_| ())
+    }
+
+    /// Element changes alone go over netlink (see `nft_netlink`); the rest to `nft -f`.
+    fn apply_in(&self, tx: &Transaction, desired: &Table) -> Result<(), FirewallError> {
+        match super::nft_netlink::encode(tx, desired) {
+            Some(batch) => {
+                super::nft_netlink::send(&batch, &format!("table {} {}", tx.family.nft(), tx.table))
+            }
+            None => self.apply(tx),
+        }
     }
 
     /// `nft -j list chains <family>`: chains without rules or set elements.
