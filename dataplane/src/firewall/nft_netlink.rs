@@ -287,9 +287,9 @@ pub fn encode(tx: &Transaction, table: &Table) -> Option<Batch> {
             let k = attrs.open(NFTA_SET_ELEM_KEY);
             attrs.put(NFTA_DATA_VALUE, &concatenation(&key_fields, key)?);
             attrs.close(k);
-            if let (Some(value), Some(fields), true) =
-                (value, &value_fields, kind == NFT_MSG_NEWSETELEM)
-            {
+            // A map's new element carries its value; deletes name the key alone.
+            if let (NFT_MSG_NEWSETELEM, Some(fields)) = (kind, &value_fields) {
+                let value = value?;
                 let d = attrs.open(NFTA_SET_ELEM_DATA);
                 if fields.as_slice() == [Field::Verdict] {
                     let (code, chain) = verdict(value)?;
@@ -303,8 +303,6 @@ pub fn encode(tx: &Transaction, table: &Table) -> Option<Batch> {
                     attrs.put(NFTA_DATA_VALUE, &concatenation(fields, value)?);
                 }
                 attrs.close(d);
-            } else if kind == NFT_MSG_NEWSETELEM && value_fields.is_some() {
-                return None;
             }
             attrs.close(element);
         }

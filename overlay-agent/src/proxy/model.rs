@@ -275,31 +275,34 @@ enum TopologyMode {
 
 fn topology_mode(endpoints: &[(SocketAddr, &Endpoint)], here: Here) -> TopologyMode {
     let ready = || endpoints.iter().map(|(_, e)| *e).filter(|e| e.ready);
-    let has = |hints: &[String], wanted: Option<&str>| {
-        wanted.is_some_and(|w| hints.iter().any(|h| h == w))
-    };
-    if ready().next().is_none() {
-        return TopologyMode::Any;
-    }
-    if ready().all(|e| !e.node_hints.is_empty())
-        && ready().any(|e| has(&e.node_hints, Some(here.node)))
-    {
-        return TopologyMode::SameNode;
-    }
-    if ready().all(|e| !e.zone_hints.is_empty()) && ready().any(|e| has(&e.zone_hints, here.zone)) {
-        return TopologyMode::SameZone;
+    for mode in [TopologyMode::SameNode, TopologyMode::SameZone] {
+        let hinted = |e: &Endpoint| !hints(e, mode).is_empty();
+        if ready().next().is_some()
+            && ready().all(hinted)
+            && ready().any(|e| meant_for(e, mode, here))
+        {
+            return mode;
+        }
     }
     TopologyMode::Any
 }
 
-fn meant_for(endpoint: &Endpoint, mode: TopologyMode, here: Here) -> bool {
+/// The hints `mode` reads (none for `Any`).
+fn hints(endpoint: &Endpoint, mode: TopologyMode) -> &[String] {
     match mode {
-        TopologyMode::Any => true,
-        TopologyMode::SameNode => endpoint.node_hints.iter().any(|n| n == here.node),
-        TopologyMode::SameZone => here
-            .zone
-            .is_some_and(|z| endpoint.zone_hints.iter().any(|h| h == z)),
+        TopologyMode::Any => &[],
+        TopologyMode::SameNode => &endpoint.node_hints,
+        TopologyMode::SameZone => &endpoint.zone_hints,
     }
+}
+
+fn meant_for(endpoint: &Endpoint, mode: TopologyMode, here: Here) -> bool {
+    let wanted = match mode {
+        TopologyMode::Any => return true,
+        TopologyMode::SameNode => Some(here.node),
+        TopologyMode::SameZone => here.zone,
+    };
+    wanted.is_some_and(|w| hints(endpoint, mode).iter().any(|h| h == w))
 }
 
 /// The port plans of one Service in one family, from its slices.

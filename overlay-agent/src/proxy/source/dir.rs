@@ -1,6 +1,6 @@
 //! `--services-dir`: Services and EndpointSlices from files, as `kubectl get -o yaml`
-//! or `-o json` prints them, and this node's Node object if one is there (its zone
-//! label, for topology hints) (several YAML documents and `kind: List` allowed). The
+//! or `-o json` prints them (several YAML documents and `kind: List` allowed), and
+//! this node's Node object if one is there (its zone label, for topology hints). The
 //! directory is watched (inotify) and polled as a fallback; a changed file is read
 //! again and takes effect at once, within a second at worst.
 //! A file that does not parse keeps its last good objects; an invalid object is
@@ -185,15 +185,11 @@ impl DirSource {
                 changed = true;
             }
         }
-        let to_read: Vec<(PathBuf, Stamp)> = present
-            .into_iter()
-            .filter_map(|path| {
-                let now = stamp(&path)?;
-                let same = self.files.get(&path).is_some_and(|(s, _)| *s == now);
-                (!same).then_some((path, now))
-            })
-            .collect();
-        for (path, now) in to_read {
+        for path in present {
+            let Some(now) = stamp(&path) else { continue };
+            if self.files.get(&path).is_some_and(|(s, _)| *s == now) {
+                continue;
+            }
             changed = true;
             match read_file(&path) {
                 Ok((objects, problems)) => {
