@@ -360,6 +360,21 @@ mod tests {
         }
     }
 
+    /// Waits (up to 15 s) until the cache has called `changed` more than `before`
+    /// times; returns the count. The cache calls it just after its contents change, so
+    /// a snapshot can show a change a moment before its wake-up is counted.
+    async fn woken_past(f: &Followed, before: usize) -> usize {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let now = f.wakeups.load(Ordering::SeqCst);
+            if now > before {
+                return now;
+            }
+            assert!(Instant::now() < deadline, "never woken past {before}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     async fn follows_changes_and_wakes_only_for_the_overlay(inner: Box<dyn Store>) {
         let f = follow_store(inner);
         let store: &dyn Store = f.store;
@@ -374,7 +389,8 @@ mod tests {
             n.len() == 1 && b.len() == 1
         })
         .await;
-        let woken = f.wakeups.load(Ordering::SeqCst);
+        // Two listings, node a and its block: four wake-ups, all counted before going on.
+        let woken = woken_past(&f, 3).await;
 
         // A heartbeat and a pod in its own node's block: cached, but no wake-up.
         upsert(store, node_key("a"), &node("a", 1, 2)).await;
@@ -388,6 +404,8 @@ mod tests {
             n[0].heartbeat == 2 && !b[0].empty
         })
         .await;
+        // A wrong wake-up would come just after the change shows: give it the time to.
+        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(
             f.wakeups.load(Ordering::SeqCst),
             woken,
@@ -398,12 +416,10 @@ mod tests {
         own.allocate("pod-on-b", attrs("b"), 0).unwrap();
         upsert(store, block_key(&own.cidr), &own).await;
         until(&f.cache, "the lent address", |_, b| b[0].lent.len() == 1).await;
-        let after_borrow = f.wakeups.load(Ordering::SeqCst);
-        assert!(after_borrow > woken);
+        let after_borrow = woken_past(&f, woken).await;
         upsert(store, node_key("b"), &node("b", 2, 1)).await;
         until(&f.cache, "node b", |n, _| n.len() == 2).await;
-        let after_node = f.wakeups.load(Ordering::SeqCst);
-        assert!(after_node > after_borrow);
+        let after_node = woken_past(&f, after_borrow).await;
         let current = store.get(&block_key(&own.cidr)).await.unwrap().unwrap();
         store
             .commit(vec![Write::Delete {
@@ -413,7 +429,7 @@ mod tests {
             .await
             .unwrap();
         until(&f.cache, "the block gone", |_, b| b.is_empty()).await;
-        assert!(f.wakeups.load(Ordering::SeqCst) > after_node);
+        woken_past(&f, after_node).await;
         assert_eq!(
             f.store.listings.load(Ordering::SeqCst),
             2,
