@@ -29,6 +29,55 @@ pub struct EtcdConfig {
     pub tls: Option<TlsFiles>,
 }
 
+/// The host name the manifest's ConfigMap ships in its datastore URL.
+pub const PLACEHOLDER_HOST: &str = "ETCD_HOST";
+
+/// Where a Kubernetes TLS Secret's keys land when it is mounted as a directory.
+const SECRET_FILES: [(&str, &str); 3] = [("ca", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key")];
+
+/// `url` with the client certificate, key and CA of a mounted TLS Secret (`ca.crt`,
+/// `tls.crt`, `tls.key` in `found_in`, each optional) added as query parameters, unless
+/// the URL names its own. The paths written name `named_as` (where the reader finds
+/// the copies; usually `found_in`). Only etcds:// URLs take them; any other URL is
+/// returned as is.
+pub fn with_tls_dir(url: &str, found_in: &std::path::Path, named_as: &std::path::Path) -> String {
+    if !url.starts_with("etcds://") {
+        return url.to_string();
+    }
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let named: Vec<String> = url::form_urlencoded::parse(query.as_bytes())
+        .map(|(k, _)| k.into_owned())
+        .collect();
+    // Paths stay readable in a conflist: everything but / . - _ and alphanumerics is
+    // escaped (an & or + in a path would otherwise change the query).
+    const PATH: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'/')
+        .remove(b'.')
+        .remove(b'-')
+        .remove(b'_');
+    let added: Vec<String> = SECRET_FILES
+        .iter()
+        .filter(|(param, file)| !named.iter().any(|n| n == param) && found_in.join(file).is_file())
+        .map(|(param, file)| {
+            let path = named_as.join(file);
+            let path = path.to_string_lossy();
+            format!(
+                "{param}={}",
+                percent_encoding::utf8_percent_encode(&path, PATH)
+            )
+        })
+        .collect();
+    if added.is_empty() {
+        return url.to_string();
+    }
+    let joiner = match url.contains('?') {
+        false => "?",
+        true if url.ends_with('?') || url.ends_with('&') => "",
+        true => "&",
+    };
+    format!("{url}{joiner}{}", added.join("&"))
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub ca: Option<String>,
@@ -61,6 +110,17 @@ impl EtcdConfig {
         }
         if authority.is_empty() {
             return Err(bad("no endpoints: use etcd://host:2379[,host:2379]".into()));
+        }
+        // The manifest ships this placeholder: nodes must not go Ready on it while
+        // every ADD fails, so it is refused by name wherever a URL is read.
+        if authority
+            .split(',')
+            .any(|hp| hp.starts_with(PLACEHOLDER_HOST))
+        {
+            return Err(bad(format!(
+                "{PLACEHOLDER_HOST} is the manifest's placeholder: set the datastore \
+                 (calyx-config) to your etcd endpoints, e.g. etcd://10.0.0.10:2379"
+            )));
         }
         let scheme = if tls { "https" } else { "http" };
         let endpoints = authority
@@ -468,9 +528,45 @@ mod tests {
     }
 
     #[test]
+    fn a_mounted_tls_secret_fills_in_the_files_the_url_does_not_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        // No files mounted (the Secret is optional): the URL is left alone.
+        assert_eq!(
+            with_tls_dir("etcds://e:2379", dir.path(), dir.path()),
+            "etcds://e:2379"
+        );
+        for file in ["ca.crt", "tls.crt", "tls.key"] {
+            std::fs::write(dir.path().join(file), "pem").unwrap();
+        }
+        let url = with_tls_dir("etcds://e:2379", dir.path(), dir.path());
+        assert_eq!(
+            url,
+            format!("etcds://e:2379?ca={d}/ca.crt&cert={d}/tls.crt&key={d}/tls.key")
+        );
+        let c = parse(&url).unwrap();
+        assert_eq!(c.tls.unwrap().key, Some(format!("{d}/tls.key")));
+        // The URL's own choices win; plain etcd:// and file:// take no certificates.
+        let url = with_tls_dir(
+            "etcds://e:2379?prefix=/p&ca=/own.pem",
+            dir.path(),
+            dir.path(),
+        );
+        let c = parse(&url).unwrap();
+        assert_eq!(c.tls.unwrap().ca.as_deref(), Some("/own.pem"));
+        assert_eq!(c.prefix, "/p/");
+        assert_eq!(
+            with_tls_dir("etcd://e:2379", dir.path(), dir.path()),
+            "etcd://e:2379"
+        );
+    }
+
+    #[test]
     fn bad_urls_name_what_is_wrong() {
         for (url, says) in [
             ("etcd://e", "host:port"),
+            ("etcd://ETCD_HOST:2379", "placeholder"),
+            ("etcd://10.0.0.1:2379,ETCD_HOST:2379", "placeholder"),
             ("etcd://e:2379?ca=/x", "etcds"),
             ("etcds://e:2379?cert=/c", "together"),
             ("etcd://e:2379?colour=blue", "colour"),
