@@ -11,7 +11,7 @@ use serde::Deserialize;
 use crate::error::{CniError, CniResult, Code};
 use crate::version::CniVersion;
 use calyx_dataplane::validate_ifname;
-use calyx_ipam::model::Pool;
+use calyx_ipam::model::{validate_node_name, Pool};
 use calyx_ipam::store::{self, Store, StoreError};
 
 pub const DEFAULT_DATASTORE: &str = "file:///var/lib/calyx/store";
@@ -33,6 +33,11 @@ pub struct NetConf {
     pub mtu: Option<u32>,
     /// Where the agent leaves `nodename` and `mtu` for the plugin.
     pub state_dir: Option<PathBuf>,
+    /// Set by `calyx-agent install-cni`: until the agent has registered this node and
+    /// left its state, ADD fails with code 11 (try again later) instead of claiming
+    /// blocks for a node the cluster does not know, with a guessed MTU.
+    #[serde(default)]
+    pub require_agent: bool,
     #[serde(default)]
     pub ipam: IpamConf,
     pub dns: Option<serde_json::Value>,
@@ -223,13 +228,43 @@ impl NetConf {
         self.state_dir().join("ipam-known-blocks.json")
     }
 
-    /// nodeName from the config, else what the agent wrote, else the hostname.
+    /// The agent's state file `name`, which must exist when `requireAgent` is set.
+    fn agent_state(&self, name: &str) -> CniResult<Option<String>> {
+        let path = self.state_dir().join(name);
+        match read_trimmed(&path) {
+            None if self.require_agent => Err(CniError::new(
+                Code::TryAgainLater,
+                format!(
+                    "calyx-agent has not registered this node yet (no {}): \
+                     the pod is retried once the agent is running",
+                    path.display()
+                ),
+            )),
+            found => Ok(found),
+        }
+    }
+
+    /// nodeName from the config, else what the agent wrote, else the hostname. With
+    /// `requireAgent`, the agent must have registered that same name.
     pub fn node_name(&self) -> CniResult<String> {
+        let path = self.state_dir().join("nodename");
+        let registered = self.agent_state("nodename")?;
         if let Some(name) = &self.node_name {
+            if let Some(registered) = registered.filter(|_| self.require_agent) {
+                if registered != *name {
+                    return Err(CniError::new(
+                        Code::InvalidConfig,
+                        format!(
+                            "network config nodeName {name:?} is not the node the agent \
+                             registered ({registered:?} in {})",
+                            path.display()
+                        ),
+                    ));
+                }
+            }
             return Ok(name.clone());
         }
-        let path = self.state_dir().join("nodename");
-        if let Some(name) = read_trimmed(&path) {
+        if let Some(name) = registered {
             validate_node_name(&name).map_err(|why| {
                 CniError::new(
                     Code::InvalidConfig,
@@ -252,7 +287,7 @@ impl NetConf {
             return Ok(mtu);
         }
         let path = self.state_dir().join("mtu");
-        match read_trimmed(&path) {
+        match self.agent_state("mtu")? {
             Some(text) => match text.parse::<u32>() {
                 Ok(mtu) if MTU_RANGE.contains(&mtu) => Ok(mtu),
                 _ => Err(CniError::new(
@@ -342,23 +377,6 @@ impl CniEnv {
 
     pub fn pod_name(&self) -> Option<&str> {
         self.args.get("K8S_POD_NAME").map(String::as_str)
-    }
-}
-
-/// Node names as Kubernetes has them (DNS subdomains, capitals tolerated): the name
-/// keys the node's record and blocks in the store, so "" or "../x" must not pass.
-pub fn validate_node_name(name: &str) -> Result<(), &'static str> {
-    let ok = !name.is_empty()
-        && name.len() <= 253
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
-        && !name.starts_with(['.', '-'])
-        && !name.contains("..");
-    if ok {
-        Ok(())
-    } else {
-        Err("is not a node name (1 to 253 letters, digits, '-', '_' and '.', no \"..\")")
     }
 }
 
@@ -464,6 +482,10 @@ mod tests {
                 r#"{"name":"n","type":"calyx","datastore":"etcd://"}"#,
                 "field datastore",
             ),
+            (
+                r#"{"name":"n","type":"calyx","datastore":"etcd://ETCD_HOST:2379"}"#,
+                "placeholder",
+            ),
         ] {
             let err = NetConf::parse(json.as_bytes())
                 .unwrap()
@@ -472,6 +494,41 @@ mod tests {
             assert_eq!(err.code, Code::InvalidConfig, "{json}");
             assert!(err.msg.contains(field), "{json}: {}", err.msg);
         }
+    }
+
+    #[test]
+    fn with_require_agent_add_waits_for_the_agent_to_register_the_same_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = NetConf {
+            state_dir: Some(dir.path().to_path_buf()),
+            node_name: Some("node-1".into()),
+            require_agent: true,
+            ..Default::default()
+        };
+        for err in [conf.node_name().unwrap_err(), conf.mtu().unwrap_err()] {
+            assert_eq!(err.code, Code::TryAgainLater);
+            assert!(
+                err.msg.contains("not registered this node yet"),
+                "{}",
+                err.msg
+            );
+        }
+        std::fs::write(dir.path().join("nodename"), "node-1\n").unwrap();
+        std::fs::write(dir.path().join("mtu"), "1400\n").unwrap();
+        assert_eq!(conf.node_name().unwrap(), "node-1");
+        assert_eq!(conf.mtu().unwrap(), 1400);
+        std::fs::write(dir.path().join("nodename"), "node-2\n").unwrap();
+        let err = conf.node_name().unwrap_err();
+        assert_eq!(err.code, Code::InvalidConfig);
+        assert!(err.msg.contains("node-2"), "{}", err.msg);
+        // Without it (a runtime test, a host without the agent), the old fallbacks hold.
+        let dir = tempfile::tempdir().unwrap();
+        let conf = NetConf {
+            state_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        assert_eq!(conf.mtu().unwrap(), DEFAULT_MTU);
+        assert!(conf.node_name().is_ok());
     }
 
     #[test]

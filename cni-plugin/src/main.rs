@@ -71,6 +71,10 @@ fn init_logging(conf: Option<&NetConf>) {
         .with_target(false)
         .with_ansi(false);
     let log_file = conf.and_then(|c| c.log_file.as_ref()).and_then(|path| {
+        // The directory may not exist on a fresh host; logging must not fail the call.
+        if let Some(dir) = path.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
         std::fs::OpenOptions::new()
             .create(true)
             .append(true)

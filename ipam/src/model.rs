@@ -488,6 +488,23 @@ pub fn u128_to_ip(value: u128, v4: bool) -> IpAddr {
     }
 }
 
+/// Node names as Kubernetes has them (DNS subdomains, capitals tolerated): the name
+/// keys the node's record and blocks in the store, so "" or "../x" must not pass.
+pub fn validate_node_name(name: &str) -> Result<(), &'static str> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+        && !name.starts_with(['.', '-'])
+        && !name.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err("is not a node name (1 to 253 letters, digits, '-', '_' and '.', no \"..\")")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -92,7 +92,6 @@ impl OverlayController {
         metrics.starting("waiting for the datastore (tunnel addresses)");
         let vtep_ips = registration::tunnel_addresses(&ipam, &config.node_name).await?;
         let mac = registration::vtep_mac(&config.node_name);
-        registration::write_state_files(&config.state_dir, &config.node_name, mtu)?;
         let record = registration::register(
             &ipam,
             NodeRecord {
@@ -106,6 +105,9 @@ impl OverlayController {
         )
         .await?;
         tracing::info!(node = %registration::describe(&record), "registered");
+        // Only now may the plugin claim blocks for this node (with requireAgent, ADD
+        // waits for these files): the cluster knows the node and its MTU is settled.
+        registration::write_state_files(&config.state_dir, &config.node_name, mtu)?;
 
         sysctl::set("net.ipv4.ip_forward", "1")?;
         if vtep_ips.iter().any(IpAddr::is_ipv6) {
