@@ -3,6 +3,7 @@
 //! makes Services reachable. Each reconciles on its own triggers and resyncs; neither
 //! knows the other. Restarting the agent changes nothing that is already right.
 
+mod install;
 mod metrics;
 mod overlay;
 mod proxy;
@@ -27,8 +28,14 @@ use crate::runtime::{Schedule, Triggers};
 /// Every flag can also come from its environment variable or, below both, from the
 /// JSON config file (`--config`, keys in camelCase: {"nodeName": ..., "datastore": ...}).
 #[derive(Parser, Debug)]
-#[command(name = "calyx-agent", about = "Calyx per-node overlay agent")]
+#[command(
+    name = "calyx-agent",
+    about = "Calyx per-node overlay agent",
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     #[arg(
         long,
         env = "CALYX_NODE_NAME",
@@ -42,6 +49,10 @@ struct Args {
         default_value = "file:///var/lib/calyx/store"
     )]
     datastore: String,
+    /// A mounted TLS Secret (ca.crt, tls.crt, tls.key) for an etcds:// datastore whose
+    /// URL does not name its own files.
+    #[arg(long, env = "CALYX_ETCD_TLS_DIR")]
+    etcd_tls_dir: Option<PathBuf>,
     #[arg(long, env = "CALYX_UNDERLAY_INTERFACE", conflicts_with = "underlay_ip")]
     underlay_interface: Option<String>,
     #[arg(long, env = "CALYX_UNDERLAY_IP")]
@@ -118,6 +129,13 @@ struct Args {
     proxy_cleanup: bool,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Install the CNI plugin and its conflist on this node (the DaemonSet's init
+    /// container) and exit.
+    InstallCni(install::InstallArgs),
+}
+
 /// `--vxlan-device`: a name the kernel takes as it is (the plugin's CNI_IFNAME rules).
 fn parse_ifname(name: &str) -> Result<String, String> {
     calyx_dataplane::validate_ifname(name)
@@ -138,6 +156,15 @@ fn main() -> ExitCode {
     }
     let args = Args::parse();
     init_logging(&args);
+    if let Some(Command::InstallCni(install)) = &args.command {
+        return match install::install_cni(install) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "install-cni failed");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -233,7 +260,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         });
     }
     // The agent lives as long as the process; a 'static store lets every task share it.
-    let store: &'static dyn Store = Box::leak(store::open(&args.datastore)?);
+    let datastore = match &args.etcd_tls_dir {
+        Some(dir) => store::etcd::with_tls_dir(&args.datastore, dir, dir),
+        None => args.datastore.clone(),
+    };
+    let store: &'static dyn Store = Box::leak(store::open(&datastore)?);
     let nl = Netlink::current()?;
     let underlay =
         registration::detect_underlay(&nl, args.underlay_interface.as_deref(), args.underlay_ip)
