@@ -18,6 +18,16 @@ impl Drop for Netns {
     }
 }
 
+/// A fresh network namespace (deleted when the first value drops), opened.
+fn namespace(prefix: &str) -> (Netns, netns_rs::NetNs) {
+    let ns = Netns(format!("{prefix}{}", std::process::id()));
+    must("ip", &["netns", "add", &ns.0]);
+    let netns =
+        calyx_dataplane::netlink::open_namespace(Path::new(&format!("/run/netns/{}", ns.0)))
+            .expect("open the namespace");
+    (ns, netns)
+}
+
 fn map(declaration: &str, elements: &[(&str, &str)]) -> Set {
     let mut map = Set::new(SetKind::Map, declaration);
     for (k, v) in elements {
@@ -65,11 +75,7 @@ fn element_changes_over_netlink_read_back_as_nft_writes_them() {
     if !privileged() {
         return;
     }
-    let ns = Netns(format!("cyxfw{}", std::process::id()));
-    must("ip", &["netns", "add", &ns.0]);
-    let netns =
-        calyx_dataplane::netlink::open_namespace(Path::new(&format!("/run/netns/{}", ns.0)))
-            .expect("open the namespace");
+    let (_ns, netns) = namespace("cyxfw");
     netns
         .run(|_| {
             let before = table(
@@ -139,4 +145,35 @@ fn element_changes_over_netlink_read_back_as_nft_writes_them() {
             endpoints_as_in(&after);
         })
         .expect("run in the namespace");
+}
+
+/// The iptables backend is the one the host's other components use (kube-proxy's
+/// iptables-wrapper rule): nft on a fresh host, legacy once legacy holds more rules
+/// (a kind node image that switched to it), nft again when kubelet marked nft.
+#[test]
+fn the_iptables_backend_follows_the_hosts_rules() {
+    use calyx_dataplane::firewall::iptables::Variant;
+    if !privileged() {
+        return;
+    }
+    let (ns, netns) = namespace("cyxipt");
+    let exec = |args: &[&str]| {
+        let mut all = vec!["netns", "exec", ns.0.as_str()];
+        all.extend_from_slice(args);
+        must("ip", &all);
+    };
+    let detect = || netns.run(|_| Variant::detect()).unwrap();
+    assert_eq!(detect(), Variant::Nft, "a fresh host");
+    exec(&[
+        "iptables-legacy",
+        "-A",
+        "FORWARD",
+        "-s",
+        "10.1.0.0/16",
+        "-j",
+        "DROP",
+    ]);
+    assert_eq!(detect(), Variant::Legacy, "legacy holds the host's rules");
+    exec(&["iptables-nft", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"]);
+    assert_eq!(detect(), Variant::Nft, "kubelet's hint names nft");
 }

@@ -420,15 +420,104 @@ fn jump_target(rule: &str) -> Option<&str> {
     None
 }
 
-/// The kernel, through `iptables-save` / `iptables-restore` (whichever backend the
-/// `iptables` on PATH uses).
-pub struct IptablesCommand;
+/// Which of the host's two iptables backends to write to. Rules written to one are
+/// invisible to the other, and the kernel runs both: an ACCEPT in nftables cannot
+/// override a DROP that kubelet or kube-proxy put in the legacy tables. So Calyx uses
+/// the backend the host's other components use, found the way kube-proxy's
+/// iptables-wrapper finds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Variant {
+    /// `iptables` as PATH has it (a host or image with one backend only).
+    Default,
+    Nft,
+    Legacy,
+}
+
+/// What one backend holds, for choosing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BackendEvidence {
+    /// kubelet's KUBE-IPTABLES-HINT or KUBE-KUBELET-CANARY chain (mangle table).
+    pub kubelet_hint: bool,
+    /// Rules (`-A` lines) in both families' tables.
+    pub rules: usize,
+}
+
+impl Variant {
+    /// iptables-wrapper's choice: the backend kubelet marked, else the one holding more
+    /// rules, nft on a tie (a fresh host).
+    pub fn choose(nft: BackendEvidence, legacy: BackendEvidence) -> Variant {
+        if nft.kubelet_hint {
+            Variant::Nft
+        } else if legacy.kubelet_hint || legacy.rules > nft.rules {
+            Variant::Legacy
+        } else {
+            Variant::Nft
+        }
+    }
+
+    /// The tool for `family`: `iptables`, `ip6tables-legacy`, with `-save` etc. added by
+    /// the caller.
+    pub fn tool(self, family: IpFamily, suffix: &str) -> String {
+        let variant = match self {
+            Variant::Default => "",
+            Variant::Nft => "-nft",
+            Variant::Legacy => "-legacy",
+        };
+        format!("{}{variant}{suffix}", family.iptables())
+    }
+
+    /// Looks at the host (the network namespace this thread is in) and chooses; where
+    /// only one backend is installed, `Default`.
+    pub fn detect() -> Variant {
+        let evidence = |variant: Variant| -> Option<BackendEvidence> {
+            let mut found = BackendEvidence::default();
+            for family in IpFamily::BOTH {
+                let save = variant.tool(family, "-save");
+                // A backend that is not installed gives no evidence at all.
+                let text = match run_tool(&save, &[], None) {
+                    Ok(text) => text,
+                    Err(FirewallError::Spawn { .. }) => return None,
+                    Err(_) => continue, // e.g. no IPv6 support: nothing there
+                };
+                found.rules += text.lines().filter(|l| l.starts_with("-A ")).count();
+                found.kubelet_hint |= text.lines().any(|l| {
+                    l.starts_with(":KUBE-IPTABLES-HINT ") || l.starts_with(":KUBE-KUBELET-CANARY ")
+                });
+            }
+            Some(found)
+        };
+        match (evidence(Variant::Nft), evidence(Variant::Legacy)) {
+            (Some(nft), Some(legacy)) => Variant::choose(nft, legacy),
+            _ => Variant::Default,
+        }
+    }
+}
+
+/// The kernel, through `iptables-save` / `iptables-restore` of one backend.
+#[derive(Debug, Clone, Copy)]
+pub struct IptablesCommand {
+    pub variant: Variant,
+}
+
+impl IptablesCommand {
+    /// The backend this host uses, detected once per process (and logged): the host's
+    /// choice does not change while the agent runs, and every caller must agree.
+    pub fn host() -> IptablesCommand {
+        static DETECTED: std::sync::OnceLock<Variant> = std::sync::OnceLock::new();
+        let variant = *DETECTED.get_or_init(|| {
+            let variant = Variant::detect();
+            tracing::info!(?variant, "iptables backend chosen");
+            variant
+        });
+        IptablesCommand { variant }
+    }
+}
 
 impl Backend for IptablesCommand {
     fn dump(&self, family: IpFamily, owner: &Ownership) -> Result<Ruleset, FirewallError> {
         let mut text = String::new();
         for table in ["nat", "filter"] {
-            let save = format!("{}-save", family.iptables());
+            let save = self.variant.tool(family, "-save");
             text.push_str(&run_tool(&save, &["-t", table], None)?);
         }
         Ok(parse_save(family, owner, &text))
@@ -444,7 +533,8 @@ impl Backend for IptablesCommand {
     ) -> Result<Ruleset, FirewallError> {
         let mut text = String::new();
         for (table, chain) in builtin {
-            let listed = run_tool(family.iptables(), &["-w", "-t", table, "-S", chain], None)?;
+            let tool = self.variant.tool(family, "");
+            let listed = run_tool(&tool, &["-w", "-t", table, "-S", chain], None)?;
             let _ = writeln!(text, "*{table}");
             text.push_str(&listed);
         }
@@ -452,7 +542,7 @@ impl Backend for IptablesCommand {
     }
 
     fn apply(&self, tx: &Transaction) -> Result<(), FirewallError> {
-        let restore = format!("{}-restore", tx.family.iptables());
+        let restore = self.variant.tool(tx.family, "-restore");
         for batch in tx.split(CHAINS_PER_RESTORE) {
             run_tool(&restore, &["-w", "--noflush"], Some(&batch.restore_input()))?;
         }
@@ -625,6 +715,28 @@ mod tests {
             exact: vec!["CALYX-FORWARD"],
             prefixes: vec!["CALYX-SVC-"],
         }
+    }
+
+    #[test]
+    fn the_backend_is_chosen_as_kube_proxys_iptables_wrapper_does() {
+        let rules = |n| BackendEvidence {
+            kubelet_hint: false,
+            rules: n,
+        };
+        let hint = BackendEvidence {
+            kubelet_hint: true,
+            rules: 0,
+        };
+        assert_eq!(Variant::choose(rules(0), rules(0)), Variant::Nft);
+        assert_eq!(Variant::choose(rules(3), rules(3)), Variant::Nft);
+        assert_eq!(Variant::choose(rules(1), rules(9)), Variant::Legacy);
+        assert_eq!(Variant::choose(rules(0), hint), Variant::Legacy);
+        assert_eq!(Variant::choose(hint, rules(50)), Variant::Nft);
+        assert_eq!(
+            Variant::Legacy.tool(IpFamily::V6, "-save"),
+            "ip6tables-legacy-save"
+        );
+        assert_eq!(Variant::Default.tool(IpFamily::V4, ""), "iptables");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod desired;
 pub mod kernel;
 pub mod liveness;
+pub mod node_condition;
 pub mod pool_rules;
 pub mod registration;
 
@@ -47,6 +48,8 @@ pub struct OverlayConfig {
     pub heartbeat: Duration,
     pub node_timeout: Duration,
     pub firewall: bool,
+    /// Kubernetes API credentials for the Node's condition (None: in-cluster config).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 pub struct OverlayController {
@@ -108,6 +111,7 @@ impl OverlayController {
         // Only now may the plugin claim blocks for this node (with requireAgent, ADD
         // waits for these files): the cluster knows the node and its MTU is settled.
         registration::write_state_files(&config.state_dir, &config.node_name, mtu)?;
+        node_condition::spawn(config.kubeconfig.clone(), config.node_name.clone());
 
         sysctl::set("net.ipv4.ip_forward", "1")?;
         if vtep_ips.iter().any(IpAddr::is_ipv6) {
@@ -274,7 +278,9 @@ impl OverlayController {
             }
             let desired = pool_rules::desired_ruleset(&pools, family);
             let sync = &mut self.pool_rules[i];
-            let tx = tokio::task::block_in_place(|| sync.sync(&IptablesCommand, &desired, reread))?;
+            let tx = tokio::task::block_in_place(|| {
+                sync.sync(&IptablesCommand::host(), &desired, reread)
+            })?;
             if !tx.is_empty() {
                 tracing::info!(%family, rules = desired.rule_count(), "pool rules written");
                 self.metrics.firewall_repairs.inc();
@@ -292,6 +298,7 @@ impl Controller for OverlayController {
 
     async fn reconcile(&mut self, trigger: Trigger, full: bool) -> bool {
         let started = Instant::now();
+        self.metrics.attempted();
         self.metrics.reconciles.inc();
         let outcome = self.reconcile_once(full).await;
         let elapsed = started.elapsed();

@@ -57,7 +57,7 @@ impl Backends {
     pub fn kernel() -> Backends {
         Backends {
             nft: Box::new(NftCommand),
-            iptables: Box::new(IptablesCommand),
+            iptables: Box::new(IptablesCommand::host()),
             conntrack: true,
         }
     }
@@ -118,7 +118,7 @@ impl Prefetched {
                     .map(|family| nft::Backend::dump(&NftCommand, family, nftables::TABLE)),
             ),
             ProxyMode::Iptables => Prefetched::Iptables(IpFamily::BOTH.map(|family| {
-                ipt::Backend::dump(&IptablesCommand, family, &iptables::ownership())
+                ipt::Backend::dump(&IptablesCommand::host(), family, &iptables::ownership())
             })),
             ProxyMode::Off => Prefetched::Nothing,
         }
@@ -579,7 +579,7 @@ pub fn cleanup_stale() {
 /// `--proxy-cleanup`: everything either mode created, as `kube-proxy --cleanup` does.
 pub fn cleanup_all() -> anyhow::Result<()> {
     remove_nft_tables(&NftCommand);
-    remove_iptables_chains(&IptablesCommand);
+    remove_iptables_chains(&IptablesCommand::host());
     Ok(())
 }
 
