@@ -4,10 +4,16 @@
 //! knows the other. Restarting the agent changes nothing that is already right.
 
 mod install;
+mod kube_api;
 mod metrics;
 mod overlay;
 mod proxy;
 mod runtime;
+
+/// Static builds link musl, whose allocator is much slower than glibc's: use mimalloc.
+#[cfg(target_env = "musl")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -78,7 +84,8 @@ struct Args {
     /// Block prefix length of the IPv6 pools it creates (default /122).
     #[arg(long, env = "CALYX_BLOCK_SIZE_V6")]
     block_size_v6: Option<u8>,
-    #[arg(long, env = "CALYX_METRICS_ADDR", default_value = "127.0.0.1:9099")]
+    /// /metrics, /healthz, /livez, /readyz (not 9099: Calico's Felix serves there).
+    #[arg(long, env = "CALYX_METRICS_ADDR", default_value = "127.0.0.1:9180")]
     metrics_addr: SocketAddr,
     /// Where the plugin finds `nodename` and `mtu`.
     #[arg(long, env = "CALYX_STATE_DIR", default_value = "/var/lib/calyx")]
@@ -316,6 +323,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         heartbeat: Duration::from_secs(args.heartbeat_seconds),
         node_timeout: Duration::from_secs(args.node_timeout_seconds),
         firewall: !args.no_firewall,
+        kubeconfig: args.kubeconfig.clone(),
     };
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let (triggers, rx) = Triggers::channel();

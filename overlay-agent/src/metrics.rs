@@ -29,6 +29,8 @@ pub struct Metrics {
     registry: Registry,
     pub ready: AtomicBool,
     last_success: Mutex<Option<Instant>>,
+    /// When the overlay last tried to reconcile, whatever came of it (for /livez).
+    last_attempt: Mutex<Option<Instant>>,
     starting: Mutex<String>,
     readiness_checks: Mutex<Vec<ReadinessCheck>>,
     pub resync_ms: AtomicU64,
@@ -118,6 +120,7 @@ impl Metrics {
             registry: Registry::default(),
             ready: AtomicBool::new(false),
             last_success: Mutex::new(None),
+            last_attempt: Mutex::new(None),
             starting: Mutex::new("starting".into()),
             readiness_checks: Mutex::new(Vec::new()),
             resync_ms: AtomicU64::new(resync.as_millis() as u64),
@@ -204,6 +207,21 @@ impl Metrics {
         self.ready.store(true, Ordering::Relaxed);
     }
 
+    pub fn attempted(&self) {
+        *self.last_attempt.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// Alive while the reconcile loop keeps running, whether or not its runs succeed:
+    /// an etcd outage fails runs (the kubelet must not restart every agent for it), a
+    /// wedged loop runs nothing. Waiting for the datastore at start counts as alive.
+    fn alive(&self) -> bool {
+        let window = Duration::from_millis(3 * self.resync_ms.load(Ordering::Relaxed));
+        self.last_attempt
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none_or(|t| t.elapsed() <= window)
+    }
+
     /// Healthy while reconciles keep succeeding (within three resync periods).
     fn healthy(&self) -> bool {
         let window = Duration::from_millis(3 * self.resync_ms.load(Ordering::Relaxed));
@@ -218,12 +236,13 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()
     let app = Router::new()
         .route("/metrics", get(render))
         .route("/healthz", get(healthz))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .with_state(metrics);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("listen on {addr}: {e}"))?;
-    tracing::info!(%addr, "serving /metrics, /healthz, /readyz");
+    tracing::info!(%addr, "serving /metrics, /healthz, /livez, /readyz");
     axum::serve(listener, app).await?;
     Ok(())
 }
@@ -233,6 +252,17 @@ async fn render(State(m): State<Arc<Metrics>>) -> (StatusCode, String) {
     match encode(&mut out, &m.registry) {
         Ok(()) => (StatusCode::OK, out),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn livez(State(m): State<Arc<Metrics>>) -> (StatusCode, &'static str) {
+    if m.alive() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the reconcile loop has not run for three resync periods\n",
+        )
     }
 }
 

@@ -879,6 +879,7 @@ fn an_agent_waiting_for_its_datastore_answers_health_and_keeps_trying() {
     std::thread::sleep(Duration::from_secs(2));
     let still_running = lone.running();
     let ready_later = http_get_in(&ns, "/readyz");
+    let live = http_get_in(&ns, "/livez");
     let log = lone.stop();
     let ready = ready.expect("/readyz answered within 5 s of the start");
     assert!(!is_ok(&ready), "{ready}");
@@ -888,6 +889,8 @@ fn an_agent_waiting_for_its_datastore_answers_health_and_keeps_trying() {
         ready_later.contains("waiting for the datastore"),
         "{ready_later}"
     );
+    let live = live.expect("/livez answers");
+    assert!(is_ok(&live), "waiting for the datastore is alive: {live}");
 }
 
 /// A frozen etcd (it accepts connections and answers nothing) makes the agents
@@ -917,6 +920,9 @@ fn a_frozen_etcd_makes_agents_unready_and_keeps_their_routes() {
             routes,
             "routes changed while etcd was frozen"
         );
+        // The DaemonSet's liveness probe: an etcd outage must not restart every agent.
+        let live = http_get(&c, 0, "/livez");
+        assert!(is_ok(&live), "/livez failed during the outage: {live}");
     }));
     etcd.freeze(false);
     if let Err(panic) = unready {

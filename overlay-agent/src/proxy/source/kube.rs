@@ -3,7 +3,7 @@
 //! watch that ends or fails (410 Gone included) is resumed or re-listed by the watcher,
 //! with backoff, never fatally. Nothing is published until every stream has listed once.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::{Node, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
-use kube::{Api, Client, Config, Resource, ResourceExt};
+use kube::{Api, Client, Resource, ResourceExt};
 
 use super::objects::{self, Converted};
 use super::Publisher;
@@ -29,7 +29,7 @@ pub fn spawn(
     tokio::spawn(async move {
         let mut wait = Duration::from_millis(500);
         let client = loop {
-            match client(kubeconfig.as_deref()).await {
+            match crate::kube_api::client(kubeconfig.as_deref()).await {
                 Ok(client) => break client,
                 Err(e) => {
                     tracing::warn!(
@@ -45,17 +45,6 @@ pub fn spawn(
         follow(client, &node, publisher).await;
     });
     Ok(())
-}
-
-async fn client(kubeconfig: Option<&Path>) -> anyhow::Result<Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let file = kube::config::Kubeconfig::read_from(path)?;
-            Config::from_custom_kubeconfig(file, &Default::default()).await?
-        }
-        None => Config::infer().await?,
-    };
-    Ok(Client::try_from(config)?)
 }
 
 /// What one watcher has seen, converted, keyed by the object's namespace and name.
