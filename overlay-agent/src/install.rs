@@ -26,16 +26,22 @@ const OLD_CONFLIST_NAMES: [&str; 1] = ["10-calyx.conflist"];
 const TLS_SUBDIR: &str = "calyx-tls";
 const TLS_FILES: [&str; 3] = ["ca.crt", "tls.crt", "tls.key"];
 
+/// The host's CNI directories, as the pod mounts them.
 #[derive(clap::Args, Debug, Clone)]
-pub struct InstallArgs {
-    /// Where the host's root filesystem is mounted: every host path below is written
-    /// under it.
+pub struct HostDirs {
+    /// Where the host's root filesystem is mounted: every host path is found under it.
     #[arg(long, env = "CALYX_HOST_ROOT", default_value = "/host")]
     pub host_root: PathBuf,
     #[arg(long, env = "CALYX_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
     pub cni_bin_dir: PathBuf,
     #[arg(long, env = "CALYX_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    pub host: HostDirs,
     /// The plugin binary to install (in the image).
     #[arg(long, env = "CALYX_PLUGIN", default_value = "/usr/local/bin/calyx")]
     pub plugin: PathBuf,
@@ -76,7 +82,7 @@ pub fn plan(
 ) -> anyhow::Result<InstallPlan> {
     validate_node_name(&args.node_name)
         .map_err(|why| anyhow::anyhow!("node name {:?} {why}", args.node_name))?;
-    let tls_dir = args.cni_conf_dir.join(TLS_SUBDIR);
+    let tls_dir = args.host.cni_conf_dir.join(TLS_SUBDIR);
     let mut tls_copies = Vec::new();
     if let Some(secret) = &args.etcd_tls_dir {
         for file in TLS_FILES {
@@ -113,7 +119,7 @@ pub fn plan(
         warnings.push(format!(
             "no portmap plugin in {}: hostPort is not supported until the CNI reference \
              plugins are installed there (then restart this pod)",
-            args.cni_bin_dir.display()
+            args.host.cni_bin_dir.display()
         ));
     }
     for name in host_files {
@@ -127,7 +133,7 @@ pub fn plan(
         warnings.push(format!(
             "another network's config {} in {}{}",
             name,
-            args.cni_conf_dir.display(),
+            args.host.cni_conf_dir.display(),
             if wins {
                 ": it sorts before ours, so runtimes use IT, not Calyx; remove it"
             } else {
@@ -173,8 +179,8 @@ fn replace_file(dest: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
 }
 
 pub fn install_cni(args: &InstallArgs) -> anyhow::Result<()> {
-    let bin_dir = on_host(&args.host_root, &args.cni_bin_dir);
-    let conf_dir = on_host(&args.host_root, &args.cni_conf_dir);
+    let bin_dir = on_host(&args.host.host_root, &args.host.cni_bin_dir);
+    let conf_dir = on_host(&args.host.host_root, &args.host.cni_conf_dir);
     let mut host_files: Vec<String> = std::fs::read_dir(&conf_dir)
         .map(|entries| {
             entries
@@ -187,8 +193,8 @@ pub fn install_cni(args: &InstallArgs) -> anyhow::Result<()> {
     // The configuration first: its mistakes are the likely ones.
     let plan = plan(args, &host_files, bin_dir.join("portmap").is_file())?;
     for (dir, host_dir) in [
-        (&bin_dir, &args.cni_bin_dir),
-        (&conf_dir, &args.cni_conf_dir),
+        (&bin_dir, &args.host.cni_bin_dir),
+        (&conf_dir, &args.host.cni_conf_dir),
     ] {
         if !dir.is_dir() {
             bail!(
@@ -205,7 +211,7 @@ pub fn install_cni(args: &InstallArgs) -> anyhow::Result<()> {
     let plugin = std::fs::read(&args.plugin)
         .with_context(|| format!("read the plugin {}", args.plugin.display()))?;
     replace_file(&bin_dir.join("calyx"), &plugin, 0o755)?;
-    tracing::info!(path = %args.cni_bin_dir.join("calyx").display(), bytes = plugin.len(), "plugin installed");
+    tracing::info!(path = %args.host.cni_bin_dir.join("calyx").display(), bytes = plugin.len(), "plugin installed");
 
     if !plan.tls_copies.is_empty() {
         let tls_dir = conf_dir.join(TLS_SUBDIR);
@@ -217,23 +223,107 @@ pub fn install_cni(args: &InstallArgs) -> anyhow::Result<()> {
         for (source, dest) in &plan.tls_copies {
             let pem =
                 std::fs::read(source).with_context(|| format!("read {}", source.display()))?;
-            replace_file(&on_host(&args.host_root, dest), &pem, 0o400)?;
+            replace_file(&on_host(&args.host.host_root, dest), &pem, 0o400)?;
         }
-        tracing::info!(dir = %args.cni_conf_dir.join(TLS_SUBDIR).display(), files = plan.tls_copies.len(), "etcd client certificates installed");
+        tracing::info!(dir = %args.host.cni_conf_dir.join(TLS_SUBDIR).display(), files = plan.tls_copies.len(), "etcd client certificates installed");
     }
     if let Some(dir) = args.log_file.parent() {
-        let dir = on_host(&args.host_root, dir);
+        let dir = on_host(&args.host.host_root, dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     }
 
     let text = serde_json::to_string_pretty(&plan.conflist)? + "\n";
-    replace_file(&conf_dir.join(CONFLIST_NAME), text.as_bytes(), 0o644)?;
+    let conflist = conf_dir.join(CONFLIST_NAME);
+    replace_file(&conflist, text.as_bytes(), 0o644)?;
+    // containerd 1.6 misses a file renamed into its config dir (../shared notes,
+    // real-runtimes): write the same bytes over it in place, which it does see. The
+    // size and content never change, so no reader sees a partial file.
+    {
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&conflist)
+            .with_context(|| format!("open {}", conflist.display()))?;
+        file.write_all_at(text.as_bytes(), 0)
+            .with_context(|| format!("write {}", conflist.display()))?;
+    }
     for old in OLD_CONFLIST_NAMES {
         if std::fs::remove_file(conf_dir.join(old)).is_ok() {
             tracing::info!(file = old, "removed the conflist an earlier Calyx wrote");
         }
     }
-    tracing::info!(path = %args.cni_conf_dir.join(CONFLIST_NAME).display(), node = %args.node_name, "conflist written");
+    tracing::info!(path = %args.host.cni_conf_dir.join(CONFLIST_NAME).display(), node = %args.node_name, "conflist written");
+    Ok(())
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct UninstallArgs {
+    #[command(flatten)]
+    pub host: HostDirs,
+    /// The agent's state (and the embedded store, if used): emptied.
+    #[arg(long, env = "CALYX_STATE_DIR", default_value = "/var/lib/calyx")]
+    pub state_dir: PathBuf,
+    #[arg(long, env = "CALYX_CNI_LOG_DIR", default_value = "/var/log/calyx")]
+    pub log_dir: PathBuf,
+    #[arg(long, env = "CALYX_VXLAN_DEVICE", default_value = "vxlan.calyx")]
+    pub vxlan_device: String,
+}
+
+/// Removes a directory's contents, then the directory unless it is a mount point.
+fn empty_and_remove(dir: &Path) -> anyhow::Result<bool> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e).with_context(|| format!("read {}", dir.display())),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let removed = if path.is_dir() && !path.is_symlink() {
+            std::fs::remove_dir_all(&path)
+        } else {
+            std::fs::remove_file(&path)
+        };
+        removed.with_context(|| format!("remove {}", path.display()))?;
+    }
+    // A mounted directory (the pod's hostPath) cannot go; it is left empty.
+    let _ = std::fs::remove_dir(dir);
+    Ok(true)
+}
+
+/// `calyx-agent uninstall`: everything Calyx put on this node, except what running
+/// pods use (their veths and routes). Files first, so no new pod is wired meanwhile;
+/// safe to run twice. The DaemonSet must be gone first, or its agent puts it back.
+pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
+    let conf_dir = on_host(&args.host.host_root, &args.host.cni_conf_dir);
+    let bin_dir = on_host(&args.host.host_root, &args.host.cni_bin_dir);
+    let mut files = vec![conf_dir.join(CONFLIST_NAME), bin_dir.join("calyx")];
+    files.extend(OLD_CONFLIST_NAMES.iter().map(|n| conf_dir.join(n)));
+    for file in files {
+        match std::fs::remove_file(&file) {
+            Ok(()) => tracing::info!(file = %file.display(), "removed"),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("remove {}", file.display())),
+        }
+    }
+    if empty_and_remove(&conf_dir.join(TLS_SUBDIR))? {
+        tracing::info!(dir = TLS_SUBDIR, "removed the etcd client certificates");
+    }
+
+    let nl = calyx_dataplane::Netlink::current()?;
+    for what in crate::overlay::kernel::remove_overlay(&nl, &args.vxlan_device).await? {
+        tracing::info!(%what, "removed");
+    }
+    let iptables = calyx_dataplane::firewall::iptables::IptablesCommand::host();
+    tokio::task::block_in_place(|| crate::overlay::pool_rules::remove(&iptables))
+        .context("remove the pool rules")?;
+    tokio::task::block_in_place(crate::proxy::cleanup_all)?;
+
+    for dir in [&args.state_dir, &args.log_dir] {
+        if empty_and_remove(&on_host(&args.host.host_root, dir))? {
+            tracing::info!(dir = %dir.display(), "emptied");
+        }
+    }
+    tracing::info!("Calyx is uninstalled from this node");
     Ok(())
 }
 
@@ -243,9 +333,11 @@ mod tests {
 
     fn args(datastore: &str) -> InstallArgs {
         InstallArgs {
-            host_root: "/host".into(),
-            cni_bin_dir: "/opt/cni/bin".into(),
-            cni_conf_dir: "/etc/cni/net.d".into(),
+            host: HostDirs {
+                host_root: "/host".into(),
+                cni_bin_dir: "/opt/cni/bin".into(),
+                cni_conf_dir: "/etc/cni/net.d".into(),
+            },
             plugin: "/usr/local/bin/calyx".into(),
             node_name: "node-1".into(),
             datastore: datastore.into(),
@@ -349,7 +441,7 @@ mod tests {
         std::fs::write(secret.path().join("tls.key"), "key").unwrap();
         std::fs::write(secret.path().join("tls.crt"), "crt").unwrap();
         let mut a = args("etcds://10.0.0.10:2379");
-        a.host_root = root.path().to_path_buf();
+        a.host.host_root = root.path().to_path_buf();
         a.plugin = plugin;
         a.etcd_tls_dir = Some(secret.path().to_path_buf());
         install_cni(&a).unwrap();

@@ -141,6 +141,9 @@ enum Command {
     /// Install the CNI plugin and its conflist on this node (the DaemonSet's init
     /// container) and exit.
     InstallCni(install::InstallArgs),
+    /// Remove everything Calyx put on this node (files, device, routes, rules, state)
+    /// except what running pods use, and exit. Safe to run twice.
+    Uninstall(install::UninstallArgs),
 }
 
 /// `--vxlan-device`: a name the kernel takes as it is (the plugin's CNI_IFNAME rules).
@@ -183,6 +186,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(Command::Uninstall(uninstall)) = &args.command {
+        return match runtime.block_on(install::uninstall(uninstall)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = format!("{e:#}"), "uninstall failed");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -267,3 +267,27 @@ fn nexthop_failures(
         Err(e) => errors.push(e.to_string()),
     }
 }
+
+/// `calyx-agent uninstall`: deletes the VXLAN device (its FDB, neighbour entries,
+/// nexthops and routes go with it) and the node's blackhole block routes. Routes to
+/// local pods (Calyx's protocol too, but through a pod's veth) stay: the pods do.
+/// Returns what it removed.
+pub async fn remove_overlay(nl: &Netlink, device: &str) -> anyhow::Result<Vec<String>> {
+    let mut removed = Vec::new();
+    if let Some(link) = nl.link_by_name(device).await? {
+        nl.delete_link(&link).await?;
+        removed.push(format!("device {device}"));
+    }
+    for v4 in [true, false] {
+        for route in nl.routes_of_protocol(v4, CALYX_ROUTE_PROTOCOL).await? {
+            if route.blackhole {
+                nl.delete_route(&route).await?;
+                removed.push(format!(
+                    "blackhole {}/{}",
+                    route.destination, route.prefix_len
+                ));
+            }
+        }
+    }
+    Ok(removed)
+}

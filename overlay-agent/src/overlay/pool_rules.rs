@@ -11,8 +11,8 @@
 //! Rules go through the firewall layer: one iptables-restore transaction per family,
 //! only when what the kernel holds differs.
 
-use calyx_dataplane::firewall::iptables::{Jump, Ownership, Ruleset};
-use calyx_dataplane::firewall::IpFamily;
+use calyx_dataplane::firewall::iptables::{Backend, Jump, Ownership, Ruleset, RulesetSync};
+use calyx_dataplane::firewall::{FirewallError, IpFamily};
 use calyx_ipam::model::Pool;
 
 pub const FORWARD_CHAIN: &str = "CALYX-FORWARD";
@@ -55,6 +55,14 @@ pub fn ownership() -> Ownership {
         exact: vec![FORWARD_CHAIN, POSTROUTING_CHAIN],
         prefixes: Vec::new(),
     }
+}
+
+/// `calyx-agent uninstall`: both families' pool chains and the jumps into them.
+pub fn remove(backend: &dyn Backend) -> Result<(), FirewallError> {
+    for family in IpFamily::BOTH {
+        RulesetSync::new(ownership()).sync(backend, &Ruleset::new(family), true)?;
+    }
+    Ok(())
 }
 
 /// One family's chains and the jumps into them, as the firewall layer takes them.
