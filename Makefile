@@ -2,14 +2,21 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 RELEASE := target/release
+# Static binaries (musl): they run on any Linux host, whatever its glibc.
+MUSL := x86_64-unknown-linux-musl
+STATIC := target/$(MUSL)/release
+# The release's version (the workspace's); the image tag and the manifest follow it.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -n1)
+IMAGE ?= localhost/calyx:$(VERSION)
 
 # Debian packages the tests and the lab use.
 DEB_PACKAGES := iproute2 iptables ipset nftables conntrack iputils-ping netcat-openbsd \
 	tcpdump iperf3 util-linux ethtool etcd-server etcd-client containernetworking-plugins \
-	podman containerd runc busybox-static catatonit python3-venv protobuf-compiler
+	podman containerd runc busybox-static catatonit python3-venv protobuf-compiler \
+	musl-tools mmdebstrap binutils
 
-.PHONY: all build release deps test test-unit test-runtimes lint fmt bench bench-cni bench-ipam bench-agent bench-proxy \
-	lab lab-down image e2e-kind clean
+.PHONY: all build release static deps test test-unit test-runtimes test-image lint fmt bench bench-cni \
+	bench-ipam bench-agent bench-proxy lab lab-down image e2e-kind clean
 
 all: build
 
@@ -26,6 +33,11 @@ deps:
 		echo "installing:" $$missing; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@rustup target list --installed 2>/dev/null | grep -qx $(MUSL) || rustup target add $(MUSL)
+
+# calyx, calyx-agent and ipamctl, statically linked (what the image ships).
+static: deps
+	$(CARGO) build --release --target $(MUSL) -p calyx-cni -p calyx-ipam -p calyx-agent --bins
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -34,11 +46,12 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-# Everything: lint, unit tests, privileged namespace tests, real runtimes.
+# Everything: lint, unit tests, privileged namespace tests, real runtimes, the image.
 test: deps lint
 	$(CARGO) build --workspace
 	$(CARGO) test --workspace
 	$(MAKE) test-runtimes
+	$(MAKE) test-image
 
 test-unit:
 	$(CARGO) test --workspace --lib --bins
@@ -67,9 +80,15 @@ lab: deps release
 lab-down: release
 	$(RELEASE)/calyx-lab down
 
-# Needs a container engine with registry access (not available on the dev machines).
-image:
-	$${ENGINE:-podman} build -t calyx:latest -f Containerfile .
+# The image, built here from Debian's packages and the static binaries (no registry).
+image: static
+	e2e/image/build.sh $(STATIC) $(IMAGE)
+
+# The image run as the DaemonSet runs it (containers, env and mounts read from
+# manifests/), with podman on the lab's node namespaces: install, pods through the
+# installed plugin, upgrade, uninstall.
+test-image: image
+	CALYX_IMAGE=$(IMAGE) $(CARGO) test -p calyx-e2e --test image -- --ignored --nocapture
 
 # Calyx on a real cluster: needs docker (with its daemon), kind, kubectl and registry
 # access (not available on the dev machines). KEEP=1 keeps the cluster.
