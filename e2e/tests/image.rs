@@ -610,3 +610,38 @@ fn the_image_installs_networks_pods_upgrades_and_uninstalls_as_the_daemonset_doe
     }
     drop(cleanup);
 }
+
+/// The release's version (the workspace's) is the image tag and every label, in both
+/// manifests and the kustomization: nodes cannot drift to mixed versions.
+#[test]
+fn the_manifests_carry_the_release_version_everywhere() {
+    let version = env!("CARGO_PKG_VERSION");
+    let image = format!("localhost/calyx:{version}");
+    for file in ["calyx.yaml", "uninstall.yaml"] {
+        for doc in documents(file) {
+            let what = format!("{file}: {} {}", doc["kind"], doc["metadata"]["name"]);
+            assert_eq!(
+                doc["metadata"]["labels"]["app.kubernetes.io/version"], version,
+                "{what}"
+            );
+            let spec = &doc["spec"]["template"]["spec"];
+            if doc["kind"] != "DaemonSet" {
+                continue;
+            }
+            assert_eq!(
+                doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"],
+                version,
+                "{what}"
+            );
+            for list in ["initContainers", "containers"] {
+                for c in spec[list].as_array().into_iter().flatten() {
+                    assert_eq!(c["image"], image.as_str(), "{what}: {}", c["name"]);
+                    assert_eq!(c["imagePullPolicy"], "IfNotPresent", "{what}");
+                }
+            }
+        }
+    }
+    let kustomization = &documents("kustomization.yaml")[0];
+    assert_eq!(kustomization["images"][0]["name"], "localhost/calyx");
+    assert_eq!(kustomization["images"][0]["newTag"], version);
+}
