@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# The kind suite: Calyx as the pod network of a real Kubernetes cluster (kind: one
-# control plane, two workers), installed from manifests/calyx.yaml with an etcd
-# datastore, then checked the way a user would: nodes Ready, CoreDNS up, pod to pod on
-# one node and across nodes, a Service by its DNS name, node to pod, all of it again
-# with FORWARD policy DROP on every node and after the agents restart, and no address
-# leaked after a burst of pods comes and goes.
+# The kind suite: Calyx as the pod network and service proxy of a real Kubernetes
+# cluster (kind: one control plane, two workers, no kube-proxy), installed from
+# manifests/ (kustomize, the image imported as an archive) with an etcd datastore,
+# then checked the way a user would: nodes Ready, CoreDNS up, pod to pod on one node
+# and across nodes, a Service by its DNS name, a NodePort, a hostPort, pod to outside
+# (masqueraded), node to pod, all of it again with FORWARD policy DROP on every node
+# and after the agents restart (new pods, ready, repairing a deleted route), and no
+# address leaked after a burst of pods comes and goes.
 #
-# Needs docker (with its daemon), kind, kubectl and registry access: it does not run on
-# the development machines (no Docker daemon there); run it where those are:
+# Needs docker (with its daemon), kind, kubectl, registry access (the workload's
+# images) and, to build the image, what `make image` needs (podman, mmdebstrap): it
+# does not run on the development machines (no Docker daemon there); run it where
+# those are:
 #
 #   make e2e-kind                 # or e2e/kind/run.sh
 #   KEEP=1 make e2e-kind          # keep the cluster afterwards (kind delete cluster --name calyx-e2e)
-#   SKIP_BUILD=1 ...              # use an existing calyx:latest image
+#   SKIP_BUILD=1 ...              # use the image podman already has
 set -euo pipefail
 
 here=$(cd "$(dirname "$0")" && pwd)
@@ -36,7 +40,8 @@ cleanup() {
         echo "--- state at failure"
         k get nodes -o wide || true
         k get pods -A -o wide || true
-        k -n kube-system logs -l app=calyx -c agent --tail=40 --prefix || true
+        k -n kube-system logs -l app.kubernetes.io/name=calyx -c agent --tail=40 --prefix || true
+        k -n kube-system logs -l app.kubernetes.io/name=calyx -c install-cni --prefix || true
     fi
     if [ -z "${KEEP:-}" ]; then
         kind delete cluster --name "$cluster" >/dev/null 2>&1 || true
@@ -55,15 +60,20 @@ retry() {
     done
 }
 
+# The image the manifest names (its version's tag).
+image=$(grep -m1 -o 'localhost/calyx:[^ ]*' "$root/manifests/calyx.yaml")
 if [ -z "${SKIP_BUILD:-}" ]; then
-    step "image"
-    docker build -t calyx:latest -f "$root/Containerfile" "$root"
+    step "image $image"
+    make -C "$root" image IMAGE="$image"
 fi
+# An archive, not `kind load docker-image`: that fails on images with provenance
+# attestations in Docker's containerd store.
+podman save --format docker-archive -o "$work/calyx.tar" "$image"
 
 step "cluster"
 kind delete cluster --name "$cluster" >/dev/null 2>&1 || true
 kind create cluster --name "$cluster" --config "$here/cluster.yaml"
-kind load docker-image calyx:latest --name "$cluster"
+kind load image-archive "$work/calyx.tar" --name "$cluster"
 mapfile -t workers < <(k get nodes -l '!node-role.kubernetes.io/control-plane' -o name | sed 's|node/||')
 [ "${#workers[@]}" = 2 ] || die "expected two workers, got: ${workers[*]}"
 mapfile -t nodes < <(k get nodes -o name | sed 's|node/||')
@@ -71,15 +81,34 @@ mapfile -t nodes < <(k get nodes -o name | sed 's|node/||')
 step "datastore: etcd on the control plane's host network"
 control_plane=$(k get nodes -l node-role.kubernetes.io/control-plane -o name | sed 's|node/||')
 control_ip=$(k get node "$control_plane" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}')
-etcd_image=$(k -n kube-system get pod -l component=etcd -o jsonpath='{.items[0].spec.containers[0].image}')
+# The image kubeadm runs the cluster's etcd with (the static pod manifest: with no pod
+# network yet, the mirror pod may not be listed).
+etcd_image=$(docker exec "$control_plane" sed -n 's/^ *image: *//p' /etc/kubernetes/manifests/etcd.yaml | head -n1)
+[ -n "$etcd_image" ] || die "no image in the control plane's etcd manifest"
 sed "s|__ETCD_IMAGE__|$etcd_image|" "$here/etcd.yaml" | k apply -f -
 k -n kube-system rollout status deploy/calyx-etcd --timeout=120s
 datastore="etcd://$control_ip:6666"
 
-step "calyx ($datastore)"
-sed "s|^\(  datastore: \).*|\1\"$datastore\"|" "$root/manifests/calyx.yaml" > "$work/calyx.yaml"
-grep -q "datastore: \"$datastore\"" "$work/calyx.yaml" || die "could not set the datastore in the manifest"
-k apply -f "$work/calyx.yaml"
+step "calyx ($datastore, service proxy nftables)"
+# The operator's settings, over the shipped manifests (kustomize, as README shows).
+mkdir -p "$work/overlay"
+cp -r "$root/manifests" "$work/base"
+cat > "$work/overlay/kustomization.yaml" <<EOF_K
+apiVersion: kustomize.config.k8s.io/v1beta1
+kind: Kustomization
+resources: [../base]
+configMapGenerator:
+  - name: calyx-config
+    namespace: kube-system
+    behavior: merge
+    literals:
+      - datastore=$datastore
+      - proxyMode=nftables
+      - kubernetesServiceHost=$control_ip
+      - kubernetesServicePort=6443
+generatorOptions: {disableNameSuffixHash: true}
+EOF_K
+k apply -k "$work/overlay"
 k -n kube-system rollout status ds/calyx --timeout=180s
 k wait --for=condition=Ready node --all --timeout=180s
 ok "nodes Ready: ${nodes[*]}"
@@ -90,7 +119,8 @@ ipamctl() { k -n kube-system exec ds/calyx -c agent -- ipamctl "$@"; }
 in_use() { ipamctl -o json show | grep -o '"inUse": *[0-9]*' | awk -F: '{n += $2} END {print n + 0}'; }
 
 step "workload"
-sed -e "s|__WORKER1__|${workers[0]}|" -e "s|__WORKER2__|${workers[1]}|" "$here/workload.yaml" | k apply -f -
+sed -e "s|__WORKER1__|${workers[0]}|" -e "s|__WORKER2__|${workers[1]}|" -e "s|__CONTROL__|$control_plane|" \
+    "$here/workload.yaml" | k apply -f -
 k -n "$ns" wait --for=condition=Ready pod --all --timeout=180s
 ip_of() { k -n "$ns" get pod "$1" -o jsonpath='{.status.podIP}'; }
 server1=$(ip_of server-1); server2=$(ip_of server-2); client=$(ip_of client)
@@ -112,20 +142,34 @@ expect_host() { # URL NAME: the server at URL answers with its pod name
     [ "$got" = "$2" ]
 }
 
-# from_control_plane IP NAME: the server at IP answers NAME to the control plane node
-# (node to pod, across the overlay); bash's /dev/tcp, as the node image may lack curl.
+node_ip() { k get node "$1" -o jsonpath='{.status.addresses[?(@.type=="InternalIP")].address}'; }
+worker1_ip=$(node_ip "${workers[0]}"); worker2_ip=$(node_ip "${workers[1]}")
+
+# from_control_plane IP PORT PATTERN: GET /hostname from the control plane node answers
+# a line matching PATTERN (bash's /dev/tcp, as the node image may lack curl).
 from_control_plane() {
     docker exec "$control_plane" timeout 5 bash -c \
-        "exec 3<>/dev/tcp/$1/8080 && printf 'GET /hostname HTTP/1.0\r\n\r\n' >&3 && cat <&3" \
-        | tail -n 1 | grep -qx "$2"
+        "exec 3<>/dev/tcp/$1/$2 && printf 'GET /hostname HTTP/1.0\r\n\r\n' >&3 && cat <&3" \
+        | tail -n 1 | grep -qx "$3"
+}
+
+# Pod to outside: the host-network server on the control plane sees the worker's
+# address (masqueraded), not the pod's.
+masqueraded() {
+    local seen
+    seen=$(fetch "http://$control_ip:8081/clientip") || return 1
+    [ "${seen%:*}" = "$worker1_ip" ]
 }
 
 connectivity() { # the checks that must hold whatever happened to the nodes
     retry 30 expect_host "http://$server1:8080/hostname" server-1 || die "$1: pod to pod on one node"
     retry 30 expect_host "http://$server2:8080/hostname" server-2 || die "$1: pod to pod across nodes"
     retry 30 fetch "http://web.$ns.svc.cluster.local/hostname" >/dev/null || die "$1: Service by DNS name"
-    retry 30 from_control_plane "$server2" server-2 || die "$1: node to pod"
-    ok "$1: pod to pod (same node, across nodes), Service by name, node to pod"
+    retry 30 from_control_plane "$server2" 8080 server-2 || die "$1: node to pod"
+    retry 30 from_control_plane "$worker2_ip" 30080 'server-[12]' || die "$1: NodePort"
+    retry 30 from_control_plane "$worker1_ip" 18080 hostport || die "$1: hostPort (portmap)"
+    retry 30 masqueraded || die "$1: pod to outside, masqueraded to $worker1_ip"
+    ok "$1: pod to pod (same node, across nodes), Service by name, node to pod, NodePort, hostPort, pod to outside"
 }
 
 connectivity "steady state"
@@ -144,8 +188,30 @@ for node in "${nodes[@]}"; do docker exec "$node" iptables -P FORWARD DROP; done
 connectivity "FORWARD DROP"
 
 step "agents restart"
-k -n kube-system delete pod -l app=calyx --wait=true
-k -n kube-system rollout status ds/calyx --timeout=180s
+agent_uids() { k -n kube-system get pods -l app.kubernetes.io/name=calyx -o jsonpath='{.items[*].metadata.uid}'; }
+old_uids=$(agent_uids)
+k -n kube-system delete pod -l app.kubernetes.io/name=calyx --wait=true
+# New pods (none of the old UIDs), as many as nodes, each Ready (its /readyz).
+new_agents_ready() {
+    local uids uid
+    uids=$(agent_uids)
+    [ "$(wc -w <<<"$uids")" = "${#nodes[@]}" ] || return 1
+    for uid in $uids; do case " $old_uids " in *" $uid "*) return 1 ;; esac; done
+    k -n kube-system wait --for=condition=Ready pod -l app.kubernetes.io/name=calyx --timeout=5s >/dev/null
+}
+retry 180 new_agents_ready || die "the restarted agents did not all become ready"
+# The new agents reconcile: a route deleted behind their back comes back. Calyx's
+# routes are protocol 201; the one to the other worker's block is neither a blackhole
+# (this node's blocks) nor through a pod's veth (cyx...).
+overlay_routes() {
+    docker exec "${workers[0]}" ip route show proto 201 | grep -v -e '^blackhole' -e ' dev cyx'
+}
+route=$(overlay_routes | head -n1 | awk '{print $1}')
+[ -n "$route" ] || die "no overlay route on ${workers[0]}"
+docker exec "${workers[0]}" ip route del "$route" proto 201
+route_back() { overlay_routes | grep -q "^$route "; }
+retry 60 route_back || die "the new agent on ${workers[0]} did not restore the route to $route"
+ok "new agents ready; a deleted route to $route came back"
 connectivity "after the agents restarted"
 
 step "churn: 30 pods up and down"

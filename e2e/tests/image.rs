@@ -86,7 +86,12 @@ fn podman_args(
         } else if env["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName" {
             host.node.name.clone()
         } else if let Some(key) = env["valueFrom"]["configMapKeyRef"]["key"].as_str() {
-            config[key].clone()
+            match config.get(key) {
+                Some(value) => value.clone(),
+                // An optional key the ConfigMap does not have: no variable at all.
+                None if env["valueFrom"]["configMapKeyRef"]["optional"] == true => continue,
+                None => panic!("env {name}: the ConfigMap has no {key}"),
+            }
         } else {
             panic!("env {name}: a source this test does not know: {env}");
         };
