@@ -104,6 +104,8 @@ impl From<IpamError> for CniError {
             }
             // Only `ipamctl node release` raises it; never a plugin call.
             IpamError::NodeNotEmpty { .. } => CniError::new(Code::Io, err.to_string()),
+            // The agent checks the schema; the plugin never does.
+            IpamError::Schema(_) => CniError::new(Code::Io, err.to_string()),
         }
     }
 }

@@ -634,8 +634,7 @@ fn the_manifests_carry_the_release_version_everywhere() {
                 continue;
             }
             assert_eq!(
-                doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"],
-                version,
+                doc["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/version"], version,
                 "{what}"
             );
             for list in ["initContainers", "containers"] {

@@ -7,6 +7,7 @@ pub mod check;
 pub mod known_blocks;
 pub mod migrate;
 pub mod model;
+pub mod schema;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -59,6 +60,18 @@ pub enum IpamError {
     TooManyConflicts { attempts: u32, elapsed: Duration },
     #[error("host IPAM lock {path}: {reason}")]
     HostLock { path: String, reason: String },
+    #[error(transparent)]
+    Schema(schema::SchemaError),
+}
+
+impl From<schema::SchemaError> for IpamError {
+    /// A store failure stays one (an outage is waited out the same way everywhere).
+    fn from(e: schema::SchemaError) -> IpamError {
+        match e {
+            schema::SchemaError::Store(e) => IpamError::Store(e),
+            other => IpamError::Schema(other),
+        }
+    }
 }
 
 /// How long an operation keeps retrying compare-and-swap conflicts.

@@ -934,3 +934,43 @@ fn a_frozen_etcd_makes_agents_unready_and_keeps_their_routes() {
         || is_ok(&http_get(&c, 0, "/readyz")),
     );
 }
+
+/// An agent meeting a datastore written by a newer Calyx refuses to start, says why,
+/// and writes nothing to it.
+#[test]
+fn an_agent_refuses_a_datastore_with_a_newer_schema() {
+    use calyx_ipam::store::{Expect, Write};
+    if !privileged() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("file://{}/store", dir.path().display());
+    let store = calyx_ipam::store::open(&url).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let write = |key: &str, value: &str| Write::Put {
+        key: key.into(),
+        value: value.into(),
+        expect: Expect::Absent,
+    };
+    rt.block_on(store.commit(vec![write(
+        calyx_ipam::schema::SCHEMA_KEY,
+        r#"{"version":99}"#,
+    )]))
+    .unwrap();
+    let mut lone = LoneAgent::start("schema", &[], Some(&url));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while lone.running() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let exited = !lone.running();
+    let log = lone.stop();
+    assert!(exited, "the agent kept running: {log}");
+    assert!(log.contains("schema version 99"), "{log}");
+    let keys = rt.block_on(store.list("nodes/")).unwrap();
+    assert!(
+        keys.is_empty(),
+        "the agent registered on a store it refused"
+    );
+}

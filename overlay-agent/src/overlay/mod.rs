@@ -89,6 +89,12 @@ impl OverlayController {
             config.block_size_v6,
         )
         .map_err(|e| anyhow::anyhow!("--pool {e}"))?;
+        metrics.starting("waiting for the datastore (schema)");
+        // A store written by a newer Calyx is refused here, before anything is written.
+        registration::retry_while_waiting("check the datastore schema", || async {
+            Ok(calyx_ipam::schema::ensure_current(ipam.store()).await?)
+        })
+        .await?;
         metrics.starting("waiting for the datastore (pools)");
         registration::retry_while_waiting("create the --pool pools", || ipam.ensure_pools(&pools))
             .await?;
