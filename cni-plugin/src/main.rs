@@ -12,11 +12,6 @@ mod robustness;
 mod version;
 mod wiring;
 
-/// Static builds link musl, whose allocator is much slower than glibc's: use mimalloc.
-#[cfg(target_env = "musl")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::io::{Read, Write};
 
 use config::{CniEnv, NetConf};

@@ -10,7 +10,8 @@ mod overlay;
 mod proxy;
 mod runtime;
 
-/// Static builds link musl, whose allocator is much slower than glibc's: use mimalloc.
+/// Static builds link musl, whose allocator made the first sync at 10,000 Services ~1.4x
+/// slower than glibc's; mimalloc brings it back (bench-proxy, measured side by side).
 #[cfg(target_env = "musl")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
