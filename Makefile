@@ -56,9 +56,10 @@ test: deps lint
 test-unit:
 	$(CARGO) test --workspace --lib --bins
 
-# podman (CNI backend) and containerd's CRI plugin drive the plugin for real.
-test-runtimes: release
-	e2e/runtimes/run.sh $(RELEASE)/calyx
+# podman (CNI backend) and containerd's CRI plugin drive the plugin for real: the
+# static binary, the one the image ships.
+test-runtimes: static
+	e2e/runtimes/run.sh $(STATIC)/calyx
 
 bench: bench-cni bench-ipam bench-agent bench-proxy
 
