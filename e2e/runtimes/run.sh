@@ -5,7 +5,7 @@ set -euo pipefail
 here=$(dirname "$(readlink -f "$0")")
 plugin=${1:?usage: run.sh PATH-TO-calyx}
 failed=0
-for t in podman containerd; do
+for t in podman containerd containerd-reload; do
     echo "=== runtime test: $t"
     if bash "$here/$t.sh" "$plugin"; then passed=$((${passed:-0} + 1)); else failed=$((failed + 1)); echo "=== $t FAILED"; fi
 done

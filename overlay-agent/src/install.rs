@@ -237,20 +237,9 @@ pub fn install_cni(args: &InstallArgs) -> anyhow::Result<()> {
     }
 
     let text = serde_json::to_string_pretty(&plan.conflist)? + "\n";
-    let conflist = conf_dir.join(CONFLIST_NAME);
-    replace_file(&conflist, text.as_bytes(), 0o644)?;
-    // containerd 1.6 misses a file renamed into its config dir (../shared notes,
-    // real-runtimes): write the same bytes over it in place, which it does see. The
-    // size and content never change, so no reader sees a partial file.
-    {
-        use std::os::unix::fs::FileExt;
-        let file = std::fs::OpenOptions::new()
-            .write(true)
-            .open(&conflist)
-            .with_context(|| format!("open {}", conflist.display()))?;
-        file.write_all_at(text.as_bytes(), 0)
-            .with_context(|| format!("write {}", conflist.display()))?;
-    }
+    // Renamed over from the same directory: containerd notices that (and an in-place
+    // write), not a file moved in from elsewhere (e2e/runtimes/containerd-reload.sh).
+    replace_file(&conf_dir.join(CONFLIST_NAME), text.as_bytes(), 0o644)?;
     for old in OLD_CONFLIST_NAMES {
         if std::fs::remove_file(conf_dir.join(old)).is_ok() {
             tracing::info!(file = old, "removed the conflist an earlier Calyx wrote");
