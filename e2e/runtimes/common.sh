@@ -58,6 +58,34 @@ build_images() {
     podman "${PODMAN_STORE[@]}" save -q --format docker-archive -o "$WORK/pause.tar" localhost/pause:latest >/dev/null
 }
 
+# start_containerd: containerd with its CRI plugin in the node namespace, its CNI dirs
+# the lab's, the pause image imported; CTRD_PID is containerd's own PID (nsenter execs
+# it; started directly, not through innode, whose background subshell $! would name).
+start_containerd() {
+    cat > "$WORK/containerd.toml" <<TOML
+version = 2
+root = "$WORK/containerd/root"
+state = "$WORK/containerd/state"
+[grpc]
+  address = "$WORK/containerd.sock"
+[ttrpc]
+  address = "$WORK/containerd.sock.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "localhost/pause:latest"
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "$WORK/cni-bin"
+    conf_dir = "$WORK/net.d"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "native"
+TOML
+    nsenter --net="/run/netns/$NODE" containerd --config "$WORK/containerd.toml" > "$WORK/containerd.log" 2>&1 &
+    CTRD_PID=$!
+    for _ in $(seq 1 50); do [ -S "$WORK/containerd.sock" ] && break; sleep 0.2; done
+    [ -S "$WORK/containerd.sock" ] || { tail -20 "$WORK/containerd.log"; die "containerd did not start"; }
+    ctr --address "$WORK/containerd.sock" -n k8s.io images import "$WORK/pause.tar" >/dev/null
+}
+
 # assert_clean: no calyx veth or route left in the node, no handle in the store.
 assert_clean() {
     local veths routes handles

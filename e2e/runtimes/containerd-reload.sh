@@ -32,28 +32,7 @@ run_case() {
         set -e
     }
     trap cleanup_case EXIT
-    cat > "$WORK/containerd.toml" <<TOML
-version = 2
-root = "$WORK/containerd/root"
-state = "$WORK/containerd/state"
-[grpc]
-  address = "$WORK/containerd.sock"
-[ttrpc]
-  address = "$WORK/containerd.sock.ttrpc"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "localhost/pause:latest"
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "$WORK/cni-bin"
-    conf_dir = "$WORK/net.d"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "native"
-TOML
-    nsenter --net="/run/netns/$NODE" containerd --config "$WORK/containerd.toml" > "$WORK/containerd.log" 2>&1 &
-    CTRD_PID=$!
-    for _ in $(seq 1 50); do [ -S "$WORK/containerd.sock" ] && break; sleep 0.2; done
-    [ -S "$WORK/containerd.sock" ] || die "containerd did not start"
-    ctr --address "$WORK/containerd.sock" -n k8s.io images import "$WORK/pause.tar" >/dev/null
+    start_containerd
     sleep 2
     case $how in
     rename) cp "$WORK/new.conflist" "$WORK/net.d/.10-calyx.conflist.calyx-tmp"

@@ -41,30 +41,7 @@ cleanup() {
 trap cleanup EXIT
 build_images
 
-cat > "$WORK/containerd.toml" <<TOML
-version = 2
-root = "$WORK/containerd/root"
-state = "$WORK/containerd/state"
-[grpc]
-  address = "$WORK/containerd.sock"
-[ttrpc]
-  address = "$WORK/containerd.sock.ttrpc"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "localhost/pause:latest"
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "$WORK/cni-bin"
-    conf_dir = "$WORK/net.d"
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "native"
-TOML
-# Started directly (not through the innode function, whose background subshell would
-# be what $! names): nsenter execs containerd, so CTRD_PID is containerd's own PID.
-nsenter --net="/run/netns/$NODE" containerd --config "$WORK/containerd.toml" > "$WORK/containerd.log" 2>&1 &
-CTRD_PID=$!
-for _ in $(seq 1 50); do [ -S "$WORK/containerd.sock" ] && break; sleep 0.2; done
-[ -S "$WORK/containerd.sock" ] || { tail -20 "$WORK/containerd.log"; die "containerd did not start"; }
-ctr --address "$WORK/containerd.sock" -n k8s.io images import "$WORK/pause.tar" >/dev/null
+start_containerd
 cri() { "$VENV/bin/python" "$here/cri_pod.py" "$WORK/containerd.sock" "$@"; }
 
 note "RunPodSandbox through the CRI"
