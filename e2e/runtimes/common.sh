@@ -58,10 +58,22 @@ build_images() {
     podman "${PODMAN_STORE[@]}" save -q --format docker-archive -o "$WORK/pause.tar" localhost/pause:latest >/dev/null
 }
 
+# ensure_cri_client: the CRI client stubs (PyPI container-runtime-interface-api) in
+# $VENV, installed once.
+ensure_cri_client() {
+    if ! "$VENV/bin/python" -c 'import cri_api.v1, grpc' 2>/dev/null; then
+        note "installing the CRI client stubs (PyPI container-runtime-interface-api) into $VENV"
+        python3 -m venv "$VENV"
+        "$VENV/bin/pip" install -q container-runtime-interface-api
+    fi
+}
+
 # start_containerd: containerd with its CRI plugin in the node namespace, its CNI dirs
 # the lab's, the pause image imported; CTRD_PID is containerd's own PID (nsenter execs
 # it; started directly, not through innode, whose background subshell $! would name).
 start_containerd() {
+    CTRD_SHIMS_BEFORE=$(ls /run/containerd/s 2>/dev/null || true)
+    CTRD_NETNS_BEFORE=$(ip netns list | awk '{print $1}')
     cat > "$WORK/containerd.toml" <<TOML
 version = 2
 root = "$WORK/containerd/root"
@@ -84,6 +96,26 @@ TOML
     for _ in $(seq 1 50); do [ -S "$WORK/containerd.sock" ] && break; sleep 0.2; done
     [ -S "$WORK/containerd.sock" ] || { tail -20 "$WORK/containerd.log"; die "containerd did not start"; }
     ctr --address "$WORK/containerd.sock" -n k8s.io images import "$WORK/pause.tar" >/dev/null
+}
+
+# stop_containerd: containerd, then what it left behind: its shims, their sockets and
+# the pod namespaces that were not there when it started, its mounts. Never fails.
+stop_containerd() {
+    if [ -n "${CTRD_PID:-}" ]; then
+        kill "$CTRD_PID" 2>/dev/null
+        for _ in $(seq 1 50); do kill -0 "$CTRD_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -9 "$CTRD_PID" 2>/dev/null
+        wait "$CTRD_PID" 2>/dev/null
+    fi
+    pkill -f "containerd-shim-runc-v2 -namespace k8s.io -id .* -address $WORK/containerd.sock" 2>/dev/null
+    for s in $(ls /run/containerd/s 2>/dev/null); do
+        echo "${CTRD_SHIMS_BEFORE:-}" | grep -qx "$s" || rm -f "/run/containerd/s/$s"
+    done
+    for ns in $(ip netns list | awk '{print $1}' | grep '^cni-'); do
+        echo "${CTRD_NETNS_BEFORE:-}" | grep -qx "$ns" || ip netns del "$ns"
+    done
+    umount -R "$WORK/containerd/root" 2>/dev/null
+    return 0
 }
 
 # assert_clean: no calyx veth or route left in the node, no handle in the store.

@@ -11,7 +11,7 @@ here=$(dirname "$(readlink -f "$0")")
 require containerd ctr runc podman busybox catatonit nsenter python3
 PLUGIN=$(readlink -f "${1:?usage: containerd-reload.sh PATH-TO-calyx}")
 VENV=${CALYX_CRI_VENV:-/var/tmp/calyx-cri-venv}
-[ -x "$VENV/bin/python" ] || die "no CRI client venv at $VENV (containerd.sh makes it)"
+ensure_cri_client
 
 # run_case HOW: a fresh containerd started with the 10.246 conflist, which HOW then
 # replaces by a 10.247 one; prints the address of the pod run afterwards.
@@ -23,10 +23,7 @@ run_case() {
     build_images
     cleanup_case() {
         set +e
-        [ -n "$CTRD_PID" ] && kill "$CTRD_PID" 2>/dev/null && sleep 1 && kill -9 "$CTRD_PID" 2>/dev/null
-        pkill -f "containerd-shim-runc-v2 -namespace k8s.io -id .* -address $WORK/containerd.sock" 2>/dev/null
-        for ns in $(ip netns list | awk '{print $1}' | grep '^cni-'); do ip netns del "$ns"; done
-        umount -R "$WORK/containerd/root" 2>/dev/null
+        stop_containerd
         ip netns del "$NODE" 2>/dev/null
         rm -rf "$WORK"
         set -e

@@ -9,32 +9,12 @@ require containerd ctr runc podman busybox catatonit nsenter python3
 PLUGIN=$(readlink -f "${1:?usage: containerd.sh PATH-TO-calyx}")
 VENV=${CALYX_CRI_VENV:-/var/tmp/calyx-cri-venv}
 
-if ! "$VENV/bin/python" -c 'import cri_api.v1, grpc' 2>/dev/null; then
-    note "installing the CRI client stubs (PyPI container-runtime-interface-api) into $VENV"
-    python3 -m venv "$VENV"
-    "$VENV/bin/pip" install -q container-runtime-interface-api
-fi
-
+ensure_cri_client
 setup_lab containerd "$PLUGIN"
-shims_before=$(ls /run/containerd/s 2>/dev/null || true)
-netns_before=$(ip netns list | awk '{print $1}')
 CTRD_PID=""
 cleanup() {
     set +e
-    if [ -n "$CTRD_PID" ]; then
-        kill "$CTRD_PID" 2>/dev/null
-        for _ in $(seq 1 50); do kill -0 "$CTRD_PID" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$CTRD_PID" 2>/dev/null
-        wait "$CTRD_PID" 2>/dev/null
-    fi
-    pkill -f "containerd-shim-runc-v2 -namespace k8s.io -id .* -address $WORK/containerd.sock" 2>/dev/null
-    for s in $(ls /run/containerd/s 2>/dev/null); do
-        echo "$shims_before" | grep -qx "$s" || rm -f "/run/containerd/s/$s"
-    done
-    for ns in $(ip netns list | awk '{print $1}' | grep '^cni-'); do
-        echo "$netns_before" | grep -qx "$ns" || ip netns del "$ns"
-    done
-    umount -R "$WORK/containerd/root" 2>/dev/null
+    stop_containerd
     ip netns del "$NODE" 2>/dev/null
     rm -rf "$WORK"
 }
