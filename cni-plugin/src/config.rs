@@ -247,10 +247,14 @@ impl NetConf {
     /// nodeName from the config, else what the agent wrote, else the hostname. With
     /// `requireAgent`, the agent must have registered that same name.
     pub fn node_name(&self) -> CniResult<String> {
+        if let Some(name) = self.node_name.as_ref().filter(|_| !self.require_agent) {
+            return Ok(name.clone());
+        }
         let path = self.state_dir().join("nodename");
         let registered = self.agent_state("nodename")?;
         if let Some(name) = &self.node_name {
-            if let Some(registered) = registered.filter(|_| self.require_agent) {
+            // requireAgent: agent_state returned the registered name or failed.
+            if let Some(registered) = registered {
                 if registered != *name {
                     return Err(CniError::new(
                         Code::InvalidConfig,

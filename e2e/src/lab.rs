@@ -65,6 +65,18 @@ pub fn sh(cmd: &str, args: &[&str]) -> Output {
         .unwrap_or_else(|e| panic!("run {cmd}: {e}"))
 }
 
+/// Polls `ok` every 100 ms; panics naming `what` when `timeout` passes first.
+pub fn wait_until(what: &str, timeout: std::time::Duration, mut ok: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !ok() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 pub fn must(cmd: &str, args: &[&str]) -> String {
     let out = sh(cmd, args);
     assert!(

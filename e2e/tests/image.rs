@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use calyx_e2e::cluster::{Cluster, ClusterSpec, Node};
-use calyx_e2e::lab::{must, ping, privileged, sh};
+use calyx_e2e::lab::{must, ping, privileged, sh, wait_until};
 use serde_json::{json, Value};
 
 const PREFIX: &str = "cyimg";
@@ -291,14 +291,6 @@ fn probe(node: &Node, port: u64, path: &str) -> String {
     );
     let out = sh("ip", &["netns", "exec", &node.netns, "bash", "-c", &script]);
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }
 
 fn sha(path: &Path) -> String {

@@ -24,7 +24,6 @@ pub const CONFLIST_NAME: &str = "05-calyx.conflist";
 const OLD_CONFLIST_NAMES: [&str; 1] = ["10-calyx.conflist"];
 /// Where the plugin reads the etcd client certificates, under the CNI config dir.
 const TLS_SUBDIR: &str = "calyx-tls";
-const TLS_FILES: [&str; 3] = ["ca.crt", "tls.crt", "tls.key"];
 
 /// The host's CNI directories, as the pod mounts them.
 #[derive(clap::Args, Debug, Clone)]
@@ -85,7 +84,7 @@ pub fn plan(
     let tls_dir = args.host.cni_conf_dir.join(TLS_SUBDIR);
     let mut tls_copies = Vec::new();
     if let Some(secret) = &args.etcd_tls_dir {
-        for file in TLS_FILES {
+        for (_, file) in store::etcd::SECRET_FILES {
             if secret.join(file).is_file() {
                 tls_copies.push((secret.join(file), tls_dir.join(file)));
             }
@@ -359,7 +358,7 @@ mod tests {
     #[test]
     fn urls_with_ampersands_and_bars_are_written_as_they_are() {
         let secret = tempfile::tempdir().unwrap();
-        for file in TLS_FILES {
+        for (_, file) in store::etcd::SECRET_FILES {
             std::fs::write(secret.path().join(file), "pem").unwrap();
         }
         let mut a = args("etcds://e1:2379,e2:2379?prefix=/a|b&ca=/etc/own-ca.pem");

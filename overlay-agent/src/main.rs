@@ -168,13 +168,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(&args);
     if let Some(Command::InstallCni(install)) = &args.command {
-        return match install::install_cni(install) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "install-cni failed");
-                ExitCode::FAILURE
-            }
-        };
+        return exit_code(install::install_cni(install), "install-cni failed");
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -188,18 +182,20 @@ fn main() -> ExitCode {
         }
     };
     if let Some(Command::Uninstall(uninstall)) = &args.command {
-        return match runtime.block_on(install::uninstall(uninstall)) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(error = format!("{e:#}"), "uninstall failed");
-                ExitCode::FAILURE
-            }
-        };
+        return exit_code(
+            runtime.block_on(install::uninstall(uninstall)),
+            "uninstall failed",
+        );
     }
-    match runtime.block_on(run(args)) {
+    exit_code(runtime.block_on(run(args)), "calyx-agent stopped")
+}
+
+/// Success, or the error logged with `what` and a failure.
+fn exit_code(result: anyhow::Result<()>, what: &str) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "calyx-agent stopped");
+            tracing::error!(error = format!("{e:#}"), "{what}");
             ExitCode::FAILURE
         }
     }

@@ -215,16 +215,21 @@ impl Metrics {
     /// an etcd outage fails runs (the kubelet must not restart every agent for it), a
     /// wedged loop runs nothing. Waiting for the datastore at start counts as alive.
     fn alive(&self) -> bool {
-        let window = Duration::from_millis(3 * self.resync_ms.load(Ordering::Relaxed));
+        let window = self.three_resyncs();
         self.last_attempt
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_none_or(|t| t.elapsed() <= window)
     }
 
+    /// How long /healthz and /livez give the reconcile loop between runs.
+    fn three_resyncs(&self) -> Duration {
+        Duration::from_millis(3 * self.resync_ms.load(Ordering::Relaxed))
+    }
+
     /// Healthy while reconciles keep succeeding (within three resync periods).
     fn healthy(&self) -> bool {
-        let window = Duration::from_millis(3 * self.resync_ms.load(Ordering::Relaxed));
+        let window = self.three_resyncs();
         self.last_success
             .lock()
             .unwrap_or_else(|e| e.into_inner())

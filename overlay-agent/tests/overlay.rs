@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use calyx_e2e::cluster::{Cluster, ClusterSpec, POOL_V4, POOL_V6};
-use calyx_e2e::lab::{must, privileged, sh};
+use calyx_e2e::lab::{must, privileged, sh, wait_until};
 use calyx_e2e::sockets::{connect_from, listen_in, transfer};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -84,17 +84,6 @@ fn cluster_with(
             let _ = Cluster::destroy(&spec.prefix);
             panic!("cluster: {e:#}");
         }
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !ok() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
     }
 }
 

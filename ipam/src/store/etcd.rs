@@ -32,8 +32,10 @@ pub struct EtcdConfig {
 /// The host name the manifest's ConfigMap ships in its datastore URL.
 pub const PLACEHOLDER_HOST: &str = "ETCD_HOST";
 
-/// Where a Kubernetes TLS Secret's keys land when it is mounted as a directory.
-const SECRET_FILES: [(&str, &str); 3] = [("ca", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key")];
+/// A Kubernetes TLS Secret mounted as a directory: the URL parameter each of its files
+/// fills in.
+pub const SECRET_FILES: [(&str, &str); 3] =
+    [("ca", "ca.crt"), ("cert", "tls.crt"), ("key", "tls.key")];
 
 /// `url` with the client certificate, key and CA of a mounted TLS Secret (`ca.crt`,
 /// `tls.crt`, `tls.key` in `found_in`, each optional) added as query parameters, unless
