@@ -5,6 +5,8 @@
 pub mod batch;
 #[cfg(feature = "firewall")]
 pub mod firewall;
+#[cfg(feature = "firewall")]
+pub mod ipvs;
 pub mod netlink;
 pub mod nexthop;
 pub mod overlay;

@@ -9,6 +9,7 @@
 //! Only the agent uses this module (cargo feature `firewall`), so the CNI binary
 //! carries none of it.
 
+pub mod ipset;
 pub mod iptables;
 pub mod nft;
 pub mod nft_netlink;

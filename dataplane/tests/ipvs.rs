@@ -1,0 +1,193 @@
+//! IPVS over generic netlink and ipsets through `ipset restore`, against a real kernel
+//! in a network namespace of their own. The dev machines' kernel has no IPVS: these
+//! run inside the VM (`make test-vm`), where a missing IPVS fails them.
+#![cfg(feature = "firewall")]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use calyx_dataplane::firewall::ipset::{self, Backend as _, IpsetCommand, IpsetSync, SetSpec};
+use calyx_dataplane::firewall::IpFamily;
+use calyx_dataplane::ipvs::{
+    self, Backend as _, IpvsNetlink, Op, Protocol, RealServer, ServiceId, ServiceSettings,
+    VirtualService,
+};
+
+fn ipvs_kernel() -> bool {
+    let ok = std::path::Path::new("/proc/net/ip_vs").exists();
+    if !ok {
+        if std::env::var_os("CALYX_IN_VM").is_some() || std::env::var_os("CI").is_some() {
+            panic!("IPVS test cannot run: this kernel has no IPVS (/proc/net/ip_vs)");
+        }
+        eprintln!("skipped: this kernel has no IPVS; run `make test-vm`");
+    }
+    ok
+}
+
+/// Runs `f` inside a fresh network namespace (IPVS state is per namespace), removed
+/// afterwards.
+fn in_new_netns(f: impl FnOnce()) {
+    static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let name = format!(
+        "cyxipvs{}x{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+    );
+    let ns = netns_rs::NetNs::new(&name).expect("a network namespace");
+    // IPVS refuses real servers while the namespace has no local routing table yet
+    // (EINVAL from inet_addr_type): loopback up makes one, as any node has.
+    let result = ns.run(|_| {
+        let up = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status();
+        assert!(up.is_ok_and(|s| s.success()), "ip link set lo up");
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+    });
+    let _ = ns.remove();
+    if let Err(panic) = result.expect("entered the namespace") {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+fn id(s: &str, protocol: Protocol) -> ServiceId {
+    ServiceId {
+        address: s.parse().unwrap(),
+        protocol,
+    }
+}
+
+fn settings(scheduler: &str, persistence: Option<u32>) -> ServiceSettings {
+    ServiceSettings {
+        scheduler: scheduler.into(),
+        persistence,
+        scheduler_flags: 0,
+    }
+}
+
+fn rs(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+#[test]
+#[ignore = "needs IPVS: runs in the VM (make test-vm)"]
+fn ipvs_services_and_servers_round_trip_through_the_kernel() {
+    if !ipvs_kernel() {
+        return;
+    }
+    in_new_netns(|| {
+        let kernel = IpvsNetlink::open().expect("the IPVS family");
+        assert!(kernel.dump().unwrap().is_empty());
+        let web = id("10.96.0.10:80", Protocol::Tcp);
+        let dns = id("[fd00:96::10]:53", Protocol::Udp);
+        let mut want = ipvs::Services::new();
+        let server = |weight| RealServer {
+            weight,
+            active: 0,
+            inactive: 0,
+        };
+        want.insert(
+            web,
+            VirtualService {
+                settings: settings("rr", None),
+                servers: BTreeMap::from([
+                    (rs("10.244.1.2:8080"), server(1)),
+                    (rs("10.244.2.2:8080"), server(1)),
+                ]),
+            },
+        );
+        want.insert(
+            dns,
+            VirtualService {
+                settings: settings("sh", Some(10800)),
+                servers: BTreeMap::from([(rs("[fd00:244::2]:5353"), server(1))]),
+            },
+        );
+        let ops = ipvs::plan(&kernel.dump().unwrap(), &want, |_| true);
+        assert_eq!(ops.len(), 5);
+        kernel.apply(&ops).unwrap();
+        assert_eq!(kernel.dump().unwrap(), want);
+
+        // A change: one server drained (weight 0), a scheduler changed, one removed.
+        want.get_mut(&web)
+            .unwrap()
+            .servers
+            .insert(rs("10.244.2.2:8080"), server(0));
+        want.get_mut(&dns).unwrap().settings = settings("mh", None);
+        let ops = ipvs::plan(&kernel.dump().unwrap(), &want, |_| true);
+        assert_eq!(ops.len(), 2, "{ops:?}");
+        kernel.apply(&ops).unwrap();
+        assert_eq!(kernel.dump().unwrap(), want);
+
+        // A refused op names its object; the others in the batch still apply.
+        let err = kernel
+            .apply(&[
+                Op::AddService(web, settings("rr", None)),
+                Op::DeleteServer(web, rs("10.244.1.2:8080")),
+            ])
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("add service TCP 10.96.0.10:80"),
+            "{err}"
+        );
+        assert_eq!(kernel.dump().unwrap()[&web].servers.len(), 1);
+
+        // Foreign services are left alone by a plan that does not own them.
+        let foreign = id("192.0.2.50:8080", Protocol::Tcp);
+        kernel
+            .apply(&[Op::AddService(foreign, settings("wrr", None))])
+            .unwrap();
+        let ops = ipvs::plan(&kernel.dump().unwrap(), &ipvs::Services::new(), |s| {
+            *s != foreign
+        });
+        kernel.apply(&ops).unwrap();
+        assert_eq!(
+            kernel.dump().unwrap().keys().collect::<Vec<_>>(),
+            vec![&foreign]
+        );
+    });
+}
+
+#[test]
+#[ignore = "needs IPVS: runs in the VM (make test-vm)"]
+fn ipsets_are_written_with_one_restore_and_read_back() {
+    if !ipvs_kernel() {
+        return;
+    }
+    in_new_netns(|| {
+        fn owns(name: &str) -> bool {
+            name.starts_with("CALYX-TEST-")
+        }
+        let mut cluster = SetSpec::new("CALYX-TEST-CIP", "hash:ip,port", IpFamily::V4);
+        cluster.entries.insert("10.96.0.10,tcp:80".into());
+        let mut v6 = SetSpec::new("CALYX-TEST-6-CIP", "hash:ip,port", IpFamily::V6);
+        v6.entries.insert("fd00:96::10,udp:53".into());
+        let mut ports = SetSpec::new("CALYX-TEST-NP", "bitmap:port", IpFamily::V4);
+        ports.entries.insert("30080".into());
+        let mut loopback = SetSpec::new("CALYX-TEST-LB", "hash:ip,port,ip", IpFamily::V4);
+        loopback
+            .entries
+            .insert("10.244.1.2,tcp:8080,10.244.1.2".into());
+        let mut ranges = SetSpec::new("CALYX-TEST-SRC", "hash:ip,port,net", IpFamily::V4);
+        ranges
+            .entries
+            .insert("198.51.100.201,tcp:80,192.0.2.0/24".into());
+        let want = vec![cluster, v6, ports, loopback, ranges];
+        let mut sync = IpsetSync::new(owns);
+        assert!(!sync.sync(&IpsetCommand, &want, true).unwrap().is_empty());
+        // Read back from the kernel: identical, so nothing to write.
+        let mut again = IpsetSync::new(owns);
+        assert_eq!(again.sync(&IpsetCommand, &want, true).unwrap(), "");
+        let held = IpsetCommand.dump(owns).unwrap();
+        assert_eq!(held.len(), 5);
+        assert_eq!(
+            ipset::plan(&held, &want, owns),
+            "",
+            "the kernel's spelling matches ours"
+        );
+        assert!(sync
+            .sync(&IpsetCommand, &[], false)
+            .unwrap()
+            .contains("destroy"));
+        assert!(IpsetCommand.dump(owns).unwrap().is_empty());
+    });
+}
