@@ -110,9 +110,18 @@ struct Args {
     log_format: LogFormat,
     #[arg(long, env = "CALYX_CONFIG")]
     config: Option<PathBuf>,
-    /// The service proxy: off (kube-proxy does the job), nftables or iptables.
+    /// The service proxy: off (kube-proxy does the job), nftables, iptables or ipvs.
     #[arg(long, env = "CALYX_PROXY_MODE", value_enum, default_value_t = ProxyMode::Off)]
     proxy_mode: ProxyMode,
+    /// IPVS mode: the scheduler of Services that name none in their
+    /// `calyx.io/ipvs-scheduler` annotation (rr, wrr, lc, sh, mh).
+    #[arg(long, env = "CALYX_IPVS_SCHEDULER", default_value = "rr",
+          value_parser = clap::builder::PossibleValuesParser::new(["rr", "wrr", "lc", "sh", "mh"]))]
+    ipvs_scheduler: String,
+    /// IPVS mode: how long a real server whose endpoint went away keeps its open
+    /// connections (weight 0, no new ones) before it is removed anyway.
+    #[arg(long, env = "CALYX_IPVS_DRAIN_SECONDS", default_value_t = 900)]
+    ipvs_drain_seconds: u64,
     /// Read Services and EndpointSlices from this directory instead of the Kubernetes API.
     #[arg(long, env = "CALYX_SERVICES_DIR")]
     services_dir: Option<PathBuf>,
@@ -304,6 +313,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 } else {
                     args.nodeport_addresses.clone()
                 },
+                ipvs_scheduler: args.ipvs_scheduler.clone(),
+                ipvs_drain: Duration::from_secs(args.ipvs_drain_seconds),
             };
             let controller = ProxyController::start(config, metrics.clone(), triggers.clone())?;
             // No gathering of bursts: each run reads the source's latest snapshot, so

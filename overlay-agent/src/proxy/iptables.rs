@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::model::{NoEndpoints, PortPlan, Protocol, Targets};
 use super::nftables::{NodeContext, MASQUERADE_MARK};
 
-const POD_INTERFACES: &str = "cyx+";
+pub(super) const POD_INTERFACES: &str = "cyx+";
 
 /// The chains this mode owns (kubelet's KUBE-FIREWALL, KUBE-KUBELET-CANARY... are not).
 pub fn ownership() -> Ownership {
@@ -95,6 +95,24 @@ fn sep_name(plan: &PortPlan, ep: &SocketAddr) -> String {
             ep
         ))
     )
+}
+
+/// KUBE-MARK-MASQ's rule: mark the packet for masquerading.
+pub(super) fn mark_rule() -> String {
+    let mark = format!("{MASQUERADE_MARK:#x}");
+    format!("-j MARK --set-xmark {mark}/{mark}")
+}
+
+/// KUBE-POSTROUTING's rules: masquerade marked packets, clearing the mark first.
+pub(super) fn masquerade_marked_rules() -> Vec<String> {
+    let mark = format!("{MASQUERADE_MARK:#x}");
+    vec![
+        format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
+        // Cleared before MASQUERADE: an encapsulated VXLAN packet inherits the inner
+        // packet's mark and must never be NATed itself (the 63-second stall).
+        format!("-j MARK --set-xmark {mark}/0x0"),
+        "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".into(),
+    ]
 }
 
 pub fn desired_ruleset(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) -> Ruleset {
@@ -335,20 +353,10 @@ pub fn desired_ruleset(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) 
     }
     nat.chains.insert("KUBE-SERVICES".into(), nat_services);
     nat.chains.insert("KUBE-NODEPORTS".into(), nat_nodeports);
-    nat.chains.insert(
-        "KUBE-MARK-MASQ".into(),
-        vec![format!("-j MARK --set-xmark {mark}/{mark}")],
-    );
-    nat.chains.insert(
-        "KUBE-POSTROUTING".into(),
-        vec![
-            format!("-m mark ! --mark {mark}/{mark} -j RETURN"),
-            // Cleared before MASQUERADE: an encapsulated VXLAN packet inherits the
-            // inner packet's mark and must never be NATed itself.
-            format!("-j MARK --set-xmark {mark}/0x0"),
-            "-m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully".into(),
-        ],
-    );
+    nat.chains
+        .insert("KUBE-MARK-MASQ".into(), vec![mark_rule()]);
+    nat.chains
+        .insert("KUBE-POSTROUTING".into(), masquerade_marked_rules());
     let jump = |from: &str, comment: &str, to: &str, new_only: bool| {
         let state = if new_only {
             "-m conntrack --ctstate NEW "

@@ -6,6 +6,7 @@
 pub mod conntrack;
 pub mod health;
 pub mod iptables;
+pub mod ipvs;
 pub mod model;
 pub mod nftables;
 pub mod source;
@@ -35,6 +36,7 @@ pub enum ProxyMode {
     Off,
     Nftables,
     Iptables,
+    Ipvs,
 }
 
 pub struct ProxyConfig {
@@ -43,6 +45,10 @@ pub struct ProxyConfig {
     pub services_dir: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
     pub nodeport_addresses: Vec<IpNetwork>,
+    /// IPVS mode: the scheduler of Services that name none.
+    pub ipvs_scheduler: String,
+    /// IPVS mode: how long a removed real server may drain its connections.
+    pub ipvs_drain: std::time::Duration,
 }
 
 /// Where the rules go: the kernel, or fakes in tests.
@@ -51,16 +57,31 @@ pub struct Backends {
     pub iptables: Box<dyn ipt::Backend>,
     /// Whether to run `conntrack -D` for stale UDP flows.
     pub conntrack: bool,
+    /// IPVS, its sets and kube-ipvs0 (IPVS mode only).
+    pub ipvs: Option<ipvs::IpvsBackends>,
 }
 
 impl Backends {
-    pub fn kernel() -> Backends {
-        Backends {
+    /// The kernel's; IPVS mode fails here when the kernel has no IPVS.
+    pub fn kernel(mode: ProxyMode) -> anyhow::Result<Backends> {
+        Ok(Backends {
             nft: Box::new(NftCommand),
             iptables: Box::new(IptablesCommand::host()),
             conntrack: true,
-        }
+            ipvs: match mode {
+                ProxyMode::Ipvs => Some(ipvs_kernel()?),
+                _ => None,
+            },
+        })
     }
+}
+
+fn ipvs_kernel() -> anyhow::Result<ipvs::IpvsBackends> {
+    Ok(ipvs::IpvsBackends {
+        ipvs: Box::new(calyx_dataplane::ipvs::IpvsNetlink::open()?),
+        ipset: Box::new(calyx_dataplane::firewall::ipset::IpsetCommand),
+        addresses: Box::new(ipvs::KernelAddresses),
+    })
 }
 
 /// What a sync left programmed, and how many kernel writes (transaction steps) it took.
@@ -94,6 +115,9 @@ pub struct ProxyController {
     trigger_times: HashMap<ServiceKey, f64>,
     /// healthCheckNodePort and local endpoint count, per eTP Local Service.
     health_checks: BTreeMap<ServiceKey, (u16, usize)>,
+    /// IPVS mode: what it wrote, and the real servers draining.
+    ipvs: ipvs::IpvsSync,
+    ipvs_scheduler: String,
     /// What the kernel held at start, being read while the source lists (at 10,000
     /// Services both take a good part of a second, on different cores).
     prefetch: Option<(Instant, std::thread::JoinHandle<Prefetched>)>,
@@ -120,7 +144,7 @@ impl Prefetched {
             ProxyMode::Iptables => Prefetched::Iptables(IpFamily::BOTH.map(|family| {
                 ipt::Backend::dump(&IptablesCommand::host(), family, &iptables::ownership())
             })),
-            ProxyMode::Off => Prefetched::Nothing,
+            ProxyMode::Off | ProxyMode::Ipvs => Prefetched::Nothing,
         }
     }
 }
@@ -132,6 +156,10 @@ impl ProxyController {
         metrics: Arc<Metrics>,
         triggers: Triggers,
     ) -> anyhow::Result<ProxyController> {
+        let backends = Backends::kernel(config.mode)?;
+        if config.mode == ProxyMode::Ipvs {
+            set_ipvs_sysctls();
+        }
         let (publisher, snapshot) = Publisher::new(triggers);
         match &config.services_dir {
             Some(dir) => {
@@ -144,7 +172,7 @@ impl ProxyController {
                 publisher,
             )?,
         }
-        let mut controller = ProxyController::new(config, Backends::kernel(), snapshot, metrics);
+        let mut controller = ProxyController::new(config, backends, snapshot, metrics);
         tokio::task::block_in_place(|| controller.remove_other_modes());
         let mode = controller.mode;
         controller.prefetch = std::thread::Builder::new()
@@ -169,6 +197,10 @@ impl ProxyController {
                     .then(|| "the service proxy has not synced yet".to_string())
             });
         }
+        let owner = match config.mode {
+            ProxyMode::Ipvs => ipvs::ownership(),
+            _ => iptables::ownership(),
+        };
         ProxyController {
             mode: config.mode,
             node: config.node_name,
@@ -178,10 +210,7 @@ impl ProxyController {
             snapshot,
             backends,
             tables: [TableSync::new(), TableSync::new()],
-            rulesets: [
-                RulesetSync::new(iptables::ownership()),
-                RulesetSync::new(iptables::ownership()),
-            ],
+            rulesets: [RulesetSync::new(owner.clone()), RulesetSync::new(owner)],
             applied: [HashMap::new(), HashMap::new()],
             assemblers: [None, None],
             applied_state: None,
@@ -191,6 +220,8 @@ impl ProxyController {
             trigger_times: HashMap::new(),
             health_checks: BTreeMap::new(),
             prefetch: None,
+            ipvs: ipvs::IpvsSync::new(config.ipvs_drain),
+            ipvs_scheduler: config.ipvs_scheduler,
         }
     }
 
@@ -226,13 +257,17 @@ impl ProxyController {
         true
     }
 
-    /// Switching modes: what the other mode wrote goes at start.
+    /// Switching modes: what the other mode wrote goes at start. (IPVS mode owns the
+    /// iptables mode's chains too: its first sync replaces them in one transaction.)
     fn remove_other_modes(&self) {
         if self.mode != ProxyMode::Nftables {
             remove_nft_tables(self.backends.nft.as_ref());
         }
-        if self.mode != ProxyMode::Iptables {
+        if self.mode == ProxyMode::Nftables {
             remove_iptables_chains(self.backends.iptables.as_ref());
+        }
+        if self.mode != ProxyMode::Ipvs {
+            remove_ipvs_leftovers(self.backends.iptables.as_ref(), self.mode);
         }
     }
 
@@ -274,6 +309,32 @@ impl ProxyController {
             }
         }
         tracing::debug!(changed = ?changed.as_ref().map(|c| c.len()), elapsed = ?t0.elapsed(), "changes found");
+        // Health checks first: IPVS mode opens their ports in its sets.
+        if changed.is_none() {
+            self.health_checks.clear();
+        }
+        for key in changed.iter().flatten().chain(
+            changed
+                .is_none()
+                .then(|| state.services.keys())
+                .into_iter()
+                .flatten(),
+        ) {
+            let check = state.services.get(key).and_then(|svc| {
+                let own = slices.get(key).map(Vec::as_slice).unwrap_or(&[]);
+                model::health_check(svc, own, &self.node)
+            });
+            match check {
+                Some(c) => self.health_checks.insert(key.clone(), c),
+                None => self.health_checks.remove(key),
+            };
+        }
+        let wanted = self
+            .health_checks
+            .iter()
+            .map(|(key, (port, count))| (*port, (key.clone(), *count)))
+            .collect();
+        self.health.update(&wanted);
         let mut writes = 0;
         for (i, family) in IpFamily::BOTH.into_iter().enumerate() {
             let started = Instant::now();
@@ -346,7 +407,7 @@ impl ProxyController {
                     writes += tx.ops.len();
                     tracing::debug!(%family, services = updates.len(), ?planned, written = ?started.elapsed(), ops = tx.ops.len(), "nftables sync");
                 }
-                ProxyMode::Iptables => {}
+                ProxyMode::Iptables | ProxyMode::Ipvs => {}
                 ProxyMode::Off => {}
             }
             for (key, plans) in updates {
@@ -367,36 +428,49 @@ impl ProxyController {
                 writes += ops;
                 tracing::debug!(%family, ?computed, written = ?started.elapsed(), ops, "iptables sync");
             }
+            if self.mode == ProxyMode::Ipvs {
+                let mut all: Vec<&PortPlan> = self.applied[i].values().flatten().collect();
+                all.sort_by(|a, b| (&a.service, &a.port_name).cmp(&(&b.service, &b.port_name)));
+                let plans: Vec<PortPlan> = all.into_iter().cloned().collect();
+                let backends = self
+                    .backends
+                    .ipvs
+                    .as_ref()
+                    .expect("IPVS mode has IPVS backends");
+                let node_ips =
+                    ipvs::IpvsSync::node_ips(backends, &self.ctx.nodeport_addresses, family)?;
+                let health: Vec<u16> = self.health_checks.values().map(|(port, _)| *port).collect();
+                let want = ipvs::desired(
+                    &plans,
+                    family,
+                    &ipvs::Node {
+                        nodeport_ips: &node_ips,
+                        health_check_ports: &health,
+                        default_scheduler: &self.ipvs_scheduler,
+                    },
+                );
+                let computed = started.elapsed();
+                let written = self
+                    .ipvs
+                    .sync(
+                        backends,
+                        &mut self.rulesets[i],
+                        self.backends.iptables.as_ref(),
+                        &want,
+                        reread,
+                    )
+                    .inspect_err(|_| {
+                        self.applied_state = None;
+                        self.ipvs.forget();
+                    })?;
+                writes += written;
+                tracing::debug!(%family, ?computed, written = ?started.elapsed(), writes = written, "ipvs sync");
+            }
             if self.backends.conntrack && !stale.is_empty() {
                 conntrack::delete(&stale);
             }
         }
         let t1 = Instant::now();
-        if changed.is_none() {
-            self.health_checks.clear();
-        }
-        for key in changed.iter().flatten().chain(
-            changed
-                .is_none()
-                .then(|| state.services.keys())
-                .into_iter()
-                .flatten(),
-        ) {
-            let check = state.services.get(key).and_then(|svc| {
-                let own = slices.get(key).map(Vec::as_slice).unwrap_or(&[]);
-                model::health_check(svc, own, &self.node)
-            });
-            match check {
-                Some(c) => self.health_checks.insert(key.clone(), c),
-                None => self.health_checks.remove(key),
-            };
-        }
-        let wanted = self
-            .health_checks
-            .iter()
-            .map(|(key, (port, count))| (*port, (key.clone(), *count)))
-            .collect();
-        self.health.update(&wanted);
         self.observe_programming_latency(&new_slices, changed.is_none());
         tracing::debug!(elapsed = ?t1.elapsed(), total = ?t0.elapsed(), "health and latency");
         self.applied_state = Some(state);
@@ -416,7 +490,7 @@ impl ProxyController {
             .find_map(|(i, family)| {
                 let looked = match self.mode {
                     ProxyMode::Nftables => self.tables[i].drifted(self.backends.nft.as_ref()),
-                    ProxyMode::Iptables => {
+                    ProxyMode::Iptables | ProxyMode::Ipvs => {
                         self.rulesets[i].jumps_drifted(self.backends.iptables.as_ref())
                     }
                     ProxyMode::Off => Ok(false),
@@ -431,6 +505,19 @@ impl ProxyController {
             tracing::warn!(%family, why, "the kernel no longer holds what the service proxy wrote; syncing everything");
         }
         drifted.is_some()
+    }
+
+    /// IPVS mode: removes drained real servers whose connections have ended.
+    fn sweep_drained(&mut self) {
+        if let Some(backends) = &self.backends.ipvs {
+            if let Err(e) = self.ipvs.sweep(backends) {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not check the draining real servers"
+                );
+                self.ipvs.forget();
+            }
+        }
     }
 
     fn programmed(&self, writes: usize) -> Programmed {
@@ -473,6 +560,9 @@ impl Controller for ProxyController {
         let started = Instant::now();
         let outcome = tokio::task::block_in_place(|| {
             let full = full || (trigger == Trigger::Check && self.kernel_drifted());
+            if trigger == Trigger::Check {
+                self.sweep_drained();
+            }
             self.sync(full)
         });
         let elapsed = started.elapsed().as_secs_f64();
@@ -570,16 +660,53 @@ fn remove_iptables_chains(backend: &dyn ipt::Backend) {
     }
 }
 
+/// IPVS mode's objects when another mode runs: only when kube-ipvs0 is there (a host
+/// that never ran IPVS mode pays nothing). The iptables mode keeps the chains it shares
+/// with IPVS mode (its own sync rewrites them); the IPVS-only ones go.
+fn remove_ipvs_leftovers(iptables: &dyn ipt::Backend, mode: ProxyMode) {
+    let addresses: Box<dyn ipvs::Addresses> = Box::new(ipvs::KernelAddresses);
+    if !matches!(addresses.held(), Ok(Some(_))) {
+        return;
+    }
+    tracing::info!("removing what IPVS mode left (kube-ipvs0 is present)");
+    let ipvs = match calyx_dataplane::ipvs::IpvsNetlink::open() {
+        Ok(ipvs) => Box::new(ipvs) as Box<dyn calyx_dataplane::ipvs::Backend>,
+        Err(e) => {
+            tracing::warn!(error = %e, "IPVS virtual services left as they are");
+            Box::new(calyx_dataplane::ipvs::RecordingIpvs::new())
+        }
+    };
+    let backends = ipvs::IpvsBackends {
+        ipvs,
+        ipset: Box::new(calyx_dataplane::firewall::ipset::IpsetCommand),
+        addresses,
+    };
+    ipvs::remove_all(&backends, iptables, mode == ProxyMode::Iptables);
+}
+
+/// The sysctls IPVS mode needs (see `ipvs::sysctls`); a failure is logged, not fatal.
+fn set_ipvs_sysctls() {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    for (key, value) in ipvs::sysctls(release.trim()) {
+        let path = format!("/proc/sys/{key}");
+        match std::fs::write(&path, value) {
+            Ok(()) => tracing::debug!(key, value, "sysctl set"),
+            Err(e) => tracing::warn!(key, value, error = %e, "could not set sysctl"),
+        }
+    }
+}
+
 /// At start with --proxy-mode off: remove the nftables table a previous run left. The
 /// iptables chains carry kube-proxy's names and may be kube-proxy's own: left alone.
 pub fn cleanup_stale() {
     remove_nft_tables(&NftCommand);
 }
 
-/// `--proxy-cleanup`: everything either mode created, as `kube-proxy --cleanup` does.
+/// `--proxy-cleanup`: everything any mode created, as `kube-proxy --cleanup` does.
 pub fn cleanup_all() -> anyhow::Result<()> {
     remove_nft_tables(&NftCommand);
     remove_iptables_chains(&IptablesCommand::host());
+    remove_ipvs_leftovers(&IptablesCommand::host(), ProxyMode::Off);
     Ok(())
 }
 
@@ -616,6 +743,7 @@ mod tests {
             nft: Box::new(Shared(nft.clone())),
             iptables: Box::new(RecordingIptables::new()),
             conntrack: false,
+            ipvs: None,
         };
         let config = ProxyConfig {
             mode,
@@ -623,6 +751,8 @@ mod tests {
             services_dir: None,
             kubeconfig: None,
             nodeport_addresses: vec!["192.0.2.11/32".parse().unwrap()],
+            ipvs_scheduler: "rr".into(),
+            ipvs_drain: std::time::Duration::from_secs(60),
         };
         let metrics = Metrics::new(std::time::Duration::from_secs(10));
         (

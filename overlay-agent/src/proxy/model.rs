@@ -65,6 +65,9 @@ pub struct Service {
     pub external_local: bool,
     pub internal_local: bool,
     pub health_check_node_port: Option<u16>,
+    /// IPVS mode: the scheduler this Service asks for (its `calyx.io/ipvs-scheduler`
+    /// annotation); None: the agent's default.
+    pub ipvs_scheduler: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,6 +217,7 @@ pub struct PortPlan {
     /// loadBalancerSourceRanges, for the LoadBalancer IPs (empty: everyone).
     pub source_ranges: Vec<IpNetwork>,
     pub load_balancer_ips: Vec<IpAddr>,
+    pub ipvs_scheduler: Option<String>,
 }
 
 impl PortPlan {
@@ -407,6 +411,7 @@ pub fn service_port_plans(
             affinity_seconds: service.affinity_seconds,
             source_ranges: service.load_balancer_source_ranges.clone(),
             load_balancer_ips: load_balancer_ips.clone(),
+            ipvs_scheduler: service.ipvs_scheduler.clone(),
         });
     }
     plans
@@ -464,6 +469,7 @@ pub mod tests {
             external_local: false,
             internal_local: false,
             health_check_node_port: None,
+            ipvs_scheduler: None,
         }
     }
 

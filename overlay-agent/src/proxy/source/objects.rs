@@ -212,7 +212,33 @@ pub fn service(object: &KubeService) -> Result<Converted<Service>, FieldError> {
         external_local,
         internal_local: spec.internal_traffic_policy.as_deref() == Some("Local"),
         health_check_node_port,
+        ipvs_scheduler: ipvs_scheduler(&object.metadata)?,
     }))
+}
+
+/// The per-Service IPVS scheduler annotation.
+pub const IPVS_SCHEDULER: &str = "calyx.io/ipvs-scheduler";
+/// The schedulers it may name: round robin, weighted round robin, least connection,
+/// source hashing, Maglev hashing.
+pub const IPVS_SCHEDULERS: [&str; 5] = ["rr", "wrr", "lc", "sh", "mh"];
+
+fn ipvs_scheduler(meta: &ObjectMeta) -> Result<Option<String>, FieldError> {
+    let Some(value) = meta
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(IPVS_SCHEDULER))
+    else {
+        return Ok(None);
+    };
+    let value = value.trim();
+    if IPVS_SCHEDULERS.contains(&value) {
+        Ok(Some(value.to_string()))
+    } else {
+        Err(field_error(
+            format!("metadata.annotations[{IPVS_SCHEDULER:?}]"),
+            format!("{value:?} is not one of {}", IPVS_SCHEDULERS.join(", ")),
+        ))
+    }
 }
 
 /// A Node's zone (its `topology.kubernetes.io/zone` label), for topology hints.
@@ -427,6 +453,30 @@ ports:
         assert_eq!(s.endpoints[1].node_hints, ["node2"]);
         assert!(s.endpoints[0].zone_hints.is_empty());
         assert_eq!(s.trigger_time, Some(1_796_032_801.0));
+    }
+
+    #[test]
+    fn the_ipvs_scheduler_annotation_is_read_and_a_bad_one_names_its_field() {
+        let with = |value: &str| {
+            NODEPORT_SERVICE.replace(
+                "  name: web\n",
+                &format!("  name: web\n  annotations:\n    calyx.io/ipvs-scheduler: {value}\n"),
+            )
+        };
+        let Converted::Object(s) = service(&parse(&with("mh"))).unwrap() else {
+            panic!("skipped")
+        };
+        assert_eq!(s.ipvs_scheduler.as_deref(), Some("mh"));
+        let Err(e) = service(&parse(&with("fastest"))) else {
+            panic!("a bad scheduler was accepted")
+        };
+        assert_eq!(e.field, "metadata.annotations[\"calyx.io/ipvs-scheduler\"]");
+        assert!(
+            e.why
+                .contains("\"fastest\" is not one of rr, wrr, lc, sh, mh"),
+            "{}",
+            e.why
+        );
     }
 
     #[test]

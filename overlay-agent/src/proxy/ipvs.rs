@@ -1,0 +1,1106 @@
+//! IPVS mode with kube-proxy's names, so runbooks written for kube-proxy's IPVS mode
+//! apply: the `kube-ipvs0` dummy device holding every ClusterIP, externalIP and
+//! LoadBalancer IP; an IPVS virtual service per (IP, protocol, port) and per NodePort on
+//! each node-port address, masquerading to the ready endpoints; kube-proxy's ipsets
+//! (KUBE-CLUSTER-IP, KUBE-LOOP-BACK, KUBE-NODE-PORT-*, ... and KUBE-6-* for IPv6) and
+//! chains (KUBE-SERVICES, KUBE-POSTROUTING, KUBE-MARK-MASQ, KUBE-NODE-PORT,
+//! KUBE-LOAD-BALANCER, KUBE-FORWARD, KUBE-IPVS-FILTER), mark 0x4000.
+//!
+//! `desired` computes all of it as data from the port plans; `IpvsSync` writes what
+//! differs from the kernel: sets (one `ipset restore`), then rules (one
+//! `iptables-restore`), then addresses and virtual services (one netlink batch).
+//! A real server that goes away is drained, not cut: weight 0 until its connections end
+//! or `drain_timeout` passes (kubernetes#57841).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use calyx_dataplane::firewall::ipset::{self, IpsetSync, SetSpec};
+use calyx_dataplane::firewall::iptables::{Jump, Ownership, Ruleset};
+use calyx_dataplane::firewall::IpFamily;
+use calyx_dataplane::ipvs::{
+    self, RealServer, ServiceId, ServiceSettings, Services, VirtualService,
+};
+
+use super::iptables::POD_INTERFACES;
+use super::model::{PortPlan, Protocol};
+use super::nftables::MASQUERADE_MARK;
+
+/// The dummy device holding the Service addresses (kept down: IPVS needs them local).
+pub const DUMMY: &str = "kube-ipvs0";
+
+/// The chains only this mode has.
+const IPVS_ONLY_CHAINS: [&str; 4] = [
+    "KUBE-NODE-PORT",
+    "KUBE-LOAD-BALANCER",
+    "KUBE-IPVS-FILTER",
+    "KUBE-SOURCE-RANGES-FIREWALL",
+];
+
+/// The chains this mode owns. kube-proxy's iptables-mode chains are claimed too, so a
+/// switch from iptables mode removes them in the same transaction.
+pub fn ownership() -> Ownership {
+    let mut owner = super::iptables::ownership();
+    owner.exact.extend(IPVS_ONLY_CHAINS);
+    owner
+}
+
+/// kube-proxy's set names; IPv6 ones have `KUBE-6-` for `KUBE-`.
+const CLUSTER_IP: &str = "KUBE-CLUSTER-IP";
+const LOOP_BACK: &str = "KUBE-LOOP-BACK";
+const EXTERNAL_IP: &str = "KUBE-EXTERNAL-IP";
+const EXTERNAL_IP_LOCAL: &str = "KUBE-EXTERNAL-IP-LOCAL";
+const LOAD_BALANCER: &str = "KUBE-LOAD-BALANCER";
+const LOAD_BALANCER_LOCAL: &str = "KUBE-LOAD-BALANCER-LOCAL";
+const LOAD_BALANCER_FW: &str = "KUBE-LOAD-BALANCER-FW";
+const LOAD_BALANCER_SOURCE_CIDR: &str = "KUBE-LOAD-BALANCER-SOURCE-CIDR";
+const NODE_PORT_TCP: &str = "KUBE-NODE-PORT-TCP";
+const NODE_PORT_LOCAL_TCP: &str = "KUBE-NODE-PORT-LOCAL-TCP";
+const NODE_PORT_UDP: &str = "KUBE-NODE-PORT-UDP";
+const NODE_PORT_LOCAL_UDP: &str = "KUBE-NODE-PORT-LOCAL-UDP";
+const NODE_PORT_SCTP: &str = "KUBE-NODE-PORT-SCTP-HASH";
+const NODE_PORT_LOCAL_SCTP: &str = "KUBE-NODE-PORT-LOCAL-SCTP-HASH";
+const HEALTH_CHECK_NODE_PORT: &str = "KUBE-HEALTH-CHECK-NODE-PORT";
+const IPVS_IPS: &str = "KUBE-IPVS-IPS";
+/// Calyx's own: Service ports with no endpoint to reach, refused at once (IPVS's own
+/// ICMP error for an empty virtual service does not reach IPv6 clients here).
+const NO_ENDPOINTS: &str = "CALYX-NO-ENDPOINTS";
+
+const SETS: [(&str, &str); 17] = [
+    (NO_ENDPOINTS, "hash:ip,port"),
+    (CLUSTER_IP, "hash:ip,port"),
+    (LOOP_BACK, "hash:ip,port,ip"),
+    (EXTERNAL_IP, "hash:ip,port"),
+    (EXTERNAL_IP_LOCAL, "hash:ip,port"),
+    (LOAD_BALANCER, "hash:ip,port"),
+    (LOAD_BALANCER_LOCAL, "hash:ip,port"),
+    (LOAD_BALANCER_FW, "hash:ip,port"),
+    (LOAD_BALANCER_SOURCE_CIDR, "hash:ip,port,net"),
+    (NODE_PORT_TCP, "bitmap:port"),
+    (NODE_PORT_LOCAL_TCP, "bitmap:port"),
+    (NODE_PORT_UDP, "bitmap:port"),
+    (NODE_PORT_LOCAL_UDP, "bitmap:port"),
+    (NODE_PORT_SCTP, "hash:ip,port"),
+    (NODE_PORT_LOCAL_SCTP, "hash:ip,port"),
+    (HEALTH_CHECK_NODE_PORT, "bitmap:port"),
+    (IPVS_IPS, "hash:ip"),
+];
+
+/// A set's name in `family`: IPv6 ones as kube-proxy names them, `KUBE-6-` for
+/// `KUBE-` and cut to ipset's 31 characters (KUBE-6-LOAD-BALANCER-SOURCE-CID).
+pub fn set_name(name: &str, family: IpFamily) -> String {
+    match family {
+        IpFamily::V4 => name.to_string(),
+        IpFamily::V6 => {
+            let (prefix, rest) = name.split_once('-').unwrap_or(("", name));
+            let mut v6 = format!("{prefix}-6-{rest}");
+            v6.truncate(31);
+            v6
+        }
+    }
+}
+
+/// Whether a set is this mode's (either family).
+pub fn owns_set(name: &str) -> bool {
+    SETS.iter()
+        .any(|(n, _)| *n == name || set_name(n, IpFamily::V6) == name)
+}
+
+fn owns_set_v4(name: &str) -> bool {
+    SETS.iter().any(|(n, _)| *n == name)
+}
+
+fn owns_set_v6(name: &str) -> bool {
+    SETS.iter().any(|(n, _)| set_name(n, IpFamily::V6) == name)
+}
+
+fn ipvs_protocol(p: Protocol) -> ipvs::Protocol {
+    match p {
+        Protocol::Tcp => ipvs::Protocol::Tcp,
+        Protocol::Udp => ipvs::Protocol::Udp,
+        Protocol::Sctp => ipvs::Protocol::Sctp,
+    }
+}
+
+/// Everything this mode wants in one family.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub services: Services,
+    /// Addresses on kube-ipvs0.
+    pub addresses: BTreeSet<IpAddr>,
+    pub sets: Vec<SetSpec>,
+    pub ruleset: Ruleset,
+    /// The node addresses NodePorts were opened on.
+    pub node_ips: Vec<IpAddr>,
+}
+
+/// What the node contributes: where NodePorts open, which health-check ports exist.
+pub struct Node<'a> {
+    /// The node's own addresses that NodePorts answer on (in this family).
+    pub nodeport_ips: &'a [IpAddr],
+    pub health_check_ports: &'a [u16],
+    pub default_scheduler: &'a str,
+}
+
+pub fn desired(plans: &[PortPlan], family: IpFamily, node: &Node) -> Desired {
+    let mut sets: BTreeMap<&str, SetSpec> = SETS
+        .iter()
+        .map(|(name, kind)| (*name, SetSpec::new(set_name(name, family), kind, family)))
+        .collect();
+    let mut add = |set: &str, entry: String| {
+        sets.get_mut(set)
+            .expect("a known set")
+            .entries
+            .insert(entry);
+    };
+    let mut services = Services::new();
+    let mut addresses = BTreeSet::new();
+    for plan in plans {
+        let proto = plan.protocol.name();
+        let settings = ServiceSettings {
+            scheduler: plan
+                .ipvs_scheduler
+                .clone()
+                .unwrap_or_else(|| node.default_scheduler.to_string()),
+            persistence: plan.affinity_seconds,
+            scheduler_flags: 0,
+        };
+        let servers = |endpoints: &[SocketAddr]| -> BTreeMap<SocketAddr, RealServer> {
+            endpoints
+                .iter()
+                .map(|ep| {
+                    (
+                        *ep,
+                        RealServer {
+                            weight: 1,
+                            active: 0,
+                            inactive: 0,
+                        },
+                    )
+                })
+                .collect()
+        };
+        let mut virtual_service = |ip: IpAddr, port: u16, endpoints: &[SocketAddr]| {
+            services.insert(
+                ServiceId {
+                    address: SocketAddr::new(ip, port),
+                    protocol: ipvs_protocol(plan.protocol),
+                },
+                VirtualService {
+                    settings: settings.clone(),
+                    servers: servers(endpoints),
+                },
+            );
+        };
+        for vip in &plan.cluster_ips {
+            virtual_service(*vip, plan.port, &plan.cluster.endpoints);
+            addresses.insert(*vip);
+            add(CLUSTER_IP, format!("{vip},{proto}:{}", plan.port));
+            if plan.cluster.endpoints.is_empty() {
+                add(NO_ENDPOINTS, format!("{vip},{proto}:{}", plan.port));
+            }
+        }
+        for ip in &plan.external_ips {
+            virtual_service(*ip, plan.port, &plan.external.endpoints);
+            addresses.insert(*ip);
+            let entry = format!("{ip},{proto}:{}", plan.port);
+            if plan.external.endpoints.is_empty() {
+                add(NO_ENDPOINTS, entry.clone());
+            }
+            if plan.load_balancer_ips.contains(ip) {
+                add(LOAD_BALANCER, entry.clone());
+                if plan.external_local {
+                    add(LOAD_BALANCER_LOCAL, entry.clone());
+                }
+                let ranges: Vec<_> = plan
+                    .source_ranges
+                    .iter()
+                    .filter(|r| IpFamily::of(r.ip()) == family)
+                    .collect();
+                if !plan.source_ranges.is_empty() {
+                    add(LOAD_BALANCER_FW, entry.clone());
+                    for range in ranges {
+                        add(
+                            LOAD_BALANCER_SOURCE_CIDR,
+                            format!("{entry},{}/{}", range.network(), range.prefix()),
+                        );
+                    }
+                }
+            } else if plan.external_local {
+                add(EXTERNAL_IP_LOCAL, entry);
+            } else {
+                add(EXTERNAL_IP, entry);
+            }
+        }
+        if let Some(node_port) = plan.node_port {
+            for ip in node.nodeport_ips {
+                virtual_service(*ip, node_port, &plan.external.endpoints);
+            }
+            match plan.protocol {
+                Protocol::Tcp | Protocol::Udp => {
+                    let (all, local) = if plan.protocol == Protocol::Tcp {
+                        (NODE_PORT_TCP, NODE_PORT_LOCAL_TCP)
+                    } else {
+                        (NODE_PORT_UDP, NODE_PORT_LOCAL_UDP)
+                    };
+                    add(all, node_port.to_string());
+                    if plan.external_local {
+                        add(local, node_port.to_string());
+                    }
+                }
+                Protocol::Sctp => {
+                    for ip in node.nodeport_ips {
+                        let entry = format!("{ip},sctp:{node_port}");
+                        add(NODE_PORT_SCTP, entry.clone());
+                        if plan.external_local {
+                            add(NODE_PORT_LOCAL_SCTP, entry);
+                        }
+                    }
+                }
+            }
+        }
+        for ep in plan.all_endpoints() {
+            add(
+                LOOP_BACK,
+                format!("{},{proto}:{},{}", ep.ip(), ep.port(), ep.ip()),
+            );
+        }
+    }
+    for port in node.health_check_ports {
+        add(HEALTH_CHECK_NODE_PORT, port.to_string());
+    }
+    for ip in &addresses {
+        add(IPVS_IPS, ip.to_string());
+    }
+    Desired {
+        services,
+        addresses,
+        sets: sets.into_values().collect(),
+        ruleset: ruleset(family),
+        node_ips: node.nodeport_ips.to_vec(),
+    }
+}
+
+/// The rules: fixed (the sets carry the Services), so a Service change writes none.
+fn ruleset(family: IpFamily) -> Ruleset {
+    let mark = format!("{MASQUERADE_MARK:#x}");
+    let set = |name: &str| set_name(name, family);
+    let mut r = Ruleset::new(family);
+    let match_set = |name: &str, dirs: &str| format!("-m set --match-set {} {dirs}", set(name));
+    let nat = r.table("nat");
+    nat.chains.insert(
+        "KUBE-SERVICES".into(),
+        vec![
+            // Traffic to a ClusterIP from anything but a local pod (the node itself, a
+            // packet routed in) is masqueraded, so replies come back through this node.
+            format!(
+                "! -i {POD_INTERFACES} -m comment --comment \"Kubernetes service cluster ip + port for masquerade purpose\" {} -j KUBE-MARK-MASQ",
+                match_set(CLUSTER_IP, "dst,dst")
+            ),
+            format!(
+                "-m comment --comment \"Kubernetes service lb portal\" {} -j KUBE-LOAD-BALANCER",
+                match_set(LOAD_BALANCER, "dst,dst")
+            ),
+            format!(
+                "-m comment --comment \"Kubernetes service external ip + port for masquerade and filter purpose\" {} -j KUBE-MARK-MASQ",
+                match_set(EXTERNAL_IP, "dst,dst")
+            ),
+            format!(
+                "-m comment --comment \"Kubernetes service external ip + port for masquerade and filter purpose\" {} -j ACCEPT",
+                match_set(EXTERNAL_IP, "dst,dst")
+            ),
+            format!(
+                "-m comment --comment \"Kubernetes service external ip + port with externalTrafficPolicy=local\" {} -j ACCEPT",
+                match_set(EXTERNAL_IP_LOCAL, "dst,dst")
+            ),
+            "-m addrtype --dst-type LOCAL -j KUBE-NODE-PORT".into(),
+            format!("{} -j ACCEPT", match_set(CLUSTER_IP, "dst,dst")),
+            format!("{} -j ACCEPT", match_set(LOAD_BALANCER, "dst,dst")),
+        ],
+    );
+    nat.chains.insert(
+        "KUBE-LOAD-BALANCER".into(),
+        vec![
+            format!(
+                "-m comment --comment \"Kubernetes service load balancer ip + port with externalTrafficPolicy=local\" {} -j RETURN",
+                match_set(LOAD_BALANCER_LOCAL, "dst,dst")
+            ),
+            "-j KUBE-MARK-MASQ".into(),
+        ],
+    );
+    let mut node_port = Vec::new();
+    for (proto, all, local) in [
+        ("tcp", NODE_PORT_TCP, NODE_PORT_LOCAL_TCP),
+        ("udp", NODE_PORT_UDP, NODE_PORT_LOCAL_UDP),
+    ] {
+        node_port.push(format!(
+            "-p {proto} -m comment --comment \"Kubernetes nodeport {} port with externalTrafficPolicy=local\" {} -j RETURN",
+            proto.to_uppercase(),
+            match_set(local, "dst")
+        ));
+        node_port.push(format!(
+            "-p {proto} -m comment --comment \"Kubernetes nodeport {} port for masquerade purpose\" {} -j KUBE-MARK-MASQ",
+            proto.to_uppercase(),
+            match_set(all, "dst")
+        ));
+    }
+    node_port.push(format!(
+        "-p sctp {} -j RETURN",
+        match_set(NODE_PORT_LOCAL_SCTP, "dst,dst")
+    ));
+    node_port.push(format!(
+        "-p sctp {} -j KUBE-MARK-MASQ",
+        match_set(NODE_PORT_SCTP, "dst,dst")
+    ));
+    nat.chains.insert("KUBE-NODE-PORT".into(), node_port);
+    nat.chains
+        .insert("KUBE-MARK-MASQ".into(), vec![super::iptables::mark_rule()]);
+    // Hairpin first: a pod reaching itself through its Service must not see its own
+    // address as the source (dropped as a martian).
+    let mut postrouting = vec![format!(
+        "-m comment --comment \"Kubernetes endpoints dst ip:port, source ip for solving hairpin purpose\" {} -j MASQUERADE",
+        match_set(LOOP_BACK, "dst,dst,src")
+    )];
+    postrouting.extend(super::iptables::masquerade_marked_rules());
+    nat.chains.insert("KUBE-POSTROUTING".into(), postrouting);
+    let jump = |from: &str, comment: &str, to: &str| {
+        Jump::new(from, format!("-m comment --comment \"{comment}\" -j {to}"))
+    };
+    nat.jumps = vec![
+        jump("PREROUTING", "kubernetes service portals", "KUBE-SERVICES"),
+        jump("OUTPUT", "kubernetes service portals", "KUBE-SERVICES"),
+        jump(
+            "POSTROUTING",
+            "kubernetes postrouting rules",
+            "KUBE-POSTROUTING",
+        ),
+    ];
+    let filter = r.table("filter");
+    filter.chains.insert(
+        "KUBE-FORWARD".into(),
+        vec![
+            format!("-m comment --comment \"kubernetes forwarding rules\" -m mark --mark {mark}/{mark} -j ACCEPT"),
+            "-m comment --comment \"kubernetes forwarding conntrack rule\" -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT".into(),
+        ],
+    );
+    filter.chains.insert(
+        "KUBE-NODE-PORT".into(),
+        vec![format!(
+            "-m comment --comment \"Kubernetes health check node port\" {} -j ACCEPT",
+            match_set(HEALTH_CHECK_NODE_PORT, "dst")
+        )],
+    );
+    filter.chains.insert(
+        "KUBE-PROXY-FIREWALL".into(),
+        vec![format!(
+            "-m comment --comment \"Kubernetes service load balancer ip + port for load balancer with sourceRange\" {} -j KUBE-SOURCE-RANGES-FIREWALL",
+            match_set(LOAD_BALANCER_FW, "dst,dst")
+        )],
+    );
+    filter.chains.insert(
+        "KUBE-SOURCE-RANGES-FIREWALL".into(),
+        vec![
+            format!(
+                "{} -j RETURN",
+                match_set(LOAD_BALANCER_SOURCE_CIDR, "dst,dst,src")
+            ),
+            "-j DROP".into(),
+        ],
+    );
+    // Host services are not reachable on Service addresses (kubernetes#72236): a new
+    // connection to a kube-ipvs0 address that is no Service port is refused.
+    let reject = match family {
+        IpFamily::V4 => "icmp-port-unreachable",
+        IpFamily::V6 => "icmp6-port-unreachable",
+    };
+    // A Service port without endpoints: refused at once (TCP with a reset), as in the
+    // other modes.
+    let mut ipvs_filter = vec![
+        format!(
+            "-p tcp -m comment --comment \"Service port without endpoints\" {} -j REJECT --reject-with tcp-reset",
+            match_set(NO_ENDPOINTS, "dst,dst")
+        ),
+        format!(
+            "-m comment --comment \"Service port without endpoints\" {} -j REJECT --reject-with {reject}",
+            match_set(NO_ENDPOINTS, "dst,dst")
+        ),
+    ];
+    ipvs_filter.extend(
+        [LOAD_BALANCER, CLUSTER_IP, EXTERNAL_IP, EXTERNAL_IP_LOCAL]
+            .iter()
+            .map(|s| format!("{} -j RETURN", match_set(s, "dst,dst"))),
+    );
+    ipvs_filter.push(format!(
+        "{} -j RETURN",
+        match_set(HEALTH_CHECK_NODE_PORT, "dst")
+    ));
+    ipvs_filter.push(format!(
+        "-m conntrack --ctstate NEW {} -j REJECT --reject-with {reject}",
+        match_set(IPVS_IPS, "dst")
+    ));
+    filter.chains.insert("KUBE-IPVS-FILTER".into(), ipvs_filter);
+    filter.jumps = vec![
+        jump("INPUT", "kubernetes ipvs access filter", "KUBE-IPVS-FILTER"),
+        jump("INPUT", "kube-proxy firewall rules", "KUBE-PROXY-FIREWALL"),
+        jump("INPUT", "kubernetes health check rules", "KUBE-NODE-PORT"),
+        jump(
+            "FORWARD",
+            "kube-proxy firewall rules",
+            "KUBE-PROXY-FIREWALL",
+        ),
+        jump("FORWARD", "kubernetes forwarding rules", "KUBE-FORWARD"),
+    ];
+    // First in their chains: a blanket ACCEPT above them would open host ports on
+    // Service addresses and bypass loadBalancerSourceRanges.
+    for j in &mut filter.jumps {
+        j.first = true;
+    }
+    r
+}
+
+/// kube-ipvs0 and its addresses, and the node's own addresses.
+pub trait Addresses: Send + Sync {
+    /// kube-ipvs0's addresses; None when there is no kube-ipvs0.
+    fn held(&self) -> anyhow::Result<Option<BTreeSet<IpAddr>>>;
+    fn create_device(&self) -> anyhow::Result<()>;
+    fn add(&self, ip: IpAddr) -> anyhow::Result<()>;
+    fn remove(&self, ip: IpAddr) -> anyhow::Result<()>;
+    /// The node's addresses inside `cidrs` (not loopback, not IPv6 link-local, not
+    /// kube-ipvs0's).
+    fn node_ips(&self, cidrs: &[ipnetwork::IpNetwork]) -> anyhow::Result<Vec<IpAddr>>;
+    fn remove_device(&self) -> anyhow::Result<()>;
+}
+
+/// The kernel's links, through the dataplane's netlink handle.
+pub struct KernelAddresses;
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => tokio::task::block_in_place(|| handle.block_on(f)),
+        Err(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+            .block_on(f),
+    }
+}
+
+fn host_prefix(ip: &IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
+impl Addresses for KernelAddresses {
+    fn held(&self) -> anyhow::Result<Option<BTreeSet<IpAddr>>> {
+        block_on(async {
+            let nl = calyx_dataplane::Netlink::current()?;
+            let Some(link) = nl.link_by_name(DUMMY).await? else {
+                return Ok(None);
+            };
+            Ok(Some(
+                nl.addresses(&link)
+                    .await?
+                    .into_iter()
+                    .map(|(ip, _)| ip)
+                    .collect(),
+            ))
+        })
+    }
+
+    fn create_device(&self) -> anyhow::Result<()> {
+        block_on(async {
+            let nl = calyx_dataplane::Netlink::current()?;
+            nl.create_dummy(DUMMY).await?;
+            Ok(())
+        })
+    }
+
+    fn add(&self, ip: IpAddr) -> anyhow::Result<()> {
+        block_on(async {
+            let nl = calyx_dataplane::Netlink::current()?;
+            let link = nl
+                .link_by_name(DUMMY)
+                .await?
+                .ok_or_else(|| anyhow::anyhow!("{DUMMY} is missing"))?;
+            nl.add_address(&link, ip, host_prefix(&ip), true).await?;
+            Ok(())
+        })
+    }
+
+    fn remove(&self, ip: IpAddr) -> anyhow::Result<()> {
+        block_on(async {
+            let nl = calyx_dataplane::Netlink::current()?;
+            if let Some(link) = nl.link_by_name(DUMMY).await? {
+                if let Err(e) = nl.delete_address(&link, ip, host_prefix(&ip)).await {
+                    if !e.is_not_found() {
+                        return Err(e.into());
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn node_ips(&self, cidrs: &[ipnetwork::IpNetwork]) -> anyhow::Result<Vec<IpAddr>> {
+        block_on(async {
+            let nl = calyx_dataplane::Netlink::current()?;
+            let dummy = nl.link_by_name(DUMMY).await?.map(|l| l.index);
+            let mut out: Vec<IpAddr> = nl
+                .all_addresses()
+                .await?
+                .into_iter()
+                .filter(|(index, ip, _)| {
+                    Some(*index) != dummy
+                        && !ip.is_loopback()
+                        && !matches!(ip, IpAddr::V6(v6) if v6.segments()[0] & 0xffc0 == 0xfe80)
+                        && cidrs.iter().any(|c| c.contains(*ip))
+                })
+                .map(|(_, ip, _)| ip)
+                .collect();
+            out.sort();
+            out.dedup();
+            Ok(out)
+        })
+    }
+
+    fn remove_device(&self) -> anyhow::Result<()> {
+        block_on(async {
+            let nl = calyx_dataplane::Netlink::current()?;
+            if let Some(link) = nl.link_by_name(DUMMY).await? {
+                nl.delete_link(&link).await?;
+            }
+            Ok(())
+        })
+    }
+}
+
+/// The kernel pieces this mode writes, or fakes.
+pub struct IpvsBackends {
+    pub ipvs: Box<dyn ipvs::Backend>,
+    pub ipset: Box<dyn ipset::Backend>,
+    pub addresses: Box<dyn Addresses>,
+}
+
+/// Keeps IPVS, the sets and kube-ipvs0's addresses as wanted, per family; drains real
+/// servers that go away.
+pub struct IpvsSync {
+    /// What the kernel held after the last write (None: read it again).
+    services: Option<Services>,
+    sets: [IpsetSync; 2],
+    addresses: Option<BTreeSet<IpAddr>>,
+    /// Real servers being drained, and since when.
+    draining: HashMap<(ServiceId, SocketAddr), Instant>,
+    pub drain_timeout: Duration,
+}
+
+/// Kubernetes' default --service-node-port-range: a virtual service on a node address
+/// in it is taken to be a NodePort this mode opened (one whose Service went away).
+const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
+
+/// Whether a virtual service is this mode's: one on a Service address (kube-ipvs0),
+/// or a NodePort on a node address. Others (fwmark services, another tool's) are never
+/// touched.
+fn owned(
+    id: &ServiceId,
+    addresses: &BTreeSet<IpAddr>,
+    node_ips: &[IpAddr],
+    node_ports: &BTreeSet<u16>,
+) -> bool {
+    addresses.contains(&id.address.ip())
+        || (node_ips.contains(&id.address.ip())
+            && (node_ports.contains(&id.address.port())
+                || NODE_PORT_RANGE.contains(&id.address.port())))
+}
+
+impl IpvsSync {
+    pub fn new(drain_timeout: Duration) -> IpvsSync {
+        IpvsSync {
+            services: None,
+            sets: [IpsetSync::new(owns_set_v4), IpsetSync::new(owns_set_v6)],
+            addresses: None,
+            draining: HashMap::new(),
+            drain_timeout,
+        }
+    }
+
+    /// Forgets what was written: the next sync reads the kernel.
+    pub fn forget(&mut self) {
+        self.services = None;
+        self.addresses = None;
+    }
+
+    #[cfg(test)]
+    pub fn draining(&self) -> usize {
+        self.draining.len()
+    }
+
+    /// The node's NodePort addresses in `family`.
+    pub fn node_ips(
+        backends: &IpvsBackends,
+        cidrs: &[ipnetwork::IpNetwork],
+        family: IpFamily,
+    ) -> anyhow::Result<Vec<IpAddr>> {
+        Ok(backends
+            .addresses
+            .node_ips(cidrs)?
+            .into_iter()
+            .filter(|ip| IpFamily::of(*ip) == family)
+            .collect())
+    }
+
+    /// Writes `want` (one family's); returns how many kernel writes it took. Sets
+    /// first (the rules match them), then rules, then addresses and services.
+    pub fn sync(
+        &mut self,
+        backends: &IpvsBackends,
+        iptables: &mut calyx_dataplane::firewall::iptables::RulesetSync,
+        iptables_backend: &dyn calyx_dataplane::firewall::iptables::Backend,
+        want: &Desired,
+        reread: bool,
+    ) -> anyhow::Result<usize> {
+        let family = want.ruleset.family;
+        let node_ips = want.node_ips.as_slice();
+        let mut writes = 0;
+        let i = family as usize;
+        let script = self.sets[i].sync(backends.ipset.as_ref(), &want.sets, reread)?;
+        writes += script.lines().count();
+        let tx = iptables.sync(iptables_backend, &want.ruleset, reread)?;
+        writes += tx.tables.iter().map(|(_, ops)| ops.len()).sum::<usize>();
+
+        // Addresses: every family's are read together.
+        if reread || self.addresses.is_none() {
+            let held = match backends.addresses.held()? {
+                Some(held) => held,
+                None => {
+                    backends.addresses.create_device()?;
+                    BTreeSet::new()
+                }
+            };
+            self.addresses = Some(held);
+        }
+        let held = self.addresses.as_mut().expect("read above");
+        let in_family = |ip: &&IpAddr| IpFamily::of(**ip) == family;
+        for ip in want.addresses.difference(&held.clone()).filter(in_family) {
+            backends.addresses.add(*ip)?;
+            held.insert(*ip);
+            writes += 1;
+        }
+
+        if reread || self.services.is_none() {
+            self.services = Some(backends.ipvs.dump()?);
+        }
+        let current = self.services.as_mut().expect("read above");
+        // What is ours: services on kube-ipvs0's addresses (as held, so one whose
+        // Service went is found), and NodePorts on node addresses.
+        let node_ports: BTreeSet<u16> = want
+            .services
+            .keys()
+            .filter(|id| node_ips.contains(&id.address.ip()))
+            .map(|id| id.address.port())
+            .collect();
+        let addresses = self.addresses.clone().unwrap_or_default();
+        let is_ours = |id: &ServiceId| {
+            IpFamily::of(id.address.ip()) == family && owned(id, &addresses, node_ips, &node_ports)
+        };
+        let mut target = want.services.clone();
+        let now = Instant::now();
+        // Drain: a real server that goes from a service that stays keeps weight 0
+        // while it has connections (TCP and SCTP; UDP has no end to wait for).
+        let mut drained: Vec<(ServiceId, SocketAddr)> = Vec::new();
+        for (id, held) in current.iter() {
+            let Some(wanted) = target.get_mut(id) else {
+                continue;
+            };
+            if !is_ours(id) {
+                continue;
+            }
+            for (rs, server) in &held.servers {
+                if wanted.servers.contains_key(rs) {
+                    self.draining.remove(&(*id, *rs));
+                    continue;
+                }
+                if id.protocol == ipvs::Protocol::Udp {
+                    continue;
+                }
+                // Kept at weight 0 until `sweep`, which reads fresh connection counts,
+                // finds it idle (the counts held here may be old), or its time is up.
+                let since = *self.draining.entry((*id, *rs)).or_insert(now);
+                if now.duration_since(since) < self.drain_timeout {
+                    wanted.servers.insert(
+                        *rs,
+                        RealServer {
+                            weight: 0,
+                            ..*server
+                        },
+                    );
+                } else {
+                    drained.push((*id, *rs));
+                }
+            }
+        }
+        for key in drained {
+            self.draining.remove(&key);
+        }
+        self.draining.retain(|(id, _), _| {
+            target.contains_key(id) || IpFamily::of(id.address.ip()) != family
+        });
+        let ops = ipvs::plan(current, &target, is_ours);
+        if !ops.is_empty() {
+            let result = backends.ipvs.apply(&ops);
+            ipvs::apply_to(current, &ops);
+            if let Err(e) = result {
+                self.services = None;
+                return Err(e.into());
+            }
+            writes += ops.len();
+        }
+
+        // Addresses last: a Service address goes after its virtual services.
+        let held = self.addresses.as_mut().expect("read above");
+        let stale: Vec<IpAddr> = held
+            .iter()
+            .filter(|ip| IpFamily::of(**ip) == family && !want.addresses.contains(ip))
+            .copied()
+            .collect();
+        for ip in stale {
+            backends.addresses.remove(ip)?;
+            held.remove(&ip);
+            writes += 1;
+        }
+        Ok(writes)
+    }
+
+    /// Reads the connection counts of the servers being drained and removes those
+    /// that have none left (or whose time is up). Returns how many were removed.
+    pub fn sweep(&mut self, backends: &IpvsBackends) -> anyhow::Result<usize> {
+        if self.draining.is_empty() {
+            return Ok(0);
+        }
+        let held = backends.ipvs.dump()?;
+        let now = Instant::now();
+        let mut ops = Vec::new();
+        self.draining.retain(|(id, rs), since| {
+            let Some(server) = held.get(id).and_then(|vs| vs.servers.get(rs)) else {
+                return false;
+            };
+            if server.weight > 0 {
+                return false; // Wanted again.
+            }
+            let done = server.active + server.inactive == 0
+                || now.duration_since(*since) >= self.drain_timeout;
+            if done {
+                ops.push(ipvs::Op::DeleteServer(*id, *rs));
+            }
+            !done
+        });
+        if !ops.is_empty() {
+            backends.ipvs.apply(&ops)?;
+            tracing::info!(removed = ops.len(), "drained real servers removed");
+        }
+        let mut after = held;
+        ipvs::apply_to(&mut after, &ops);
+        self.services = Some(after);
+        Ok(ops.len())
+    }
+}
+
+/// The IPVS sysctls kube-proxy sets: connection tracking for IPVS traffic (without it
+/// hairpin and cross-node NodePorts break: MASQUERADE never sees them), dropping
+/// connections to removed servers, and conn_reuse_mode as kube-proxy picks it per
+/// kernel (kubernetes#70747, #93297: 0 below 5.9, where 1 stalls reused ports for a
+/// second; left at 1 from 5.9 on).
+pub fn sysctls(kernel_release: &str) -> Vec<(&'static str, &'static str)> {
+    let mut out = vec![
+        ("net/ipv4/vs/conntrack", "1"),
+        ("net/ipv4/vs/expire_nodest_conn", "1"),
+        ("net/ipv4/vs/expire_quiescent_template", "1"),
+        ("net/ipv4/ip_forward", "1"),
+    ];
+    let mut parts = kernel_release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|p| p.parse::<u32>().ok());
+    let version = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    if version >= (4, 1) {
+        out.push((
+            "net/ipv4/vs/conn_reuse_mode",
+            if version < (5, 9) { "0" } else { "1" },
+        ));
+    }
+    out
+}
+
+/// Removes everything this mode made: its virtual services (those on kube-ipvs0
+/// addresses, and NodePorts in `node_ports` on node addresses), rules, sets, and
+/// kube-ipvs0. Parts that are missing are skipped; each failure is logged.
+pub fn remove_all(
+    backends: &IpvsBackends,
+    iptables_backend: &dyn calyx_dataplane::firewall::iptables::Backend,
+    keep_shared_chains: bool,
+) {
+    let addresses = match backends.addresses.held() {
+        Ok(a) => a.unwrap_or_default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not read {DUMMY}");
+            BTreeSet::new()
+        }
+    };
+    if let Ok(current) = backends.ipvs.dump() {
+        let ops: Vec<ipvs::Op> = current
+            .keys()
+            .filter(|id| addresses.contains(&id.address.ip()))
+            .map(|id| ipvs::Op::DeleteService(*id))
+            .collect();
+        if !ops.is_empty() {
+            match backends.ipvs.apply(&ops) {
+                Ok(()) => tracing::info!(services = ops.len(), "removed the IPVS virtual services"),
+                Err(e) => tracing::warn!(error = %e, "could not remove the IPVS virtual services"),
+            }
+        }
+    }
+    let owner = if keep_shared_chains {
+        Ownership {
+            exact: IPVS_ONLY_CHAINS.to_vec(),
+            prefixes: vec![],
+        }
+    } else {
+        ownership()
+    };
+    for family in IpFamily::BOTH {
+        let mut sync = calyx_dataplane::firewall::iptables::RulesetSync::new(owner.clone());
+        if let Err(e) = sync.sync(iptables_backend, &Ruleset::new(family), true) {
+            tracing::warn!(%family, error = %e, "could not remove the IPVS mode's chains");
+        }
+    }
+    let mut sets = IpsetSync::new(owns_set);
+    if let Err(e) = sets.sync(backends.ipset.as_ref(), &[], true) {
+        tracing::warn!(error = %e, "could not remove the IPVS mode's ipsets");
+    }
+    if let Err(e) = backends.addresses.remove_device() {
+        tracing::warn!(error = %e, "could not remove {DUMMY}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::model::port_plans;
+    use crate::proxy::model::tests::{endpoint, service, slice, state};
+    use calyx_dataplane::firewall::ipset::RecordingIpset;
+    use calyx_dataplane::firewall::iptables::{RecordingIptables, RulesetSync};
+    use calyx_dataplane::ipvs::RecordingIpvs;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct FakeAddresses(Mutex<Option<BTreeSet<IpAddr>>>);
+
+    impl Addresses for Arc<FakeAddresses> {
+        fn held(&self) -> anyhow::Result<Option<BTreeSet<IpAddr>>> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+        fn create_device(&self) -> anyhow::Result<()> {
+            *self.0.lock().unwrap() = Some(BTreeSet::new());
+            Ok(())
+        }
+        fn add(&self, ip: IpAddr) -> anyhow::Result<()> {
+            self.0.lock().unwrap().as_mut().unwrap().insert(ip);
+            Ok(())
+        }
+        fn remove(&self, ip: IpAddr) -> anyhow::Result<()> {
+            self.0.lock().unwrap().as_mut().unwrap().remove(&ip);
+            Ok(())
+        }
+        fn node_ips(&self, _: &[ipnetwork::IpNetwork]) -> anyhow::Result<Vec<IpAddr>> {
+            Ok(vec!["192.0.2.11".parse().unwrap()])
+        }
+        fn remove_device(&self) -> anyhow::Result<()> {
+            *self.0.lock().unwrap() = None;
+            Ok(())
+        }
+    }
+
+    const NODE_IPS: [IpAddr; 1] = [IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, 11))];
+
+    fn node() -> Node<'static> {
+        Node {
+            nodeport_ips: &NODE_IPS,
+            health_check_ports: &[],
+            default_scheduler: "rr",
+        }
+    }
+
+    fn web_state(endpoints: &[&str]) -> crate::proxy::model::ProxyState {
+        let mut svc = service("web", "10.96.0.10", 80);
+        svc.ports[0].node_port = Some(30080);
+        svc.ipvs_scheduler = Some("mh".into());
+        state(
+            vec![svc],
+            vec![slice(
+                "web",
+                8080,
+                endpoints.iter().map(|ip| endpoint(ip, "n1")).collect(),
+            )],
+        )
+    }
+
+    fn id(s: &str) -> ServiceId {
+        ServiceId {
+            address: s.parse().unwrap(),
+            protocol: ipvs::Protocol::Tcp,
+        }
+    }
+
+    #[test]
+    fn a_service_becomes_virtual_services_addresses_and_set_entries() {
+        let plans = port_plans(
+            &web_state(&["10.244.1.2", "10.244.2.2"]),
+            "n1",
+            IpFamily::V4,
+        );
+        let want = desired(&plans, IpFamily::V4, &node());
+        let cluster = &want.services[&id("10.96.0.10:80")];
+        assert_eq!(cluster.settings.scheduler, "mh");
+        assert_eq!(cluster.servers.len(), 2);
+        assert_eq!(want.services[&id("192.0.2.11:30080")].servers.len(), 2);
+        assert_eq!(
+            want.addresses,
+            BTreeSet::from(["10.96.0.10".parse().unwrap()])
+        );
+        let set = |name: &str| {
+            want.sets
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.entries.iter().cloned().collect::<Vec<_>>())
+                .unwrap()
+        };
+        assert_eq!(set("KUBE-CLUSTER-IP"), vec!["10.96.0.10,tcp:80"]);
+        assert_eq!(set("KUBE-NODE-PORT-TCP"), vec!["30080"]);
+        assert_eq!(set("KUBE-IPVS-IPS"), vec!["10.96.0.10"]);
+        assert_eq!(
+            set("KUBE-LOOP-BACK"),
+            vec![
+                "10.244.1.2,tcp:8080,10.244.1.2",
+                "10.244.2.2,tcp:8080,10.244.2.2"
+            ]
+        );
+        // IPv6 names as kube-proxy's, within ipset's 31 characters.
+        assert_eq!(set_name(CLUSTER_IP, IpFamily::V6), "KUBE-6-CLUSTER-IP");
+        assert_eq!(
+            set_name(LOAD_BALANCER_SOURCE_CIDR, IpFamily::V6),
+            "KUBE-6-LOAD-BALANCER-SOURCE-CID"
+        );
+        assert!(SETS
+            .iter()
+            .all(|(n, _)| set_name(n, IpFamily::V6).len() <= 31));
+        assert_eq!(set_name(NO_ENDPOINTS, IpFamily::V6), "CALYX-6-NO-ENDPOINTS");
+    }
+
+    #[test]
+    fn a_removed_server_drains_and_goes_once_its_connections_end() {
+        let ipvs_fake = Arc::new(RecordingIpvs::new());
+        struct Shared(Arc<RecordingIpvs>);
+        impl ipvs::Backend for Shared {
+            fn dump(&self) -> ipvs::Result<Services> {
+                self.0.dump()
+            }
+            fn apply(&self, ops: &[ipvs::Op]) -> ipvs::Result<()> {
+                self.0.apply(ops)
+            }
+        }
+        let addresses = Arc::new(FakeAddresses::default());
+        let backends = IpvsBackends {
+            ipvs: Box::new(Shared(ipvs_fake.clone())),
+            ipset: Box::new(RecordingIpset::new()),
+            addresses: Box::new(addresses.clone()),
+        };
+        let iptables = RecordingIptables::new();
+        let mut rules = RulesetSync::new(ownership());
+        let mut sync = IpvsSync::new(Duration::from_secs(600));
+        let mut run = |sync: &mut IpvsSync, endpoints: &[&str], reread: bool| {
+            let plans = port_plans(&web_state(endpoints), "n1", IpFamily::V4);
+            let want = desired(&plans, IpFamily::V4, &node());
+            sync.sync(&backends, &mut rules, &iptables, &want, reread)
+                .unwrap()
+        };
+        let vip = id("10.96.0.10:80");
+        let b2: SocketAddr = "10.244.2.2:8080".parse().unwrap();
+        assert!(run(&mut sync, &["10.244.1.2", "10.244.2.2"], true) > 0);
+        assert_eq!(addresses.held().unwrap().unwrap().len(), 1);
+        ipvs_fake.set_connections(&vip, &b2, 1, 0);
+        run(&mut sync, &["10.244.1.2"], false);
+        let held = ipvs_fake.services();
+        assert_eq!(held[&vip].servers[&b2].weight, 0, "drained, not cut");
+        assert_eq!(sync.draining(), 2, "the ClusterIP's and the NodePort's");
+        // Nothing changed: nothing written, the server stays.
+        ipvs_fake.take_written();
+        run(&mut sync, &["10.244.1.2"], false);
+        assert!(ipvs_fake.take_written().is_empty());
+        // A restarted agent finds it at weight 0 and keeps draining it.
+        let mut restarted = IpvsSync::new(Duration::from_secs(600));
+        run(&mut restarted, &["10.244.1.2"], true);
+        assert!(ipvs_fake.services()[&vip].servers.contains_key(&b2));
+        // Its connection ends: the next look removes it (the NodePort's had none).
+        ipvs_fake.set_connections(&vip, &b2, 0, 0);
+        assert_eq!(restarted.sweep(&backends).unwrap(), 2);
+        assert!(!ipvs_fake.services()[&vip].servers.contains_key(&b2));
+        // The Service goes: its virtual services and address go at once.
+        let plans: Vec<PortPlan> = Vec::new();
+        let want = desired(&plans, IpFamily::V4, &node());
+        restarted
+            .sync(&backends, &mut rules, &iptables, &want, false)
+            .unwrap();
+        assert!(ipvs_fake.services().is_empty());
+        assert!(addresses.held().unwrap().unwrap().is_empty());
+    }
+
+    #[test]
+    fn foreign_virtual_services_are_never_touched() {
+        let fake = RecordingIpvs::new();
+        let foreign = id("192.0.2.11:8080");
+        ipvs::Backend::apply(
+            &fake,
+            &[ipvs::Op::AddService(
+                foreign,
+                ServiceSettings {
+                    scheduler: "wrr".into(),
+                    persistence: None,
+                    scheduler_flags: 0,
+                },
+            )],
+        )
+        .unwrap();
+        let backends = IpvsBackends {
+            ipvs: Box::new(fake),
+            ipset: Box::new(RecordingIpset::new()),
+            addresses: Box::new(Arc::new(FakeAddresses::default())),
+        };
+        let mut sync = IpvsSync::new(Duration::from_secs(600));
+        let want = desired(&[], IpFamily::V4, &node());
+        sync.sync(
+            &backends,
+            &mut RulesetSync::new(ownership()),
+            &RecordingIptables::new(),
+            &want,
+            true,
+        )
+        .unwrap();
+        assert!(backends.ipvs.dump().unwrap().contains_key(&foreign));
+    }
+
+    #[test]
+    fn conn_reuse_mode_follows_the_kernel_as_kube_proxy_sets_it() {
+        let reuse = |release| {
+            sysctls(release)
+                .into_iter()
+                .find(|(k, _)| *k == "net/ipv4/vs/conn_reuse_mode")
+                .map(|(_, v)| v)
+        };
+        assert_eq!(reuse("4.0.9"), None);
+        assert_eq!(reuse("5.4.0-150-generic"), Some("0"));
+        assert_eq!(reuse("6.1.0-57-amd64"), Some("1"));
+        assert!(sysctls("6.1.0").contains(&("net/ipv4/vs/conntrack", "1")));
+    }
+}
