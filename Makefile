@@ -13,9 +13,9 @@ IMAGE ?= localhost/calyx:$(VERSION)
 DEB_PACKAGES := iproute2 iptables ipset nftables conntrack iputils-ping netcat-openbsd \
 	tcpdump iperf3 util-linux ethtool etcd-server etcd-client containernetworking-plugins \
 	podman containerd runc busybox-static catatonit python3-venv protobuf-compiler \
-	musl-tools mmdebstrap binutils
+	musl-tools mmdebstrap binutils qemu-system-x86 linux-image-amd64 ipvsadm
 
-.PHONY: all build release static deps test test-unit test-runtimes test-image lint fmt bench bench-cni \
+.PHONY: all build release static deps test test-unit test-runtimes test-image test-vm lint fmt bench bench-cni \
 	bench-ipam bench-agent bench-proxy lab lab-down image e2e-kind clean
 
 all: build
@@ -52,6 +52,7 @@ test: deps lint
 	$(CARGO) test --workspace
 	$(MAKE) test-runtimes
 	$(MAKE) test-image
+	$(MAKE) test-vm
 
 test-unit:
 	$(CARGO) test --workspace --lib --bins
@@ -60,6 +61,14 @@ test-unit:
 # static binary, the one the image ships.
 test-runtimes: static
 	e2e/runtimes/run.sh $(STATIC)/calyx
+
+# IPVS mode, its netlink and ipset layers, inside a VM booting Debian's kernel (this
+# machine's has no IPVS and no dummy links): one boot for every scenario.
+test-vm: static
+	$(CARGO) build --workspace
+	e2e/vm/run.sh --timeout 1500 e2e/vm/suite.sh \
+		"$$($(CARGO) test --no-run --message-format=json -p calyx-dataplane --features firewall --test ipvs | e2e/vm/test-binary)" \
+		"$$($(CARGO) test --no-run --message-format=json -p calyx-agent --test proxy | e2e/vm/test-binary)"
 
 bench: bench-cni bench-ipam bench-agent bench-proxy
 

@@ -20,8 +20,13 @@ pub fn state_dir(prefix: &str) -> PathBuf {
 
 /// The plugin and agent binaries of a build, given the agent's path (a test has it as
 /// `env!("CARGO_BIN_EXE_calyx-agent")`; the plugin is built beside it).
+/// CALYX_BIN_DIR, when set, names another directory holding both (the VM suite runs
+/// the optimised static build: the debug one is slow under software emulation).
 pub fn binaries_beside(agent: &str) -> (PathBuf, PathBuf) {
-    let agent = PathBuf::from(agent);
+    let mut agent = PathBuf::from(agent);
+    if let Some(dir) = std::env::var_os("CALYX_BIN_DIR") {
+        agent = PathBuf::from(dir).join("calyx-agent");
+    }
     let plugin = agent.with_file_name("calyx");
     assert!(
         plugin.exists(),

@@ -226,7 +226,19 @@ fn services(c: &Cluster) -> Vec<Value> {
     out
 }
 
+/// A time limit, three times as long inside the VM (software emulation, several times
+/// slower: each periodic check spawns iptables a dozen times): the checks are about what
+/// happens, not how fast.
+fn patience(limit: Duration) -> Duration {
+    if std::env::var_os("CALYX_IN_VM").is_some() {
+        limit * 3
+    } else {
+        limit
+    }
+}
+
 fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) -> Result<(), String> {
+    let timeout = patience(timeout);
     let deadline = Instant::now() + timeout;
     while !ok() {
         if Instant::now() > deadline {
@@ -252,6 +264,27 @@ fn ask_many(
         seen.insert(a.seen);
     }
     Ok((backends, seen))
+}
+
+/// A connection through a Service that landed on `backend` (40 tries).
+fn connection_to(
+    netns: &str,
+    service: SocketAddr,
+    backend: &str,
+) -> Result<std::net::TcpStream, String> {
+    for _ in 0..40 {
+        let stream = connect_from(netns, service).map_err(|e| format!("{e:#}"))?;
+        if read_greeting(&stream)
+            .map_err(|e| format!("{e:#}"))?
+            .backend
+            == backend
+        {
+            return Ok(stream);
+        }
+        // Reset, not closed: no TIME_WAIT left behind in IPVS's counts.
+        let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    }
+    Err(format!("never reached {backend} through {service}"))
 }
 
 fn set(items: &[&str]) -> BTreeSet<String> {
@@ -280,12 +313,40 @@ impl Checks {
     fn finish(self, c: &Cluster) {
         assert!(
             self.0.is_empty(),
-            "{} check(s) failed:\n{}\nnode1 agent log:\n{}",
+            "{} check(s) failed:\n{}\nnode1 agent log:\n{}{}",
             self.0.len(),
             self.0.join("\n"),
-            c.agent_log_tail(0, 30)
+            c.agent_log_tail(0, 30),
+            ipvs_state(&c.nodes[0].netns)
         );
     }
+}
+
+/// In IPVS mode, what node1's kernel holds (for a failure's report).
+fn ipvs_state(netns: &str) -> String {
+    if !std::path::Path::new("/proc/net/ip_vs").exists() {
+        return String::new();
+    }
+    let run = |cmd: &str| {
+        let out = sh("ip", &["netns", "exec", netns, "sh", "-c", cmd]);
+        format!(
+            "\n$ {cmd}\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    [
+        "ipvsadm -Ln --stats",
+        "ip addr show kube-ipvs0",
+        "ipset save",
+        "ip6tables-save -c",
+        "conntrack -L -f ipv6",
+        "ip -6 route",
+        "nstat -az | grep -i -E 'ip6|icmp6' | grep -v ' 0 '",
+    ]
+    .iter()
+    .map(|c| run(c))
+    .collect()
 }
 
 fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), String> {
@@ -590,7 +651,111 @@ fn every_path(mode: &str, etcd: bool) {
         Ok(())
     });
     changes_take_effect(&c, &mut checks);
+    if mode == "ipvs" {
+        ipvs_drain_and_restart(&c, &mut checks);
+    }
     checks.finish(&c);
+}
+
+/// IPVS mode: a real server whose endpoint goes is drained (weight 0, its connection
+/// lives on, no new ones) and removed once that connection ends; an agent restart
+/// keeps an established connection and rewrites nothing.
+fn ipvs_drain_and_restart(c: &TestCluster, checks: &mut Checks) {
+    let c1 = netns_of(c, "c1");
+    let node1 = c.nodes[0].netns.clone();
+    let b1 = || Ep::ready(pod_ip(c, "b1", true), "node1");
+    let b2 = || Ep::ready(pod_ip(c, "b2", true), "node2");
+    let b2_server = format!("{}:{BACKEND_PORT}", pod_ip(c, "b2", true));
+    // A Service of its own: IPVS counts the earlier checks' closed connections to the
+    // other Services' servers for two minutes (TIME_WAIT).
+    const VIP: &str = "10.96.0.30";
+    let drained = |c: &TestCluster, eps: &[Ep]| {
+        let mut all = services(c);
+        all.push(service_object(
+            "drain",
+            &[VIP],
+            &[("http", "TCP", 80, None)],
+        ));
+        all.extend(slice_objects("drain", &[("http", "TCP")], eps));
+        publish(c, all);
+    };
+    // Empty while the virtual service does not exist yet.
+    let ipvsadm = || {
+        let out = sh(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &node1,
+                "ipvsadm",
+                "-Ln",
+                "-t",
+                &format!("{VIP}:80"),
+            ],
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let mut kept = None;
+    checks.run(
+        "ipvs: a removed real server drains: weight 0, its connection lives on",
+        || {
+            drained(c, &[b1(), b2()]);
+            wait_until("b2 in web", Duration::from_secs(10), || {
+                ipvsadm().contains(&b2_server)
+            })?;
+            let mut conn = connection_to(&c1, addr(VIP, 80), "b2")?;
+            drained(c, &[b1()]);
+            wait_until("b2 at weight 0", Duration::from_secs(10), || {
+                ipvsadm()
+                    .lines()
+                    .any(|l| l.contains(&b2_server) && l.split_whitespace().nth(3) == Some("0"))
+            })?;
+            let (backends, _) = ask_many(&c1, addr(VIP, 80), 10)?;
+            expect(backends == set(&["b1"]), || {
+                format!("new connections went to {backends:?}")
+            })?;
+            let reply = echo(&mut conn, "draining").map_err(|e| format!("{e:#}"))?;
+            expect(reply == "b2 draining", || {
+                format!("established connection: {reply:?}")
+            })?;
+            kept = Some(conn);
+            Ok(())
+        },
+    );
+    checks.run(
+        "ipvs: an agent restart keeps an established connection",
+        || {
+            let conn = kept
+                .as_mut()
+                .ok_or("no connection from the previous check")?;
+            c.signal_agent(0, "KILL").map_err(|e| format!("{e:#}"))?;
+            c.start_agent(0).map_err(|e| format!("{e:#}"))?;
+            c.wait_agent_ready(0).map_err(|e| format!("{e:#}"))?;
+            let reply = echo(conn, "after restart").map_err(|e| format!("{e:#}"))?;
+            expect(reply == "b2 after restart", || {
+                format!("established connection: {reply:?}")
+            })?;
+            let (backends, _) = ask_many(&c1, addr(VIP, 80), 10)?;
+            expect(backends == set(&["b1"]), || {
+                format!("new connections went to {backends:?}")
+            })
+        },
+    );
+    checks.run(
+        "ipvs: the drained server goes once its connection ends",
+        || {
+            // Reset, not closed: IPVS counts a closed connection (TIME_WAIT) for two
+            // minutes, a reset one for ten seconds.
+            if let Some(conn) = kept.take() {
+                socket2::SockRef::from(&conn)
+                    .set_linger(Some(Duration::ZERO))
+                    .map_err(|e| format!("SO_LINGER: {e}"))?;
+            }
+            wait_until("b2 removed", Duration::from_secs(30), || {
+                !ipvsadm().contains(&b2_server)
+            })
+        },
+    );
 }
 
 /// Items 9 and 11: endpoints that start terminating or go away.
@@ -649,7 +814,7 @@ fn changes_take_effect(c: &TestCluster, checks: &mut Checks) {
                 if matches!(&a, Ok(Answer { backend, .. }) if backend == "b2") {
                     break;
                 }
-                if started.elapsed() > Duration::from_secs(3) {
+                if started.elapsed() > patience(Duration::from_secs(3)) {
                     return Err(format!("still {a:?} 3 s after the endpoint changed"));
                 }
             }
@@ -660,20 +825,7 @@ fn changes_take_effect(c: &TestCluster, checks: &mut Checks) {
         "9 terminating: no new connections while ready ones exist; old ones live on",
         || {
             // An established connection to b2, then b2 starts terminating.
-            let mut conn = None;
-            for _ in 0..40 {
-                let stream =
-                    connect_from(&c1, addr("10.96.0.18", 80)).map_err(|e| format!("{e:#}"))?;
-                if read_greeting(&stream)
-                    .map_err(|e| format!("{e:#}"))?
-                    .backend
-                    == "b2"
-                {
-                    conn = Some(stream);
-                    break;
-                }
-            }
-            let mut conn = conn.ok_or("never reached b2")?;
+            let mut conn = connection_to(&c1, addr("10.96.0.18", 80), "b2")?;
             let b2_terminating = Ep::terminating(pod_ip(c, "b2", true), "node2");
             publish(c, flip(&[b2()], &[b1(), b2_terminating.clone()]));
             wait_until(
@@ -1009,4 +1161,25 @@ fn nftables_mode_restart_switch_and_cleanup() {
 #[test]
 fn iptables_mode_restart_switch_and_cleanup() {
     restart_and_switch("iptables");
+}
+
+/// IPVS mode needs a kernel with IPVS and dummy links: these run inside the VM
+/// (`make test-vm`, part of `make test`), where a missing IPVS fails them.
+fn ipvs_kernel() -> bool {
+    let ok = std::path::Path::new("/proc/net/ip_vs").exists();
+    if !ok {
+        if std::env::var_os("CALYX_IN_VM").is_some() || std::env::var_os("CI").is_some() {
+            panic!("IPVS test cannot run: this kernel has no IPVS (/proc/net/ip_vs)");
+        }
+        eprintln!("skipped: this kernel has no IPVS; run `make test-vm`");
+    }
+    ok
+}
+
+#[test]
+#[ignore = "needs IPVS: runs in the VM (make test-vm)"]
+fn ipvs_mode_every_path() {
+    if ipvs_kernel() {
+        every_path("ipvs", false);
+    }
 }
