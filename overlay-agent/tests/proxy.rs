@@ -988,7 +988,30 @@ fn restart_and_switch(mode: &str) {
         || ask_tcp_within(&c1, addr("10.96.0.10", 80), Duration::from_millis(500)).is_ok(),
     )
     .unwrap();
-    if mode == "iptables" {
+    if mode != "nftables" {
+        // In IPVS mode a pod reaches a ClusterIP without the nat jump (it only marks
+        // for masquerade): wait for the jump itself.
+        wait_until(
+            "the jump to KUBE-SERVICES back",
+            Duration::from_secs(10),
+            || {
+                must(
+                    "ip",
+                    &[
+                        "netns",
+                        "exec",
+                        &node1,
+                        "iptables",
+                        "-t",
+                        "nat",
+                        "-S",
+                        "PREROUTING",
+                    ],
+                )
+                .contains("-j KUBE-SERVICES")
+            },
+        )
+        .unwrap();
         // The proxy's filter jumps go above the overlay's at its next check when the
         // overlay inserted its own after the proxy's first; only then is everything
         // as wanted, and a restart must write nothing.
@@ -1047,7 +1070,8 @@ fn restart_and_switch(mode: &str) {
             assert!(b >= a, "counter of {rule} went from {a} to {b}: rewritten");
         }
         assert!(
-            was.iter().any(|(n, r)| *n > 0 && r.contains("KUBE-SVC")),
+            was.iter()
+                .any(|(n, r)| *n > 0 && (r.contains("KUBE-SVC") || r.contains("KUBE-CLUSTER-IP"))),
             "{before}"
         );
     }
@@ -1112,6 +1136,9 @@ fn restart_and_switch(mode: &str) {
             "iptables chains survived the switch:\n{nat}"
         );
     }
+    if mode == "ipvs" {
+        assert_ipvs_gone(&node1, "the switch");
+    }
 
     // --proxy-cleanup removes everything either mode made; pod traffic still works.
     c.signal_agent(0, "KILL").unwrap();
@@ -1134,8 +1161,25 @@ fn restart_and_switch(mode: &str) {
         all.contains("CALYX-FORWARD"),
         "the overlay's rules must stay:\n{all}"
     );
+    assert_ipvs_gone(&node1, "--proxy-cleanup");
     let answer = ask_tcp(&c1, addr(&pod_ip(&c, "b2", true), BACKEND_PORT)).unwrap();
     assert_eq!(answer.backend, "b2");
+}
+
+/// No kube-ipvs0, no KUBE-* ipset, no virtual service on a Service address.
+fn assert_ipvs_gone(netns: &str, after: &str) {
+    let link = sh("ip", &["-n", netns, "link", "show", "kube-ipvs0"]);
+    assert!(!link.status.success(), "kube-ipvs0 survived {after}");
+    let sets = sh("ip", &["netns", "exec", netns, "ipset", "list", "-n"]);
+    let sets = String::from_utf8_lossy(&sets.stdout);
+    assert!(!sets.contains("KUBE-"), "ipsets survived {after}:\n{sets}");
+    if std::path::Path::new("/proc/net/ip_vs").exists() {
+        let ipvs = must("ip", &["netns", "exec", netns, "ipvsadm", "-Ln"]);
+        assert!(
+            !ipvs.contains("10.96."),
+            "virtual services survived {after}:\n{ipvs}"
+        );
+    }
 }
 
 #[test]
@@ -1181,5 +1225,13 @@ fn ipvs_kernel() -> bool {
 fn ipvs_mode_every_path() {
     if ipvs_kernel() {
         every_path("ipvs", false);
+    }
+}
+
+#[test]
+#[ignore = "needs IPVS: runs in the VM (make test-vm)"]
+fn ipvs_mode_restart_switch_and_cleanup() {
+    if ipvs_kernel() {
+        restart_and_switch("ipvs");
     }
 }

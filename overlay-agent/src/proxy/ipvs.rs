@@ -221,10 +221,13 @@ pub fn desired(plans: &[PortPlan], family: IpFamily, node: &Node) -> Desired {
                 if !plan.source_ranges.is_empty() {
                     add(LOAD_BALANCER_FW, entry.clone());
                     for range in ranges {
-                        add(
-                            LOAD_BALANCER_SOURCE_CIDR,
-                            format!("{entry},{}/{}", range.network(), range.prefix()),
-                        );
+                        // As `ipset save` prints it: a single address without /32.
+                        let net = if range.prefix() == host_prefix(&range.ip()) {
+                            range.ip().to_string()
+                        } else {
+                            format!("{}/{}", range.network(), range.prefix())
+                        };
+                        add(LOAD_BALANCER_SOURCE_CIDR, format!("{entry},{net}"));
                     }
                 }
             } else if plan.external_local {
@@ -979,6 +982,7 @@ mod tests {
         assert_eq!(set("KUBE-CLUSTER-IP"), vec!["10.96.0.10,tcp:80"]);
         assert_eq!(set("KUBE-NODE-PORT-TCP"), vec!["30080"]);
         assert_eq!(set("KUBE-IPVS-IPS"), vec!["10.96.0.10"]);
+        assert!(set("CALYX-NO-ENDPOINTS").is_empty());
         assert_eq!(
             set("KUBE-LOOP-BACK"),
             vec![
@@ -991,6 +995,40 @@ mod tests {
         assert_eq!(
             set_name(LOAD_BALANCER_SOURCE_CIDR, IpFamily::V6),
             "KUBE-6-LOAD-BALANCER-SOURCE-CID"
+        );
+        // A LoadBalancer with source ranges, one of them a single address, spelled as
+        // `ipset save` prints it (no /32), so a restart finds nothing to change.
+        let mut st = web_state(&[]);
+        let key = st.services.keys().next().unwrap().clone();
+        let mut svc = (*st.services[&key]).clone();
+        svc.load_balancer_ips = vec!["198.51.100.201".parse().unwrap()];
+        svc.load_balancer_source_ranges = vec![
+            "192.0.2.0/24".parse().unwrap(),
+            "192.0.2.100/32".parse().unwrap(),
+        ];
+        st.services.insert(key, std::sync::Arc::new(svc));
+        let lb = desired(&port_plans(&st, "n1", IpFamily::V4), IpFamily::V4, &node());
+        let lb_set = |name: &str| {
+            lb.sets
+                .iter()
+                .find(|s| s.name == name)
+                .map(|s| s.entries.iter().cloned().collect::<Vec<_>>())
+                .unwrap()
+        };
+        assert_eq!(
+            lb_set("KUBE-LOAD-BALANCER-SOURCE-CIDR"),
+            vec![
+                "198.51.100.201,tcp:80,192.0.2.0/24",
+                "198.51.100.201,tcp:80,192.0.2.100"
+            ]
+        );
+        assert_eq!(
+            lb_set("KUBE-LOAD-BALANCER-FW"),
+            vec!["198.51.100.201,tcp:80"]
+        );
+        assert_eq!(
+            lb_set("CALYX-NO-ENDPOINTS"),
+            vec!["10.96.0.10,tcp:80", "198.51.100.201,tcp:80"]
         );
         assert!(SETS
             .iter()
