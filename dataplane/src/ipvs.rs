@@ -265,6 +265,16 @@ pub trait Backend: Send + Sync {
     /// Every op is tried; the first failure is returned (naming its object), the others
     /// having taken effect.
     fn apply(&self, ops: &[Op]) -> Result<()>;
+
+    /// One service's real servers with their connection counts (none when there is
+    /// no such service). The kernel's backend reads only that service.
+    fn servers(&self, id: &ServiceId) -> Result<BTreeMap<SocketAddr, RealServer>> {
+        Ok(self
+            .dump()?
+            .remove(id)
+            .map(|vs| vs.servers)
+            .unwrap_or_default())
+    }
 }
 
 /// The kernel's IPVS, in the caller's network namespace.
@@ -373,6 +383,18 @@ impl Backend for IpvsNetlink {
             }
         }
         Ok(services)
+    }
+
+    fn servers(&self, id: &ServiceId) -> Result<BTreeMap<SocketAddr, RealServer>> {
+        let mut attrs = Vec::new();
+        put_nested(&mut attrs, ATTR_SERVICE, &service_identity(id));
+        let mut servers = BTreeMap::new();
+        for reply in self.dump_of(CMD_GET_DEST, attrs)? {
+            if let Some((rs, server)) = nested(&reply, ATTR_DEST).and_then(|d| parse_dest(&d, id)) {
+                servers.insert(rs, server);
+            }
+        }
+        Ok(servers)
     }
 
     fn apply(&self, ops: &[Op]) -> Result<()> {

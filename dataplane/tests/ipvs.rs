@@ -130,6 +130,13 @@ fn ipvs_services_and_servers_round_trip_through_the_kernel() {
             "{err}"
         );
         assert_eq!(kernel.dump().unwrap()[&web].servers.len(), 1);
+        // One service's servers alone (what draining reads), and a missing one.
+        assert_eq!(
+            kernel.servers(&web).unwrap(),
+            kernel.dump().unwrap()[&web].servers
+        );
+        let missing = id("10.96.0.99:80", Protocol::Tcp);
+        assert!(kernel.servers(&missing).unwrap().is_empty());
 
         // Foreign services are left alone by a plan that does not own them.
         let foreign = id("192.0.2.50:8080", Protocol::Tcp);

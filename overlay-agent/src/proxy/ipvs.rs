@@ -777,17 +777,22 @@ impl IpvsSync {
         Ok(writes)
     }
 
-    /// Reads the connection counts of the servers being drained and removes those
-    /// that have none left (or whose time is up). Returns how many were removed.
+    /// Reads the connection counts of the servers being drained (only their services)
+    /// and removes those that have none left (or whose time is up). Returns how many
+    /// were removed.
     pub fn sweep(&mut self, backends: &IpvsBackends) -> anyhow::Result<usize> {
         if self.draining.is_empty() {
             return Ok(0);
         }
-        let held = backends.ipvs.dump()?;
+        let services: BTreeSet<ServiceId> = self.draining.keys().map(|(id, _)| *id).collect();
+        let mut held = BTreeMap::new();
+        for id in services {
+            held.insert(id, backends.ipvs.servers(&id)?);
+        }
         let now = Instant::now();
         let mut ops = Vec::new();
         self.draining.retain(|(id, rs), since| {
-            let Some(server) = held.get(id).and_then(|vs| vs.servers.get(rs)) else {
+            let Some(server) = held.get(id).and_then(|s| s.get(rs)) else {
                 return false;
             };
             if server.weight > 0 {
@@ -801,12 +806,13 @@ impl IpvsSync {
             !done
         });
         if !ops.is_empty() {
-            backends.ipvs.apply(&ops)?;
+            let result = backends.ipvs.apply(&ops);
+            if let Some(services) = self.services.as_mut() {
+                ipvs::apply_to(services, &ops);
+            }
+            result?;
             tracing::info!(removed = ops.len(), "drained real servers removed");
         }
-        let mut after = held;
-        ipvs::apply_to(&mut after, &ops);
-        self.services = Some(after);
         Ok(ops.len())
     }
 }
