@@ -60,9 +60,12 @@ const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
 const NLA_F_NESTED: u16 = 0x8000;
 
-/// Requests per write before the acknowledgements are read: a socket's receive buffer
-/// holds a few thousand, and a start at 10,000 Services sends tens of thousands.
-const REQUESTS_PER_WRITE: usize = 512;
+/// Requests per write before the acknowledgements are read. Each acknowledgement takes
+/// about a kilobyte of the socket's receive buffer (its skb): 512 at once overflowed the
+/// default buffer (ENOBUFS, seen at the first sync of 1,000 Services).
+const REQUESTS_PER_WRITE: usize = 128;
+/// The receive buffer asked for (the kernel caps it at net.core.rmem_max).
+const RECEIVE_BUFFER: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpvsError {
@@ -425,6 +428,9 @@ impl Backend for IpvsNetlink {
 
 fn open_socket() -> Result<Socket> {
     let mut socket = Socket::new(NETLINK_GENERIC)?;
+    socket.set_rx_buf_sz(RECEIVE_BUFFER)?;
+    // Errors carry only the request's header, not the whole request back.
+    socket.set_cap_ack(true)?;
     socket.bind_auto()?;
     socket.connect(&NlAddr::new(0, 0))?;
     Ok(socket)

@@ -138,6 +138,33 @@ fn ipvs_services_and_servers_round_trip_through_the_kernel() {
         let missing = id("10.96.0.99:80", Protocol::Tcp);
         assert!(kernel.servers(&missing).unwrap().is_empty());
 
+        // A start's worth of requests in one apply (more than one write of them, and
+        // more acknowledgements than the default receive buffer holds at once).
+        let mut many = ipvs::Services::new();
+        for i in 0..1500u32 {
+            let vip = format!("10.97.{}.{}:80", i / 250, i % 250 + 1);
+            many.insert(
+                id(&vip, Protocol::Tcp),
+                VirtualService {
+                    settings: settings("rr", None),
+                    servers: BTreeMap::from([
+                        (rs("10.244.1.2:8080"), server(1)),
+                        (rs("10.244.2.2:8080"), server(1)),
+                    ]),
+                },
+            );
+        }
+        let ops = ipvs::plan(&ipvs::Services::new(), &many, |_| true);
+        assert_eq!(ops.len(), 4500);
+        kernel.apply(&ops).unwrap();
+        let held = kernel.dump().unwrap();
+        assert_eq!(held.len(), 1500 + 2);
+        kernel
+            .apply(&ipvs::plan(&held, &ipvs::Services::new(), |s| {
+                s.address.ip().to_string().starts_with("10.97.")
+            }))
+            .unwrap();
+
         // Foreign services are left alone by a plan that does not own them.
         let foreign = id("192.0.2.50:8080", Protocol::Tcp);
         kernel
