@@ -16,6 +16,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
+
 use calyx_dataplane::firewall::ipset::{self, IpsetSync, SetSpec};
 use calyx_dataplane::firewall::iptables::{Jump, Ownership, Ruleset};
 use calyx_dataplane::firewall::IpFamily;
@@ -467,8 +469,11 @@ pub trait Addresses: Send + Sync {
     /// kube-ipvs0's addresses; None when there is no kube-ipvs0.
     fn held(&self) -> anyhow::Result<Option<BTreeSet<IpAddr>>>;
     fn create_device(&self) -> anyhow::Result<()>;
-    fn add(&self, ip: IpAddr) -> anyhow::Result<()>;
-    fn remove(&self, ip: IpAddr) -> anyhow::Result<()>;
+    /// Adds addresses to kube-ipvs0 (all of them: one that fails is named, the others
+    /// are still added).
+    fn add(&self, ips: &[IpAddr]) -> anyhow::Result<()>;
+    /// Removes addresses from kube-ipvs0; one already gone is fine.
+    fn remove(&self, ips: &[IpAddr]) -> anyhow::Result<()>;
     /// The node's addresses inside `cidrs` (not loopback, not IPv6 link-local, not
     /// kube-ipvs0's).
     fn node_ips(&self, cidrs: &[ipnetwork::IpNetwork]) -> anyhow::Result<Vec<IpAddr>>;
@@ -477,6 +482,9 @@ pub trait Addresses: Send + Sync {
 
 /// The kernel's links, through the dataplane's netlink handle.
 pub struct KernelAddresses;
+
+/// Address requests sent before waiting for their answers.
+const ADDRESS_REQUESTS_IN_FLIGHT: usize = 64;
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
     match tokio::runtime::Handle::try_current() {
@@ -522,23 +530,44 @@ impl Addresses for KernelAddresses {
         })
     }
 
-    fn add(&self, ip: IpAddr) -> anyhow::Result<()> {
+    fn add(&self, ips: &[IpAddr]) -> anyhow::Result<()> {
+        if ips.is_empty() {
+            return Ok(());
+        }
         block_on(async {
             let nl = calyx_dataplane::Netlink::current()?;
             let link = nl
                 .link_by_name(DUMMY)
                 .await?
                 .ok_or_else(|| anyhow::anyhow!("{DUMMY} is missing"))?;
-            nl.add_address(&link, ip, host_prefix(&ip), true).await?;
+            // One connection, many requests in flight: 10,000 addresses one at a time
+            // cost a round trip each.
+            let results: Vec<_> = futures::stream::iter(ips)
+                .map(|ip| nl.add_address(&link, *ip, host_prefix(ip), true))
+                .buffer_unordered(ADDRESS_REQUESTS_IN_FLIGHT)
+                .collect()
+                .await;
+            results.into_iter().find(Result::is_err).unwrap_or(Ok(()))?;
             Ok(())
         })
     }
 
-    fn remove(&self, ip: IpAddr) -> anyhow::Result<()> {
+    fn remove(&self, ips: &[IpAddr]) -> anyhow::Result<()> {
+        if ips.is_empty() {
+            return Ok(());
+        }
         block_on(async {
             let nl = calyx_dataplane::Netlink::current()?;
-            if let Some(link) = nl.link_by_name(DUMMY).await? {
-                if let Err(e) = nl.delete_address(&link, ip, host_prefix(&ip)).await {
+            let Some(link) = nl.link_by_name(DUMMY).await? else {
+                return Ok(());
+            };
+            let results: Vec<_> = futures::stream::iter(ips)
+                .map(|ip| nl.delete_address(&link, *ip, host_prefix(ip)))
+                .buffer_unordered(ADDRESS_REQUESTS_IN_FLIGHT)
+                .collect()
+                .await;
+            for result in results {
+                if let Err(e) = result {
                     if !e.is_not_found() {
                         return Err(e.into());
                     }
@@ -687,11 +716,18 @@ impl IpvsSync {
         }
         let held = self.addresses.as_mut().expect("read above");
         let in_family = |ip: &&IpAddr| IpFamily::of(**ip) == family;
-        for ip in want.addresses.difference(&held.clone()).filter(in_family) {
-            backends.addresses.add(*ip)?;
-            held.insert(*ip);
-            writes += 1;
+        let missing: Vec<IpAddr> = want
+            .addresses
+            .difference(held)
+            .filter(in_family)
+            .copied()
+            .collect();
+        if let Err(e) = backends.addresses.add(&missing) {
+            self.addresses = None; // Some may have been added: read them again.
+            return Err(e);
         }
+        held.extend(&missing);
+        writes += missing.len();
 
         if reread || self.services.is_none() {
             self.services = Some(backends.ipvs.dump()?);
@@ -769,11 +805,14 @@ impl IpvsSync {
             .filter(|ip| IpFamily::of(**ip) == family && !want.addresses.contains(ip))
             .copied()
             .collect();
-        for ip in stale {
-            backends.addresses.remove(ip)?;
-            held.remove(&ip);
-            writes += 1;
+        if let Err(e) = backends.addresses.remove(&stale) {
+            self.addresses = None;
+            return Err(e);
         }
+        for ip in &stale {
+            held.remove(ip);
+        }
+        writes += stale.len();
         Ok(writes)
     }
 
@@ -914,12 +953,15 @@ mod tests {
             *self.0.lock().unwrap() = Some(BTreeSet::new());
             Ok(())
         }
-        fn add(&self, ip: IpAddr) -> anyhow::Result<()> {
-            self.0.lock().unwrap().as_mut().unwrap().insert(ip);
+        fn add(&self, ips: &[IpAddr]) -> anyhow::Result<()> {
+            self.0.lock().unwrap().as_mut().unwrap().extend(ips);
             Ok(())
         }
-        fn remove(&self, ip: IpAddr) -> anyhow::Result<()> {
-            self.0.lock().unwrap().as_mut().unwrap().remove(&ip);
+        fn remove(&self, ips: &[IpAddr]) -> anyhow::Result<()> {
+            let mut held = self.0.lock().unwrap();
+            for ip in ips {
+                held.as_mut().unwrap().remove(ip);
+            }
             Ok(())
         }
         fn node_ips(&self, _: &[ipnetwork::IpNetwork]) -> anyhow::Result<Vec<IpAddr>> {
