@@ -16,7 +16,7 @@ DEB_PACKAGES := iproute2 iptables ipset nftables conntrack iputils-ping netcat-o
 	musl-tools mmdebstrap binutils qemu-system-x86 linux-image-amd64 ipvsadm
 
 .PHONY: all build release static deps test test-unit test-runtimes test-image test-vm lint fmt bench bench-cni \
-	bench-ipam bench-agent bench-proxy lab lab-down image e2e-kind clean
+	bench-ipam bench-agent bench-proxy bench-proxy-vm lab lab-down image e2e-kind clean
 
 all: build
 
@@ -83,6 +83,10 @@ bench-agent: deps release
 
 bench-proxy: deps release
 	$(RELEASE)/bench-proxy --plugin $(RELEASE)/calyx --agent $(RELEASE)/calyx-agent
+
+# IPVS mode needs the VM: nftables and ipvs measured side by side in one boot.
+bench-proxy-vm: deps release
+	e2e/vm/run.sh --timeout 3000 --mem 6144 e2e/vm/bench-proxy.sh $(RELEASE)
 
 lab: deps release
 	$(RELEASE)/calyx-lab up --plugin $(RELEASE)/calyx --agent $(RELEASE)/calyx-agent
