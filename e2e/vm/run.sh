@@ -114,8 +114,8 @@ set +e
 timeout "$timeout" qemu-system-x86_64 "${args[@]}" \
   -append "console=ttyS0 quiet loglevel=1 panic=-1 calyx_rw=$rwlist init=/init" \
   < /dev/null 2>&1 | tee "$console" |
-  awk '/^CALYX-VM-EXIT/ {exit} shown {print; fflush()} /Booting from ROM/ {shown = 1}' |
-  sed -u -e 's/\r$//' -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' -e 's/\x1bc//g'
+  sed -u -n -e '/^CALYX-VM-EXIT/d' -e '/Booting from ROM/,$p' |
+  sed -u -e 's/\r$//' -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' -e 's/\x1bc//g' -e 's/^Booting from ROM\.*//'
 qemu=${PIPESTATUS[0]}
 set -e
 code=$(sed -n 's/^CALYX-VM-EXIT \([0-9]*\).*/\1/p' "$console" | tail -n1)
