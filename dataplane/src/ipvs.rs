@@ -336,11 +336,12 @@ impl IpvsNetlink {
         buf
     }
 
-    fn dump_of(&self, cmd: u8, attrs: Vec<u8>) -> Result<Vec<Vec<u8>>> {
-        let mut socket = open_socket()?;
+    /// One dump request on `socket` (a dump of every service's servers reuses one
+    /// socket: a socket per service cost 10,000 of them at 10,000 Services).
+    fn dump_of(&self, socket: &mut Socket, cmd: u8, attrs: Vec<u8>) -> Result<Vec<Vec<u8>>> {
         socket.send(&self.message(cmd, attrs, NLM_F_REQUEST | NLM_F_DUMP, 1), 0)?;
         let mut out = Vec::new();
-        for reply in receive::<Raw>(&mut socket, 1)? {
+        for reply in receive::<Raw>(socket, 1)? {
             match reply {
                 Reply::Message(m) => out.push(m.payload.attrs),
                 Reply::Error(_, why) => {
@@ -357,8 +358,9 @@ impl IpvsNetlink {
 
 impl Backend for IpvsNetlink {
     fn dump(&self) -> Result<Services> {
+        let mut socket = open_socket()?;
         let mut services = Services::new();
-        for attrs in self.dump_of(CMD_GET_SERVICE, Vec::new())? {
+        for attrs in self.dump_of(&mut socket, CMD_GET_SERVICE, Vec::new())? {
             let Some(svc) = nested(&attrs, ATTR_SERVICE) else {
                 continue;
             };
@@ -376,7 +378,7 @@ impl Backend for IpvsNetlink {
         for (id, vs) in services.iter_mut() {
             let mut attrs = Vec::new();
             put_nested(&mut attrs, ATTR_SERVICE, &service_identity(id));
-            for reply in self.dump_of(CMD_GET_DEST, attrs)? {
+            for reply in self.dump_of(&mut socket, CMD_GET_DEST, attrs)? {
                 let Some(dest) = nested(&reply, ATTR_DEST) else {
                     continue;
                 };
@@ -392,7 +394,7 @@ impl Backend for IpvsNetlink {
         let mut attrs = Vec::new();
         put_nested(&mut attrs, ATTR_SERVICE, &service_identity(id));
         let mut servers = BTreeMap::new();
-        for reply in self.dump_of(CMD_GET_DEST, attrs)? {
+        for reply in self.dump_of(&mut open_socket()?, CMD_GET_DEST, attrs)? {
             if let Some((rs, server)) = nested(&reply, ATTR_DEST).and_then(|d| parse_dest(&d, id)) {
                 servers.insert(rs, server);
             }

@@ -659,7 +659,8 @@ impl IpvsSync {
         }
     }
 
-    /// Forgets what was written: the next sync reads the kernel.
+    /// Forgets what was written: the next sync reads the kernel (a full sync calls it
+    /// once, before either family).
     pub fn forget(&mut self) {
         self.services = None;
         self.addresses = None;
@@ -703,8 +704,10 @@ impl IpvsSync {
         let tx = iptables.sync(iptables_backend, &want.ruleset, reread)?;
         writes += tx.tables.iter().map(|(_, ops)| ops.len()).sum::<usize>();
 
-        // Addresses: every family's are read together.
-        if reread || self.addresses.is_none() {
+        // Addresses and virtual services: both families' are read together, once per
+        // full sync (the caller's `forget`); at 10,000 Services a read is 10,001
+        // requests.
+        if self.addresses.is_none() {
             let held = match backends.addresses.held()? {
                 Some(held) => held,
                 None => {
@@ -729,7 +732,7 @@ impl IpvsSync {
         held.extend(&missing);
         writes += missing.len();
 
-        if reread || self.services.is_none() {
+        if self.services.is_none() {
             self.services = Some(backends.ipvs.dump()?);
         }
         let current = self.services.as_mut().expect("read above");

@@ -335,6 +335,9 @@ impl ProxyController {
             .map(|(key, (port, count))| (*port, (key.clone(), *count)))
             .collect();
         self.health.update(&wanted);
+        if reread {
+            self.ipvs.forget();
+        }
         let mut writes = 0;
         for (i, family) in IpFamily::BOTH.into_iter().enumerate() {
             let started = Instant::now();
