@@ -24,6 +24,9 @@ while [ $# -gt 0 ]; do
 done
 [ $# -ge 1 ] || { echo "usage: $0 [--mem MiB] [--timeout S] [--rw DIR]... SCRIPT [ARGS...]" >&2; exit 2; }
 script=$(realpath "$1"); shift
+# The guest's /tmp and /run are its own tmpfs: a working directory there (a CI clone in
+# /tmp, say) is shared into the guest at the same path.
+case "$PWD/" in /tmp/*|/run/*|/var/run/*) rw+=("$PWD");; esac
 
 fail() { echo "vm: $*" >&2; exit 125; }
 kernel=$(ls /boot/vmlinuz-*-amd64 2>/dev/null | sort -V | tail -n1 || true)

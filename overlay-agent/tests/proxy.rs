@@ -374,8 +374,10 @@ fn publish(c: &TestCluster, objects: Vec<Value>) {
 
 fn wait_for_web(c: &TestCluster) {
     let c1 = netns_of(c, "c1");
+    // Both families: a mode writes one after the other, and IPv6 may lag IPv4.
     wait_until("the web Service", Duration::from_secs(20), || {
         ask_tcp_within(&c1, addr("10.96.0.10", 80), Duration::from_millis(500)).is_ok()
+            && ask_tcp_within(&c1, addr("fd00:96::10", 80), Duration::from_millis(500)).is_ok()
     })
     .unwrap_or_else(|e| panic!("{e}\nnode1 agent log:\n{}", c.agent_log_tail(0, 40)));
 }
