@@ -946,6 +946,21 @@ fn restart_and_switch(mode: &str) {
             .join("\n")
         }
     };
+    let nat_prerouting = || {
+        must(
+            "ip",
+            &[
+                "netns",
+                "exec",
+                &node1,
+                "iptables",
+                "-t",
+                "nat",
+                "-S",
+                "PREROUTING",
+            ],
+        )
+    };
     // Rules lost by hand come back at the next periodic check (every second here; the
     // full sync, hourly, is not what brings them back).
     if mode == "nftables" {
@@ -963,19 +978,7 @@ fn restart_and_switch(mode: &str) {
             ],
         );
     } else {
-        let prerouting = must(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &node1,
-                "iptables",
-                "-t",
-                "nat",
-                "-S",
-                "PREROUTING",
-            ],
-        );
+        let prerouting = nat_prerouting();
         let jump = prerouting
             .lines()
             .find(|l| l.contains("-j KUBE-SERVICES"))
@@ -996,22 +999,7 @@ fn restart_and_switch(mode: &str) {
         wait_until(
             "the jump to KUBE-SERVICES back",
             Duration::from_secs(10),
-            || {
-                must(
-                    "ip",
-                    &[
-                        "netns",
-                        "exec",
-                        &node1,
-                        "iptables",
-                        "-t",
-                        "nat",
-                        "-S",
-                        "PREROUTING",
-                    ],
-                )
-                .contains("-j KUBE-SERVICES")
-            },
+            || nat_prerouting().contains("-j KUBE-SERVICES"),
         )
         .unwrap();
         // The proxy's filter jumps go above the overlay's at its next check when the
