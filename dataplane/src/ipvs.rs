@@ -189,41 +189,72 @@ impl std::fmt::Display for Op {
 pub fn plan(current: &Services, desired: &Services, owned: impl Fn(&ServiceId) -> bool) -> Vec<Op> {
     let mut ops = Vec::new();
     for id in current.keys() {
-        if owned(id) && !desired.contains_key(id) {
-            ops.push(Op::DeleteService(*id));
+        if !desired.contains_key(id) {
+            plan_service(id, current, desired, &owned, &mut ops);
         }
     }
-    for (id, want) in desired {
-        match current.get(id) {
-            None => {
-                ops.push(Op::AddService(*id, want.settings.clone()));
-                for (rs, server) in &want.servers {
-                    ops.push(Op::AddServer(*id, *rs, server.weight));
-                }
-            }
-            Some(_) if !owned(id) => {}
-            Some(held) => {
-                if held.settings != want.settings {
-                    ops.push(Op::UpdateService(*id, want.settings.clone()));
-                }
-                for rs in held.servers.keys() {
-                    if !want.servers.contains_key(rs) {
-                        ops.push(Op::DeleteServer(*id, *rs));
-                    }
-                }
-                for (rs, server) in &want.servers {
-                    match held.servers.get(rs) {
-                        None => ops.push(Op::AddServer(*id, *rs, server.weight)),
-                        Some(h) if h.weight != server.weight => {
-                            ops.push(Op::UpdateServer(*id, *rs, server.weight))
-                        }
-                        Some(_) => {}
-                    }
-                }
-            }
-        }
+    for id in desired.keys() {
+        plan_service(id, current, desired, &owned, &mut ops);
     }
     ops
+}
+
+/// `plan` for the services in `ids` only (a partial sync: the rest is as it was).
+pub fn plan_only<'a>(
+    ids: impl IntoIterator<Item = &'a ServiceId>,
+    current: &Services,
+    desired: &Services,
+    owned: impl Fn(&ServiceId) -> bool,
+) -> Vec<Op> {
+    let mut ops = Vec::new();
+    for id in ids {
+        plan_service(id, current, desired, &owned, &mut ops);
+    }
+    ops
+}
+
+/// The ops that bring one service from `current` to `desired`.
+fn plan_service(
+    id: &ServiceId,
+    current: &Services,
+    desired: &Services,
+    owned: &impl Fn(&ServiceId) -> bool,
+    ops: &mut Vec<Op>,
+) {
+    match (current.get(id), desired.get(id)) {
+        (None, None) => {}
+        (Some(_), None) => {
+            if owned(id) {
+                ops.push(Op::DeleteService(*id));
+            }
+        }
+        (None, Some(want)) => {
+            ops.push(Op::AddService(*id, want.settings.clone()));
+            for (rs, server) in &want.servers {
+                ops.push(Op::AddServer(*id, *rs, server.weight));
+            }
+        }
+        (Some(_), Some(_)) if !owned(id) => {}
+        (Some(held), Some(want)) => {
+            if held.settings != want.settings {
+                ops.push(Op::UpdateService(*id, want.settings.clone()));
+            }
+            for rs in held.servers.keys() {
+                if !want.servers.contains_key(rs) {
+                    ops.push(Op::DeleteServer(*id, *rs));
+                }
+            }
+            for (rs, server) in &want.servers {
+                match held.servers.get(rs) {
+                    None => ops.push(Op::AddServer(*id, *rs, server.weight)),
+                    Some(h) if h.weight != server.weight => {
+                        ops.push(Op::UpdateServer(*id, *rs, server.weight))
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+    }
 }
 
 /// Applies `ops` to `services` as the kernel would (for the fake and for callers that
@@ -877,5 +908,21 @@ mod tests {
         apply_to(&mut current, &ops);
         assert!(plan(&current, &desired, owned).is_empty());
         assert!(current.contains_key(&foreign));
+        // A partial plan looks at the services it is given, and only at them.
+        let api = id("10.96.0.11:443", Protocol::Tcp);
+        desired.insert(api, vs(rr(), &[("10.244.3.2:6443", 1)]));
+        assert!(plan_only([&web, &foreign], &current, &desired, owned).is_empty());
+        assert_eq!(
+            plan_only([&api], &current, &desired, owned),
+            vec![
+                Op::AddService(api, rr()),
+                Op::AddServer(api, "10.244.3.2:6443".parse().unwrap(), 1)
+            ]
+        );
+        desired.remove(&web);
+        assert_eq!(
+            plan_only([&web], &current, &desired, owned),
+            vec![Op::DeleteService(web)]
+        );
     }
 }

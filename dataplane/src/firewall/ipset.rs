@@ -221,6 +221,53 @@ impl IpsetSync {
         self.last = Some(held);
         Ok(script)
     }
+
+    /// A partial sync: writes only the `touched` entries (set name, entry) that differ
+    /// from what was last written; the sets themselves are as the last full sync left
+    /// them. Without a last write to compare with, a full sync.
+    pub fn sync_entries<'a>(
+        &mut self,
+        backend: &dyn Backend,
+        desired: &[SetSpec],
+        touched: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<String, FirewallError> {
+        let touched: Vec<(&str, &str)> = touched.into_iter().collect();
+        let wanted = |name: &str| desired.iter().find(|s| s.name == name);
+        // A set added or removed, or nothing to compare with: only a full sync does.
+        let partial = self.last.as_ref().is_some_and(|held| {
+            touched
+                .iter()
+                .all(|(name, _)| wanted(name).is_some() && held.contains_key(*name))
+        });
+        if !partial {
+            return self.sync(backend, desired, self.last.is_none());
+        }
+        let held = self.last.as_mut().expect("checked above");
+        let mut script = String::new();
+        for (name, entry) in touched {
+            let want = wanted(name).expect("checked above").entries.contains(entry);
+            match (want, held[name].entries.contains(entry)) {
+                (true, false) => {
+                    let _ = writeln!(script, "add {name} {entry}");
+                }
+                (false, true) => {
+                    let _ = writeln!(script, "del {name} {entry}");
+                }
+                _ => {}
+            }
+        }
+        if !script.is_empty() {
+            if let Err(e) = backend.restore(&script) {
+                self.last = None; // Part of it may have taken effect.
+                return Err(e);
+            }
+            apply_to(held, &script).map_err(|why| FirewallError::Dump {
+                what: "the ipset script just written".into(),
+                why,
+            })?;
+        }
+        Ok(script)
+    }
 }
 
 /// A fake `ipset` for tests.
@@ -315,6 +362,30 @@ mod tests {
             "destroy KUBE-NODE-PORT-TCP\n"
         );
         assert!(fake.set("mine").is_some(), "a set Calyx does not own stays");
+        // A partial sync writes the touched entries that differ, and nothing else (the
+        // untouched difference waits for a full sync).
+        want[0].entries.insert("10.96.0.12,tcp:443".into());
+        want[0].entries.insert("10.96.0.13,tcp:443".into());
+        let partial = sync
+            .sync_entries(
+                &fake,
+                &want,
+                [
+                    ("KUBE-CLUSTER-IP", "10.96.0.12,tcp:443"),
+                    ("KUBE-CLUSTER-IP", "10.96.0.11,udp:53"),
+                ],
+            )
+            .unwrap();
+        assert_eq!(partial, "add KUBE-CLUSTER-IP 10.96.0.12,tcp:443\n");
+        want[0].entries.remove("10.96.0.12,tcp:443");
+        let partial = sync
+            .sync_entries(&fake, &want, [("KUBE-CLUSTER-IP", "10.96.0.12,tcp:443")])
+            .unwrap();
+        assert_eq!(partial, "del KUBE-CLUSTER-IP 10.96.0.12,tcp:443\n");
+        assert_eq!(
+            sync.sync(&fake, &want, false).unwrap(),
+            "add KUBE-CLUSTER-IP 10.96.0.13,tcp:443\n"
+        );
     }
 
     #[test]
