@@ -58,8 +58,12 @@ if [ ! -f "$cache/initrd.gz" ]; then
 /bin/busybox --install -s /bin
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in ${mods[*]}; do insmod /mods/\$m.ko; done
-finish() { echo "CALYX-VM-EXIT \$1"; poweroff -f; }
-mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000 hostroot /lower || finish 125
+# The marker on a line of its own: the script's last output may lack a newline.
+finish() { echo; echo "CALYX-VM-EXIT \$1"; poweroff -f; }
+# The host's root is read-only here and does not change during a run: cached, so a
+# file read many times (ipset reads /etc/protocols once per entry) is not a 9p round
+# trip each time, as it is not from a real node's disk.
+mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=512000,cache=loose hostroot /lower || finish 125
 mount -t tmpfs -o size=70% upper /upper && mkdir -p /upper/u /upper/w
 mount -t overlay -o lowerdir=/lower,upperdir=/upper/u,workdir=/upper/w overlay /newroot || finish 125
 for d in proc sys dev; do mount --move /\$d /newroot/\$d; done
@@ -117,11 +121,11 @@ set +e
 timeout "$timeout" qemu-system-x86_64 "${args[@]}" \
   -append "console=ttyS0 quiet loglevel=1 panic=-1 calyx_rw=$rwlist init=/init" \
   < /dev/null 2>&1 | tee "$console" |
-  sed -u -n -e '/^CALYX-VM-EXIT/d' -e '/Booting from ROM/,$p' |
+  sed -u -n -e '/CALYX-VM-EXIT/d' -e '/Booting from ROM/,$p' |
   sed -u -e 's/\r$//' -e 's/\x1b\[[0-9;?]*[a-zA-Z]//g' -e 's/\x1bc//g' -e 's/^Booting from ROM\.*//'
 qemu=${PIPESTATUS[0]}
 set -e
-code=$(sed -n 's/^CALYX-VM-EXIT \([0-9]*\).*/\1/p' "$console" | tail -n1)
+code=$(sed -n 's/.*CALYX-VM-EXIT \([0-9]*\).*/\1/p' "$console" | tail -n1)
 if [ -z "$code" ]; then
   fail "the VM did not finish (qemu exit $qemu; 124 means the ${timeout} s timeout)"
 fi
