@@ -26,7 +26,7 @@ use calyx_dataplane::ipvs::{
 };
 
 use super::iptables::POD_INTERFACES;
-use super::model::{PortPlan, Protocol};
+use super::model::{PortPlan, Protocol, ServiceKey};
 use super::nftables::MASQUERADE_MARK;
 
 /// The dummy device holding the Service addresses (kept down: IPVS needs them local).
@@ -131,6 +131,7 @@ pub struct Desired {
     pub services: Services,
     /// Addresses on kube-ipvs0.
     pub addresses: BTreeSet<IpAddr>,
+    /// In `SETS`' order.
     pub sets: Vec<SetSpec>,
     pub ruleset: Ruleset,
     /// The node addresses NodePorts were opened on.
@@ -138,6 +139,7 @@ pub struct Desired {
 }
 
 /// What the node contributes: where NodePorts open, which health-check ports exist.
+#[cfg(test)]
 pub struct Node<'a> {
     /// The node's own addresses that NodePorts answer on (in this family).
     pub nodeport_ips: &'a [IpAddr],
@@ -145,59 +147,265 @@ pub struct Node<'a> {
     pub default_scheduler: &'a str,
 }
 
+/// The whole wanted state at once (the controller keeps an `Assembler` instead).
+#[cfg(test)]
 pub fn desired(plans: &[PortPlan], family: IpFamily, node: &Node) -> Desired {
-    let mut sets: BTreeMap<&str, SetSpec> = SETS
-        .iter()
-        .map(|(name, kind)| (*name, SetSpec::new(set_name(name, family), kind, family)))
-        .collect();
-    let mut add = |set: &str, entry: String| {
-        sets.get_mut(set)
-            .expect("a known set")
-            .entries
-            .insert(entry);
-    };
-    let mut services = Services::new();
-    let mut addresses = BTreeSet::new();
+    let mut assembler = Assembler::new(family, node.nodeport_ips, node.default_scheduler);
+    let mut by_service: BTreeMap<&ServiceKey, Vec<PortPlan>> = BTreeMap::new();
+    for plan in plans {
+        by_service
+            .entry(&plan.service)
+            .or_default()
+            .push(plan.clone());
+    }
+    for (key, plans) in by_service {
+        assembler.replace(key, &plans);
+    }
+    assembler.set_health_check_ports(node.health_check_ports);
+    assembler.desired
+}
+
+/// An entry of one of `SETS` (by its index there).
+type Entry = (usize, String);
+
+fn set_index(name: &str) -> usize {
+    SETS.iter()
+        .position(|(n, _)| *n == name)
+        .expect("one of SETS")
+}
+
+/// One Service's share of the wanted state (its virtual services themselves are kept
+/// in the assembler's `claims`).
+#[derive(Debug, Default)]
+struct Share {
+    services: Vec<ServiceId>,
+    addresses: Vec<IpAddr>,
+    entries: Vec<Entry>,
+}
+
+/// What changed in the wanted state since it was last taken: all a partial sync
+/// compares with the kernel.
+#[derive(Debug, Default)]
+pub struct Touched {
+    pub services: BTreeSet<ServiceId>,
+    pub addresses: BTreeSet<IpAddr>,
+    entries: BTreeSet<Entry>,
+}
+
+/// One family's wanted state, kept across changes: a changed Service's share is taken
+/// back and its new one added, so a change costs its own size, not the cluster's.
+/// Addresses and set entries several Services share are counted; a virtual service two
+/// Services claim (one externalIP:port) goes to the first by namespace/name.
+pub struct Assembler {
+    family: IpFamily,
+    default_scheduler: String,
+    shares: HashMap<ServiceKey, Share>,
+    claims: HashMap<ServiceId, BTreeMap<ServiceKey, VirtualService>>,
+    address_count: HashMap<IpAddr, usize>,
+    entry_count: HashMap<Entry, usize>,
+    health_check_ports: Vec<u16>,
+    desired: Desired,
+    touched: Touched,
+}
+
+impl Assembler {
+    pub fn new(family: IpFamily, nodeport_ips: &[IpAddr], default_scheduler: &str) -> Assembler {
+        Assembler {
+            family,
+            default_scheduler: default_scheduler.to_string(),
+            shares: HashMap::new(),
+            claims: HashMap::new(),
+            address_count: HashMap::new(),
+            entry_count: HashMap::new(),
+            health_check_ports: Vec::new(),
+            desired: Desired {
+                services: Services::new(),
+                addresses: BTreeSet::new(),
+                sets: SETS
+                    .iter()
+                    .map(|(name, kind)| SetSpec::new(set_name(name, family), kind, family))
+                    .collect(),
+                ruleset: ruleset(family),
+                node_ips: nodeport_ips.to_vec(),
+            },
+            touched: Touched::default(),
+        }
+    }
+
+    pub fn desired(&self) -> &Desired {
+        &self.desired
+    }
+
+    /// What changed since the last call.
+    pub fn take_touched(&mut self) -> Touched {
+        std::mem::take(&mut self.touched)
+    }
+
+    /// Sets one Service's ports (none: the Service is gone).
+    pub fn replace(&mut self, key: &ServiceKey, plans: &[PortPlan]) {
+        if let Some(old) = self.shares.remove(key) {
+            for id in &old.services {
+                let Some(claims) = self.claims.get_mut(id) else {
+                    continue;
+                };
+                claims.remove(key);
+                let winner = claims.values().next().cloned();
+                if claims.is_empty() {
+                    self.claims.remove(id);
+                }
+                self.set_service(*id, winner);
+            }
+            for ip in &old.addresses {
+                if count_down(&mut self.address_count, ip) {
+                    self.desired.addresses.remove(ip);
+                    self.touched.addresses.insert(*ip);
+                }
+            }
+            for entry in old.entries {
+                if count_down(&mut self.entry_count, &entry) {
+                    self.desired.sets[entry.0].entries.remove(&entry.1);
+                    self.touched.entries.insert(entry);
+                }
+            }
+        }
+        if plans.is_empty() {
+            return;
+        }
+        let (new, services) = share(
+            plans,
+            self.family,
+            &self.desired.node_ips,
+            &self.default_scheduler,
+        );
+        for (id, service) in services {
+            let claims = self.claims.entry(id).or_default();
+            claims.insert(key.clone(), service);
+            let winner = claims.values().next().cloned();
+            self.set_service(id, winner);
+        }
+        for ip in &new.addresses {
+            if count_up(&mut self.address_count, *ip) {
+                self.desired.addresses.insert(*ip);
+                self.touched.addresses.insert(*ip);
+            }
+        }
+        for entry in &new.entries {
+            if count_up(&mut self.entry_count, entry.clone()) {
+                self.desired.sets[entry.0].entries.insert(entry.1.clone());
+                self.touched.entries.insert(entry.clone());
+            }
+        }
+        self.shares.insert(key.clone(), new);
+    }
+
+    /// The node's health-check ports (eTP Local Services), opened in their set.
+    pub fn set_health_check_ports(&mut self, ports: &[u16]) {
+        let mut ports = ports.to_vec();
+        ports.sort_unstable();
+        ports.dedup();
+        if ports == self.health_check_ports {
+            return;
+        }
+        let set = set_index(HEALTH_CHECK_NODE_PORT);
+        for port in std::mem::take(&mut self.health_check_ports) {
+            let entry = (set, port.to_string());
+            if count_down(&mut self.entry_count, &entry) {
+                self.desired.sets[set].entries.remove(&entry.1);
+                self.touched.entries.insert(entry);
+            }
+        }
+        for port in &ports {
+            let entry = (set, port.to_string());
+            if count_up(&mut self.entry_count, entry.clone()) {
+                self.desired.sets[set].entries.insert(entry.1.clone());
+                self.touched.entries.insert(entry);
+            }
+        }
+        self.health_check_ports = ports;
+    }
+
+    fn set_service(&mut self, id: ServiceId, service: Option<VirtualService>) {
+        let changed = match service {
+            Some(s) => self.desired.services.insert(id, s.clone()).as_ref() != Some(&s),
+            None => self.desired.services.remove(&id).is_some(),
+        };
+        if changed {
+            self.touched.services.insert(id);
+        }
+    }
+}
+
+/// Counts one more; true when it is the first.
+fn count_up<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: K) -> bool {
+    let n = counts.entry(key).or_insert(0);
+    *n += 1;
+    *n == 1
+}
+
+/// Counts one less; true when it was the last.
+fn count_down<K: std::hash::Hash + Eq>(counts: &mut HashMap<K, usize>, key: &K) -> bool {
+    match counts.get_mut(key) {
+        Some(n) if *n > 1 => {
+            *n -= 1;
+            false
+        }
+        Some(_) => {
+            counts.remove(key);
+            true
+        }
+        None => false,
+    }
+}
+
+/// One Service's virtual services, kube-ipvs0 addresses and set entries.
+fn share(
+    plans: &[PortPlan],
+    family: IpFamily,
+    nodeport_ips: &[IpAddr],
+    default_scheduler: &str,
+) -> (Share, Vec<(ServiceId, VirtualService)>) {
+    let mut out = Share::default();
+    let mut add = |set: &str, entry: String| out.entries.push((set_index(set), entry));
+    let mut services = Vec::new();
+    let mut addresses = Vec::new();
     for plan in plans {
         let proto = plan.protocol.name();
         let settings = ServiceSettings {
             scheduler: plan
                 .ipvs_scheduler
                 .clone()
-                .unwrap_or_else(|| node.default_scheduler.to_string()),
+                .unwrap_or_else(|| default_scheduler.to_string()),
             persistence: plan.affinity_seconds,
             scheduler_flags: 0,
         };
-        let servers = |endpoints: &[SocketAddr]| -> BTreeMap<SocketAddr, RealServer> {
-            endpoints
+        let mut virtual_service = |ip: IpAddr, port: u16, endpoints: &[SocketAddr]| {
+            let id = ServiceId {
+                address: SocketAddr::new(ip, port),
+                protocol: ipvs_protocol(plan.protocol),
+            };
+            if services.iter().any(|(s, _)| *s == id) {
+                return; // Listed twice (two ports alike): the first stands.
+            }
+            let servers = endpoints
                 .iter()
                 .map(|ep| {
-                    (
-                        *ep,
-                        RealServer {
-                            weight: 1,
-                            active: 0,
-                            inactive: 0,
-                        },
-                    )
+                    let server = RealServer {
+                        weight: 1,
+                        active: 0,
+                        inactive: 0,
+                    };
+                    (*ep, server)
                 })
-                .collect()
-        };
-        let mut virtual_service = |ip: IpAddr, port: u16, endpoints: &[SocketAddr]| {
-            services.insert(
-                ServiceId {
-                    address: SocketAddr::new(ip, port),
-                    protocol: ipvs_protocol(plan.protocol),
-                },
-                VirtualService {
-                    settings: settings.clone(),
-                    servers: servers(endpoints),
-                },
-            );
+                .collect();
+            let service = VirtualService {
+                settings: settings.clone(),
+                servers,
+            };
+            services.push((id, service));
         };
         for vip in &plan.cluster_ips {
             virtual_service(*vip, plan.port, &plan.cluster.endpoints);
-            addresses.insert(*vip);
+            addresses.push(*vip);
             add(CLUSTER_IP, format!("{vip},{proto}:{}", plan.port));
             if plan.cluster.endpoints.is_empty() {
                 add(NO_ENDPOINTS, format!("{vip},{proto}:{}", plan.port));
@@ -205,7 +413,7 @@ pub fn desired(plans: &[PortPlan], family: IpFamily, node: &Node) -> Desired {
         }
         for ip in &plan.external_ips {
             virtual_service(*ip, plan.port, &plan.external.endpoints);
-            addresses.insert(*ip);
+            addresses.push(*ip);
             let entry = format!("{ip},{proto}:{}", plan.port);
             if plan.external.endpoints.is_empty() {
                 add(NO_ENDPOINTS, entry.clone());
@@ -239,7 +447,7 @@ pub fn desired(plans: &[PortPlan], family: IpFamily, node: &Node) -> Desired {
             }
         }
         if let Some(node_port) = plan.node_port {
-            for ip in node.nodeport_ips {
+            for ip in nodeport_ips {
                 virtual_service(*ip, node_port, &plan.external.endpoints);
             }
             match plan.protocol {
@@ -255,7 +463,7 @@ pub fn desired(plans: &[PortPlan], family: IpFamily, node: &Node) -> Desired {
                     }
                 }
                 Protocol::Sctp => {
-                    for ip in node.nodeport_ips {
+                    for ip in nodeport_ips {
                         let entry = format!("{ip},sctp:{node_port}");
                         add(NODE_PORT_SCTP, entry.clone());
                         if plan.external_local {
@@ -272,19 +480,17 @@ pub fn desired(plans: &[PortPlan], family: IpFamily, node: &Node) -> Desired {
             );
         }
     }
-    for port in node.health_check_ports {
-        add(HEALTH_CHECK_NODE_PORT, port.to_string());
-    }
+    // One Service's ports may share an address (and its IPVS-IPS entry): once each.
+    addresses.sort_unstable();
+    addresses.dedup();
     for ip in &addresses {
         add(IPVS_IPS, ip.to_string());
     }
-    Desired {
-        services,
-        addresses,
-        sets: sets.into_values().collect(),
-        ruleset: ruleset(family),
-        node_ips: node.nodeport_ips.to_vec(),
-    }
+    out.entries.sort_unstable();
+    out.entries.dedup();
+    out.services = services.iter().map(|(id, _)| *id).collect();
+    out.addresses = addresses;
+    (out, services)
 }
 
 /// The rules: fixed (the sets carry the Services), so a Service change writes none.
@@ -634,18 +840,21 @@ pub struct IpvsSync {
 const NODE_PORT_RANGE: std::ops::RangeInclusive<u16> = 30000..=32767;
 
 /// Whether a virtual service is this mode's: one on a Service address (kube-ipvs0),
-/// or a NodePort on a node address. Others (fwmark services, another tool's) are never
-/// touched.
-fn owned(
-    id: &ServiceId,
-    addresses: &BTreeSet<IpAddr>,
-    node_ips: &[IpAddr],
-    node_ports: &BTreeSet<u16>,
-) -> bool {
+/// or a NodePort on a node address (one wanted, or one in the NodePort range whose
+/// Service went away). Others (fwmark services, another tool's) are never touched.
+fn owned(id: &ServiceId, addresses: &BTreeSet<IpAddr>, want: &Desired) -> bool {
     addresses.contains(&id.address.ip())
-        || (node_ips.contains(&id.address.ip())
-            && (node_ports.contains(&id.address.port())
-                || NODE_PORT_RANGE.contains(&id.address.port())))
+        || (want.node_ips.contains(&id.address.ip())
+            && (want.services.contains_key(id) || NODE_PORT_RANGE.contains(&id.address.port())))
+}
+
+/// How much of the wanted state a sync compares with the kernel.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// All of it (`reread`: read the kernel first, not what was last written).
+    Full { reread: bool },
+    /// What changed: the rest is as the last sync left it.
+    Partial(&'a Touched),
 }
 
 impl IpvsSync {
@@ -671,38 +880,42 @@ impl IpvsSync {
         self.draining.len()
     }
 
-    /// The node's NodePort addresses in `family`.
-    pub fn node_ips(
-        backends: &IpvsBackends,
-        cidrs: &[ipnetwork::IpNetwork],
-        family: IpFamily,
-    ) -> anyhow::Result<Vec<IpAddr>> {
-        Ok(backends
-            .addresses
-            .node_ips(cidrs)?
-            .into_iter()
-            .filter(|ip| IpFamily::of(*ip) == family)
-            .collect())
-    }
-
-    /// Writes `want` (one family's); returns how many kernel writes it took. Sets
-    /// first (the rules match them), then rules, then addresses and services.
+    /// Writes `want` (one family's), all of it or what `scope` says changed; returns
+    /// how many kernel writes it took. Sets first (the rules match them), then rules,
+    /// then addresses and services.
     pub fn sync(
         &mut self,
         backends: &IpvsBackends,
         iptables: &mut calyx_dataplane::firewall::iptables::RulesetSync,
         iptables_backend: &dyn calyx_dataplane::firewall::iptables::Backend,
         want: &Desired,
-        reread: bool,
+        scope: Scope,
     ) -> anyhow::Result<usize> {
         let family = want.ruleset.family;
-        let node_ips = want.node_ips.as_slice();
+        let in_family = |ip: &IpAddr| IpFamily::of(*ip) == family;
         let mut writes = 0;
         let i = family as usize;
-        let script = self.sets[i].sync(backends.ipset.as_ref(), &want.sets, reread)?;
+        let t0 = Instant::now();
+        let script = match scope {
+            Scope::Full { reread } => {
+                self.sets[i].sync(backends.ipset.as_ref(), &want.sets, reread)?
+            }
+            Scope::Partial(touched) => {
+                let entries = touched
+                    .entries
+                    .iter()
+                    .map(|(set, entry)| (want.sets[*set].name.as_str(), entry.as_str()));
+                self.sets[i].sync_entries(backends.ipset.as_ref(), &want.sets, entries)?
+            }
+        };
         writes += script.lines().count();
-        let tx = iptables.sync(iptables_backend, &want.ruleset, reread)?;
-        writes += tx.tables.iter().map(|(_, ops)| ops.len()).sum::<usize>();
+        let t_sets = t0.elapsed();
+        // The rules are fixed (the sets carry the Services): only a full sync looks.
+        if let Scope::Full { reread } = scope {
+            let tx = iptables.sync(iptables_backend, &want.ruleset, reread)?;
+            writes += tx.tables.iter().map(|(_, ops)| ops.len()).sum::<usize>();
+        }
+        let t_rules = t0.elapsed();
 
         // Addresses and virtual services: both families' are read together, once per
         // full sync (the caller's `forget`); at 10,000 Services a read is 10,001
@@ -718,43 +931,62 @@ impl IpvsSync {
             self.addresses = Some(held);
         }
         let held = self.addresses.as_mut().expect("read above");
-        let in_family = |ip: &&IpAddr| IpFamily::of(**ip) == family;
-        let missing: Vec<IpAddr> = want
-            .addresses
-            .difference(held)
-            .filter(in_family)
-            .copied()
-            .collect();
+        let missing: Vec<IpAddr> = match scope {
+            Scope::Full { .. } => want
+                .addresses
+                .difference(held)
+                .filter(|ip| in_family(ip))
+                .copied()
+                .collect(),
+            Scope::Partial(touched) => touched
+                .addresses
+                .iter()
+                .filter(|ip| want.addresses.contains(ip) && !held.contains(ip))
+                .copied()
+                .collect(),
+        };
         if let Err(e) = backends.addresses.add(&missing) {
             self.addresses = None; // Some may have been added: read them again.
             return Err(e);
         }
         held.extend(&missing);
         writes += missing.len();
+        let t_addresses = t0.elapsed();
 
         if self.services.is_none() {
             self.services = Some(backends.ipvs.dump()?);
         }
         let current = self.services.as_mut().expect("read above");
-        // What is ours: services on kube-ipvs0's addresses (as held, so one whose
-        // Service went is found), and NodePorts on node addresses.
-        let node_ports: BTreeSet<u16> = want
-            .services
-            .keys()
-            .filter(|id| node_ips.contains(&id.address.ip()))
-            .map(|id| id.address.port())
-            .collect();
-        let addresses = self.addresses.clone().unwrap_or_default();
-        let is_ours = |id: &ServiceId| {
-            IpFamily::of(id.address.ip()) == family && owned(id, &addresses, node_ips, &node_ports)
+        let t_dump = t0.elapsed();
+        // The services to compare: all of this family's (held or wanted) on a full
+        // sync, the changed ones otherwise.
+        let ids: BTreeSet<ServiceId> = match scope {
+            Scope::Full { .. } => current
+                .keys()
+                .chain(want.services.keys())
+                .filter(|id| in_family(&id.address.ip()))
+                .copied()
+                .collect(),
+            Scope::Partial(touched) => touched.services.clone(),
         };
-        let mut target = want.services.clone();
+        // What is ours: services on kube-ipvs0's addresses (as held, so one whose
+        // Service went is found), and NodePorts on node addresses. A changed service
+        // was or is wanted: ours.
+        let addresses = self.addresses.as_ref().expect("read above");
+        let is_ours = |id: &ServiceId| match scope {
+            Scope::Full { .. } => in_family(&id.address.ip()) && owned(id, addresses, want),
+            Scope::Partial(_) => true,
+        };
+        let mut target: Services = ids
+            .iter()
+            .filter_map(|id| want.services.get(id).map(|s| (*id, s.clone())))
+            .collect();
         let now = Instant::now();
         // Drain: a real server that goes from a service that stays keeps weight 0
         // while it has connections (TCP and SCTP; UDP has no end to wait for).
         let mut drained: Vec<(ServiceId, SocketAddr)> = Vec::new();
-        for (id, held) in current.iter() {
-            let Some(wanted) = target.get_mut(id) else {
+        for (id, wanted) in target.iter_mut() {
+            let Some(held) = current.get(id) else {
                 continue;
             };
             if !is_ours(id) {
@@ -787,10 +1019,11 @@ impl IpvsSync {
         for key in drained {
             self.draining.remove(&key);
         }
-        self.draining.retain(|(id, _), _| {
-            target.contains_key(id) || IpFamily::of(id.address.ip()) != family
-        });
-        let ops = ipvs::plan(current, &target, is_ours);
+        // A service that goes takes its draining servers with it.
+        self.draining
+            .retain(|(id, _), _| !ids.contains(id) || target.contains_key(id));
+        let ops = ipvs::plan_only(&ids, current, &target, is_ours);
+        let t_plan = t0.elapsed();
         if !ops.is_empty() {
             let result = backends.ipvs.apply(&ops);
             ipvs::apply_to(current, &ops);
@@ -803,11 +1036,19 @@ impl IpvsSync {
 
         // Addresses last: a Service address goes after its virtual services.
         let held = self.addresses.as_mut().expect("read above");
-        let stale: Vec<IpAddr> = held
-            .iter()
-            .filter(|ip| IpFamily::of(**ip) == family && !want.addresses.contains(ip))
-            .copied()
-            .collect();
+        let stale: Vec<IpAddr> = match scope {
+            Scope::Full { .. } => held
+                .iter()
+                .filter(|ip| in_family(ip) && !want.addresses.contains(ip))
+                .copied()
+                .collect(),
+            Scope::Partial(touched) => touched
+                .addresses
+                .iter()
+                .filter(|ip| held.contains(ip) && !want.addresses.contains(ip))
+                .copied()
+                .collect(),
+        };
         if let Err(e) = backends.addresses.remove(&stale) {
             self.addresses = None;
             return Err(e);
@@ -816,6 +1057,7 @@ impl IpvsSync {
             held.remove(ip);
         }
         writes += stale.len();
+        tracing::debug!(%family, sets = ?t_sets, rules = ?t_rules, addresses = ?t_addresses, dump = ?t_dump, plan = ?t_plan, services = ?t0.elapsed(), ops = ops.len(), "ipvs sync phases (cumulative)");
         Ok(writes)
     }
 
@@ -936,7 +1178,7 @@ pub fn remove_all(
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
     use crate::proxy::model::port_plans;
     use crate::proxy::model::tests::{endpoint, service, slice, state};
@@ -945,8 +1187,9 @@ mod tests {
     use calyx_dataplane::ipvs::RecordingIpvs;
     use std::sync::{Arc, Mutex};
 
+    /// kube-ipvs0 as data; node address 192.0.2.11.
     #[derive(Default)]
-    struct FakeAddresses(Mutex<Option<BTreeSet<IpAddr>>>);
+    pub struct FakeAddresses(pub Mutex<Option<BTreeSet<IpAddr>>>);
 
     impl Addresses for Arc<FakeAddresses> {
         fn held(&self) -> anyhow::Result<Option<BTreeSet<IpAddr>>> {
@@ -1111,8 +1354,14 @@ mod tests {
         let mut run = |sync: &mut IpvsSync, endpoints: &[&str], reread: bool| {
             let plans = port_plans(&web_state(endpoints), "n1", IpFamily::V4);
             let want = desired(&plans, IpFamily::V4, &node());
-            sync.sync(&backends, &mut rules, &iptables, &want, reread)
-                .unwrap()
+            sync.sync(
+                &backends,
+                &mut rules,
+                &iptables,
+                &want,
+                Scope::Full { reread },
+            )
+            .unwrap()
         };
         let vip = id("10.96.0.10:80");
         let b2: SocketAddr = "10.244.2.2:8080".parse().unwrap();
@@ -1139,7 +1388,13 @@ mod tests {
         let plans: Vec<PortPlan> = Vec::new();
         let want = desired(&plans, IpFamily::V4, &node());
         restarted
-            .sync(&backends, &mut rules, &iptables, &want, false)
+            .sync(
+                &backends,
+                &mut rules,
+                &iptables,
+                &want,
+                Scope::Full { reread: false },
+            )
             .unwrap();
         assert!(ipvs_fake.services().is_empty());
         assert!(addresses.held().unwrap().unwrap().is_empty());
@@ -1173,7 +1428,7 @@ mod tests {
             &mut RulesetSync::new(ownership()),
             &RecordingIptables::new(),
             &want,
-            true,
+            Scope::Full { reread: true },
         )
         .unwrap();
         assert!(backends.ipvs.dump().unwrap().contains_key(&foreign));

@@ -14,6 +14,7 @@ pub mod source;
 mod trace;
 
 use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -118,6 +119,11 @@ pub struct ProxyController {
     /// IPVS mode: what it wrote, and the real servers draining.
     ipvs: ipvs::IpvsSync,
     ipvs_scheduler: String,
+    /// IPVS mode: the wanted state, kept across changes like `assemblers`.
+    ipvs_assemblers: [Option<ipvs::Assembler>; 2],
+    /// IPVS mode: the node addresses NodePorts open on, read on full syncs and checks
+    /// (not on each change: at 10,000 Services the dump lists kube-ipvs0's 10,000).
+    node_ips: Option<Vec<IpAddr>>,
     /// What the kernel held at start, being read while the source lists (at 10,000
     /// Services both take a good part of a second, on different cores).
     prefetch: Option<(Instant, std::thread::JoinHandle<Prefetched>)>,
@@ -222,6 +228,8 @@ impl ProxyController {
             prefetch: None,
             ipvs: ipvs::IpvsSync::new(config.ipvs_drain),
             ipvs_scheduler: config.ipvs_scheduler,
+            ipvs_assemblers: [None, None],
+            node_ips: None,
         }
     }
 
@@ -338,13 +346,19 @@ impl ProxyController {
         if reread {
             self.ipvs.forget();
         }
+        if self.mode == ProxyMode::Ipvs && (changed.is_none() || self.node_ips.is_none()) {
+            self.node_ips = Some(self.read_node_ips()?);
+        }
         let mut writes = 0;
         for (i, family) in IpFamily::BOTH.into_iter().enumerate() {
             let started = Instant::now();
+            let kept = match self.mode {
+                ProxyMode::Nftables => self.assemblers[i].is_some(),
+                ProxyMode::Ipvs => self.ipvs_assemblers[i].is_some(),
+                ProxyMode::Iptables | ProxyMode::Off => true,
+            };
             let keys: Vec<ServiceKey> = match &changed {
-                Some(keys) if self.mode != ProxyMode::Nftables || self.assemblers[i].is_some() => {
-                    keys.iter().cloned().collect()
-                }
+                Some(keys) if kept => keys.iter().cloned().collect(),
                 _ => {
                     let mut all: Vec<ServiceKey> = state.services.keys().cloned().collect();
                     all.extend(self.applied[i].keys().cloned());
@@ -410,7 +424,59 @@ impl ProxyController {
                     writes += tx.ops.len();
                     tracing::debug!(%family, services = updates.len(), ?planned, written = ?started.elapsed(), ops = tx.ops.len(), "nftables sync");
                 }
-                ProxyMode::Iptables | ProxyMode::Ipvs => {}
+                ProxyMode::Iptables => {}
+                ProxyMode::Ipvs => {
+                    let backends = self
+                        .backends
+                        .ipvs
+                        .as_ref()
+                        .expect("IPVS mode has IPVS backends");
+                    let rebuild = changed.is_none() || self.ipvs_assemblers[i].is_none();
+                    if rebuild {
+                        let node_ips: Vec<IpAddr> = self
+                            .node_ips
+                            .iter()
+                            .flatten()
+                            .filter(|ip| IpFamily::of(**ip) == family)
+                            .copied()
+                            .collect();
+                        self.ipvs_assemblers[i] = Some(ipvs::Assembler::new(
+                            family,
+                            &node_ips,
+                            &self.ipvs_scheduler,
+                        ));
+                    }
+                    let assembler = self.ipvs_assemblers[i].as_mut().expect("set above");
+                    for (key, plans) in &updates {
+                        assembler.replace(key, plans);
+                    }
+                    let health: Vec<u16> =
+                        self.health_checks.values().map(|(port, _)| *port).collect();
+                    assembler.set_health_check_ports(&health);
+                    let touched = assembler.take_touched();
+                    let scope = if rebuild {
+                        ipvs::Scope::Full { reread }
+                    } else {
+                        ipvs::Scope::Partial(&touched)
+                    };
+                    let computed = started.elapsed();
+                    let result = self.ipvs.sync(
+                        backends,
+                        &mut self.rulesets[i],
+                        self.backends.iptables.as_ref(),
+                        assembler.desired(),
+                        scope,
+                    );
+                    // A failed write leaves what the kernel holds unknown: the next run
+                    // starts over (every Service, the kernel read again).
+                    let written = result.inspect_err(|_| {
+                        self.applied_state = None;
+                        self.ipvs_assemblers = [None, None];
+                        self.ipvs.forget();
+                    })?;
+                    writes += written;
+                    tracing::debug!(%family, services = updates.len(), full = rebuild, ?computed, written = ?started.elapsed(), writes = written, "ipvs sync");
+                }
                 ProxyMode::Off => {}
             }
             for (key, plans) in updates {
@@ -430,44 +496,6 @@ impl ProxyController {
                 let ops = tx.tables.iter().map(|(_, ops)| ops.len()).sum::<usize>();
                 writes += ops;
                 tracing::debug!(%family, ?computed, written = ?started.elapsed(), ops, "iptables sync");
-            }
-            if self.mode == ProxyMode::Ipvs {
-                let mut all: Vec<&PortPlan> = self.applied[i].values().flatten().collect();
-                all.sort_by(|a, b| (&a.service, &a.port_name).cmp(&(&b.service, &b.port_name)));
-                let plans: Vec<PortPlan> = all.into_iter().cloned().collect();
-                let backends = self
-                    .backends
-                    .ipvs
-                    .as_ref()
-                    .expect("IPVS mode has IPVS backends");
-                let node_ips =
-                    ipvs::IpvsSync::node_ips(backends, &self.ctx.nodeport_addresses, family)?;
-                let health: Vec<u16> = self.health_checks.values().map(|(port, _)| *port).collect();
-                let want = ipvs::desired(
-                    &plans,
-                    family,
-                    &ipvs::Node {
-                        nodeport_ips: &node_ips,
-                        health_check_ports: &health,
-                        default_scheduler: &self.ipvs_scheduler,
-                    },
-                );
-                let computed = started.elapsed();
-                let written = self
-                    .ipvs
-                    .sync(
-                        backends,
-                        &mut self.rulesets[i],
-                        self.backends.iptables.as_ref(),
-                        &want,
-                        reread,
-                    )
-                    .inspect_err(|_| {
-                        self.applied_state = None;
-                        self.ipvs.forget();
-                    })?;
-                writes += written;
-                tracing::debug!(%family, ?computed, written = ?started.elapsed(), writes = written, "ipvs sync");
             }
             if self.backends.conntrack && !stale.is_empty() {
                 conntrack::delete(&stale);
@@ -508,6 +536,38 @@ impl ProxyController {
             tracing::warn!(%family, why, "the kernel no longer holds what the service proxy wrote; syncing everything");
         }
         drifted.is_some()
+    }
+
+    /// IPVS mode: the node's addresses NodePorts open on (both families).
+    fn read_node_ips(&self) -> anyhow::Result<Vec<IpAddr>> {
+        let backends = self
+            .backends
+            .ipvs
+            .as_ref()
+            .expect("IPVS mode has IPVS backends");
+        backends.addresses.node_ips(&self.ctx.nodeport_addresses)
+    }
+
+    /// IPVS mode, on a check: whether the node's addresses changed since they were read
+    /// (a full sync then opens NodePorts on the new ones). A failed read counts.
+    fn node_ips_changed(&self) -> bool {
+        if self.mode != ProxyMode::Ipvs || self.node_ips.is_none() {
+            return false;
+        }
+        match self.read_node_ips() {
+            Ok(ips) if Some(&ips) == self.node_ips.as_ref() => false,
+            Ok(ips) => {
+                tracing::info!(?ips, before = ?self.node_ips, "the node's addresses changed; syncing everything");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    "could not read the node's addresses; syncing everything"
+                );
+                true
+            }
+        }
     }
 
     /// IPVS mode: removes drained real servers whose connections have ended.
@@ -562,7 +622,9 @@ impl Controller for ProxyController {
     async fn reconcile(&mut self, trigger: Trigger, full: bool) -> bool {
         let started = Instant::now();
         let outcome = tokio::task::block_in_place(|| {
-            let full = full || (trigger == Trigger::Check && self.kernel_drifted());
+            let full = full
+                || (trigger == Trigger::Check
+                    && (self.kernel_drifted() || self.node_ips_changed()));
             if trigger == Trigger::Check {
                 self.sweep_drained();
             }
@@ -765,6 +827,23 @@ mod tests {
         )
     }
 
+    /// A change to the cluster, one step of a test.
+    type Step = Box<dyn Fn(&mut ProxyState)>;
+
+    /// Applies `step`, hands the controller the new snapshot and syncs the change.
+    fn sync_step(
+        c: &mut ProxyController,
+        publisher: &Publisher,
+        st: &mut ProxyState,
+        step: &Step,
+        n: usize,
+    ) {
+        step(st);
+        publisher.publish(Arc::new(st.clone()));
+        let written = c.sync(false).unwrap().unwrap();
+        assert!(written.writes > 0, "step {n} wrote nothing");
+    }
+
     #[test]
     fn the_periodic_check_sees_a_table_deleted_by_hand() {
         let (mut c, publisher, kernel) = controller(ProxyMode::Nftables);
@@ -813,7 +892,6 @@ mod tests {
         publisher.publish(Arc::new(st.clone()));
         assert!(c.sync(true).unwrap().unwrap().writes > 0);
         // Endpoint counts change (maps and chains come and go), Services come and go.
-        type Step = Box<dyn Fn(&mut ProxyState)>;
         let steps: Vec<Step> = vec![
             Box::new(|st| {
                 slice_mut(st, "s1")
@@ -840,10 +918,7 @@ mod tests {
             }),
         ];
         for (n, step) in steps.iter().enumerate() {
-            step(&mut st);
-            publisher.publish(Arc::new(st.clone()));
-            let written = c.sync(false).unwrap().unwrap();
-            assert!(written.writes > 0, "step {n} wrote nothing");
+            sync_step(&mut c, &publisher, &mut st, step, n);
             let plans = model::port_plans(&st, "n1", IpFamily::V4);
             let whole = nftables::desired_table(&plans, IpFamily::V4, &c.ctx);
             let mut held = kernel.table(IpFamily::V4, nftables::TABLE).unwrap();
@@ -864,5 +939,144 @@ mod tests {
         // Nothing changed: nothing written.
         publisher.publish(Arc::new(st.clone()));
         assert_eq!(c.sync(false).unwrap().unwrap().writes, 0);
+    }
+
+    #[test]
+    fn ipvs_changes_applied_one_service_at_a_time_leave_the_kernel_as_a_full_sync_would() {
+        use calyx_dataplane::firewall::ipset::{self, RecordingIpset};
+        use calyx_dataplane::ipvs::{self as ipvs_dp, RecordingIpvs};
+        struct SharedIpvs(Arc<RecordingIpvs>);
+        impl ipvs_dp::Backend for SharedIpvs {
+            fn dump(&self) -> ipvs_dp::Result<ipvs_dp::Services> {
+                self.0.dump()
+            }
+            fn apply(&self, ops: &[ipvs_dp::Op]) -> ipvs_dp::Result<()> {
+                self.0.apply(ops)
+            }
+        }
+        struct SharedIpset(Arc<RecordingIpset>);
+        impl ipset::Backend for SharedIpset {
+            fn dump(&self, owns: ipset::Owns) -> Result<ipset::HeldSets, FirewallError> {
+                self.0.dump(owns)
+            }
+            fn restore(&self, script: &str) -> Result<(), FirewallError> {
+                self.0.restore(script)
+            }
+        }
+        let (mut c, publisher, _) = controller(ProxyMode::Ipvs);
+        let kernel_ipvs = Arc::new(RecordingIpvs::new());
+        let kernel_sets = Arc::new(RecordingIpset::new());
+        let kernel_addresses = Arc::new(ipvs::tests::FakeAddresses::default());
+        c.backends.ipvs = Some(ipvs::IpvsBackends {
+            ipvs: Box::new(SharedIpvs(kernel_ipvs.clone())),
+            ipset: Box::new(SharedIpset(kernel_sets.clone())),
+            addresses: Box::new(kernel_addresses.clone()),
+        });
+        c.rulesets = [
+            RulesetSync::new(ipvs::ownership()),
+            RulesetSync::new(ipvs::ownership()),
+        ];
+        // s0 and s1 share an endpoint (one KUBE-LOOP-BACK entry for both); even ones
+        // have a NodePort.
+        let mut st = state(
+            (0..10)
+                .map(|i| {
+                    let mut s = service(&format!("s{i}"), &format!("10.96.0.{}", i + 1), 80);
+                    if i % 2 == 0 {
+                        s.ports[0].node_port = Some(30000 + i);
+                    }
+                    s
+                })
+                .collect(),
+            (0..10)
+                .map(|i| {
+                    let ep = format!("10.244.1.{}", i.max(1));
+                    slice(&format!("s{i}"), 8080, vec![endpoint(&ep, "n1")])
+                })
+                .collect(),
+        );
+        publisher.publish(Arc::new(st.clone()));
+        assert!(c.sync(true).unwrap().unwrap().writes > 0);
+        let steps: Vec<Step> = vec![
+            // An endpoint added, another taken (drained: weight 0, kept).
+            Box::new(|st| {
+                slice_mut(st, "s2")
+                    .endpoints
+                    .push(endpoint("10.244.2.9", "n2"))
+            }),
+            Box::new(|st| slice_mut(st, "s2").endpoints.truncate(1)),
+            // The shared endpoint leaves one of its two Services: its entry stays.
+            Box::new(|st| slice_mut(st, "s0").endpoints.clear()),
+            // A Service goes (its address and NodePort with it), another comes on a
+            // new address with affinity.
+            Box::new(|st| {
+                st.services.remove(&key("s4"));
+            }),
+            Box::new(|st| {
+                let mut s = service("s4", "10.96.0.99", 81);
+                s.affinity_seconds = Some(30);
+                st.services.insert(key("s4"), Arc::new(s));
+            }),
+            // The other user of the shared endpoint goes: now its entry goes too.
+            Box::new(|st| {
+                st.slices.remove(&key("s1"));
+            }),
+        ];
+        let set_entries = |name: &str| kernel_sets.set(name).unwrap_or_default();
+        for (n, step) in steps.iter().enumerate() {
+            sync_step(&mut c, &publisher, &mut st, step, n);
+            let plans = model::port_plans(&st, "n1", IpFamily::V4);
+            let node_ips = ["192.0.2.11".parse().unwrap()];
+            let whole = ipvs::desired(
+                &plans,
+                IpFamily::V4,
+                &ipvs::Node {
+                    nodeport_ips: &node_ips,
+                    health_check_ports: &[],
+                    default_scheduler: "rr",
+                },
+            );
+            // Drained servers (weight 0) are the kernel's until their connections end.
+            let mut held = kernel_ipvs.services();
+            for service in held.values_mut() {
+                service.servers.retain(|_, s| s.weight > 0);
+            }
+            assert_eq!(held, whole.services, "step {n}: virtual services");
+            for set in &whole.sets {
+                assert_eq!(
+                    set_entries(&set.name),
+                    set.entries,
+                    "step {n}: {}",
+                    set.name
+                );
+            }
+            let addresses = kernel_addresses.0.lock().unwrap().clone().unwrap();
+            assert_eq!(addresses, whole.addresses, "step {n}: kube-ipvs0");
+        }
+        // Nothing changed: nothing written; a full sync finds nothing to write either.
+        publisher.publish(Arc::new(st.clone()));
+        assert_eq!(c.sync(false).unwrap().unwrap().writes, 0);
+        assert_eq!(c.sync(true).unwrap().unwrap().writes, 0);
+        // A change looks only at what it touched: an entry lost behind the agent's back
+        // stays lost until the next full sync (the periodic resync) puts it back.
+        let lost = "10.96.0.10,tcp:80";
+        assert!(set_entries("KUBE-CLUSTER-IP").contains(lost));
+        ipset::Backend::restore(
+            kernel_sets.as_ref(),
+            &format!("del KUBE-CLUSTER-IP {lost}\n"),
+        )
+        .unwrap();
+        slice_mut(&mut st, "s2")
+            .endpoints
+            .push(endpoint("10.244.2.10", "n2"));
+        publisher.publish(Arc::new(st.clone()));
+        assert_eq!(
+            c.sync(false).unwrap().unwrap().writes,
+            3,
+            "two servers, one entry"
+        );
+        assert!(!set_entries("KUBE-CLUSTER-IP").contains(lost));
+        assert_eq!(c.sync(true).unwrap().unwrap().writes, 1);
+        assert!(set_entries("KUBE-CLUSTER-IP").contains(lost));
     }
 }
