@@ -1,6 +1,7 @@
-//! IPVS over generic netlink and ipsets through `ipset restore`, against a real kernel
-//! in a network namespace of their own. The dev machines' kernel has no IPVS: these
-//! run inside the VM (`make test-vm`), where a missing IPVS fails them.
+//! IPVS over generic netlink and ipsets through `ipset restore` and netlink, against a
+//! real kernel in a network namespace of their own. The dev machines' kernel has no
+//! IPVS: those tests run inside the VM (`make test-vm`), where a missing IPVS fails
+//! them; the ipset-only one runs everywhere.
 #![cfg(feature = "firewall")]
 
 use std::collections::BTreeMap;
@@ -223,5 +224,107 @@ fn ipsets_are_written_with_one_restore_and_read_back() {
             .unwrap()
             .contains("destroy"));
         assert!(IpsetCommand.dump(owns).unwrap().is_empty());
+    });
+}
+
+/// ipset runs on the dev machines' kernel too: this one runs everywhere (as root).
+#[test]
+fn set_entries_written_over_netlink_read_back_as_the_tool_spells_them() {
+    use calyx_dataplane::firewall::ipset_netlink::{self, EntryOp};
+    in_new_netns(|| {
+        fn owns(name: &str) -> bool {
+            name.starts_with("CALYX-NL-")
+        }
+        let specs = [
+            (
+                "CALYX-NL-CIP",
+                "hash:ip,port",
+                IpFamily::V4,
+                "10.96.0.10,tcp:80",
+            ),
+            (
+                "CALYX-NL-6-CIP",
+                "hash:ip,port",
+                IpFamily::V6,
+                "fd00:96::10,udp:53",
+            ),
+            ("CALYX-NL-NP", "bitmap:port", IpFamily::V4, "30080"),
+            (
+                "CALYX-NL-LB",
+                "hash:ip,port,ip",
+                IpFamily::V4,
+                "10.244.1.2,sctp:8080,10.244.1.2",
+            ),
+            (
+                "CALYX-NL-SRC",
+                "hash:ip,port,net",
+                IpFamily::V4,
+                "198.51.100.201,tcp:80,192.0.2.0/24",
+            ),
+            (
+                "CALYX-NL-SRC",
+                "hash:ip,port,net",
+                IpFamily::V4,
+                "198.51.100.201,tcp:80,192.0.2.7",
+            ),
+            ("CALYX-NL-IPS", "hash:ip", IpFamily::V4, "10.96.0.10"),
+            ("CALYX-NL-6-IPS", "hash:ip", IpFamily::V6, "fd00:96::10"),
+        ];
+        // The sets, empty, through the tool.
+        let mut empty: Vec<SetSpec> = specs
+            .iter()
+            .map(|(name, kind, family, _)| SetSpec::new(*name, kind, *family))
+            .collect();
+        empty.dedup_by(|a, b| a.name == b.name);
+        IpsetSync::new(owns)
+            .sync(&IpsetCommand, &empty, true)
+            .unwrap();
+        let ops: Vec<EntryOp> = specs
+            .iter()
+            .map(|(set, _, _, entry)| EntryOp {
+                add: true,
+                set,
+                entry,
+            })
+            .collect();
+        let requests = ipset_netlink::encode(&ops).expect("every form known");
+        ipset_netlink::send(&ops, &requests).expect("the kernel takes them");
+        // Twice is fine, as with -exist.
+        ipset_netlink::send(&ops, &requests).expect("already there is fine");
+        let mut want = empty.clone();
+        for (set, _, _, entry) in &specs {
+            let spec = want.iter_mut().find(|s| s.name == *set).unwrap();
+            spec.entries.insert(entry.to_string());
+        }
+        let held = IpsetCommand.dump(owns).unwrap();
+        assert_eq!(ipset::plan(&held, &want, owns), "", "held: {held:?}");
+        // Deleted again; and a delete of what is gone is fine.
+        let dels: Vec<EntryOp> = ops.iter().map(|op| EntryOp { add: false, ..*op }).collect();
+        for _ in 0..2 {
+            ipset_netlink::send(&dels, &ipset_netlink::encode(&dels).unwrap()).unwrap();
+        }
+        assert!(IpsetCommand
+            .dump(owns)
+            .unwrap()
+            .values()
+            .all(|s| s.entries.is_empty()));
+        // A refusal names the entry.
+        let missing = [EntryOp {
+            add: true,
+            set: "CALYX-NL-GONE",
+            entry: "10.0.0.1",
+        }];
+        let err = ipset_netlink::send(&missing, &ipset_netlink::encode(&missing).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("add CALYX-NL-GONE 10.0.0.1"), "{err}");
+        // Through the backend: the run of entries goes over netlink, the rest to the tool.
+        IpsetCommand
+            .restore("add CALYX-NL-CIP 10.96.0.11,tcp:443\ncreate CALYX-NL-X hash:ip family inet\nadd CALYX-NL-X 10.0.0.9\n")
+            .unwrap();
+        let held = IpsetCommand.dump(owns).unwrap();
+        assert!(held["CALYX-NL-CIP"].entries.contains("10.96.0.11,tcp:443"));
+        assert!(held["CALYX-NL-X"].entries.contains("10.0.0.9"));
+        IpsetSync::new(owns).sync(&IpsetCommand, &[], true).unwrap();
     });
 }

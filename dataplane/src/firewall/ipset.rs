@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 use std::sync::Mutex;
 
+use super::ipset_netlink::EntryOp;
 use super::{run_tool, FirewallError, IpFamily};
 
 /// One set as wanted.
@@ -182,9 +183,69 @@ impl Backend for IpsetCommand {
         Ok(parse_save(&run_tool("ipset", &["save"], None)?, owns))
     }
 
+    /// Runs of `add` and `del` lines go over netlink (`ipset_netlink`); the rest
+    /// (create, swap, destroy, and entries of a form netlink is not taught) to
+    /// `ipset restore -exist`, in the script's order.
     fn restore(&self, script: &str) -> Result<(), FirewallError> {
-        run_tool("ipset", &["restore", "-exist"], Some(script)).map(|_| ())
+        for segment in segments(script) {
+            match segment {
+                Segment::Entries(ops) => match super::ipset_netlink::encode(&ops) {
+                    Some(requests) => {
+                        if let Err(e) = super::ipset_netlink::send(&ops, &requests) {
+                            // The tool says it again, naming the line, or succeeds
+                            // where netlink was refused (an old kernel's protocol).
+                            tracing::warn!(error = %e, "ipset over netlink refused; trying ipset restore");
+                            run_tool("ipset", &["restore", "-exist"], Some(&text_of(&ops)))?;
+                        }
+                    }
+                    None => {
+                        run_tool("ipset", &["restore", "-exist"], Some(&text_of(&ops)))?;
+                    }
+                },
+                Segment::Script(text) => {
+                    run_tool("ipset", &["restore", "-exist"], Some(&text))?;
+                }
+            }
+        }
+        Ok(())
     }
+}
+
+/// A run of a restore script: entries only, or anything else.
+#[derive(Debug, PartialEq)]
+enum Segment<'a> {
+    Entries(Vec<EntryOp<'a>>),
+    Script(String),
+}
+
+fn segments(script: &str) -> Vec<Segment<'_>> {
+    let mut out: Vec<Segment> = Vec::new();
+    for line in script.lines() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let op = match words.as_slice() {
+            [verb @ ("add" | "del"), set, entry] => Some(EntryOp {
+                add: *verb == "add",
+                set,
+                entry,
+            }),
+            [] => continue,
+            _ => None,
+        };
+        match (op, out.last_mut()) {
+            (Some(op), Some(Segment::Entries(ops))) => ops.push(op),
+            (Some(op), _) => out.push(Segment::Entries(vec![op])),
+            (None, Some(Segment::Script(text))) => {
+                text.push_str(line);
+                text.push('\n');
+            }
+            (None, _) => out.push(Segment::Script(format!("{line}\n"))),
+        }
+    }
+    out
+}
+
+fn text_of(ops: &[EntryOp]) -> String {
+    ops.iter().map(|op| format!("{op}\n")).collect()
 }
 
 /// Keeps one owner's sets as wanted: compares with what it last wrote, and reads the
@@ -197,6 +258,12 @@ pub struct IpsetSync {
 impl IpsetSync {
     pub fn new(owns: Owns) -> IpsetSync {
         IpsetSync { owns, last: None }
+    }
+
+    /// Takes `held` as what the kernel holds (read by the caller, for several owners
+    /// at once): the next sync compares with it instead of reading.
+    pub fn start_from(&mut self, held: HeldSets) {
+        self.last = Some(held);
     }
 
     /// Writes what differs; returns the script written (empty: nothing).
@@ -407,6 +474,34 @@ mod tests {
         apply_to(&mut held, &script).unwrap();
         assert_eq!(held["KUBE-X"].kind, "hash:ip,port");
         assert_eq!(held.len(), 1);
+    }
+
+    #[test]
+    fn a_script_is_cut_into_runs_of_entries_and_the_rest_in_order() {
+        let script = "create A hash:ip family inet\nadd A 10.0.0.1\nadd A 10.0.0.2\nswap B A\ndestroy B\ndel A 10.0.0.1\n";
+        let add = |entry| EntryOp {
+            add: true,
+            set: "A",
+            entry,
+        };
+        assert_eq!(
+            segments(script),
+            vec![
+                Segment::Script("create A hash:ip family inet\n".into()),
+                Segment::Entries(vec![add("10.0.0.1"), add("10.0.0.2")]),
+                Segment::Script("swap B A\ndestroy B\n".into()),
+                Segment::Entries(vec![EntryOp {
+                    add: false,
+                    set: "A",
+                    entry: "10.0.0.1"
+                }]),
+            ]
+        );
+        assert_eq!(
+            text_of(&[add("10.0.0.1")]),
+            "add A 10.0.0.1\n",
+            "as the tool reads it"
+        );
     }
 
     #[test]

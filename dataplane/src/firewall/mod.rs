@@ -10,6 +10,7 @@
 //! carries none of it.
 
 pub mod ipset;
+pub mod ipset_netlink;
 pub mod iptables;
 pub mod nft;
 pub mod nft_netlink;

@@ -18,8 +18,8 @@ const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
 
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
+pub(super) const NLM_F_REQUEST: u16 = 0x1;
+pub(super) const NLM_F_ACK: u16 = 0x4;
 const NLM_F_CREATE: u16 = 0x400;
 const NLMSG_ERROR: u16 = 0x2;
 const NLA_F_NESTED: u16 = 0x8000;
@@ -166,10 +166,10 @@ fn verdict(text: &str) -> Option<(i32, Option<&str>)> {
 }
 
 /// Netlink attributes, built front to back; nests patch their length when closed.
-struct Attrs(Vec<u8>);
+pub(super) struct Attrs(pub(super) Vec<u8>);
 
 impl Attrs {
-    fn put(&mut self, kind: u16, payload: &[u8]) {
+    pub(super) fn put(&mut self, kind: u16, payload: &[u8]) {
         let len = 4 + payload.len();
         self.0.extend((len as u16).to_ne_bytes());
         self.0.extend(kind.to_ne_bytes());
@@ -177,20 +177,20 @@ impl Attrs {
         self.pad();
     }
 
-    fn put_str(&mut self, kind: u16, s: &str) {
+    pub(super) fn put_str(&mut self, kind: u16, s: &str) {
         let mut bytes = s.as_bytes().to_vec();
         bytes.push(0);
         self.put(kind, &bytes);
     }
 
-    fn open(&mut self, kind: u16) -> usize {
+    pub(super) fn open(&mut self, kind: u16) -> usize {
         let at = self.0.len();
         self.0.extend([0, 0]);
         self.0.extend((kind | NLA_F_NESTED).to_ne_bytes());
         at
     }
 
-    fn close(&mut self, at: usize) {
+    pub(super) fn close(&mut self, at: usize) {
         let len = (self.0.len() - at) as u16;
         self.0[at..at + 2].copy_from_slice(&len.to_ne_bytes());
     }
@@ -209,7 +209,8 @@ pub struct Batch {
     acks: usize,
 }
 
-fn message(
+/// One nfnetlink message: header, nfgenmsg, attributes.
+pub(super) fn message(
     out: &mut Vec<u8>,
     kind: u16,
     flags: u16,
@@ -336,33 +337,57 @@ pub fn encode(tx: &Transaction, table: &Table) -> Option<Batch> {
 /// the first error the kernel reports fails it (and the kernel has then applied none
 /// of it).
 pub fn send(batch: &Batch, what: &str) -> Result<(), FirewallError> {
-    use netlink_sys::{protocols::NETLINK_NETFILTER, Socket, SocketAddr};
-    let fail = |why: String| FirewallError::Refused {
-        tool: "nftables netlink".into(),
+    let mut socket = socket().map_err(|why| refused("nftables netlink", what, why))?;
+    exchange(&mut socket, &batch.bytes, batch.acks)
+        .map_err(|(_, why)| refused("nftables netlink", what, why))
+}
+
+fn refused(tool: &str, what: &str, why: String) -> FirewallError {
+    FirewallError::Refused {
+        tool: tool.into(),
         stderr: format!("{what}: {why}"),
-    };
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| fail(format!("socket: {e}")))?;
-    socket.bind_auto().map_err(|e| fail(format!("bind: {e}")))?;
+    }
+}
+
+/// A netfilter netlink socket.
+pub(super) fn socket() -> Result<netlink_sys::Socket, String> {
+    use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
+    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| format!("socket: {e}"))?;
+    socket.bind_auto().map_err(|e| format!("bind: {e}"))?;
+    Ok(socket)
+}
+
+/// Sends `bytes` (messages) and reads `acks` acknowledgements; the first refusal is
+/// returned with the sequence number of the message refused.
+pub(super) fn exchange(
+    socket: &mut netlink_sys::Socket,
+    bytes: &[u8],
+    acks: usize,
+) -> Result<(), (u32, String)> {
     socket
-        .send_to(&batch.bytes, &SocketAddr::new(0, 0), 0)
-        .map_err(|e| fail(format!("send: {e}")))?;
+        .send_to(bytes, &netlink_sys::SocketAddr::new(0, 0), 0)
+        .map_err(|e| (0, format!("send: {e}")))?;
     let mut acked = 0;
-    while acked < batch.acks {
+    while acked < acks {
         let mut buf = Vec::with_capacity(65536);
         let n = socket
             .recv(&mut buf, 0)
-            .map_err(|e| fail(format!("receive: {e}")))?;
+            .map_err(|e| (0, format!("receive: {e}")))?;
         let mut at = 0;
         while at + 16 <= n.min(buf.len()) {
             let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
             let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
             if len < 16 || at + len > buf.len() {
-                return Err(fail(format!("a malformed reply of {len} bytes")));
+                return Err((0, format!("a malformed reply of {len} bytes")));
             }
             if kind == NLMSG_ERROR && len >= 20 {
                 let code = i32::from_ne_bytes(buf[at + 16..at + 20].try_into().expect("4 bytes"));
                 if code != 0 {
-                    return Err(fail(std::io::Error::from_raw_os_error(-code).to_string()));
+                    // The refused request's header follows the code.
+                    let seq = buf
+                        .get(at + 28..at + 32)
+                        .map_or(0, |b| u32::from_ne_bytes(b.try_into().expect("4 bytes")));
+                    return Err((seq, std::io::Error::from_raw_os_error(-code).to_string()));
                 }
                 acked += 1;
             }
