@@ -954,9 +954,11 @@ mod tests {
                 self.0.apply(ops)
             }
         }
+        static SET_READS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         struct SharedIpset(Arc<RecordingIpset>);
         impl ipset::Backend for SharedIpset {
             fn dump(&self, owns: ipset::Owns) -> Result<ipset::HeldSets, FirewallError> {
+                SET_READS.fetch_add(1, Ordering::SeqCst);
                 self.0.dump(owns)
             }
             fn restore(&self, script: &str) -> Result<(), FirewallError> {
@@ -1076,7 +1078,13 @@ mod tests {
             "two servers, one entry"
         );
         assert!(!set_entries("KUBE-CLUSTER-IP").contains(lost));
+        let reads = SET_READS.load(Ordering::SeqCst);
         assert_eq!(c.sync(true).unwrap().unwrap().writes, 1);
         assert!(set_entries("KUBE-CLUSTER-IP").contains(lost));
+        assert_eq!(
+            SET_READS.load(Ordering::SeqCst),
+            reads + 1,
+            "one read of the sets for both families"
+        );
     }
 }
