@@ -260,6 +260,11 @@ impl IpsetSync {
         IpsetSync { owns, last: None }
     }
 
+    /// Whether it knows what the kernel holds (a sync without it reads the kernel).
+    pub fn knows_kernel(&self) -> bool {
+        self.last.is_some()
+    }
+
     /// Takes `held` as what the kernel holds (read by the caller, for several owners
     /// at once): the next sync compares with it instead of reading.
     pub fn start_from(&mut self, held: HeldSets) {

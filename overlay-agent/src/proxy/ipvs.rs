@@ -902,8 +902,11 @@ impl IpvsSync {
         let i = family as usize;
         let t0 = Instant::now();
         let script = match scope {
-            Scope::Full { reread: true } => {
+            // Nothing known (a start) or a re-read asked for: both families' sets are
+            // read with the first family's sync.
+            Scope::Full { reread } if reread || !self.sets[i].knows_kernel() => {
                 if self.sets_read[i].is_none() {
+                    tracing::debug!(%family, "reading both families' ipsets");
                     let held = backends.ipset.dump(owns_set)?;
                     let (v4, v6) = held.into_iter().partition(|(name, _)| owns_set_v4(name));
                     self.sets_read = [Some(v4), Some(v6)];
@@ -912,9 +915,7 @@ impl IpvsSync {
                 self.sets[i].start_from(held);
                 self.sets[i].sync(backends.ipset.as_ref(), &want.sets, false)?
             }
-            Scope::Full { reread: false } => {
-                self.sets[i].sync(backends.ipset.as_ref(), &want.sets, false)?
-            }
+            Scope::Full { .. } => self.sets[i].sync(backends.ipset.as_ref(), &want.sets, false)?,
             Scope::Partial(touched) => {
                 let entries = touched
                     .entries
