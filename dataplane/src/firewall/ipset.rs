@@ -187,6 +187,7 @@ impl Backend for IpsetCommand {
     /// (create, swap, destroy, and entries of a form netlink is not taught) to
     /// `ipset restore -exist`, in the script's order.
     fn restore(&self, script: &str) -> Result<(), FirewallError> {
+        let tool = |text: &str| run_tool("ipset", &["restore", "-exist"], Some(text)).map(|_| ());
         for segment in segments(script) {
             match segment {
                 Segment::Entries(ops) => match super::ipset_netlink::encode(&ops) {
@@ -195,16 +196,12 @@ impl Backend for IpsetCommand {
                             // The tool says it again, naming the line, or succeeds
                             // where netlink was refused (an old kernel's protocol).
                             tracing::warn!(error = %e, "ipset over netlink refused; trying ipset restore");
-                            run_tool("ipset", &["restore", "-exist"], Some(&text_of(&ops)))?;
+                            tool(&text_of(&ops))?;
                         }
                     }
-                    None => {
-                        run_tool("ipset", &["restore", "-exist"], Some(&text_of(&ops)))?;
-                    }
+                    None => tool(&text_of(&ops))?,
                 },
-                Segment::Script(text) => {
-                    run_tool("ipset", &["restore", "-exist"], Some(&text))?;
-                }
+                Segment::Script(text) => tool(&text)?,
             }
         }
         Ok(())
@@ -283,13 +280,8 @@ impl IpsetSync {
             _ => backend.dump(self.owns)?,
         };
         let script = plan(&held, desired, self.owns);
-        if !script.is_empty() {
-            backend.restore(&script)?;
-            apply_to(&mut held, &script).map_err(|why| FirewallError::Dump {
-                what: "the ipset script just written".into(),
-                why,
-            })?;
-        }
+        // On failure `last` stays empty: the next sync reads the kernel.
+        write(backend, &mut held, &script)?;
         self.last = Some(held);
         Ok(script)
     }
@@ -328,18 +320,25 @@ impl IpsetSync {
                 _ => {}
             }
         }
-        if !script.is_empty() {
-            if let Err(e) = backend.restore(&script) {
-                self.last = None; // Part of it may have taken effect.
-                return Err(e);
-            }
-            apply_to(held, &script).map_err(|why| FirewallError::Dump {
-                what: "the ipset script just written".into(),
-                why,
-            })?;
+        if let Err(e) = write(backend, held, &script) {
+            self.last = None; // Part of it may have taken effect.
+            return Err(e);
         }
         Ok(script)
     }
+}
+
+/// Writes `script` (nothing when empty) and applies it to `held`, which then says what
+/// the kernel holds.
+fn write(backend: &dyn Backend, held: &mut HeldSets, script: &str) -> Result<(), FirewallError> {
+    if script.is_empty() {
+        return Ok(());
+    }
+    backend.restore(script)?;
+    apply_to(held, script).map_err(|why| FirewallError::Dump {
+        what: "the ipset script just written".into(),
+        why,
+    })
 }
 
 /// A fake `ipset` for tests.
