@@ -262,10 +262,7 @@ impl Assembler {
                 }
             }
             for entry in old.entries {
-                if count_down(&mut self.entry_count, &entry) {
-                    self.desired.sets[entry.0].entries.remove(&entry.1);
-                    self.touched.entries.insert(entry);
-                }
+                self.take_entry(entry);
             }
         }
         if plans.is_empty() {
@@ -290,10 +287,7 @@ impl Assembler {
             }
         }
         for entry in &new.entries {
-            if count_up(&mut self.entry_count, entry.clone()) {
-                self.desired.sets[entry.0].entries.insert(entry.1.clone());
-                self.touched.entries.insert(entry.clone());
-            }
+            self.put_entry(entry.clone());
         }
         self.shares.insert(key.clone(), new);
     }
@@ -308,20 +302,28 @@ impl Assembler {
         }
         let set = set_index(HEALTH_CHECK_NODE_PORT);
         for port in std::mem::take(&mut self.health_check_ports) {
-            let entry = (set, port.to_string());
-            if count_down(&mut self.entry_count, &entry) {
-                self.desired.sets[set].entries.remove(&entry.1);
-                self.touched.entries.insert(entry);
-            }
+            self.take_entry((set, port.to_string()));
         }
         for port in &ports {
-            let entry = (set, port.to_string());
-            if count_up(&mut self.entry_count, entry.clone()) {
-                self.desired.sets[set].entries.insert(entry.1.clone());
-                self.touched.entries.insert(entry);
-            }
+            self.put_entry((set, port.to_string()));
         }
         self.health_check_ports = ports;
+    }
+
+    /// Counts one more wanter of `entry`; the first puts it in its set.
+    fn put_entry(&mut self, entry: Entry) {
+        if count_up(&mut self.entry_count, entry.clone()) {
+            self.desired.sets[entry.0].entries.insert(entry.1.clone());
+            self.touched.entries.insert(entry);
+        }
+    }
+
+    /// Counts one wanter of `entry` less; the last takes it out of its set.
+    fn take_entry(&mut self, entry: Entry) {
+        if count_down(&mut self.entry_count, &entry) {
+            self.desired.sets[entry.0].entries.remove(&entry.1);
+            self.touched.entries.insert(entry);
+        }
     }
 
     fn set_service(&mut self, id: ServiceId, service: Option<VirtualService>) {
