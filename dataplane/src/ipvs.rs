@@ -311,6 +311,19 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// A shared backend is a backend: tests keep a handle on the fake they hand over.
+impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
+    fn dump(&self) -> Result<Services> {
+        (**self).dump()
+    }
+    fn apply(&self, ops: &[Op]) -> Result<()> {
+        (**self).apply(ops)
+    }
+    fn servers(&self, id: &ServiceId) -> Result<BTreeMap<SocketAddr, RealServer>> {
+        (**self).servers(id)
+    }
+}
+
 /// The kernel's IPVS, in the caller's network namespace.
 pub struct IpvsNetlink {
     family: u16,

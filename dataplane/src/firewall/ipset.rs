@@ -175,6 +175,16 @@ pub trait Backend: Send + Sync {
     fn restore(&self, script: &str) -> Result<(), FirewallError>;
 }
 
+/// A shared backend is a backend: tests keep a handle on the fake they hand over.
+impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
+    fn dump(&self, owns: Owns) -> Result<HeldSets, FirewallError> {
+        (**self).dump(owns)
+    }
+    fn restore(&self, script: &str) -> Result<(), FirewallError> {
+        (**self).restore(script)
+    }
+}
+
 /// The kernel, through the `ipset` tool.
 pub struct IpsetCommand;
 

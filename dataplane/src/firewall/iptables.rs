@@ -102,6 +102,104 @@ impl Ruleset {
     }
 }
 
+/// A rule as typed parts, rendered in the order `iptables-save` prints them (`-s`, `-d`,
+/// `-i`, `-p`, then the matches in the order given, then the target), so that what is
+/// written compares equal to what a dump reads back.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Rule {
+    source: Option<String>,
+    destination: Option<String>,
+    in_interface: Option<(bool, String)>,
+    protocol: Option<&'static str>,
+    matches: Vec<String>,
+}
+
+impl Rule {
+    pub fn new() -> Rule {
+        Rule::default()
+    }
+
+    /// `-s`, a CIDR as iptables-save prints it (`10.0.0.1/32`).
+    pub fn source(mut self, cidr: impl Into<String>) -> Rule {
+        self.source = Some(cidr.into());
+        self
+    }
+
+    /// `-d`, a CIDR as iptables-save prints it.
+    pub fn destination(mut self, cidr: impl Into<String>) -> Rule {
+        self.destination = Some(cidr.into());
+        self
+    }
+
+    /// `! -i NAME`: not arriving on these interfaces (`+` is the wildcard).
+    pub fn not_in_interface(mut self, name: impl Into<String>) -> Rule {
+        self.in_interface = Some((true, name.into()));
+        self
+    }
+
+    /// `-p`.
+    pub fn protocol(mut self, protocol: &'static str) -> Rule {
+        self.protocol = Some(protocol);
+        self
+    }
+
+    /// `-m comment --comment "TEXT"` (iptables-save always quotes it).
+    pub fn comment(self, text: impl std::fmt::Display) -> Rule {
+        self.matching(format!("comment --comment \"{text}\""))
+    }
+
+    /// `-m PROTOCOL --dport PORT`; the protocol must be given with `protocol` too.
+    pub fn dport(self, port: u16) -> Rule {
+        let protocol = self.protocol.unwrap_or("tcp");
+        self.matching(format!("{protocol} --dport {port}"))
+    }
+
+    /// `-m MODULE ARGS...`, after the matches already given.
+    pub fn matching(mut self, module_and_arguments: impl std::fmt::Display) -> Rule {
+        self.matches.push(format!("-m {module_and_arguments}"));
+        self
+    }
+
+    /// The rule with `-j TARGET [options]`, as a chain holds it.
+    pub fn jump(self, target: impl std::fmt::Display) -> String {
+        let mut out = String::new();
+        let mut word = |w: &str| {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(w);
+        };
+        if let Some(s) = &self.source {
+            word("-s");
+            word(s);
+        }
+        if let Some(d) = &self.destination {
+            word("-d");
+            word(d);
+        }
+        if let Some((negated, name)) = &self.in_interface {
+            if *negated {
+                word("!");
+            }
+            word("-i");
+            word(name);
+        }
+        if let Some(p) = self.protocol {
+            word("-p");
+            word(p);
+        }
+        for m in &self.matches {
+            word(m);
+        }
+        word("-j");
+        word(&target.to_string());
+        out
+    }
+}
+
+/// Chains named by table, e.g. the ones a partial sync compares.
+pub type ChainNames = std::collections::BTreeSet<(&'static str, String)>;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     /// `:CHAIN - [0:0]`: creates the chain, or flushes it.
@@ -303,6 +401,24 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// A shared backend is a backend: tests keep a handle on the fake they hand over.
+impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
+    fn dump(&self, family: IpFamily, owner: &Ownership) -> Result<Ruleset, FirewallError> {
+        (**self).dump(family, owner)
+    }
+    fn apply(&self, tx: &Transaction) -> Result<(), FirewallError> {
+        (**self).apply(tx)
+    }
+    fn dump_jumps(
+        &self,
+        family: IpFamily,
+        owner: &Ownership,
+        builtin: &[(&'static str, String)],
+    ) -> Result<Ruleset, FirewallError> {
+        (**self).dump_jumps(family, owner, builtin)
+    }
+}
+
 /// Keeps one owner's chains as wanted (see `nft::TableSync`).
 pub struct RulesetSync {
     owner: Ownership,
@@ -336,6 +452,49 @@ impl RulesetSync {
             backend.apply(&tx)?;
         }
         self.last = Some(desired.clone());
+        Ok(tx)
+    }
+
+    /// Writes only the chains in `touched` (their rules as `desired` has them, or their
+    /// removal where it has none), compared with what was last written; the jumps and
+    /// every other chain are taken to be as the last sync left them. With nothing
+    /// written yet it is a full sync.
+    pub fn sync_touched(
+        &mut self,
+        backend: &dyn Backend,
+        desired: &Ruleset,
+        touched: &ChainNames,
+    ) -> Result<Transaction, FirewallError> {
+        let Some(mut last) = self.last.take() else {
+            return self.sync(backend, desired, false);
+        };
+        let only = |from: &Ruleset| {
+            let mut out = Ruleset::new(from.family);
+            for (table, chain) in touched {
+                if let Some(rules) = from.tables.get(table).and_then(|t| t.chains.get(chain)) {
+                    out.table(table).chains.insert(chain.clone(), rules.clone());
+                }
+            }
+            out
+        };
+        let tx = plan(&only(&last), &only(desired));
+        if !tx.is_empty() {
+            // On failure `last` stays empty: the next sync reads the kernel again.
+            backend.apply(&tx)?;
+        }
+        for (table, chain) in touched {
+            let wanted = desired.tables.get(table).and_then(|t| t.chains.get(chain));
+            let held = last.table(table);
+            match wanted {
+                Some(rules) => {
+                    held.chains.insert(chain.clone(), rules.clone());
+                }
+                None => {
+                    held.chains.remove(chain);
+                }
+            }
+        }
+        self.last = Some(last);
         Ok(tx)
     }
 
@@ -559,9 +718,18 @@ type FakeTables = BTreeMap<(IpFamily, &'static str), BTreeMap<String, Vec<String
 pub struct RecordingIptables {
     state: Mutex<FakeTables>,
     inputs: Mutex<Vec<String>>,
+    /// Refuse the next transaction (tests of what follows a failed write).
+    fail_next: std::sync::atomic::AtomicBool,
 }
 
 impl RecordingIptables {
+    /// Refuses the next `apply`, as the tool refuses a transaction: nothing of it
+    /// takes effect.
+    pub fn fail_next_apply(&self) {
+        self.fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub fn new() -> RecordingIptables {
         RecordingIptables::default()
     }
@@ -630,6 +798,15 @@ impl Backend for RecordingIptables {
     }
 
     fn apply(&self, tx: &Transaction) -> Result<(), FirewallError> {
+        if self
+            .fail_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(FirewallError::Refused {
+                tool: "iptables-restore (fake)".into(),
+                stderr: "refused as asked".into(),
+            });
+        }
         let mut state = self.lock();
         let mut next = state.clone();
         let refuse = |why: String| FirewallError::Refused {
@@ -715,6 +892,76 @@ mod tests {
             exact: vec!["CALYX-FORWARD"],
             prefixes: vec!["CALYX-SVC-"],
         }
+    }
+
+    #[test]
+    fn a_rule_renders_its_parts_in_the_order_iptables_save_prints_them() {
+        let rule = Rule::new()
+            .protocol("tcp")
+            .comment("ns/web:http cluster IP")
+            .dport(80)
+            .not_in_interface("cyx+")
+            .destination("10.96.0.10/32")
+            .jump("KUBE-MARK-MASQ");
+        assert_eq!(
+            rule,
+            "-d 10.96.0.10/32 ! -i cyx+ -p tcp -m comment --comment \"ns/web:http cluster IP\" -m tcp --dport 80 -j KUBE-MARK-MASQ"
+        );
+        assert_eq!(
+            Rule::new().source("10.0.0.0/8").jump("RETURN"),
+            "-s 10.0.0.0/8 -j RETURN"
+        );
+        // What it renders is what a dump reads back.
+        let text = format!("*nat\n:CALYX-SVC-A - [0:0]\n-A CALYX-SVC-A {rule}\nCOMMIT\n");
+        let parsed = parse_save(IpFamily::V4, &owner(), &text);
+        assert_eq!(parsed.tables["nat"].chains["CALYX-SVC-A"], vec![rule]);
+    }
+
+    #[test]
+    fn a_touched_sync_writes_only_the_touched_chains_and_remembers_them() {
+        let fake = RecordingIptables::new();
+        let mut sync = RulesetSync::new(owner());
+        let mut want = Ruleset::new(IpFamily::V4);
+        let nat = want.table("nat");
+        for name in ["CALYX-SVC-A", "CALYX-SVC-B"] {
+            nat.chains.insert(name.into(), vec!["-j RETURN".into()]);
+        }
+        nat.jumps = vec![Jump::new("PREROUTING", "-j CALYX-SVC-A")];
+        sync.sync(&fake, &want, true).unwrap();
+        fake.take_inputs();
+        // B changes, C comes, A goes from the wanted state but is not touched: only B
+        // and C are written, and A stays.
+        let nat = want.table("nat");
+        nat.chains
+            .insert("CALYX-SVC-B".into(), vec!["-j ACCEPT".into()]);
+        nat.chains
+            .insert("CALYX-SVC-C".into(), vec!["-j DROP".into()]);
+        let touched: ChainNames =
+            [("nat", "CALYX-SVC-B".into()), ("nat", "CALYX-SVC-C".into())].into();
+        let tx = sync.sync_touched(&fake, &want, &touched).unwrap();
+        assert_eq!(
+            tx.restore_input(),
+            "*nat\n:CALYX-SVC-B - [0:0]\n-A CALYX-SVC-B -j ACCEPT\n:CALYX-SVC-C - [0:0]\n-A CALYX-SVC-C -j DROP\nCOMMIT\n"
+        );
+        assert_eq!(
+            fake.chain(IpFamily::V4, "nat", "CALYX-SVC-A"),
+            Some(vec!["-j RETURN".into()])
+        );
+        // Touched again with nothing new: nothing to write.
+        assert!(sync
+            .sync_touched(&fake, &want, &touched)
+            .unwrap()
+            .is_empty());
+        // C touched and no longer wanted: removed.
+        want.table("nat").chains.remove("CALYX-SVC-C");
+        let tx = sync
+            .sync_touched(&fake, &want, &[("nat", "CALYX-SVC-C".to_string())].into())
+            .unwrap();
+        assert_eq!(
+            tx.restore_input(),
+            "*nat\n:CALYX-SVC-C - [0:0]\n-X CALYX-SVC-C\nCOMMIT\n"
+        );
+        assert_eq!(fake.chain(IpFamily::V4, "nat", "CALYX-SVC-C"), None);
     }
 
     #[test]

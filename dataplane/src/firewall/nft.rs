@@ -426,6 +426,26 @@ pub trait Backend: Send + Sync {
     }
 }
 
+/// A shared backend is a backend: tests keep a handle on the fake they hand over.
+impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
+    fn dump(&self, family: IpFamily, table: &str) -> Result<Option<Table>, FirewallError> {
+        (**self).dump(family, table)
+    }
+    fn apply(&self, tx: &Transaction) -> Result<(), FirewallError> {
+        (**self).apply(tx)
+    }
+    fn apply_in(&self, tx: &Transaction, desired: &Table) -> Result<(), FirewallError> {
+        (**self).apply_in(tx, desired)
+    }
+    fn chain_names(
+        &self,
+        family: IpFamily,
+        table: &str,
+    ) -> Result<Option<BTreeSet<String>>, FirewallError> {
+        (**self).chain_names(family, table)
+    }
+}
+
 /// Keeps one table as wanted: reads the kernel on the first sync (and whenever asked
 /// to, e.g. a periodic full resync), otherwise diffs against what it applied last.
 pub struct TableSync {
@@ -722,9 +742,18 @@ fn element_text(v: &serde_json::Value) -> String {
 pub struct RecordingNft {
     tables: Mutex<BTreeMap<(IpFamily, String), Table>>,
     scripts: Mutex<Vec<String>>,
+    /// Refuse the next transaction (tests of what follows a failed write).
+    fail_next: std::sync::atomic::AtomicBool,
 }
 
 impl RecordingNft {
+    /// Refuses the next `apply`, as the tool refuses a transaction: nothing of it
+    /// takes effect.
+    pub fn fail_next_apply(&self) {
+        self.fail_next
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub fn new() -> RecordingNft {
         RecordingNft::default()
     }
@@ -756,6 +785,15 @@ impl Backend for RecordingNft {
     }
 
     fn apply(&self, tx: &Transaction) -> Result<(), FirewallError> {
+        if self
+            .fail_next
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+        {
+            return Err(FirewallError::Refused {
+                tool: "nft (fake)".into(),
+                stderr: "refused as asked".into(),
+            });
+        }
         let mut tables = self.lock_tables();
         let key = (tx.family, tx.table.clone());
         // Work on a copy: a refused transaction changes nothing.

@@ -149,8 +149,8 @@ pub fn delete(deletions: &BTreeSet<Deletion>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::model::tests::{endpoint, service, slice, state};
     use crate::proxy::model::{port_plans, Protocol};
+    use crate::proxy::testing::{endpoint, service, slice, state};
     use calyx_dataplane::firewall::IpFamily;
 
     fn udp_plans(endpoints: &[&str]) -> Vec<PortPlan> {

@@ -1,35 +1,42 @@
 //! The service proxy controller: makes Services reachable without kube-proxy. A source
-//! (the Kubernetes API or a directory) publishes snapshots of the model; each run
-//! computes the rules of the mode as data from them and lets the firewall layer write
-//! only what differs from what the kernel holds. It never imports the overlay.
+//! (the Kubernetes API or a directory) publishes snapshots of the model; each run works
+//! out which Services changed and their port plans, and hands them to the mode's
+//! proxier (`proxier::Proxier`: nftables, iptables or IPVS), which writes only what
+//! differs from what the kernel holds. What every mode shares stays here: the changed
+//! Services, health-check servers, UDP conntrack clean-up and metrics. It never
+//! imports the overlay, and no mode imports another.
 
 pub mod conntrack;
 pub mod health;
 pub mod iptables;
 pub mod ipvs;
+pub mod kube_chains;
 pub mod model;
 pub mod nftables;
+pub mod node;
+pub mod proxier;
 pub mod source;
 #[cfg(test)]
-mod trace;
+mod testing;
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use calyx_dataplane::firewall::iptables::{self as ipt, IptablesCommand, RulesetSync};
-use calyx_dataplane::firewall::nft::{self, NftCommand, TableSync, Touched};
-use calyx_dataplane::firewall::{FirewallError, IpFamily};
+use calyx_dataplane::firewall::ipset::IpsetCommand;
+use calyx_dataplane::firewall::iptables::{Backend as _, IptablesCommand};
+use calyx_dataplane::firewall::nft::{Backend as _, NftCommand};
+use calyx_dataplane::firewall::IpFamily;
 use clap::ValueEnum;
 use ipnetwork::IpNetwork;
 
 use crate::metrics::Metrics;
 use crate::runtime::{Controller, Trigger, Triggers};
 use model::{PortPlan, ProxyState, ServiceKey};
-use nftables::NodeContext;
+use node::NodeSettings;
+use proxier::{Changes, Proxier, ProxierError, Scope, ServiceUpdate};
 use source::{Publisher, Snapshot};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -52,37 +59,46 @@ pub struct ProxyConfig {
     pub ipvs_drain: std::time::Duration,
 }
 
-/// Where the rules go: the kernel, or fakes in tests.
-pub struct Backends {
-    pub nft: Box<dyn nft::Backend>,
-    pub iptables: Box<dyn ipt::Backend>,
-    /// Whether to run `conntrack -D` for stale UDP flows.
-    pub conntrack: bool,
-    /// IPVS, its sets and kube-ipvs0 (IPVS mode only).
-    pub ipvs: Option<ipvs::IpvsBackends>,
-}
-
-impl Backends {
-    /// The kernel's; IPVS mode fails here when the kernel has no IPVS.
-    pub fn kernel(mode: ProxyMode) -> anyhow::Result<Backends> {
-        Ok(Backends {
-            nft: Box::new(NftCommand),
-            iptables: Box::new(IptablesCommand::host()),
-            conntrack: true,
-            ipvs: match mode {
-                ProxyMode::Ipvs => Some(ipvs_kernel()?),
-                _ => None,
-            },
-        })
-    }
-}
-
-fn ipvs_kernel() -> anyhow::Result<ipvs::IpvsBackends> {
-    Ok(ipvs::IpvsBackends {
-        ipvs: Box::new(calyx_dataplane::ipvs::IpvsNetlink::open()?),
-        ipset: Box::new(calyx_dataplane::firewall::ipset::IpsetCommand),
-        addresses: Box::new(ipvs::KernelAddresses),
-    })
+/// The kernel's proxier for `config.mode`, reading what the kernel holds for its first
+/// sync on another thread meanwhile; None for `off`. IPVS mode fails here when the
+/// kernel has no IPVS.
+fn kernel_proxier(config: &ProxyConfig) -> anyhow::Result<Option<Box<dyn Proxier>>> {
+    let node = NodeSettings {
+        nodeport_addresses: config.nodeport_addresses.clone(),
+    };
+    Ok(Some(match config.mode {
+        ProxyMode::Off => return Ok(None),
+        ProxyMode::Nftables => {
+            let mut proxier = nftables::NftablesProxier::new(Box::new(NftCommand), node);
+            proxier
+                .prefetch(|| IpFamily::BOTH.map(|family| NftCommand.dump(family, nftables::TABLE)));
+            Box::new(proxier)
+        }
+        ProxyMode::Iptables => {
+            let mut proxier =
+                iptables::IptablesProxier::new(Box::new(IptablesCommand::host()), node);
+            proxier.prefetch(|| {
+                let owner = iptables::chains::ownership();
+                IpFamily::BOTH.map(|family| IptablesCommand::host().dump(family, &owner))
+            });
+            Box::new(proxier)
+        }
+        ProxyMode::Ipvs => {
+            ipvs::set_sysctls();
+            let backends = ipvs::sync::IpvsBackends {
+                ipvs: Box::new(calyx_dataplane::ipvs::IpvsNetlink::open()?),
+                ipset: Box::new(IpsetCommand),
+                addresses: Box::new(ipvs::addresses::KernelAddresses),
+            };
+            Box::new(ipvs::IpvsProxier::new(
+                backends,
+                Box::new(IptablesCommand::host()),
+                node,
+                config.ipvs_scheduler.clone(),
+                config.ipvs_drain,
+            ))
+        }
+    }))
 }
 
 /// What a sync left programmed, and how many kernel writes (transaction steps) it took.
@@ -94,18 +110,16 @@ pub struct Programmed {
 }
 
 pub struct ProxyController {
-    mode: ProxyMode,
     node: String,
-    ctx: NodeContext,
     snapshot: Snapshot,
-    backends: Backends,
-    tables: [TableSync; 2],
-    rulesets: [RulesetSync; 2],
+    proxier: Box<dyn Proxier>,
+    /// Whether to delete stale UDP conntrack entries (not on fakes).
+    conntrack: bool,
     /// The plans last written, per family and Service: what conntrack cleanup and the
     /// next change compare against.
     applied: [HashMap<ServiceKey, Vec<PortPlan>>; 2],
-    /// nftables mode: the table as wanted, kept across changes.
-    assemblers: [Option<nftables::Assembler>; 2],
+    /// The snapshot last written in full; None until then and after a failed write
+    /// (the next run is then a full one).
     applied_state: Option<Arc<ProxyState>>,
     health: health::HealthServers,
     metrics: Arc<Metrics>,
@@ -116,56 +130,19 @@ pub struct ProxyController {
     trigger_times: HashMap<ServiceKey, f64>,
     /// healthCheckNodePort and local endpoint count, per eTP Local Service.
     health_checks: BTreeMap<ServiceKey, (u16, usize)>,
-    /// IPVS mode: what it wrote, and the real servers draining.
-    ipvs: ipvs::IpvsSync,
-    ipvs_scheduler: String,
-    /// IPVS mode: the wanted state, kept across changes like `assemblers`.
-    ipvs_assemblers: [Option<ipvs::Assembler>; 2],
-    /// IPVS mode: the node addresses NodePorts open on, read on full syncs and checks
-    /// (not on each change: at 10,000 Services the dump lists kube-ipvs0's 10,000).
-    node_ips: Option<Vec<IpAddr>>,
-    /// What the kernel held at start, being read while the source lists (at 10,000
-    /// Services both take a good part of a second, on different cores).
-    prefetch: Option<(Instant, std::thread::JoinHandle<Prefetched>)>,
-}
-
-/// A read older than this is not trusted for the first sync (a source that took long
-/// to list); the kernel is read again then.
-const PREFETCH_FRESH: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// The kernel's rules of this mode, per family, as read at start.
-enum Prefetched {
-    Nft([Result<Option<nft::Table>, FirewallError>; 2]),
-    Iptables([Result<ipt::Ruleset, FirewallError>; 2]),
-    Nothing,
-}
-
-impl Prefetched {
-    fn read(mode: ProxyMode) -> Prefetched {
-        match mode {
-            ProxyMode::Nftables => Prefetched::Nft(
-                IpFamily::BOTH
-                    .map(|family| nft::Backend::dump(&NftCommand, family, nftables::TABLE)),
-            ),
-            ProxyMode::Iptables => Prefetched::Iptables(IpFamily::BOTH.map(|family| {
-                ipt::Backend::dump(&IptablesCommand::host(), family, &iptables::ownership())
-            })),
-            ProxyMode::Off | ProxyMode::Ipvs => Prefetched::Nothing,
-        }
-    }
 }
 
 impl ProxyController {
-    /// Removes the other mode's objects, starts the source, and returns the controller.
+    /// Removes the other modes' objects, starts the source, and returns the controller.
     pub fn start(
         config: ProxyConfig,
         metrics: Arc<Metrics>,
         triggers: Triggers,
     ) -> anyhow::Result<ProxyController> {
-        let backends = Backends::kernel(config.mode)?;
-        if config.mode == ProxyMode::Ipvs {
-            set_ipvs_sysctls();
-        }
+        let Some(proxier) = kernel_proxier(&config)? else {
+            anyhow::bail!("the service proxy is off: nothing to start");
+        };
+        tokio::task::block_in_place(|| remove_other_modes(config.mode));
         let (publisher, snapshot) = Publisher::new(triggers);
         match &config.services_dir {
             Some(dir) => {
@@ -178,20 +155,19 @@ impl ProxyController {
                 publisher,
             )?,
         }
-        let mut controller = ProxyController::new(config, backends, snapshot, metrics);
-        tokio::task::block_in_place(|| controller.remove_other_modes());
-        let mode = controller.mode;
-        controller.prefetch = std::thread::Builder::new()
-            .name("proxy-prefetch".into())
-            .spawn(move || Prefetched::read(mode))
-            .ok()
-            .map(|handle| (Instant::now(), handle));
-        Ok(controller)
+        Ok(ProxyController::new(
+            config.node_name,
+            proxier,
+            true,
+            snapshot,
+            metrics,
+        ))
     }
 
     pub fn new(
-        config: ProxyConfig,
-        backends: Backends,
+        node: String,
+        proxier: Box<dyn Proxier>,
+        conntrack: bool,
         snapshot: Snapshot,
         metrics: Arc<Metrics>,
     ) -> ProxyController {
@@ -203,85 +179,24 @@ impl ProxyController {
                     .then(|| "the service proxy has not synced yet".to_string())
             });
         }
-        let owner = match config.mode {
-            ProxyMode::Ipvs => ipvs::ownership(),
-            _ => iptables::ownership(),
-        };
         ProxyController {
-            mode: config.mode,
-            node: config.node_name,
-            ctx: NodeContext {
-                nodeport_addresses: config.nodeport_addresses,
-            },
+            node,
             snapshot,
-            backends,
-            tables: [TableSync::new(), TableSync::new()],
-            rulesets: [RulesetSync::new(owner.clone()), RulesetSync::new(owner)],
+            proxier,
+            conntrack,
             applied: [HashMap::new(), HashMap::new()],
-            assemblers: [None, None],
             applied_state: None,
             health: health::HealthServers::default(),
             metrics,
             synced,
             trigger_times: HashMap::new(),
             health_checks: BTreeMap::new(),
-            prefetch: None,
-            ipvs: ipvs::IpvsSync::new(config.ipvs_drain),
-            ipvs_scheduler: config.ipvs_scheduler,
-            ipvs_assemblers: [None, None],
-            node_ips: None,
-        }
-    }
-
-    /// Hands what was read at start to the firewall layer: true when the kernel need
-    /// not be read again for this run. A failed read is read again.
-    fn take_prefetch(&mut self) -> bool {
-        let Some((started, handle)) = self.prefetch.take() else {
-            return false;
-        };
-        let Ok(read) = handle.join() else {
-            return false;
-        };
-        if started.elapsed() > PREFETCH_FRESH {
-            return false;
-        }
-        match read {
-            Prefetched::Nft(tables) => {
-                let [Ok(v4), Ok(v6)] = tables else {
-                    return false;
-                };
-                self.tables[0].start_from(v4);
-                self.tables[1].start_from(v6);
-            }
-            Prefetched::Iptables(rulesets) => {
-                let [Ok(v4), Ok(v6)] = rulesets else {
-                    return false;
-                };
-                self.rulesets[0].start_from(v4);
-                self.rulesets[1].start_from(v6);
-            }
-            Prefetched::Nothing => return false,
-        }
-        true
-    }
-
-    /// Switching modes: what the other mode wrote goes at start. (IPVS mode owns the
-    /// iptables mode's chains too: its first sync replaces them in one transaction.)
-    fn remove_other_modes(&self) {
-        if self.mode != ProxyMode::Nftables {
-            remove_nft_tables(self.backends.nft.as_ref());
-        }
-        if self.mode == ProxyMode::Nftables {
-            remove_iptables_chains(self.backends.iptables.as_ref());
-        }
-        if self.mode != ProxyMode::Ipvs {
-            remove_ipvs_leftovers(self.backends.iptables.as_ref(), self.mode);
         }
     }
 
     /// One sync; returns what is programmed, or None before the source has listed
     /// everything once.
-    fn sync(&mut self, full: bool) -> anyhow::Result<Option<Programmed>> {
+    fn sync(&mut self, full: bool) -> Result<Option<Programmed>, ProxierError> {
         let Some(state) = self.snapshot.borrow().clone() else {
             return Ok(None);
         };
@@ -294,19 +209,20 @@ impl ProxyController {
         {
             return Ok(Some(self.programmed(0)));
         }
-        // A full run (start, resync) recomputes every Service and compares the whole
-        // table with the kernel; otherwise only the Services whose objects changed.
-        // A new zone for this node can change every Service's endpoints (hints).
+        // A full run (start, resync, after a failure) recomputes every Service and
+        // compares everything with the kernel; otherwise only the Services whose
+        // objects changed. A new zone for this node can change every Service's
+        // endpoints (hints).
         let changed = match &self.applied_state {
             Some(before) if !full && before.node_zone == state.node_zone => {
                 Some(state.changed_services(before))
             }
             _ => None,
         };
-        let t0 = Instant::now();
-        // The first run: what the kernel held was read at start.
-        let primed = self.take_prefetch();
-        let reread = full && !primed;
+        let scope = match changed {
+            Some(_) => Scope::Partial,
+            None => Scope::Full { reread: full },
+        };
         // The slices of the Services to recompute (all of them on a full run).
         let mut slices: HashMap<&ServiceKey, Vec<&Arc<model::Slice>>> = HashMap::new();
         let mut new_slices: Vec<(&ServiceKey, &model::Slice)> = Vec::new();
@@ -316,18 +232,110 @@ impl ProxyController {
                 new_slices.push((slice_key, slice));
             }
         }
-        tracing::debug!(changed = ?changed.as_ref().map(|c| c.len()), elapsed = ?t0.elapsed(), "changes found");
-        // Health checks first: IPVS mode opens their ports in its sets.
-        if changed.is_none() {
-            self.health_checks.clear();
+        self.update_health_checks(&state, changed.as_ref(), &slices);
+        // Per family: the Services to recompute (every one held or wanted on a full
+        // run) and their new plans.
+        let mut updates: [Vec<ServiceUpdate>; 2] = [Vec::new(), Vec::new()];
+        let mut stale: [BTreeSet<conntrack::Deletion>; 2] = Default::default();
+        for (i, family) in IpFamily::BOTH.into_iter().enumerate() {
+            let keys: Vec<ServiceKey> = match &changed {
+                Some(keys) => keys.iter().cloned().collect(),
+                None => {
+                    let mut all: Vec<ServiceKey> = state.services.keys().cloned().collect();
+                    all.extend(self.applied[i].keys().cloned());
+                    all.sort();
+                    all.dedup();
+                    all
+                }
+            };
+            for key in keys {
+                let plans = state
+                    .services
+                    .get(&key)
+                    .map(|svc| {
+                        let own = slices.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+                        let here = model::Here {
+                            node: &self.node,
+                            zone: state.node_zone.as_deref(),
+                        };
+                        model::service_port_plans(svc, own, here, family)
+                    })
+                    .unwrap_or_default();
+                let before = self.applied[i].get(&key).map(Vec::as_slice).unwrap_or(&[]);
+                stale[i].extend(conntrack::stale_udp(before, &plans));
+                updates[i].push((key, plans));
+            }
         }
-        for key in changed.iter().flatten().chain(
-            changed
-                .is_none()
-                .then(|| state.services.keys())
-                .into_iter()
-                .flatten(),
-        ) {
+        let health_check_ports: Vec<u16> =
+            self.health_checks.values().map(|(port, _)| *port).collect();
+        let writes = self.write(scope, updates, stale, &health_check_ports)?;
+        self.observe_programming_latency(&new_slices, changed.is_none());
+        self.applied_state = Some(state);
+        Ok(Some(self.programmed(writes)))
+    }
+
+    /// Hands the changes to the proxier, a family at a time, and clears each family's
+    /// stale UDP flows as soon as it is written; records what was written. A failure
+    /// leaves the next run a full one.
+    fn write(
+        &mut self,
+        scope: Scope,
+        updates: [Vec<ServiceUpdate>; 2],
+        stale: [BTreeSet<conntrack::Deletion>; 2],
+        health_check_ports: &[u16],
+    ) -> Result<usize, ProxierError> {
+        let mut writes = 0;
+        let written = self.proxier.begin(scope).and_then(|()| {
+            for (family, (services, stale)) in
+                IpFamily::BOTH.into_iter().zip(updates.iter().zip(&stale))
+            {
+                writes += self.proxier.sync(
+                    family,
+                    &Changes {
+                        scope,
+                        services,
+                        health_check_ports,
+                    },
+                )?;
+                if self.conntrack && !stale.is_empty() {
+                    conntrack::delete(stale);
+                }
+            }
+            Ok(())
+        });
+        if let Err(e) = written {
+            // What the kernel holds is unknown: the next run starts over.
+            self.applied_state = None;
+            return Err(e);
+        }
+        for (applied, family_updates) in self.applied.iter_mut().zip(updates) {
+            for (key, plans) in family_updates {
+                if plans.is_empty() {
+                    applied.remove(&key);
+                } else {
+                    applied.insert(key, plans);
+                }
+            }
+        }
+        Ok(writes)
+    }
+
+    /// Recomputes the health checks of the changed Services (all on a full run) and
+    /// updates the health-check servers.
+    fn update_health_checks(
+        &mut self,
+        state: &ProxyState,
+        changed: Option<&BTreeSet<ServiceKey>>,
+        slices: &HashMap<&ServiceKey, Vec<&Arc<model::Slice>>>,
+    ) {
+        let keys: Vec<&ServiceKey> = match changed {
+            Some(keys) => keys.iter().collect(),
+            None => {
+                self.health_checks.clear();
+                state.services.keys().collect()
+            }
+        };
+        for key in keys {
             let check = state.services.get(key).and_then(|svc| {
                 let own = slices.get(key).map(Vec::as_slice).unwrap_or(&[]);
                 model::health_check(svc, own, &self.node)
@@ -343,244 +351,22 @@ impl ProxyController {
             .map(|(key, (port, count))| (*port, (key.clone(), *count)))
             .collect();
         self.health.update(&wanted);
-        if reread {
-            self.ipvs.forget();
-        }
-        if self.mode == ProxyMode::Ipvs && (changed.is_none() || self.node_ips.is_none()) {
-            self.node_ips = Some(self.read_node_ips()?);
-        }
-        let mut writes = 0;
-        for (i, family) in IpFamily::BOTH.into_iter().enumerate() {
-            let started = Instant::now();
-            let kept = match self.mode {
-                ProxyMode::Nftables => self.assemblers[i].is_some(),
-                ProxyMode::Ipvs => self.ipvs_assemblers[i].is_some(),
-                ProxyMode::Iptables | ProxyMode::Off => true,
-            };
-            let keys: Vec<ServiceKey> = match &changed {
-                Some(keys) if kept => keys.iter().cloned().collect(),
-                _ => {
-                    let mut all: Vec<ServiceKey> = state.services.keys().cloned().collect();
-                    all.extend(self.applied[i].keys().cloned());
-                    all.sort();
-                    all.dedup();
-                    all
-                }
-            };
-            let mut stale = std::collections::BTreeSet::new();
-            let mut updates = Vec::with_capacity(keys.len());
-            for key in keys {
-                let plans = state
-                    .services
-                    .get(&key)
-                    .map(|svc| {
-                        let own = slices.get(&key).map(Vec::as_slice).unwrap_or(&[]);
-                        let here = model::Here {
-                            node: &self.node,
-                            zone: state.node_zone.as_deref(),
-                        };
-                        model::service_port_plans(svc, own, here, family)
-                    })
-                    .unwrap_or_default();
-                let before = self.applied[i].remove(&key).unwrap_or_default();
-                stale.extend(conntrack::stale_udp(&before, &plans));
-                updates.push((key, plans));
-            }
-            let planned = started.elapsed();
-            match self.mode {
-                ProxyMode::Nftables => {
-                    let rebuild = changed.is_none() || self.assemblers[i].is_none();
-                    // A failed write leaves what the kernel holds unknown: the next
-                    // run starts over (every Service, the kernel read again).
-                    let start_over = |c: &mut Self| {
-                        c.assemblers = [None, None];
-                        c.applied_state = None;
-                    };
-                    if rebuild {
-                        self.assemblers[i] = Some(nftables::Assembler::new(family, &self.ctx));
-                    }
-                    let assembler = self.assemblers[i].as_mut().expect("set above");
-                    let mut touched = Touched::default();
-                    for (key, plans) in &updates {
-                        let fragments = plans
-                            .iter()
-                            .map(|p| nftables::fragment(p, family))
-                            .collect();
-                        assembler.replace(key, fragments, &mut touched);
-                    }
-                    let nft = self.backends.nft.as_ref();
-                    let result = if rebuild {
-                        self.tables[i].sync(nft, assembler.table(), reread)
-                    } else {
-                        self.tables[i].sync_touched(nft, assembler.table(), &touched)
-                    };
-                    let tx = match result {
-                        Ok(tx) => tx,
-                        Err(e) => {
-                            start_over(self);
-                            return Err(e.into());
-                        }
-                    };
-                    writes += tx.ops.len();
-                    tracing::debug!(%family, services = updates.len(), ?planned, written = ?started.elapsed(), ops = tx.ops.len(), "nftables sync");
-                }
-                ProxyMode::Iptables => {}
-                ProxyMode::Ipvs => {
-                    let backends = self
-                        .backends
-                        .ipvs
-                        .as_ref()
-                        .expect("IPVS mode has IPVS backends");
-                    let rebuild = changed.is_none() || self.ipvs_assemblers[i].is_none();
-                    if rebuild {
-                        let node_ips: Vec<IpAddr> = self
-                            .node_ips
-                            .iter()
-                            .flatten()
-                            .filter(|ip| IpFamily::of(**ip) == family)
-                            .copied()
-                            .collect();
-                        self.ipvs_assemblers[i] = Some(ipvs::Assembler::new(
-                            family,
-                            &node_ips,
-                            &self.ipvs_scheduler,
-                        ));
-                    }
-                    let assembler = self.ipvs_assemblers[i].as_mut().expect("set above");
-                    for (key, plans) in &updates {
-                        assembler.replace(key, plans);
-                    }
-                    let health: Vec<u16> =
-                        self.health_checks.values().map(|(port, _)| *port).collect();
-                    assembler.set_health_check_ports(&health);
-                    let touched = assembler.take_touched();
-                    let scope = if rebuild {
-                        ipvs::Scope::Full { reread }
-                    } else {
-                        ipvs::Scope::Partial(&touched)
-                    };
-                    let computed = started.elapsed();
-                    let result = self.ipvs.sync(
-                        backends,
-                        &mut self.rulesets[i],
-                        self.backends.iptables.as_ref(),
-                        assembler.desired(),
-                        scope,
-                    );
-                    // A failed write leaves what the kernel holds unknown: the next run
-                    // starts over (every Service, the kernel read again).
-                    let written = result.inspect_err(|_| {
-                        self.applied_state = None;
-                        self.ipvs_assemblers = [None, None];
-                        self.ipvs.forget();
-                    })?;
-                    writes += written;
-                    tracing::debug!(%family, services = updates.len(), full = rebuild, ?computed, written = ?started.elapsed(), writes = written, "ipvs sync");
-                }
-                ProxyMode::Off => {}
-            }
-            for (key, plans) in updates {
-                if !plans.is_empty() {
-                    self.applied[i].insert(key, plans);
-                }
-            }
-            if self.mode == ProxyMode::Iptables {
-                let mut all: Vec<&PortPlan> = self.applied[i].values().flatten().collect();
-                all.sort_by(|a, b| (&a.service, &a.port_name).cmp(&(&b.service, &b.port_name)));
-                let plans: Vec<PortPlan> = all.into_iter().cloned().collect();
-                let ruleset = iptables::desired_ruleset(&plans, family, &self.ctx);
-                let computed = started.elapsed();
-                let tx = self.rulesets[i]
-                    .sync(self.backends.iptables.as_ref(), &ruleset, reread)
-                    .inspect_err(|_| self.applied_state = None)?;
-                let ops = tx.tables.iter().map(|(_, ops)| ops.len()).sum::<usize>();
-                writes += ops;
-                tracing::debug!(%family, ?computed, written = ?started.elapsed(), ops, "iptables sync");
-            }
-            if self.backends.conntrack && !stale.is_empty() {
-                conntrack::delete(&stale);
-            }
-        }
-        let t1 = Instant::now();
-        self.observe_programming_latency(&new_slices, changed.is_none());
-        tracing::debug!(elapsed = ?t1.elapsed(), total = ?t0.elapsed(), "health and latency");
-        self.applied_state = Some(state);
-        Ok(Some(self.programmed(writes)))
     }
 
-    /// The periodic check: whether the kernel lost anything this mode wrote (a table or
-    /// chain deleted, a jump removed or pushed below another agent's), read cheaply.
-    /// Only a synced proxy checks; a failed look counts as drift.
-    fn kernel_drifted(&self) -> bool {
+    /// The periodic check: whether the kernel lost anything the proxier wrote. Only a
+    /// synced proxy checks.
+    fn kernel_drifted(&mut self) -> bool {
         if self.applied_state.is_none() {
             return false;
         }
-        let drifted = IpFamily::BOTH
-            .into_iter()
-            .enumerate()
-            .find_map(|(i, family)| {
-                let looked = match self.mode {
-                    ProxyMode::Nftables => self.tables[i].drifted(self.backends.nft.as_ref()),
-                    ProxyMode::Iptables | ProxyMode::Ipvs => {
-                        self.rulesets[i].jumps_drifted(self.backends.iptables.as_ref())
-                    }
-                    ProxyMode::Off => Ok(false),
-                };
-                match looked {
-                    Ok(false) => None,
-                    Ok(true) => Some((family, "rules lost or moved".to_string())),
-                    Err(e) => Some((family, format!("could not look: {e}"))),
-                }
-            });
-        if let Some((family, why)) = &drifted {
-            tracing::warn!(%family, why, "the kernel no longer holds what the service proxy wrote; syncing everything");
-        }
-        drifted.is_some()
-    }
-
-    /// IPVS mode: the node's addresses NodePorts open on (both families).
-    fn read_node_ips(&self) -> anyhow::Result<Vec<IpAddr>> {
-        let backends = self
-            .backends
-            .ipvs
-            .as_ref()
-            .expect("IPVS mode has IPVS backends");
-        backends.addresses.node_ips(&self.ctx.nodeport_addresses)
-    }
-
-    /// IPVS mode, on a check: whether the node's addresses changed since they were read
-    /// (a full sync then opens NodePorts on the new ones). A failed read counts.
-    fn node_ips_changed(&self) -> bool {
-        if self.mode != ProxyMode::Ipvs || self.node_ips.is_none() {
+        let Some(why) = self.proxier.drifted() else {
             return false;
-        }
-        match self.read_node_ips() {
-            Ok(ips) if Some(&ips) == self.node_ips.as_ref() => false,
-            Ok(ips) => {
-                tracing::info!(?ips, before = ?self.node_ips, "the node's addresses changed; syncing everything");
-                true
-            }
-            Err(e) => {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    "could not read the node's addresses; syncing everything"
-                );
-                true
-            }
-        }
-    }
-
-    /// IPVS mode: removes drained real servers whose connections have ended.
-    fn sweep_drained(&mut self) {
-        if let Some(backends) = &self.backends.ipvs {
-            if let Err(e) = self.ipvs.sweep(backends) {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    "could not check the draining real servers"
-                );
-                self.ipvs.forget();
-            }
-        }
+        };
+        tracing::warn!(
+            why,
+            "the kernel no longer holds what the service proxy wrote; syncing everything"
+        );
+        true
     }
 
     fn programmed(&self, writes: usize) -> Programmed {
@@ -622,11 +408,9 @@ impl Controller for ProxyController {
     async fn reconcile(&mut self, trigger: Trigger, full: bool) -> bool {
         let started = Instant::now();
         let outcome = tokio::task::block_in_place(|| {
-            let full = full
-                || (trigger == Trigger::Check
-                    && (self.kernel_drifted() || self.node_ips_changed()));
+            let full = full || (trigger == Trigger::Check && self.kernel_drifted());
             if trigger == Trigger::Check {
-                self.sweep_drained();
+                self.proxier.housekeeping();
             }
             self.sync(full)
         });
@@ -694,205 +478,232 @@ fn epoch_seconds() -> f64 {
         .unwrap_or_default()
 }
 
-fn remove_nft_tables(backend: &dyn nft::Backend) {
-    for family in IpFamily::BOTH {
-        let result = backend.dump(family, nftables::TABLE).and_then(|current| {
-            let tx = nft::plan_removal(current.as_ref(), family, nftables::TABLE);
-            if !tx.is_empty() {
-                backend.apply(&tx)?;
-                tracing::info!(%family, "removed the nftables proxy table");
-            }
-            Ok(())
-        });
-        if let Err(e) = result {
-            tracing::warn!(%family, error = %e, "could not remove the nftables proxy table");
-        }
+/// Switching modes: what the other modes wrote goes at start. (IPVS mode owns the
+/// iptables mode's chains too: its first sync replaces them in one transaction.)
+fn remove_other_modes(mode: ProxyMode) {
+    if mode != ProxyMode::Nftables {
+        nftables::remove_all(&NftCommand);
     }
-}
-
-fn remove_iptables_chains(backend: &dyn ipt::Backend) {
-    for family in IpFamily::BOTH {
-        let mut sync = RulesetSync::new(iptables::ownership());
-        match sync.sync(backend, &ipt::Ruleset::new(family), true) {
-            Ok(tx) if !tx.is_empty() => {
-                tracing::info!(%family, "removed the iptables proxy chains")
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::warn!(%family, error = %e, "could not remove the iptables proxy chains")
-            }
-        }
+    if mode == ProxyMode::Nftables {
+        iptables::remove_all(&IptablesCommand::host());
+    }
+    if mode != ProxyMode::Ipvs {
+        remove_ipvs_leftovers(mode == ProxyMode::Iptables);
     }
 }
 
 /// IPVS mode's objects when another mode runs: only when kube-ipvs0 is there (a host
-/// that never ran IPVS mode pays nothing). The iptables mode keeps the chains it shares
-/// with IPVS mode (its own sync rewrites them); the IPVS-only ones go.
-fn remove_ipvs_leftovers(iptables: &dyn ipt::Backend, mode: ProxyMode) {
-    let addresses: Box<dyn ipvs::Addresses> = Box::new(ipvs::KernelAddresses);
-    if !matches!(addresses.held(), Ok(Some(_))) {
+/// that never ran IPVS mode pays nothing). `keep_shared_chains`: iptables mode keeps
+/// the chains it shares with IPVS mode (its own sync rewrites them).
+fn remove_ipvs_leftovers(keep_shared_chains: bool) {
+    use calyx_dataplane::ipvs::IpvsNetlink;
+    use ipvs::addresses::{Addresses, KernelAddresses};
+    if !matches!(KernelAddresses.held(), Ok(Some(_))) {
         return;
     }
     tracing::info!("removing what IPVS mode left (kube-ipvs0 is present)");
-    let ipvs = match calyx_dataplane::ipvs::IpvsNetlink::open() {
-        Ok(ipvs) => Box::new(ipvs) as Box<dyn calyx_dataplane::ipvs::Backend>,
-        Err(e) => {
-            tracing::warn!(error = %e, "IPVS virtual services left as they are");
-            Box::new(calyx_dataplane::ipvs::RecordingIpvs::new())
-        }
-    };
-    let backends = ipvs::IpvsBackends {
-        ipvs,
-        ipset: Box::new(calyx_dataplane::firewall::ipset::IpsetCommand),
-        addresses,
-    };
-    ipvs::remove_all(&backends, iptables, mode == ProxyMode::Iptables);
-}
-
-/// The sysctls IPVS mode needs (see `ipvs::sysctls`); a failure is logged, not fatal.
-fn set_ipvs_sysctls() {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    for (key, value) in ipvs::sysctls(release.trim()) {
-        let path = format!("/proc/sys/{key}");
-        match std::fs::write(&path, value) {
-            Ok(()) => tracing::debug!(key, value, "sysctl set"),
-            Err(e) => tracing::warn!(key, value, error = %e, "could not set sysctl"),
-        }
-    }
+    let netlink = IpvsNetlink::open()
+        .inspect_err(|e| tracing::warn!(error = %e, "IPVS virtual services left as they are"))
+        .ok();
+    ipvs::remove_all(
+        netlink
+            .as_ref()
+            .map(|n| n as &dyn calyx_dataplane::ipvs::Backend),
+        &IpsetCommand,
+        &KernelAddresses,
+        &IptablesCommand::host(),
+        keep_shared_chains,
+    );
 }
 
 /// At start with --proxy-mode off: remove the nftables table a previous run left. The
 /// iptables chains carry kube-proxy's names and may be kube-proxy's own: left alone.
 pub fn cleanup_stale() {
-    remove_nft_tables(&NftCommand);
+    nftables::remove_all(&NftCommand);
 }
 
 /// `--proxy-cleanup`: everything any mode created, as `kube-proxy --cleanup` does.
 pub fn cleanup_all() -> anyhow::Result<()> {
-    remove_nft_tables(&NftCommand);
-    remove_iptables_chains(&IptablesCommand::host());
-    remove_ipvs_leftovers(&IptablesCommand::host(), ProxyMode::Off);
+    nftables::remove_all(&NftCommand);
+    iptables::remove_all(&IptablesCommand::host());
+    remove_ipvs_leftovers(false);
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::model::tests::{endpoint, key, service, slice, slice_mut, state};
-    use crate::runtime::Triggers;
+    use crate::proxy::testing::{endpoint, key, service, slice, slice_mut, state, FakeAddresses};
+    use calyx_dataplane::firewall::ipset::{self, RecordingIpset};
     use calyx_dataplane::firewall::iptables::RecordingIptables;
-    use calyx_dataplane::firewall::nft::RecordingNft;
+    use calyx_dataplane::firewall::nft::{self, RecordingNft};
+    use calyx_dataplane::firewall::FirewallError;
+    use calyx_dataplane::ipvs::RecordingIpvs;
+    use std::sync::atomic::AtomicUsize;
 
-    /// A controller on fakes, and the way to hand it snapshots.
-    fn controller(mode: ProxyMode) -> (ProxyController, Publisher, Arc<RecordingNft>) {
+    /// The ipset fake, counting how often the sets are read.
+    #[derive(Default)]
+    struct CountingIpset {
+        sets: RecordingIpset,
+        reads: AtomicUsize,
+    }
+
+    impl ipset::Backend for CountingIpset {
+        fn dump(&self, owns: ipset::Owns) -> Result<ipset::HeldSets, FirewallError> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            self.sets.dump(owns)
+        }
+        fn restore(&self, script: &str) -> Result<(), FirewallError> {
+            self.sets.restore(script)
+        }
+    }
+
+    /// Every fake kernel part a proxier may write to.
+    #[derive(Default)]
+    struct FakeKernel {
+        nft: Arc<RecordingNft>,
+        iptables: Arc<RecordingIptables>,
+        ipvs: Arc<RecordingIpvs>,
+        sets: Arc<CountingIpset>,
+        addresses: Arc<FakeAddresses>,
+    }
+
+    const MODES: [ProxyMode; 3] = [ProxyMode::Nftables, ProxyMode::Iptables, ProxyMode::Ipvs];
+
+    fn node() -> NodeSettings {
+        NodeSettings {
+            nodeport_addresses: vec!["192.0.2.11/32".parse().unwrap()],
+        }
+    }
+
+    fn proxier(mode: ProxyMode, kernel: &FakeKernel) -> Box<dyn Proxier> {
+        match mode {
+            ProxyMode::Nftables => Box::new(nftables::NftablesProxier::new(
+                Box::new(kernel.nft.clone()),
+                node(),
+            )),
+            ProxyMode::Iptables => Box::new(iptables::IptablesProxier::new(
+                Box::new(kernel.iptables.clone()),
+                node(),
+            )),
+            ProxyMode::Ipvs => Box::new(ipvs::IpvsProxier::new(
+                ipvs::sync::IpvsBackends {
+                    ipvs: Box::new(kernel.ipvs.clone()),
+                    ipset: Box::new(kernel.sets.clone()),
+                    addresses: Box::new(kernel.addresses.clone()),
+                },
+                Box::new(kernel.iptables.clone()),
+                node(),
+                "rr".into(),
+                std::time::Duration::from_secs(60),
+            )),
+            ProxyMode::Off => unreachable!("no proxier for off"),
+        }
+    }
+
+    /// A controller of `mode` on a fresh fake kernel, and the way to hand it snapshots.
+    fn controller(mode: ProxyMode) -> (ProxyController, Publisher, FakeKernel) {
         let (triggers, _rx) = Triggers::channel();
         let (publisher, snapshot) = Publisher::new(triggers);
-        let nft = Arc::new(RecordingNft::new());
-        struct Shared(Arc<RecordingNft>);
-        impl nft::Backend for Shared {
-            fn dump(
-                &self,
-                f: IpFamily,
-                t: &str,
-            ) -> Result<Option<nft::Table>, calyx_dataplane::firewall::FirewallError> {
-                self.0.dump(f, t)
-            }
-            fn apply(
-                &self,
-                tx: &nft::Transaction,
-            ) -> Result<(), calyx_dataplane::firewall::FirewallError> {
-                self.0.apply(tx)
+        let kernel = FakeKernel::default();
+        let metrics = Metrics::new(std::time::Duration::from_secs(10));
+        let c = ProxyController::new(
+            "n1".into(),
+            proxier(mode, &kernel),
+            false,
+            snapshot,
+            metrics,
+        );
+        (c, publisher, kernel)
+    }
+
+    /// What `mode` left in the fake kernel, in a form two kernels can be compared in
+    /// (drained IPVS real servers, weight 0, are the kernel's until their connections
+    /// end, and left out).
+    fn held(mode: ProxyMode, kernel: &FakeKernel) -> String {
+        let mut out = String::new();
+        for family in IpFamily::BOTH {
+            match mode {
+                ProxyMode::Nftables => {
+                    let table = kernel.nft.table(family, nftables::TABLE);
+                    let table = table.as_ref().expect("the table is written");
+                    let elements: BTreeMap<_, _> =
+                        table.sets.iter().map(|(n, s)| (n, &s.elements)).collect();
+                    out += &format!("{family} sets {elements:#?}\nchains {:#?}\n", table.chains);
+                }
+                ProxyMode::Iptables | ProxyMode::Ipvs => {
+                    for t in ["nat", "filter"] {
+                        out += &format!("{family} {t} {:#?}\n", kernel.iptables.chains(family, t));
+                    }
+                }
+                ProxyMode::Off => {}
             }
         }
-        let backends = Backends {
-            nft: Box::new(Shared(nft.clone())),
-            iptables: Box::new(RecordingIptables::new()),
-            conntrack: false,
-            ipvs: None,
-        };
-        let config = ProxyConfig {
-            mode,
-            node_name: "n1".into(),
-            services_dir: None,
-            kubeconfig: None,
-            nodeport_addresses: vec!["192.0.2.11/32".parse().unwrap()],
-            ipvs_scheduler: "rr".into(),
-            ipvs_drain: std::time::Duration::from_secs(60),
-        };
-        let metrics = Metrics::new(std::time::Duration::from_secs(10));
-        (
-            ProxyController::new(config, backends, snapshot, metrics),
-            publisher,
-            nft,
-        )
+        if mode == ProxyMode::Ipvs {
+            let mut services = kernel.ipvs.services();
+            for service in services.values_mut() {
+                service.servers.retain(|_, s| s.weight > 0);
+            }
+            let sets: BTreeMap<String, _> = IpFamily::BOTH
+                .into_iter()
+                .flat_map(|f| {
+                    ipvs::desired::SETS
+                        .iter()
+                        .map(move |(n, _)| ipvs::desired::set_name(n, f))
+                })
+                .map(|name| {
+                    let entries = kernel.sets.sets.set(&name);
+                    (name, entries)
+                })
+                .collect();
+            let addresses = kernel.addresses.0.lock().unwrap().clone();
+            out += &format!("{services:#?}\n{sets:#?}\n{addresses:?}\n");
+        }
+        out
     }
 
     /// A change to the cluster, one step of a test.
     type Step = Box<dyn Fn(&mut ProxyState)>;
 
-    /// Applies `step`, hands the controller the new snapshot and syncs the change.
-    fn sync_step(
-        c: &mut ProxyController,
-        publisher: &Publisher,
-        st: &mut ProxyState,
-        step: &Step,
-        n: usize,
-    ) {
-        step(st);
-        publisher.publish(Arc::new(st.clone()));
-        let written = c.sync(false).unwrap().unwrap();
-        assert!(written.writes > 0, "step {n} wrote nothing");
+    /// Twenty Services with most of what a Service can be: NodePorts, an eTP Local one
+    /// (no health check: that starts a server), affinity, a LoadBalancer with source ranges, dual-stack, and
+    /// two that share an endpoint.
+    fn cluster() -> ProxyState {
+        let services = (0..20)
+            .map(|i| {
+                let mut s = service(&format!("s{i}"), &format!("10.96.0.{}", i + 1), 80);
+                if i % 2 == 0 {
+                    s.ports[0].node_port = Some(30000 + i);
+                }
+                match i {
+                    5 => s.affinity_seconds = Some(30),
+                    6 => s.external_local = true,
+                    7 => {
+                        s.load_balancer_ips = vec!["203.0.113.7".parse().unwrap()];
+                        s.load_balancer_source_ranges = vec!["198.51.100.0/24".parse().unwrap()];
+                    }
+                    8 => s.cluster_ips.push("fd00:96::8".parse().unwrap()),
+                    _ => {}
+                }
+                s
+            })
+            .collect();
+        let slices = (0..20)
+            .map(|i| {
+                let mut endpoints = vec![endpoint(&format!("10.244.1.{}", i.max(1)), "n1")];
+                if i == 8 {
+                    endpoints.push(endpoint("fd00:10:244:1::8", "n1"));
+                }
+                slice(&format!("s{i}"), 8080, endpoints)
+            })
+            .collect();
+        state(services, slices)
     }
 
-    #[test]
-    fn the_periodic_check_sees_a_table_deleted_by_hand() {
-        let (mut c, publisher, kernel) = controller(ProxyMode::Nftables);
-        assert!(
-            !c.kernel_drifted(),
-            "nothing to check before the first sync"
-        );
-        let st = state(
-            vec![service("web", "10.96.0.10", 80)],
-            vec![slice("web", 8080, vec![endpoint("10.244.1.2", "n1")])],
-        );
-        publisher.publish(Arc::new(st));
-        c.sync(true).unwrap().unwrap();
-        assert!(!c.kernel_drifted());
-        nft::Backend::apply(
-            kernel.as_ref(),
-            &nft::Transaction {
-                family: IpFamily::V4,
-                table: nftables::TABLE.into(),
-                ops: vec![nft::Op::DeleteTable],
-            },
-        )
-        .unwrap();
-        assert!(c.kernel_drifted());
-        assert!(c.sync(true).unwrap().unwrap().writes > 0);
-        assert!(!c.kernel_drifted());
-    }
-
-    #[test]
-    fn changes_applied_one_service_at_a_time_leave_the_kernel_as_a_full_sync_would() {
-        let (mut c, publisher, kernel) = controller(ProxyMode::Nftables);
-        let mut st = state(
-            (0..20)
-                .map(|i| service(&format!("s{i}"), &format!("10.96.0.{}", i + 1), 80))
-                .collect(),
-            (0..20)
-                .map(|i| {
-                    slice(
-                        &format!("s{i}"),
-                        8080,
-                        vec![endpoint(&format!("10.244.1.{}", i + 1), "n1")],
-                    )
-                })
-                .collect(),
-        );
-        publisher.publish(Arc::new(st.clone()));
-        assert!(c.sync(true).unwrap().unwrap().writes > 0);
-        // Endpoint counts change (maps and chains come and go), Services come and go.
-        let steps: Vec<Step> = vec![
+    /// Endpoint counts change (maps and chains come and go), Services come and go,
+    /// change their shape, and lose or regain every endpoint.
+    fn changes() -> Vec<Step> {
+        vec![
             Box::new(|st| {
                 slice_mut(st, "s1")
                     .endpoints
@@ -916,164 +727,128 @@ mod tests {
             Box::new(|st| {
                 st.slices.remove(&key("s4"));
             }),
-        ];
-        for (n, step) in steps.iter().enumerate() {
-            sync_step(&mut c, &publisher, &mut st, step, n);
-            let plans = model::port_plans(&st, "n1", IpFamily::V4);
-            let whole = nftables::desired_table(&plans, IpFamily::V4, &c.ctx);
-            let mut held = kernel.table(IpFamily::V4, nftables::TABLE).unwrap();
-            // The fake keeps what was written; compare like with like.
-            for (name, set) in &mut held.sets {
-                assert_eq!(
-                    set.elements, whole.sets[name].elements,
-                    "step {n}: set {name}"
-                );
-            }
-            assert_eq!(
-                held.sets.keys().collect::<Vec<_>>(),
-                whole.sets.keys().collect::<Vec<_>>(),
-                "step {n}: sets"
-            );
-            assert_eq!(held.chains, whole.chains, "step {n}: chains");
-        }
-        // Nothing changed: nothing written.
-        publisher.publish(Arc::new(st.clone()));
-        assert_eq!(c.sync(false).unwrap().unwrap().writes, 0);
+            // The eTP Local Service's only endpoint moves to another node.
+            Box::new(|st| slice_mut(st, "s6").endpoints = vec![endpoint("10.244.2.6", "n2")]),
+            // The shared endpoint leaves one of its two Services, then the other.
+            Box::new(|st| slice_mut(st, "s0").endpoints.clear()),
+            Box::new(|st| {
+                st.slices.remove(&key("s1"));
+            }),
+            // The LoadBalancer's ranges change; the dual-stack one loses its IPv6 endpoint.
+            Box::new(|st| {
+                let mut s = (*st.services[&key("s7")]).clone();
+                s.load_balancer_source_ranges
+                    .push("192.0.2.0/24".parse().unwrap());
+                st.services.insert(key("s7"), Arc::new(s));
+            }),
+            Box::new(|st| slice_mut(st, "s8").endpoints.truncate(1)),
+        ]
     }
 
     #[test]
-    fn ipvs_changes_applied_one_service_at_a_time_leave_the_kernel_as_a_full_sync_would() {
-        use calyx_dataplane::firewall::ipset::{self, RecordingIpset};
-        use calyx_dataplane::ipvs::{self as ipvs_dp, RecordingIpvs};
-        struct SharedIpvs(Arc<RecordingIpvs>);
-        impl ipvs_dp::Backend for SharedIpvs {
-            fn dump(&self) -> ipvs_dp::Result<ipvs_dp::Services> {
-                self.0.dump()
+    fn every_proxier_ends_each_change_as_a_full_sync_of_the_same_state_would() {
+        for mode in MODES {
+            let (mut c, publisher, kernel) = controller(mode);
+            let mut st = cluster();
+            publisher.publish(Arc::new(st.clone()));
+            assert!(
+                c.sync(false).unwrap().unwrap().writes > 0,
+                "{mode:?}: first sync"
+            );
+            for (n, step) in changes().iter().enumerate() {
+                step(&mut st);
+                publisher.publish(Arc::new(st.clone()));
+                let written = c.sync(false).unwrap().unwrap();
+                assert!(written.writes > 0, "{mode:?} step {n}: nothing written");
+                // The same state on a fresh kernel, in one full sync.
+                let (mut whole, whole_publisher, whole_kernel) = controller(mode);
+                whole_publisher.publish(Arc::new(st.clone()));
+                whole.sync(true).unwrap().unwrap();
+                assert_eq!(
+                    held(mode, &kernel),
+                    held(mode, &whole_kernel),
+                    "{mode:?} step {n}: the kernel differs from a full sync's"
+                );
             }
-            fn apply(&self, ops: &[ipvs_dp::Op]) -> ipvs_dp::Result<()> {
-                self.0.apply(ops)
-            }
+            // Nothing changed: nothing written, and a full sync finds nothing to write.
+            publisher.publish(Arc::new(st.clone()));
+            assert_eq!(c.sync(false).unwrap().unwrap().writes, 0, "{mode:?}");
+            assert_eq!(c.sync(true).unwrap().unwrap().writes, 0, "{mode:?}");
         }
-        static SET_READS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        struct SharedIpset(Arc<RecordingIpset>);
-        impl ipset::Backend for SharedIpset {
-            fn dump(&self, owns: ipset::Owns) -> Result<ipset::HeldSets, FirewallError> {
-                SET_READS.fetch_add(1, Ordering::SeqCst);
-                self.0.dump(owns)
-            }
-            fn restore(&self, script: &str) -> Result<(), FirewallError> {
-                self.0.restore(script)
-            }
+    }
+
+    #[test]
+    fn a_failed_write_is_followed_by_a_full_sync_that_mends_the_kernel() {
+        for mode in [ProxyMode::Nftables, ProxyMode::Iptables] {
+            let (mut c, publisher, kernel) = controller(mode);
+            let mut st = cluster();
+            publisher.publish(Arc::new(st.clone()));
+            c.sync(false).unwrap().unwrap();
+            // A change whose write fails: the next change must not build on it.
+            kernel.nft.fail_next_apply();
+            kernel.iptables.fail_next_apply();
+            slice_mut(&mut st, "s1")
+                .endpoints
+                .push(endpoint("10.244.2.9", "n2"));
+            publisher.publish(Arc::new(st.clone()));
+            assert!(c.sync(false).is_err(), "{mode:?}: the write fails");
+            slice_mut(&mut st, "s2").endpoints.clear();
+            publisher.publish(Arc::new(st.clone()));
+            c.sync(false).unwrap().unwrap();
+            let (mut whole, whole_publisher, whole_kernel) = controller(mode);
+            whole_publisher.publish(Arc::new(st.clone()));
+            whole.sync(true).unwrap().unwrap();
+            assert_eq!(held(mode, &kernel), held(mode, &whole_kernel), "{mode:?}");
         }
-        let (mut c, publisher, _) = controller(ProxyMode::Ipvs);
-        let kernel_ipvs = Arc::new(RecordingIpvs::new());
-        let kernel_sets = Arc::new(RecordingIpset::new());
-        let kernel_addresses = Arc::new(ipvs::tests::FakeAddresses::default());
-        c.backends.ipvs = Some(ipvs::IpvsBackends {
-            ipvs: Box::new(SharedIpvs(kernel_ipvs.clone())),
-            ipset: Box::new(SharedIpset(kernel_sets.clone())),
-            addresses: Box::new(kernel_addresses.clone()),
-        });
-        c.rulesets = [
-            RulesetSync::new(ipvs::ownership()),
-            RulesetSync::new(ipvs::ownership()),
-        ];
-        // s0 and s1 share an endpoint (one KUBE-LOOP-BACK entry for both); even ones
-        // have a NodePort.
-        let mut st = state(
-            (0..10)
-                .map(|i| {
-                    let mut s = service(&format!("s{i}"), &format!("10.96.0.{}", i + 1), 80);
-                    if i % 2 == 0 {
-                        s.ports[0].node_port = Some(30000 + i);
-                    }
-                    s
-                })
-                .collect(),
-            (0..10)
-                .map(|i| {
-                    let ep = format!("10.244.1.{}", i.max(1));
-                    slice(&format!("s{i}"), 8080, vec![endpoint(&ep, "n1")])
-                })
-                .collect(),
+    }
+
+    #[test]
+    fn the_periodic_check_sees_a_table_deleted_by_hand() {
+        let (mut c, publisher, kernel) = controller(ProxyMode::Nftables);
+        assert!(
+            !c.kernel_drifted(),
+            "nothing to check before the first sync"
         );
+        let st = state(
+            vec![service("web", "10.96.0.10", 80)],
+            vec![slice("web", 8080, vec![endpoint("10.244.1.2", "n1")])],
+        );
+        publisher.publish(Arc::new(st));
+        c.sync(true).unwrap().unwrap();
+        assert!(!c.kernel_drifted());
+        nft::Backend::apply(
+            kernel.nft.as_ref(),
+            &nft::Transaction {
+                family: IpFamily::V4,
+                table: nftables::TABLE.into(),
+                ops: vec![nft::Op::DeleteTable],
+            },
+        )
+        .unwrap();
+        assert!(c.kernel_drifted());
+        assert!(c.sync(true).unwrap().unwrap().writes > 0);
+        assert!(!c.kernel_drifted());
+    }
+
+    #[test]
+    fn ipvs_mode_reads_the_sets_once_per_full_sync_and_a_change_looks_only_at_what_it_touched() {
+        let (mut c, publisher, kernel) = controller(ProxyMode::Ipvs);
+        let mut st = cluster();
         publisher.publish(Arc::new(st.clone()));
         // The first run (a Source trigger, not a re-read) reads the sets once too.
         assert!(c.sync(false).unwrap().unwrap().writes > 0);
         assert_eq!(
-            SET_READS.load(Ordering::SeqCst),
+            kernel.sets.reads.load(Ordering::SeqCst),
             1,
             "one read at the first sync"
         );
-        let steps: Vec<Step> = vec![
-            // An endpoint added, another taken (drained: weight 0, kept).
-            Box::new(|st| {
-                slice_mut(st, "s2")
-                    .endpoints
-                    .push(endpoint("10.244.2.9", "n2"))
-            }),
-            Box::new(|st| slice_mut(st, "s2").endpoints.truncate(1)),
-            // The shared endpoint leaves one of its two Services: its entry stays.
-            Box::new(|st| slice_mut(st, "s0").endpoints.clear()),
-            // A Service goes (its address and NodePort with it), another comes on a
-            // new address with affinity.
-            Box::new(|st| {
-                st.services.remove(&key("s4"));
-            }),
-            Box::new(|st| {
-                let mut s = service("s4", "10.96.0.99", 81);
-                s.affinity_seconds = Some(30);
-                st.services.insert(key("s4"), Arc::new(s));
-            }),
-            // The other user of the shared endpoint goes: now its entry goes too.
-            Box::new(|st| {
-                st.slices.remove(&key("s1"));
-            }),
-        ];
-        let set_entries = |name: &str| kernel_sets.set(name).unwrap_or_default();
-        for (n, step) in steps.iter().enumerate() {
-            sync_step(&mut c, &publisher, &mut st, step, n);
-            let plans = model::port_plans(&st, "n1", IpFamily::V4);
-            let node_ips = ["192.0.2.11".parse().unwrap()];
-            let whole = ipvs::desired(
-                &plans,
-                IpFamily::V4,
-                &ipvs::Node {
-                    nodeport_ips: &node_ips,
-                    health_check_ports: &[],
-                    default_scheduler: "rr",
-                },
-            );
-            // Drained servers (weight 0) are the kernel's until their connections end.
-            let mut held = kernel_ipvs.services();
-            for service in held.values_mut() {
-                service.servers.retain(|_, s| s.weight > 0);
-            }
-            assert_eq!(held, whole.services, "step {n}: virtual services");
-            for set in &whole.sets {
-                assert_eq!(
-                    set_entries(&set.name),
-                    set.entries,
-                    "step {n}: {}",
-                    set.name
-                );
-            }
-            let addresses = kernel_addresses.0.lock().unwrap().clone().unwrap();
-            assert_eq!(addresses, whole.addresses, "step {n}: kube-ipvs0");
-        }
-        // Nothing changed: nothing written; a full sync finds nothing to write either.
-        publisher.publish(Arc::new(st.clone()));
-        assert_eq!(c.sync(false).unwrap().unwrap().writes, 0);
-        assert_eq!(c.sync(true).unwrap().unwrap().writes, 0);
-        // A change looks only at what it touched: an entry lost behind the agent's back
-        // stays lost until the next full sync (the periodic resync) puts it back.
+        let set_entries = |name: &str| kernel.sets.sets.set(name).unwrap_or_default();
+        // An entry lost behind the agent's back stays lost until the next full sync
+        // (the periodic resync) puts it back.
         let lost = "10.96.0.10,tcp:80";
         assert!(set_entries("KUBE-CLUSTER-IP").contains(lost));
-        ipset::Backend::restore(
-            kernel_sets.as_ref(),
-            &format!("del KUBE-CLUSTER-IP {lost}\n"),
-        )
-        .unwrap();
+        ipset::Backend::restore(&kernel.sets.sets, &format!("del KUBE-CLUSTER-IP {lost}\n"))
+            .unwrap();
         slice_mut(&mut st, "s2")
             .endpoints
             .push(endpoint("10.244.2.10", "n2"));
@@ -1084,11 +859,11 @@ mod tests {
             "two servers, one entry"
         );
         assert!(!set_entries("KUBE-CLUSTER-IP").contains(lost));
-        let reads = SET_READS.load(Ordering::SeqCst);
+        let reads = kernel.sets.reads.load(Ordering::SeqCst);
         assert_eq!(c.sync(true).unwrap().unwrap().writes, 1);
         assert!(set_entries("KUBE-CLUSTER-IP").contains(lost));
         assert_eq!(
-            SET_READS.load(Ordering::SeqCst),
+            kernel.sets.reads.load(Ordering::SeqCst),
             reads + 1,
             "one read of the sets for both families"
         );

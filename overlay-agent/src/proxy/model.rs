@@ -442,80 +442,10 @@ pub fn health_check(
 }
 
 #[cfg(test)]
-pub mod tests {
+mod tests {
     use super::*;
 
-    pub fn key(name: &str) -> ServiceKey {
-        ServiceKey {
-            namespace: "default".into(),
-            name: name.into(),
-        }
-    }
-
-    pub fn service(name: &str, cluster_ip: &str, port: u16) -> Service {
-        Service {
-            key: key(name),
-            cluster_ips: vec![cluster_ip.parse().unwrap()],
-            external_ips: vec![],
-            load_balancer_ips: vec![],
-            load_balancer_source_ranges: vec![],
-            ports: vec![ServicePort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port,
-                node_port: None,
-            }],
-            affinity_seconds: None,
-            external_local: false,
-            internal_local: false,
-            health_check_node_port: None,
-            ipvs_scheduler: None,
-        }
-    }
-
-    pub fn endpoint(ip: &str, node: &str) -> Endpoint {
-        Endpoint {
-            address: ip.parse().unwrap(),
-            ready: true,
-            serving: true,
-            terminating: false,
-            node: Some(node.into()),
-            zone_hints: vec![],
-            node_hints: vec![],
-        }
-    }
-
-    pub fn slice(name: &str, target_port: u16, endpoints: Vec<Endpoint>) -> Slice {
-        Slice {
-            service: key(name),
-            ports: vec![SlicePort {
-                name: "http".into(),
-                protocol: Protocol::Tcp,
-                port: target_port,
-            }],
-            endpoints,
-            trigger_time: None,
-        }
-    }
-
-    pub fn state(services: Vec<Service>, slices: Vec<Slice>) -> ProxyState {
-        ProxyState {
-            services: services
-                .into_iter()
-                .map(|s| (s.key.clone(), Arc::new(s)))
-                .collect(),
-            slices: slices
-                .into_iter()
-                .map(|s| (s.service.clone(), Arc::new(s)))
-                .collect(),
-            node_zone: None,
-        }
-    }
-
-    /// A slice of `name` to change (a new object, as a source would make).
-    pub fn slice_mut<'s>(st: &'s mut ProxyState, name: &str) -> &'s mut Slice {
-        Arc::make_mut(st.slices.get_mut(&key(name)).unwrap())
-    }
+    use crate::proxy::testing::*;
 
     fn addrs(list: &[&str]) -> Vec<SocketAddr> {
         list.iter().map(|a| a.parse().unwrap()).collect()

@@ -24,18 +24,10 @@ use calyx_dataplane::firewall::IpFamily;
 use ipnetwork::IpNetwork;
 use sha1::{Digest, Sha1};
 
-use super::model::{NoEndpoints, PortPlan, ServiceKey, Targets};
+use crate::proxy::model::{NoEndpoints, PortPlan, ServiceKey, Targets};
+use crate::proxy::node::{NodeSettings, MASQUERADE_MARK, POD_INTERFACES_NFT as POD_INTERFACES};
 
 pub const TABLE: &str = "calyx-proxy";
-pub const MASQUERADE_MARK: u32 = 0x4000;
-/// Host-side veths of Calyx pods: traffic from them comes from a local pod.
-pub const POD_INTERFACES: &str = "cyx*";
-
-/// What the rules need to know about this node.
-#[derive(Debug, Clone)]
-pub struct NodeContext {
-    pub nodeport_addresses: Vec<IpNetwork>,
-}
 
 struct Words {
     ip: &'static str,
@@ -295,7 +287,7 @@ pub fn fragment(plan: &PortPlan, family: IpFamily) -> Fragment {
 
 /// The table without any Service: base chains, the fixed chains, empty sets and maps,
 /// and the node-port addresses.
-pub fn skeleton(family: IpFamily, ctx: &NodeContext) -> Table {
+pub fn skeleton(family: IpFamily, ctx: &NodeSettings) -> Table {
     let w = words(family);
     let ip = w.ip;
     let at = w.addr_type;
@@ -454,7 +446,7 @@ pub fn skeleton(family: IpFamily, ctx: &NodeContext) -> Table {
 /// it touched. Chains and sets shared by several Services (the per-count maps, the
 /// hairpin set's entries for an endpoint of several Services) are reference-counted;
 /// every other element belongs to one Service port (keys hold its address and port).
-pub struct Assembler {
+pub struct TableAssembler {
     table: Table,
     /// What each Service put in, to take out again (set names shared, not copied).
     owned: HashMap<ServiceKey, Owned>,
@@ -474,9 +466,9 @@ struct Owned {
 /// The one set whose elements several Services may share.
 const SHARED_SET: &str = "hairpin";
 
-impl Assembler {
-    pub fn new(family: IpFamily, ctx: &NodeContext) -> Assembler {
-        Assembler {
+impl TableAssembler {
+    pub fn new(family: IpFamily, ctx: &NodeSettings) -> TableAssembler {
+        TableAssembler {
             table: skeleton(family, ctx),
             owned: HashMap::new(),
             hairpin_refs: HashMap::new(),
@@ -582,7 +574,7 @@ fn release(refs: &mut HashMap<String, u32>, name: &str) -> bool {
 
 /// The whole table for `plans` at once.
 #[cfg(test)]
-pub fn desired_table(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) -> Table {
+pub fn desired_table(plans: &[PortPlan], family: IpFamily, ctx: &NodeSettings) -> Table {
     let mut by_service: std::collections::BTreeMap<&ServiceKey, Vec<Fragment>> = Default::default();
     for plan in plans {
         by_service
@@ -590,7 +582,7 @@ pub fn desired_table(plans: &[PortPlan], family: IpFamily, ctx: &NodeContext) ->
             .or_default()
             .push(fragment(plan, family));
     }
-    let mut assembler = Assembler::new(family, ctx);
+    let mut assembler = TableAssembler::new(family, ctx);
     let mut touched = Touched::default();
     for (service, fragments) in by_service {
         assembler.replace(service, fragments, &mut touched);

@@ -10,7 +10,7 @@ use std::net::{IpAddr, SocketAddr};
 use calyx_dataplane::firewall::nft::Table;
 use ipnetwork::IpNetwork;
 
-use super::model::Protocol;
+use crate::proxy::model::Protocol;
 
 #[derive(Debug, Clone)]
 pub struct Packet {
@@ -158,9 +158,10 @@ pub fn trace(table: &Table, packet: &Packet, local: &[IpAddr]) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::model::tests::{endpoint, key, service, slice, slice_mut, state};
     use crate::proxy::model::{port_plans, ProxyState, ServicePort};
-    use crate::proxy::nftables::{desired_table, NodeContext, TABLE};
+    use crate::proxy::nftables::table::{desired_table, TABLE};
+    use crate::proxy::node::NodeSettings;
+    use crate::proxy::testing::{endpoint, key, service, slice, slice_mut, state};
     use calyx_dataplane::firewall::nft::{RecordingNft, TableSync};
     use calyx_dataplane::firewall::IpFamily;
 
@@ -222,8 +223,8 @@ mod tests {
         )
     }
 
-    fn ctx() -> NodeContext {
-        NodeContext {
+    fn ctx() -> NodeSettings {
+        NodeSettings {
             nodeport_addresses: vec![format!("{NODE1}/32").parse().unwrap()],
         }
     }

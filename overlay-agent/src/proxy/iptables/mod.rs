@@ -1,0 +1,362 @@
+//! iptables mode: kube-proxy's chains (`chains`), kept as wanted per family across
+//! changes by a `RulesAssembler`, written by the firewall layer's `RulesetSync`: a
+//! change recomputes and compares only its Services' chains (and the shared chains
+//! whose rules it changed), as kube-proxy's partial syncs do.
+
+pub mod chains;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
+
+use calyx_dataplane::firewall::iptables::{self as ipt, ChainNames, Ruleset, RulesetSync};
+use calyx_dataplane::firewall::{FirewallError, IpFamily};
+
+#[cfg(test)]
+use super::model::ProxyState;
+use super::model::{PortPlan, ServiceKey};
+use super::node::NodeSettings;
+use super::proxier::{Changes, Prefetch, Proxier, Result, Scope};
+use chains::{ServiceRules, SharedChain};
+
+/// One family's ruleset as wanted, kept across changes: a changed Service's chains
+/// are replaced and the shared chains it has rules in are laid out again from every
+/// Service's rules (by Service key, as a full build lays them out).
+/// What one Service put in: the names of its own chains (their rules are in the
+/// ruleset) and its rules in the shared chains.
+type ServiceShare = (Vec<String>, BTreeMap<SharedChain, Vec<String>>);
+
+pub struct RulesAssembler {
+    ruleset: Ruleset,
+    services: BTreeMap<ServiceKey, ServiceShare>,
+    node_ports_last: Vec<String>,
+}
+
+impl RulesAssembler {
+    pub fn new(family: IpFamily, node: &NodeSettings) -> RulesAssembler {
+        let mut assembler = RulesAssembler {
+            ruleset: chains::skeleton(family),
+            services: BTreeMap::new(),
+            node_ports_last: chains::node_ports_last(family, node),
+        };
+        assembler.lay_out(&[SharedChain::NatServices].into());
+        assembler
+    }
+
+    pub fn ruleset(&self) -> &Ruleset {
+        &self.ruleset
+    }
+
+    /// Replaces one Service's rules (its plans in this family; none: it is gone),
+    /// adding the chains it touched to `touched`. Call `finish` after the last one.
+    pub fn replace(
+        &mut self,
+        key: &ServiceKey,
+        plans: &[PortPlan],
+        touched: &mut ChainNames,
+        shared_touched: &mut BTreeSet<SharedChain>,
+    ) {
+        let mut sorted: Vec<&PortPlan> = plans.iter().collect();
+        sorted.sort_by(|a, b| a.port_name.cmp(&b.port_name));
+        let ServiceRules { chains, shared } = chains::service_rules(&sorted, self.ruleset.family);
+        let (old_chains, old_shared) = self.services.remove(key).unwrap_or_default();
+        let nat = self.ruleset.table("nat");
+        for name in old_chains {
+            if !chains.contains_key(&name) {
+                nat.chains.remove(&name);
+                touched.insert(("nat", name));
+            }
+        }
+        let names: Vec<String> = chains.keys().cloned().collect();
+        for (name, rules) in chains {
+            if nat.chains.get(&name) != Some(&rules) {
+                nat.chains.insert(name.clone(), rules);
+                touched.insert(("nat", name));
+            }
+        }
+        for chain in SharedChain::ALL {
+            if old_shared.get(&chain) != shared.get(&chain) {
+                shared_touched.insert(chain);
+            }
+        }
+        if !names.is_empty() || !shared.is_empty() {
+            self.services.insert(key.clone(), (names, shared));
+        }
+    }
+
+    /// Lays the shared chains in `shared_touched` out again and adds them to `touched`.
+    pub fn finish(&mut self, shared_touched: &BTreeSet<SharedChain>, touched: &mut ChainNames) {
+        self.lay_out(shared_touched);
+        for chain in shared_touched {
+            touched.insert((chain.table(), chain.name().to_string()));
+        }
+    }
+
+    fn lay_out(&mut self, shared: &BTreeSet<SharedChain>) {
+        for &chain in shared {
+            let mut rules: Vec<String> = self
+                .services
+                .values()
+                .filter_map(|(_, s)| s.get(&chain))
+                .flatten()
+                .cloned()
+                .collect();
+            if chain == SharedChain::NatServices {
+                rules.extend(self.node_ports_last.iter().cloned());
+            }
+            self.ruleset
+                .table(chain.table())
+                .chains
+                .insert(chain.name().to_string(), rules);
+        }
+    }
+}
+
+pub struct IptablesProxier {
+    backend: Box<dyn ipt::Backend>,
+    node: NodeSettings,
+    rulesets: [RulesetSync; 2],
+    assemblers: [Option<RulesAssembler>; 2],
+    /// This sync reads the kernel rather than trusting what was last written.
+    reread: bool,
+    prefetch: Option<Prefetch<Ruleset>>,
+}
+
+impl IptablesProxier {
+    pub fn new(backend: Box<dyn ipt::Backend>, node: NodeSettings) -> IptablesProxier {
+        IptablesProxier {
+            backend,
+            node,
+            rulesets: [
+                RulesetSync::new(chains::ownership()),
+                RulesetSync::new(chains::ownership()),
+            ],
+            assemblers: [None, None],
+            reread: false,
+            prefetch: None,
+        }
+    }
+
+    /// Starts reading the kernel's rules for the first sync, with `read` (which owns
+    /// its own backend: the thread outlives this call).
+    pub fn prefetch(
+        &mut self,
+        read: impl FnOnce() -> [std::result::Result<Ruleset, FirewallError>; 2] + Send + 'static,
+    ) {
+        self.prefetch = Prefetch::start(read);
+    }
+
+    /// Hands what was read at start to the syncs: true when the kernel need not be
+    /// read again for this run.
+    fn take_prefetch(&mut self) -> bool {
+        let Some([v4, v6]) = self.prefetch.take().and_then(Prefetch::take) else {
+            return false;
+        };
+        self.rulesets[0].start_from(v4);
+        self.rulesets[1].start_from(v6);
+        true
+    }
+
+    fn sync_family(&mut self, family: IpFamily, changes: &Changes) -> Result<usize> {
+        let i = family as usize;
+        let reread = self.reread;
+        let started = Instant::now();
+        let full = matches!(changes.scope, Scope::Full { .. });
+        if full {
+            self.assemblers[i] = None;
+        }
+        let node = &self.node;
+        let assembler = self.assemblers[i].get_or_insert_with(|| RulesAssembler::new(family, node));
+        let mut touched = ChainNames::new();
+        let mut shared = BTreeSet::new();
+        for (key, plans) in changes.services {
+            assembler.replace(key, plans, &mut touched, &mut shared);
+        }
+        assembler.finish(&shared, &mut touched);
+        let computed = started.elapsed();
+        let backend = self.backend.as_ref();
+        let tx = if full {
+            self.rulesets[i].sync(backend, assembler.ruleset(), reread)?
+        } else {
+            self.rulesets[i].sync_touched(backend, assembler.ruleset(), &touched)?
+        };
+        let ops = tx.tables.iter().map(|(_, ops)| ops.len()).sum::<usize>();
+        tracing::debug!(%family, ?computed, written = ?started.elapsed(), ops, "iptables sync");
+        Ok(ops)
+    }
+}
+
+impl Proxier for IptablesProxier {
+    fn begin(&mut self, scope: Scope) -> Result<()> {
+        let primed = self.take_prefetch();
+        self.reread = matches!(scope, Scope::Full { reread: true }) && !primed;
+        Ok(())
+    }
+
+    fn sync(&mut self, family: IpFamily, changes: &Changes) -> Result<usize> {
+        // After a failure what the kernel holds is unknown: rebuilt on the next sync.
+        self.sync_family(family, changes)
+            .inspect_err(|_| self.assemblers = [None, None])
+    }
+
+    fn drifted(&mut self) -> Option<String> {
+        jumps_drifted(&self.rulesets, self.backend.as_ref())
+    }
+}
+
+/// Whether either family's jumps into our chains are gone or pushed down (read
+/// cheaply: only the builtin chains they are in).
+pub fn jumps_drifted(rulesets: &[RulesetSync; 2], backend: &dyn ipt::Backend) -> Option<String> {
+    IpFamily::BOTH
+        .into_iter()
+        .zip(rulesets)
+        .find_map(|(family, sync)| match sync.jumps_drifted(backend) {
+            Ok(false) => None,
+            Ok(true) => Some(format!("{family}: a jump into our chains is gone or moved")),
+            Err(e) => Some(format!("{family}: could not look: {e}")),
+        })
+}
+
+/// Removes this mode's chains (another mode runs, or `--proxy-cleanup`).
+pub fn remove_all(backend: &dyn ipt::Backend) {
+    for family in IpFamily::BOTH {
+        let mut sync = RulesetSync::new(chains::ownership());
+        match sync.sync(backend, &Ruleset::new(family), true) {
+            Ok(tx) if !tx.is_empty() => {
+                tracing::info!(%family, "removed the iptables proxy chains")
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(%family, error = %e, "could not remove the iptables proxy chains")
+            }
+        }
+    }
+}
+
+/// The whole ruleset for `plans` at once (what a full sync writes).
+#[cfg(test)]
+pub fn desired_ruleset(plans: &[PortPlan], family: IpFamily, node: &NodeSettings) -> Ruleset {
+    let mut by_service: BTreeMap<&ServiceKey, Vec<PortPlan>> = BTreeMap::new();
+    for plan in plans {
+        by_service
+            .entry(&plan.service)
+            .or_default()
+            .push(plan.clone());
+    }
+    let mut assembler = RulesAssembler::new(family, node);
+    let (mut touched, mut shared) = (ChainNames::new(), BTreeSet::new());
+    for (key, plans) in by_service {
+        assembler.replace(key, &plans, &mut touched, &mut shared);
+    }
+    assembler.finish(&shared, &mut touched);
+    assembler.ruleset
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::model::port_plans;
+    use crate::proxy::proxier::ServiceUpdate;
+    use crate::proxy::testing::{endpoint, service, slice, slice_mut, state};
+    use calyx_dataplane::firewall::iptables::RecordingIptables;
+    use std::sync::Arc;
+
+    fn node() -> NodeSettings {
+        NodeSettings {
+            nodeport_addresses: vec!["192.0.2.11/32".parse().unwrap()],
+        }
+    }
+
+    #[test]
+    fn a_change_rewrites_only_the_chains_of_its_service() {
+        let mut st = state(
+            (0..50)
+                .map(|i| service(&format!("s{i}"), &format!("10.96.0.{}", i + 1), 80))
+                .collect(),
+            (0..50)
+                .map(|i| {
+                    slice(
+                        &format!("s{i}"),
+                        8080,
+                        vec![endpoint(&format!("10.244.1.{}", i + 1), "n1")],
+                    )
+                })
+                .collect(),
+        );
+        let fake = Arc::new(RecordingIptables::new());
+        let mut proxier = IptablesProxier::new(Box::new(fake.clone()), node());
+        let updates = |st: &ProxyState, keys: &[&str]| -> [Vec<ServiceUpdate>; 2] {
+            IpFamily::BOTH.map(|family| {
+                let plans = port_plans(st, "n1", family);
+                keys.iter()
+                    .map(|k| {
+                        let key = crate::proxy::testing::key(k);
+                        let own = plans.iter().filter(|p| p.service == key).cloned().collect();
+                        (key, own)
+                    })
+                    .collect()
+            })
+        };
+        // One sync as the controller runs it.
+        let run =
+            |proxier: &mut IptablesProxier, scope: Scope, updates: &[Vec<ServiceUpdate>; 2]| {
+                proxier.begin(scope).unwrap();
+                for (family, services) in IpFamily::BOTH.into_iter().zip(updates) {
+                    let changes = Changes {
+                        scope,
+                        services,
+                        health_check_ports: &[],
+                    };
+                    proxier.sync(family, &changes).unwrap();
+                }
+            };
+        let all: Vec<String> = (0..50).map(|i| format!("s{i}")).collect();
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let full = updates(&st, &all);
+        run(&mut proxier, Scope::Full { reread: true }, &full);
+        fake.take_inputs();
+        // A second endpoint for s7: its Service chain and a new endpoint chain only.
+        slice_mut(&mut st, "s7")
+            .endpoints
+            .push(endpoint("10.244.2.7", "n2"));
+        let change = updates(&st, &["s7"]);
+        run(&mut proxier, Scope::Partial, &change);
+        let inputs = fake.take_inputs().join("");
+        let declared: Vec<&str> = inputs.lines().filter_map(|l| l.strip_prefix(':')).collect();
+        assert_eq!(
+            declared.len(),
+            2,
+            "one KUBE-SVC and one new KUBE-SEP: {inputs}"
+        );
+        assert!(declared
+            .iter()
+            .all(|d| d.starts_with("KUBE-SVC-") || d.starts_with("KUBE-SEP-")));
+        // The whole ruleset is what a full build of the same state gives.
+        let whole = desired_ruleset(&port_plans(&st, "n1", IpFamily::V4), IpFamily::V4, &node());
+        for (table, rules) in &whole.tables {
+            for (chain, want) in &rules.chains {
+                assert_eq!(
+                    fake.chain(IpFamily::V4, table, chain).as_ref(),
+                    Some(want),
+                    "{table} {chain}"
+                );
+            }
+        }
+        // s7 loses every endpoint: its chains go and it is refused in filter KUBE-SERVICES.
+        slice_mut(&mut st, "s7").endpoints.clear();
+        let change = updates(&st, &["s7"]);
+        run(&mut proxier, Scope::Partial, &change);
+        let filter = fake.chain(IpFamily::V4, "filter", "KUBE-SERVICES").unwrap();
+        assert_eq!(filter.len(), 1);
+        assert!(
+            filter[0].contains("default/s7:http has no endpoints"),
+            "{filter:?}"
+        );
+        let nat = fake.chains(IpFamily::V4, "nat");
+        for gone in ["10.244.1.8:8080", "10.244.2.7:8080"] {
+            assert!(
+                !nat.values().flatten().any(|rule| rule.contains(gone)),
+                "{gone} is still DNATed to"
+            );
+        }
+    }
+}
