@@ -14,13 +14,12 @@ use netlink_packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
 use crate::netlink::{route_message, RouteSpec};
+use crate::nl::{NlSocket, NETLINK_ROUTE};
 use crate::overlay::FdbEntry;
 use crate::{DataplaneError, Result};
 
-const NLMSG_ERROR: u16 = 2;
 /// Requests per send: their acknowledgements must fit the socket's receive buffer.
 const PER_SEND: usize = 256;
 
@@ -152,8 +151,7 @@ fn neighbour_address(ip: IpAddr) -> NeighbourAddress {
 
 /// A route-netlink socket in the calling thread's network namespace.
 pub struct Batch {
-    pub(crate) socket: Socket,
-    seq: u32,
+    pub(crate) socket: NlSocket,
 }
 
 fn io_err(op: &str, source: io::Error) -> DataplaneError {
@@ -165,93 +163,24 @@ fn io_err(op: &str, source: io::Error) -> DataplaneError {
 
 impl Batch {
     pub fn open() -> Result<Batch> {
-        let mut socket =
-            Socket::new(NETLINK_ROUTE).map_err(|e| io_err("open netlink socket", e))?;
-        socket
-            .bind_auto()
-            .map_err(|e| io_err("bind netlink socket", e))?;
-        Ok(Batch { socket, seq: 1 })
-    }
-
-    pub(crate) fn next_seq(&mut self) -> u32 {
-        self.seq = self.seq.wrapping_add(1).max(1);
-        self.seq
+        let socket =
+            NlSocket::open(NETLINK_ROUTE, None).map_err(|e| io_err("open netlink socket", e))?;
+        Ok(Batch { socket })
     }
 
     /// Sends every request and waits for all acknowledgements. Returns the requests
     /// the kernel refused, with why; only the socket itself failing is an error.
     pub fn send(&mut self, requests: Vec<Request>) -> Result<Vec<(String, io::Error)>> {
-        let mut failures = Vec::new();
-        for chunk in requests.chunks(PER_SEND) {
-            let mut buffer = Vec::new();
-            let mut pending = std::collections::HashMap::new();
-            for request in chunk {
-                let seq = self.next_seq();
-                pending.insert(seq, request.label.as_str());
-                let start = buffer.len();
-                buffer.extend(&request.frame);
-                buffer[start + 8..start + 12].copy_from_slice(&seq.to_ne_bytes());
-            }
-            self.socket
-                .send_to(&buffer, &SocketAddr::new(0, 0), 0)
-                .map_err(|e| io_err("send netlink requests", e))?;
-            while !pending.is_empty() {
-                let (datagram, _) = self
-                    .socket
-                    .recv_from_full()
-                    .map_err(|e| io_err("read netlink acknowledgements", e))?;
-                for ((kind, seq), payload) in messages_with_seq(&datagram) {
-                    if kind != NLMSG_ERROR {
-                        continue;
-                    }
-                    if let Some(label) = pending.remove(&seq) {
-                        let code = error_code(payload);
-                        if code != 0 {
-                            failures.push((label.to_string(), io::Error::from_raw_os_error(-code)));
-                        }
-                    }
-                }
-            }
-        }
-        Ok(failures)
+        let frames: Vec<Vec<u8>> = requests.iter().map(|r| r.frame.clone()).collect();
+        let refused = self
+            .socket
+            .send_all(&frames, PER_SEND)
+            .map_err(|e| io_err("send netlink requests", e))?;
+        Ok(refused
+            .into_iter()
+            .map(|(i, error)| (requests[i].label.clone(), error))
+            .collect())
     }
-}
-
-fn u16_at(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_ne_bytes(b.get(at..at + 2)?.try_into().ok()?))
-}
-
-pub(crate) fn u32_at(b: &[u8], at: usize) -> Option<u32> {
-    Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?))
-}
-
-pub(crate) fn attr_header(b: &[u8], at: usize) -> Option<(usize, u16)> {
-    Some((u16_at(b, at)? as usize, u16_at(b, at + 2)?))
-}
-
-/// ((type, seq), payload) of each netlink message in a datagram.
-pub(crate) fn messages_with_seq(datagram: &[u8]) -> Vec<((u16, u32), &[u8])> {
-    let mut out = Vec::new();
-    let mut at = 0;
-    while let (Some(len), Some(kind), Some(seq)) = (
-        u32_at(datagram, at),
-        u16_at(datagram, at + 4),
-        u32_at(datagram, at + 8),
-    ) {
-        let len = len as usize;
-        if len < 16 || at + len > datagram.len() {
-            break;
-        }
-        out.push(((kind, seq), &datagram[at + 16..at + len]));
-        at += (len + 3) & !3;
-    }
-    out
-}
-
-pub(crate) fn error_code(payload: &[u8]) -> i32 {
-    payload
-        .get(..4)
-        .map_or(0, |b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
 }
 
 #[cfg(test)]
@@ -262,13 +191,17 @@ mod tests {
     fn a_request_is_one_complete_netlink_message_with_ack() {
         let request = Request::replace_neighbour(7, "10.244.1.0".parse().unwrap(), [2; 6]);
         let frame = &request.frame;
-        assert_eq!(u32_at(frame, 0), Some(frame.len() as u32));
-        assert_eq!(u16_at(frame, 4), Some(28), "RTM_NEWNEIGH");
-        let flags = u16_at(frame, 6).unwrap();
+        assert_eq!(
+            u32::from_ne_bytes(frame[0..4].try_into().unwrap()),
+            frame.len() as u32
+        );
+        let read = crate::nl::messages(frame);
+        assert_eq!(read.len(), 1);
+        assert_eq!(read[0].kind, 28, "RTM_NEWNEIGH");
+        let flags = u16::from_ne_bytes(frame[6..8].try_into().unwrap());
         assert_eq!(
             flags,
             NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE
         );
-        assert_eq!(messages_with_seq(frame).len(), 1);
     }
 }

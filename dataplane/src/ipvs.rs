@@ -3,21 +3,25 @@
 //! dump, a plan of the difference, one batch of requests per apply, and a recording
 //! fake for tests.
 //!
-//! The family is resolved through `netlink-packet-generic`'s controller; the IPVS
-//! attributes (a few fixed-size fields, include/uapi/linux/ip_vs.h) are encoded here.
+//! The family is resolved through `netlink-packet-generic`'s controller, which also
+//! writes the generic netlink header; the IPVS attributes (a few fixed-size fields,
+//! include/uapi/linux/ip_vs.h) are encoded here, and the requests travel over the
+//! crate's one netlink transport (`crate::nl`).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Mutex;
 
 use netlink_packet_core::{
-    DecodeError, Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload, NlaBuffer, NlasIterator,
-    ParseableParametrized, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+    DecodeError, Emitable, NetlinkHeader, NetlinkMessage, NetlinkPayload, ParseableParametrized,
 };
 use netlink_packet_generic::ctrl::nlas::GenlCtrlAttrs;
 use netlink_packet_generic::ctrl::{GenlCtrl, GenlCtrlCmd};
 use netlink_packet_generic::{GenlFamily, GenlHeader, GenlMessage};
-use netlink_sys::{protocols::NETLINK_GENERIC, Socket, SocketAddr as NlAddr};
+
+use crate::nl::{
+    self, Attrs, NlSocket, Until, NETLINK_GENERIC, NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST,
+};
 
 const CMD_NEW_SERVICE: u8 = 1;
 const CMD_SET_SERVICE: u8 = 2;
@@ -58,7 +62,10 @@ const SVC_F_HASHED: u32 = 0x2;
 const FWD_MASQ: u32 = 0;
 const AF_INET: u16 = 2;
 const AF_INET6: u16 = 10;
-const NLA_F_NESTED: u16 = 0x8000;
+/// CTRL_ATTR_FAMILY_ID in the controller's reply.
+const CTRL_ATTR_FAMILY_ID: u16 = 1;
+/// The generic netlink header before a message's attributes.
+const GENL_HEADER: usize = 4;
 
 /// Requests per write before the acknowledgements are read. Each acknowledgement takes
 /// about a kilobyte of the socket's receive buffer (its skb): 512 at once overflowed the
@@ -340,40 +347,40 @@ impl IpvsNetlink {
         msg.finalize();
         let mut nl = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(msg));
         nl.header.flags = NLM_F_REQUEST | NLM_F_ACK;
-        nl.header.sequence_number = 1;
         nl.finalize();
         let mut buf = vec![0; nl.buffer_len()];
         nl.serialize(&mut buf);
-        socket.send(&buf, 0)?;
+        let (request, _) = socket.stamp([buf.as_slice()]);
         let mut family = None;
-        let replies = receive::<GenlCtrl>(&mut socket, 1)?;
-        for reply in replies {
-            match reply {
-                Reply::Message(m) => {
-                    for nla in m.payload.nlas {
-                        if let GenlCtrlAttrs::FamilyId(id) = nla {
-                            family = Some(id);
-                        }
-                    }
-                }
-                Reply::Error(_, e) => return Err(IpvsError::Unavailable(e)),
-            }
+        let refusals = socket.exchange(&request, Until::Acks(1), |reply| {
+            let id = reply
+                .payload
+                .get(GENL_HEADER..)
+                .and_then(|attrs| nl::attribute(attrs, CTRL_ATTR_FAMILY_ID))
+                .and_then(|v| Some(u16::from_ne_bytes(v.get(..2)?.try_into().ok()?)));
+            family = family.or(id);
+        })?;
+        if let Some(refusal) = refusals.into_iter().next() {
+            return Err(IpvsError::Unavailable(refusal.error.to_string()));
         }
         family
             .map(|family| IpvsNetlink { family })
             .ok_or_else(|| IpvsError::Unavailable("no family id in the reply".into()))
     }
 
-    fn message(&self, cmd: u8, attrs: Vec<u8>, flags: u16, seq: u32) -> Vec<u8> {
+    /// One IPVS request (its sequence number is stamped when sent).
+    fn message(&self, cmd: u8, attrs: Attrs, flags: u16) -> Vec<u8> {
         let mut genl = GenlMessage::new(
             GenlHeader { cmd, version: 1 },
-            Raw { cmd, attrs },
+            Raw {
+                cmd,
+                attrs: attrs.0,
+            },
             self.family,
         );
         genl.finalize();
         let mut nl = NetlinkMessage::new(NetlinkHeader::default(), NetlinkPayload::from(genl));
         nl.header.flags = flags;
-        nl.header.sequence_number = seq;
         nl.finalize();
         let mut buf = vec![0; nl.buffer_len()];
         nl.serialize(&mut buf);
@@ -381,22 +388,19 @@ impl IpvsNetlink {
     }
 
     /// One dump request on `socket` (a dump of every service's servers reuses one
-    /// socket: a socket per service cost 10,000 of them at 10,000 Services).
-    fn dump_of(&self, socket: &mut Socket, cmd: u8, attrs: Vec<u8>) -> Result<Vec<Vec<u8>>> {
-        socket.send(&self.message(cmd, attrs, NLM_F_REQUEST | NLM_F_DUMP, 1), 0)?;
-        let mut out = Vec::new();
-        for reply in receive::<Raw>(socket, 1)? {
-            match reply {
-                Reply::Message(m) => out.push(m.payload.attrs),
-                Reply::Error(_, why) => {
-                    return Err(IpvsError::Request {
-                        what: "dump".into(),
-                        why,
-                    })
-                }
-            }
-        }
-        Ok(out)
+    /// socket: a socket per service cost 10,000 of them at 10,000 Services); the
+    /// attributes of each reply.
+    fn dump_of(&self, socket: &mut NlSocket, cmd: u8, attrs: Attrs) -> Result<Vec<Vec<u8>>> {
+        let replies = socket
+            .dump(&self.message(cmd, attrs, NLM_F_REQUEST | NLM_F_DUMP))
+            .map_err(|e| IpvsError::Request {
+                what: "dump".into(),
+                why: e.to_string(),
+            })?;
+        Ok(replies
+            .into_iter()
+            .filter_map(|(_, payload)| payload.get(GENL_HEADER..).map(<[u8]>::to_vec))
+            .collect())
     }
 }
 
@@ -404,7 +408,7 @@ impl Backend for IpvsNetlink {
     fn dump(&self) -> Result<Services> {
         let mut socket = open_socket()?;
         let mut services = Services::new();
-        for attrs in self.dump_of(&mut socket, CMD_GET_SERVICE, Vec::new())? {
+        for attrs in self.dump_of(&mut socket, CMD_GET_SERVICE, Attrs::new())? {
             let Some(svc) = nested(&attrs, ATTR_SERVICE) else {
                 continue;
             };
@@ -420,8 +424,8 @@ impl Backend for IpvsNetlink {
             );
         }
         for (id, vs) in services.iter_mut() {
-            let mut attrs = Vec::new();
-            put_nested(&mut attrs, ATTR_SERVICE, &service_identity(id));
+            let mut attrs = Attrs::new();
+            attrs.put_nested(ATTR_SERVICE, &service_identity(id));
             for reply in self.dump_of(&mut socket, CMD_GET_DEST, attrs)? {
                 let Some(dest) = nested(&reply, ATTR_DEST) else {
                     continue;
@@ -435,8 +439,8 @@ impl Backend for IpvsNetlink {
     }
 
     fn servers(&self, id: &ServiceId) -> Result<BTreeMap<SocketAddr, RealServer>> {
-        let mut attrs = Vec::new();
-        put_nested(&mut attrs, ATTR_SERVICE, &service_identity(id));
+        let mut attrs = Attrs::new();
+        attrs.put_nested(ATTR_SERVICE, &service_identity(id));
         let mut servers = BTreeMap::new();
         for reply in self.dump_of(&mut open_socket()?, CMD_GET_DEST, attrs)? {
             if let Some((rs, server)) = nested(&reply, ATTR_DEST).and_then(|d| parse_dest(&d, id)) {
@@ -448,90 +452,26 @@ impl Backend for IpvsNetlink {
 
     fn apply(&self, ops: &[Op]) -> Result<()> {
         let mut socket = open_socket()?;
-        let mut first_error = None;
-        for (chunk_no, chunk) in ops.chunks(REQUESTS_PER_WRITE).enumerate() {
-            let mut buf = Vec::new();
-            let base = (chunk_no * REQUESTS_PER_WRITE) as u32 + 1;
-            for (i, op) in chunk.iter().enumerate() {
+        let requests: Vec<Vec<u8>> = ops
+            .iter()
+            .map(|op| {
                 let (cmd, attrs) = encode(op);
-                buf.extend(self.message(cmd, attrs, NLM_F_REQUEST | NLM_F_ACK, base + i as u32));
-            }
-            socket.send(&buf, 0)?;
-            let replies = receive::<Raw>(&mut socket, chunk.len())?;
-            for reply in replies {
-                if let Reply::Error(seq, why) = reply {
-                    let op = ops.get((seq.saturating_sub(1)) as usize);
-                    let what = op
-                        .map(|o| o.to_string())
-                        .unwrap_or_else(|| "request".into());
-                    first_error.get_or_insert(IpvsError::Request { what, why });
-                }
-            }
-        }
-        first_error.map_or(Ok(()), Err)
-    }
-}
-
-fn open_socket() -> Result<Socket> {
-    let mut socket = Socket::new(NETLINK_GENERIC)?;
-    socket.set_rx_buf_sz(RECEIVE_BUFFER)?;
-    // Errors carry only the request's header, not the whole request back.
-    socket.set_cap_ack(true)?;
-    socket.bind_auto()?;
-    socket.connect(&NlAddr::new(0, 0))?;
-    Ok(socket)
-}
-
-enum Reply<F> {
-    Message(GenlMessage<F>),
-    /// A request refused: its sequence number and the kernel's reason.
-    Error(u32, String),
-}
-
-/// Reads replies until `acks` acknowledgements (or a dump's end) arrived.
-fn receive<F>(socket: &mut Socket, acks: usize) -> Result<Vec<Reply<F>>>
-where
-    F: GenlFamily + ParseableParametrized<[u8], GenlHeader> + Emitable + std::fmt::Debug,
-{
-    let mut out = Vec::new();
-    let mut acked = 0;
-    loop {
-        let mut buf = Vec::with_capacity(1 << 18);
-        socket.recv(&mut buf, 0)?;
-        let n = buf.len();
-        let mut offset = 0;
-        while offset < n {
-            let msg = NetlinkMessage::<GenlMessage<F>>::deserialize(&buf[offset..n]).map_err(
-                |e: DecodeError| IpvsError::Request {
-                    what: "reply".into(),
-                    why: e.to_string(),
-                },
-            )?;
-            let len = msg.header.length as usize;
-            let seq = msg.header.sequence_number;
-            match msg.payload {
-                NetlinkPayload::InnerMessage(m) => out.push(Reply::Message(m)),
-                NetlinkPayload::Error(e) => {
-                    if let Some(code) = e.code {
-                        out.push(Reply::Error(
-                            seq,
-                            std::io::Error::from_raw_os_error(-code.get()).to_string(),
-                        ));
-                    }
-                    acked += 1;
-                    if acked >= acks {
-                        return Ok(out);
-                    }
-                }
-                NetlinkPayload::Done(_) => return Ok(out),
-                _ => {}
-            }
-            if len == 0 {
-                break;
-            }
-            offset += (len + 3) & !3;
+                self.message(cmd, attrs, NLM_F_REQUEST | NLM_F_ACK)
+            })
+            .collect();
+        let failures = socket.send_all(&requests, REQUESTS_PER_WRITE)?;
+        match failures.into_iter().next() {
+            Some((i, error)) => Err(IpvsError::Request {
+                what: ops[i].to_string(),
+                why: error.to_string(),
+            }),
+            None => Ok(()),
         }
     }
+}
+
+fn open_socket() -> Result<NlSocket> {
+    Ok(NlSocket::open(NETLINK_GENERIC, Some(RECEIVE_BUFFER))?)
 }
 
 /// An IPVS message body: its command and attributes, encoded here.
@@ -571,26 +511,6 @@ impl ParseableParametrized<[u8], GenlHeader> for Raw {
     }
 }
 
-fn put(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    let len = 4 + value.len();
-    out.extend((len as u16).to_ne_bytes());
-    out.extend(kind.to_ne_bytes());
-    out.extend(value);
-    out.resize(out.len() + ((4 - len % 4) % 4), 0);
-}
-
-fn put_nested(out: &mut Vec<u8>, kind: u16, inner: &[u8]) {
-    put(out, kind | NLA_F_NESTED, inner);
-}
-
-fn put_u16(out: &mut Vec<u8>, kind: u16, v: u16) {
-    put(out, kind, &v.to_ne_bytes());
-}
-
-fn put_u32(out: &mut Vec<u8>, kind: u16, v: u32) {
-    put(out, kind, &v.to_ne_bytes());
-}
-
 fn family_of(ip: &IpAddr) -> u16 {
     if ip.is_ipv4() {
         AF_INET
@@ -607,20 +527,18 @@ fn ip_bytes(ip: &IpAddr) -> Vec<u8> {
 }
 
 /// The attributes that name a service (enough for a delete, a dump of its servers).
-fn service_identity(id: &ServiceId) -> Vec<u8> {
-    let mut attrs = Vec::new();
-    put_u16(&mut attrs, SVC_AF, family_of(&id.address.ip()));
-    put_u16(&mut attrs, SVC_PROTOCOL, id.protocol.number());
-    put(&mut attrs, SVC_ADDR, &ip_bytes(&id.address.ip()));
-    put(&mut attrs, SVC_PORT, &id.address.port().to_be_bytes());
+fn service_identity(id: &ServiceId) -> Attrs {
+    let mut attrs = Attrs::new();
+    attrs.put_u16(SVC_AF, family_of(&id.address.ip()));
+    attrs.put_u16(SVC_PROTOCOL, id.protocol.number());
+    attrs.put(SVC_ADDR, &ip_bytes(&id.address.ip()));
+    attrs.put(SVC_PORT, &id.address.port().to_be_bytes());
     attrs
 }
 
-fn service_full(id: &ServiceId, s: &ServiceSettings) -> Vec<u8> {
+fn service_full(id: &ServiceId, s: &ServiceSettings) -> Attrs {
     let mut attrs = service_identity(id);
-    let mut name = s.scheduler.as_bytes().to_vec();
-    name.push(0);
-    put(&mut attrs, SVC_SCHED_NAME, &name);
+    attrs.put_str(SVC_SCHED_NAME, &s.scheduler);
     let flags = s.scheduler_flags
         | if s.persistence.is_some() {
             SVC_F_PERSISTENT
@@ -629,32 +547,32 @@ fn service_full(id: &ServiceId, s: &ServiceSettings) -> Vec<u8> {
         };
     let mut fl = flags.to_ne_bytes().to_vec();
     fl.extend(u32::MAX.to_ne_bytes());
-    put(&mut attrs, SVC_FLAGS, &fl);
-    put_u32(&mut attrs, SVC_TIMEOUT, s.persistence.unwrap_or(0));
+    attrs.put(SVC_FLAGS, &fl);
+    attrs.put_u32(SVC_TIMEOUT, s.persistence.unwrap_or(0));
     let netmask = if id.address.is_ipv4() { u32::MAX } else { 128 };
-    put_u32(&mut attrs, SVC_NETMASK, netmask);
+    attrs.put_u32(SVC_NETMASK, netmask);
     attrs
 }
 
-fn dest_attrs(rs: &SocketAddr, weight: Option<u32>) -> Vec<u8> {
-    let mut attrs = Vec::new();
-    put(&mut attrs, DEST_ADDR, &ip_bytes(&rs.ip()));
-    put(&mut attrs, DEST_PORT, &rs.port().to_be_bytes());
+fn dest_attrs(rs: &SocketAddr, weight: Option<u32>) -> Attrs {
+    let mut attrs = Attrs::new();
+    attrs.put(DEST_ADDR, &ip_bytes(&rs.ip()));
+    attrs.put(DEST_PORT, &rs.port().to_be_bytes());
     if let Some(weight) = weight {
-        put_u32(&mut attrs, DEST_FWD_METHOD, FWD_MASQ);
-        put_u32(&mut attrs, DEST_WEIGHT, weight);
-        put_u32(&mut attrs, DEST_U_THRESH, 0);
-        put_u32(&mut attrs, DEST_L_THRESH, 0);
-        put_u16(&mut attrs, DEST_ADDR_FAMILY, family_of(&rs.ip()));
+        attrs.put_u32(DEST_FWD_METHOD, FWD_MASQ);
+        attrs.put_u32(DEST_WEIGHT, weight);
+        attrs.put_u32(DEST_U_THRESH, 0);
+        attrs.put_u32(DEST_L_THRESH, 0);
+        attrs.put_u16(DEST_ADDR_FAMILY, family_of(&rs.ip()));
     }
     attrs
 }
 
-fn encode(op: &Op) -> (u8, Vec<u8>) {
-    let mut attrs = Vec::new();
+fn encode(op: &Op) -> (u8, Attrs) {
+    let mut attrs = Attrs::new();
     let cmd = match op {
         Op::AddService(id, s) | Op::UpdateService(id, s) => {
-            put_nested(&mut attrs, ATTR_SERVICE, &service_full(id, s));
+            attrs.put_nested(ATTR_SERVICE, &service_full(id, s));
             if matches!(op, Op::AddService(..)) {
                 CMD_NEW_SERVICE
             } else {
@@ -662,12 +580,12 @@ fn encode(op: &Op) -> (u8, Vec<u8>) {
             }
         }
         Op::DeleteService(id) => {
-            put_nested(&mut attrs, ATTR_SERVICE, &service_identity(id));
+            attrs.put_nested(ATTR_SERVICE, &service_identity(id));
             CMD_DEL_SERVICE
         }
         Op::AddServer(id, rs, w) | Op::UpdateServer(id, rs, w) => {
-            put_nested(&mut attrs, ATTR_SERVICE, &service_identity(id));
-            put_nested(&mut attrs, ATTR_DEST, &dest_attrs(rs, Some(*w)));
+            attrs.put_nested(ATTR_SERVICE, &service_identity(id));
+            attrs.put_nested(ATTR_DEST, &dest_attrs(rs, Some(*w)));
             if matches!(op, Op::AddServer(..)) {
                 CMD_NEW_DEST
             } else {
@@ -675,8 +593,8 @@ fn encode(op: &Op) -> (u8, Vec<u8>) {
             }
         }
         Op::DeleteServer(id, rs) => {
-            put_nested(&mut attrs, ATTR_SERVICE, &service_identity(id));
-            put_nested(&mut attrs, ATTR_DEST, &dest_attrs(rs, None));
+            attrs.put_nested(ATTR_SERVICE, &service_identity(id));
+            attrs.put_nested(ATTR_DEST, &dest_attrs(rs, None));
             CMD_DEL_DEST
         }
     };
@@ -685,12 +603,10 @@ fn encode(op: &Op) -> (u8, Vec<u8>) {
 
 /// The attributes of `buf`, by kind (nested flag cleared).
 fn attributes(buf: &[u8]) -> BTreeMap<u16, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    for nla in NlasIterator::new(buf).flatten() {
-        let nla: NlaBuffer<&[u8]> = nla;
-        out.insert(nla.kind() & !NLA_F_NESTED, nla.value().to_vec());
-    }
-    out
+    nl::attributes(buf)
+        .into_iter()
+        .map(|(kind, value)| (kind, value.to_vec()))
+        .collect()
 }
 
 fn nested(buf: &[u8], kind: u16) -> Option<Vec<u8>> {
@@ -877,7 +793,7 @@ mod tests {
             };
             let (cmd, attrs) = encode(&Op::AddService(id, settings.clone()));
             assert_eq!(cmd, CMD_NEW_SERVICE);
-            let svc = nested(&attrs, ATTR_SERVICE).unwrap();
+            let svc = nested(&attrs.0, ATTR_SERVICE).unwrap();
             assert_eq!(parse_service(&svc), Some((id, settings)));
         }
     }
@@ -891,7 +807,7 @@ mod tests {
             0,
         ));
         assert_eq!(cmd, CMD_NEW_DEST);
-        let dest = nested(&attrs, ATTR_DEST).unwrap();
+        let dest = nested(&attrs.0, ATTR_DEST).unwrap();
         let (rs, server) = parse_dest(&dest, &svc).unwrap();
         assert_eq!(rs, "[fd00:244::2]:8080".parse().unwrap());
         assert_eq!(server.weight, 0);

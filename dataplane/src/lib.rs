@@ -9,6 +9,7 @@ pub mod firewall;
 pub mod ipvs;
 pub mod netlink;
 pub mod nexthop;
+pub mod nl;
 pub mod overlay;
 pub mod sysctl;
 

@@ -9,21 +9,13 @@
 use std::io;
 use std::net::IpAddr;
 
-use netlink_sys::SocketAddr;
-
-use crate::batch::{attr_header, error_code, messages_with_seq, u32_at, Batch, Request};
+use crate::batch::{Batch, Request};
+use crate::nl::{self, Attrs, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REPLACE, NLM_F_REQUEST};
 use crate::{DataplaneError, Result};
 
 const RTM_NEWNEXTHOP: u16 = 104;
 const RTM_DELNEXTHOP: u16 = 105;
 const RTM_GETNEXTHOP: u16 = 106;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 0x1;
-const NLM_F_ACK: u16 = 0x4;
-const NLM_F_REPLACE: u16 = 0x100;
-const NLM_F_CREATE: u16 = 0x400;
-const NLM_F_DUMP: u16 = 0x300;
 const NHA_ID: u16 = 1;
 const NHA_OIF: u16 = 5;
 const NHA_GATEWAY: u16 = 6;
@@ -64,12 +56,12 @@ impl NexthopSocket {
         let requests: Vec<Request> = nexthops
             .iter()
             .map(|nh| {
-                let mut attrs = Vec::new();
-                put_attr(&mut attrs, NHA_ID, &nh.id.to_ne_bytes());
-                put_attr(&mut attrs, NHA_OIF, &nh.device.to_ne_bytes());
+                let mut attrs = Attrs::new();
+                attrs.put_u32(NHA_ID, nh.id);
+                attrs.put_u32(NHA_OIF, nh.device);
                 match nh.gateway {
-                    IpAddr::V4(v4) => put_attr(&mut attrs, NHA_GATEWAY, &v4.octets()),
-                    IpAddr::V6(v6) => put_attr(&mut attrs, NHA_GATEWAY, &v6.octets()),
+                    IpAddr::V4(v4) => attrs.put(NHA_GATEWAY, &v4.octets()),
+                    IpAddr::V6(v6) => attrs.put(NHA_GATEWAY, &v6.octets()),
                 }
                 let family = if nh.gateway.is_ipv4() {
                     AF_INET
@@ -77,11 +69,11 @@ impl NexthopSocket {
                     AF_INET6
                 };
                 let header = nhmsg(family, nh.protocol, RTNH_F_ONLINK);
-                let body = [header.as_slice(), attrs.as_slice()].concat();
+                let body = [header.as_slice(), attrs.0.as_slice()].concat();
                 let flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
                 Request::raw(
                     format!("add nexthop {} via {}", nh.id, nh.gateway),
-                    message(RTM_NEWNEXTHOP, flags, 0, &body),
+                    nl::message(RTM_NEWNEXTHOP, flags, 0, &body),
                 )
             })
             .collect();
@@ -93,12 +85,12 @@ impl NexthopSocket {
         let requests = ids
             .iter()
             .map(|id| {
-                let mut attrs = Vec::new();
-                put_attr(&mut attrs, NHA_ID, &id.to_ne_bytes());
-                let body = [nhmsg(0, 0, 0).as_slice(), attrs.as_slice()].concat();
+                let mut attrs = Attrs::new();
+                attrs.put_u32(NHA_ID, *id);
+                let body = [nhmsg(0, 0, 0).as_slice(), attrs.0.as_slice()].concat();
                 Request::raw(
                     format!("delete nexthop {id}"),
-                    message(RTM_DELNEXTHOP, NLM_F_REQUEST | NLM_F_ACK, 0, &body),
+                    nl::message(RTM_DELNEXTHOP, NLM_F_REQUEST | NLM_F_ACK, 0, &body),
                 )
             })
             .collect();
@@ -107,45 +99,22 @@ impl NexthopSocket {
 
     /// Every nexthop object in the namespace.
     pub fn dump(&mut self) -> Result<Vec<Nexthop>> {
-        let seq = self.batch.next_seq();
-        let request = message(
+        let request = nl::message(
             RTM_GETNEXTHOP,
             NLM_F_REQUEST | NLM_F_DUMP,
-            seq,
+            0,
             &nhmsg(0, 0, 0),
         );
-        self.batch
+        let replies = self
+            .batch
             .socket
-            .send_to(&request, &SocketAddr::new(0, 0), 0)
+            .dump(&request)
             .map_err(|e| io_err("dump nexthops", e))?;
-        let mut out = Vec::new();
-        loop {
-            let (datagram, _) = self
-                .batch
-                .socket
-                .recv_from_full()
-                .map_err(|e| io_err("dump nexthops", e))?;
-            for (kind, payload) in messages(&datagram) {
-                match kind {
-                    NLMSG_DONE => return Ok(out),
-                    NLMSG_ERROR => {
-                        let code = error_code(payload);
-                        if code != 0 {
-                            return Err(io_err(
-                                "dump nexthops",
-                                io::Error::from_raw_os_error(-code),
-                            ));
-                        }
-                    }
-                    RTM_NEWNEXTHOP => {
-                        if let Some(nh) = parse_nexthop(payload) {
-                            out.push(nh);
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
+        Ok(replies
+            .iter()
+            .filter(|(kind, _)| *kind == RTM_NEWNEXTHOP)
+            .filter_map(|(_, payload)| parse_nexthop(payload))
+            .collect())
     }
 }
 
@@ -155,45 +124,14 @@ fn nhmsg(family: u8, protocol: u8, flags: u32) -> Vec<u8> {
     out
 }
 
-fn put_attr(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
-    let len = 4 + value.len();
-    out.extend((len as u16).to_ne_bytes());
-    out.extend(kind.to_ne_bytes());
-    out.extend(value);
-    out.resize(out.len() + (4 - len % 4) % 4, 0);
-}
-
-fn message(kind: u16, flags: u16, seq: u32, body: &[u8]) -> Vec<u8> {
-    let len = 16 + body.len();
-    let mut out = Vec::with_capacity(len);
-    out.extend((len as u32).to_ne_bytes());
-    out.extend(kind.to_ne_bytes());
-    out.extend(flags.to_ne_bytes());
-    out.extend(seq.to_ne_bytes());
-    out.extend(0u32.to_ne_bytes());
-    out.extend(body);
-    out
-}
-
-fn messages(datagram: &[u8]) -> Vec<(u16, &[u8])> {
-    messages_with_seq(datagram)
-        .into_iter()
-        .map(|((k, _), p)| (k, p))
-        .collect()
-}
-
 fn parse_nexthop(payload: &[u8]) -> Option<Nexthop> {
     let protocol = *payload.get(2)?;
     let (mut id, mut device, mut gateway) = (None, 0, None);
-    let mut at = 8;
-    while let Some((len, kind)) = attr_header(payload, at) {
-        if len < 4 || at + len > payload.len() {
-            break;
-        }
-        let value = &payload[at + 4..at + len];
-        match kind & 0x3fff {
-            NHA_ID => id = u32_at(value, 0),
-            NHA_OIF => device = u32_at(value, 0).unwrap_or(0),
+    let u32_of = |v: &[u8]| Some(u32::from_ne_bytes(v.get(..4)?.try_into().ok()?));
+    for (kind, value) in nl::attributes(payload.get(8..)?) {
+        match kind {
+            NHA_ID => id = u32_of(value),
+            NHA_OIF => device = u32_of(value).unwrap_or(0),
             NHA_GATEWAY => {
                 gateway = match value.len() {
                     4 => <[u8; 4]>::try_from(value).ok().map(IpAddr::from),
@@ -203,7 +141,6 @@ fn parse_nexthop(payload: &[u8]) -> Option<Nexthop> {
             }
             _ => {}
         }
-        at += (len + 3) & !3;
     }
     Some(Nexthop {
         id: id?,
@@ -218,25 +155,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn attributes_are_padded_to_four_bytes() {
-        let mut out = Vec::new();
-        put_attr(&mut out, NHA_GATEWAY, &[1, 2, 3, 4, 5]);
-        assert_eq!(out.len(), 12);
-        assert_eq!(attr_header(&out, 0), Some((9, NHA_GATEWAY)));
-    }
-
-    #[test]
     fn a_new_nexthop_message_parses_back() {
-        let mut attrs = Vec::new();
-        put_attr(&mut attrs, NHA_ID, &42u32.to_ne_bytes());
-        put_attr(&mut attrs, NHA_OIF, &7u32.to_ne_bytes());
-        put_attr(&mut attrs, NHA_GATEWAY, &[10, 244, 1, 0]);
-        let body = [nhmsg(AF_INET, 201, RTNH_F_ONLINK), attrs].concat();
-        let datagram = message(RTM_NEWNEXTHOP, 0, 9, &body);
-        let parsed = messages_with_seq(&datagram);
+        let mut attrs = Attrs::new();
+        attrs.put_u32(NHA_ID, 42);
+        attrs.put_u32(NHA_OIF, 7);
+        attrs.put(NHA_GATEWAY, &[10, 244, 1, 0]);
+        let body = [nhmsg(AF_INET, 201, RTNH_F_ONLINK), attrs.0].concat();
+        let datagram = nl::message(RTM_NEWNEXTHOP, 0, 9, &body);
+        let parsed = nl::messages(&datagram);
         assert_eq!(parsed.len(), 1);
-        assert_eq!(parsed[0].0, (RTM_NEWNEXTHOP, 9));
-        let nh = parse_nexthop(parsed[0].1).unwrap();
+        assert_eq!((parsed[0].kind, parsed[0].seq), (RTM_NEWNEXTHOP, 9));
+        let nh = parse_nexthop(parsed[0].payload).unwrap();
         assert_eq!(
             nh,
             Nexthop {

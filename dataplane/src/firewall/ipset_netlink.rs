@@ -10,8 +10,8 @@
 
 use std::net::IpAddr;
 
-use super::nft_netlink::{exchange, message, socket, Attrs, NLM_F_ACK, NLM_F_REQUEST};
 use super::FirewallError;
+use crate::nl::{nfnetlink_message, Attrs, NlSocket, NETLINK_NETFILTER, NLM_F_ACK, NLM_F_REQUEST};
 
 const NFNL_SUBSYS_IPSET: u16 = 6;
 const IPSET_CMD_ADD: u16 = 9;
@@ -67,7 +67,7 @@ fn put_port(attrs: &mut Attrs, text: &str) -> Option<()> {
 
 /// The entry's data attributes; None for a form not known here.
 fn data(entry: &str) -> Option<Vec<u8>> {
-    let mut attrs = Attrs(Vec::new());
+    let mut attrs = Attrs::new();
     let parts: Vec<&str> = entry.split(',').collect();
     match parts.as_slice() {
         [port] if port.bytes().all(|b| b.is_ascii_digit()) => put_port(&mut attrs, port)?,
@@ -99,53 +99,53 @@ fn data(entry: &str) -> Option<Vec<u8>> {
     Some(attrs.0)
 }
 
-/// The requests for `ops`, one message each (sequence numbers from 1); None when an
+/// The requests for `ops`, one message each (numbered when sent); None when an
 /// entry's form is not known here.
 pub fn encode(ops: &[EntryOp]) -> Option<Vec<Vec<u8>>> {
     ops.iter()
-        .enumerate()
-        .map(|(i, op)| {
-            let mut attrs = Attrs(Vec::new());
+        .map(|op| {
+            let mut attrs = Attrs::new();
             attrs.put(IPSET_ATTR_PROTOCOL, &[IPSET_PROTOCOL]);
             attrs.put_str(IPSET_ATTR_SETNAME, op.set);
             let nested = attrs.open(IPSET_ATTR_DATA);
             attrs.0.extend(data(op.entry)?);
             attrs.close(nested);
             let command = if op.add { IPSET_CMD_ADD } else { IPSET_CMD_DEL };
-            let mut out = Vec::new();
             // No NLM_F_EXCL: an entry already there (or already gone) is fine, as
             // with `ipset restore -exist`.
-            message(
-                &mut out,
+            Some(nfnetlink_message(
                 (NFNL_SUBSYS_IPSET << 8) | command,
                 NLM_F_REQUEST | NLM_F_ACK,
-                i as u32 + 1,
+                0,
                 0,
                 0,
                 &attrs.0,
-            );
-            Some(out)
+            ))
         })
         .collect()
 }
 
-/// Sends the requests `encode` made for `ops`; a refusal names its entry.
+/// Sends the requests `encode` made for `ops`; a refusal names its entry (the first
+/// one refused; the others were still written, which `-exist` semantics allow).
 pub fn send(ops: &[EntryOp], requests: &[Vec<u8>]) -> Result<(), FirewallError> {
     let refused = |what: String, why: String| FirewallError::Refused {
         tool: "ipset netlink".into(),
         stderr: format!("{what}: {why}"),
     };
-    let mut socket = socket().map_err(|why| refused("socket".into(), why))?;
-    for chunk in requests.chunks(REQUESTS_PER_WRITE) {
-        let bytes = chunk.concat();
-        exchange(&mut socket, &bytes, chunk.len()).map_err(|(seq, why)| {
+    let mut socket = NlSocket::open(NETLINK_NETFILTER, None)
+        .map_err(|e| refused("socket".into(), e.to_string()))?;
+    let failures = socket
+        .send_all(requests, REQUESTS_PER_WRITE)
+        .map_err(|e| refused("write".into(), e.to_string()))?;
+    match failures.into_iter().next() {
+        Some((i, error)) => {
             let what = ops
-                .get((seq as usize).wrapping_sub(1))
+                .get(i)
                 .map_or_else(|| "a request".to_string(), |op| op.to_string());
-            refused(what, explain(&why))
-        })?;
+            Err(refused(what, explain(&error.to_string())))
+        }
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// ipset's own error numbers (above 4096) as its tool words them.

@@ -13,7 +13,6 @@ pub mod ipset;
 pub mod ipset_netlink;
 pub mod iptables;
 pub mod nft;
-pub mod nft_netlink;
 
 use std::fmt;
 

@@ -9,20 +9,18 @@
 
 use std::net::IpAddr;
 
-use super::nft::{Op, SetKind, Table, Transaction};
-use super::{FirewallError, IpFamily};
+use super::{Op, SetKind, Table, Transaction};
+use crate::firewall::{FirewallError, IpFamily};
+use crate::nl::{
+    nfnetlink_message, Attrs, NlSocket, Until, NETLINK_NETFILTER, NLM_F_ACK, NLM_F_CREATE,
+    NLM_F_REQUEST,
+};
 
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 0x10;
 const NFNL_MSG_BATCH_END: u16 = 0x11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_DELSETELEM: u16 = 14;
-
-pub(super) const NLM_F_REQUEST: u16 = 0x1;
-pub(super) const NLM_F_ACK: u16 = 0x4;
-const NLM_F_CREATE: u16 = 0x400;
-const NLMSG_ERROR: u16 = 0x2;
-const NLA_F_NESTED: u16 = 0x8000;
 
 const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
 const NFTA_SET_ELEM_LIST_SET: u16 = 2;
@@ -165,74 +163,19 @@ fn verdict(text: &str) -> Option<(i32, Option<&str>)> {
     })
 }
 
-/// Netlink attributes, built front to back; nests patch their length when closed.
-pub(super) struct Attrs(pub(super) Vec<u8>);
-
-impl Attrs {
-    pub(super) fn put(&mut self, kind: u16, payload: &[u8]) {
-        let len = 4 + payload.len();
-        self.0.extend((len as u16).to_ne_bytes());
-        self.0.extend(kind.to_ne_bytes());
-        self.0.extend(payload);
-        self.pad();
-    }
-
-    pub(super) fn put_str(&mut self, kind: u16, s: &str) {
-        let mut bytes = s.as_bytes().to_vec();
-        bytes.push(0);
-        self.put(kind, &bytes);
-    }
-
-    pub(super) fn open(&mut self, kind: u16) -> usize {
-        let at = self.0.len();
-        self.0.extend([0, 0]);
-        self.0.extend((kind | NLA_F_NESTED).to_ne_bytes());
-        at
-    }
-
-    pub(super) fn close(&mut self, at: usize) {
-        let len = (self.0.len() - at) as u16;
-        self.0[at..at + 2].copy_from_slice(&len.to_ne_bytes());
-    }
-
-    fn pad(&mut self) {
-        self.0.resize(self.0.len().div_ceil(4) * 4, 0);
-    }
-}
-
 /// A set's name and its elements (key, map value) as one message carries them.
 type SetElements<'a> = (&'a String, Vec<(&'a String, Option<&'a String>)>);
 
-/// A ready batch: its bytes and how many of its messages ask for an acknowledgement.
-pub struct Batch {
-    bytes: Vec<u8>,
+/// A ready nfnetlink batch of element changes: its messages (BEGIN, the changes,
+/// END) and how many of them ask for an acknowledgement.
+pub struct ElementBatch {
+    messages: Vec<Vec<u8>>,
     acks: usize,
-}
-
-/// One nfnetlink message: header, nfgenmsg, attributes.
-pub(super) fn message(
-    out: &mut Vec<u8>,
-    kind: u16,
-    flags: u16,
-    seq: u32,
-    family: u8,
-    res_id: u16,
-    attrs: &[u8],
-) {
-    let len = 16 + 4 + attrs.len();
-    out.extend((len as u32).to_ne_bytes());
-    out.extend(kind.to_ne_bytes());
-    out.extend(flags.to_ne_bytes());
-    out.extend(seq.to_ne_bytes());
-    out.extend(0u32.to_ne_bytes());
-    out.extend([family, 0]);
-    out.extend(res_id.to_be_bytes());
-    out.extend(attrs);
 }
 
 /// The batch for `tx`, or None when it must go to `nft -f` (see the module's comment).
 /// `table` is the table as wanted: it gives each set's declaration.
-pub fn encode(tx: &Transaction, table: &Table) -> Option<Batch> {
+pub fn encode(tx: &Transaction, table: &Table) -> Option<ElementBatch> {
     let mut count = 0;
     for op in &tx.ops {
         count += match op {
@@ -248,17 +191,14 @@ pub fn encode(tx: &Transaction, table: &Table) -> Option<Batch> {
         IpFamily::V4 => 2u8,
         IpFamily::V6 => 10u8,
     };
-    let mut bytes = Vec::new();
-    let mut seq = 1;
-    message(
-        &mut bytes,
+    let mut messages = vec![nfnetlink_message(
         NFNL_MSG_BATCH_BEGIN,
         NLM_F_REQUEST,
-        seq,
+        0,
         0,
         NFNL_SUBSYS_NFTABLES,
         &[],
-    );
+    )];
     let mut acks = 0;
     for op in &tx.ops {
         let ((name, elements), kind, flags): (SetElements, u16, u16) = match op {
@@ -279,7 +219,7 @@ pub fn encode(tx: &Transaction, table: &Table) -> Option<Batch> {
         if (set.kind == SetKind::Map) != value_fields.is_some() {
             return None;
         }
-        let mut attrs = Attrs(Vec::new());
+        let mut attrs = Attrs::new();
         attrs.put_str(NFTA_SET_ELEM_LIST_TABLE, &tx.table);
         attrs.put_str(NFTA_SET_ELEM_LIST_SET, name);
         let list = attrs.open(NFTA_SET_ELEM_LIST_ELEMENTS);
@@ -308,93 +248,45 @@ pub fn encode(tx: &Transaction, table: &Table) -> Option<Batch> {
             attrs.close(element);
         }
         attrs.close(list);
-        seq += 1;
         acks += 1;
-        message(
-            &mut bytes,
+        messages.push(nfnetlink_message(
             (NFNL_SUBSYS_NFTABLES << 8) | kind,
             flags,
-            seq,
+            0,
             family,
             0,
             &attrs.0,
-        );
+        ));
     }
-    seq += 1;
-    message(
-        &mut bytes,
+    messages.push(nfnetlink_message(
         NFNL_MSG_BATCH_END,
         NLM_F_REQUEST,
-        seq,
+        0,
         0,
         NFNL_SUBSYS_NFTABLES,
         &[],
-    );
-    Some(Batch { bytes, acks })
+    ));
+    Some(ElementBatch { messages, acks })
 }
 
 /// Sends the batch on a fresh netfilter socket and waits for every acknowledgement;
 /// the first error the kernel reports fails it (and the kernel has then applied none
 /// of it).
-pub fn send(batch: &Batch, what: &str) -> Result<(), FirewallError> {
-    let mut socket = socket().map_err(|why| refused("nftables netlink", what, why))?;
-    exchange(&mut socket, &batch.bytes, batch.acks)
-        .map_err(|(_, why)| refused("nftables netlink", what, why))
-}
-
-fn refused(tool: &str, what: &str, why: String) -> FirewallError {
-    FirewallError::Refused {
-        tool: tool.into(),
+pub fn send(batch: &ElementBatch, what: &str) -> Result<(), FirewallError> {
+    let refused = |why: String| FirewallError::Refused {
+        tool: "nftables netlink".into(),
         stderr: format!("{what}: {why}"),
+    };
+    let mut socket =
+        NlSocket::open(NETLINK_NETFILTER, None).map_err(|e| refused(format!("socket: {e}")))?;
+    let (bytes, _) = socket.stamp(batch.messages.iter().map(Vec::as_slice));
+    let refusals = socket
+        .exchange(&bytes, Until::AcksOrRefusal(batch.acks), |_| {})
+        .map_err(|e| refused(e.to_string()))?;
+    match refusals.into_iter().next() {
+        Some(refusal) => Err(refused(refusal.error.to_string())),
+        None => Ok(()),
     }
-}
-
-/// A netfilter netlink socket.
-pub(super) fn socket() -> Result<netlink_sys::Socket, String> {
-    use netlink_sys::{protocols::NETLINK_NETFILTER, Socket};
-    let mut socket = Socket::new(NETLINK_NETFILTER).map_err(|e| format!("socket: {e}"))?;
-    socket.bind_auto().map_err(|e| format!("bind: {e}"))?;
-    Ok(socket)
-}
-
-/// Sends `bytes` (messages) and reads `acks` acknowledgements; the first refusal is
-/// returned with the sequence number of the message refused.
-pub(super) fn exchange(
-    socket: &mut netlink_sys::Socket,
-    bytes: &[u8],
-    acks: usize,
-) -> Result<(), (u32, String)> {
-    socket
-        .send_to(bytes, &netlink_sys::SocketAddr::new(0, 0), 0)
-        .map_err(|e| (0, format!("send: {e}")))?;
-    let mut acked = 0;
-    while acked < acks {
-        let mut buf = Vec::with_capacity(65536);
-        let n = socket
-            .recv(&mut buf, 0)
-            .map_err(|e| (0, format!("receive: {e}")))?;
-        let mut at = 0;
-        while at + 16 <= n.min(buf.len()) {
-            let len = u32::from_ne_bytes(buf[at..at + 4].try_into().expect("4 bytes")) as usize;
-            let kind = u16::from_ne_bytes(buf[at + 4..at + 6].try_into().expect("2 bytes"));
-            if len < 16 || at + len > buf.len() {
-                return Err((0, format!("a malformed reply of {len} bytes")));
-            }
-            if kind == NLMSG_ERROR && len >= 20 {
-                let code = i32::from_ne_bytes(buf[at + 16..at + 20].try_into().expect("4 bytes"));
-                if code != 0 {
-                    // The refused request's header follows the code.
-                    let seq = buf
-                        .get(at + 28..at + 32)
-                        .map_or(0, |b| u32::from_ne_bytes(b.try_into().expect("4 bytes")));
-                    return Err((seq, std::io::Error::from_raw_os_error(-code).to_string()));
-                }
-                acked += 1;
-            }
-            at += len.div_ceil(4) * 4;
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
