@@ -771,3 +771,73 @@ fn config_pools_join_the_stored_ones_file() {
 fn config_pools_join_the_stored_ones_etcd() {
     config_pools_join_the_stored_ones(true);
 }
+
+/// The agent's node record calls: a registration, heartbeats from several writers at
+/// once (every beat counted: compare-and-swap, retried), a record that vanishes, and a
+/// registration again.
+fn node_records_register_and_beat(etcd: bool) {
+    use calyx_ipam::model::{node_key, NodeRecord};
+    use calyx_ipam::store::{Expect, Write};
+    let Some((url, _server, _dir)) = datastore(etcd) else {
+        return;
+    };
+    runtime().block_on(async {
+        let store = store::open(&url).unwrap();
+        let ipam = Ipam::new(store.as_ref());
+        let record = NodeRecord {
+            name: "node1".into(),
+            underlay_ip: "192.0.2.11".parse().unwrap(),
+            vtep_ipv4: Some("10.244.0.0".parse().unwrap()),
+            vtep_ipv6: None,
+            vtep_mac: "0e:00:00:00:00:01".into(),
+            heartbeat: 0,
+        };
+        assert_eq!(
+            ipam.register_node(record.clone()).await.unwrap().heartbeat,
+            1
+        );
+        assert_eq!(ipam.heartbeat("node1").await.unwrap().unwrap().heartbeat, 2);
+        let beats = (0..4).map(|_| async {
+            for _ in 0..5 {
+                ipam.heartbeat("node1").await.unwrap().unwrap();
+            }
+        });
+        futures::future::join_all(beats).await;
+        let (nodes, _): (Vec<NodeRecord>, Vec<u64>) =
+            ipam.nodes().await.unwrap().into_iter().unzip();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].heartbeat, 22, "every beat of every writer counted");
+        assert_eq!(
+            nodes[0].underlay_ip, record.underlay_ip,
+            "the record is kept"
+        );
+        // Registering again keeps the count going.
+        assert_eq!(
+            ipam.register_node(record.clone()).await.unwrap().heartbeat,
+            23
+        );
+        let held = store.get(&node_key("node1")).await.unwrap().unwrap();
+        store
+            .commit(vec![Write::Delete {
+                key: node_key("node1"),
+                expect: Expect::Revision(held.revision),
+            }])
+            .await
+            .unwrap();
+        assert!(
+            ipam.heartbeat("node1").await.unwrap().is_none(),
+            "gone: register again"
+        );
+        assert_eq!(ipam.register_node(record).await.unwrap().heartbeat, 1);
+    });
+}
+
+#[test]
+fn node_records_register_and_beat_file() {
+    node_records_register_and_beat(false)
+}
+
+#[test]
+fn node_records_register_and_beat_etcd() {
+    node_records_register_and_beat(true)
+}

@@ -293,10 +293,69 @@ impl<'s> Ipam<'s> {
     }
 
     pub async fn nodes(&self) -> Result<Vec<(NodeRecord, u64)>, IpamError> {
-        Ok(decode_all(self.store, &self.store.list("nodes/").await?)?
-            .into_iter()
-            .map(|(_, node, revision)| (node, revision))
-            .collect())
+        Ok(
+            decode_all(self.store, &self.store.list(model::NODES_PREFIX).await?)?
+                .into_iter()
+                .map(|(_, node, revision)| (node, revision))
+                .collect(),
+        )
+    }
+
+    /// Writes `record` as its node's record (compare-and-swap on what is stored, retried
+    /// when another writer got there first), its heartbeat one past the stored one.
+    /// Returns the record written.
+    pub async fn register_node(&self, mut record: NodeRecord) -> Result<NodeRecord, IpamError> {
+        let key = model::node_key(&record.name);
+        loop {
+            let current = self.store.get(&key).await?;
+            let previous: Option<NodeRecord> = match &current {
+                Some(v) => decode(self.store, &key, v).ok(),
+                None => None,
+            };
+            record.heartbeat = previous.map_or(1, |p| p.heartbeat + 1);
+            match self.put_node(&key, &record, current.as_ref()).await {
+                Err(IpamError::Store(StoreError::Conflict { .. })) => continue,
+                written => return written.map(|()| record),
+            }
+        }
+    }
+
+    /// One heartbeat of `node`: its stored record with the heartbeat moved by one, one
+    /// read and one compare-and-swap write. None when the record is gone (register
+    /// again); an unreadable record is an error naming its key.
+    pub async fn heartbeat(&self, node: &str) -> Result<Option<NodeRecord>, IpamError> {
+        let key = model::node_key(node);
+        loop {
+            let Some(current) = self.store.get(&key).await? else {
+                return Ok(None);
+            };
+            let mut record: NodeRecord = decode(self.store, &key, &current)?;
+            record.heartbeat += 1;
+            match self.put_node(&key, &record, Some(&current)).await {
+                Err(IpamError::Store(StoreError::Conflict { .. })) => continue,
+                written => return written.map(|()| Some(record)),
+            }
+        }
+    }
+
+    async fn put_node(
+        &self,
+        key: &str,
+        record: &NodeRecord,
+        current: Option<&Versioned>,
+    ) -> Result<(), IpamError> {
+        let value = serde_json::to_string(record).map_err(|e| StoreError::Corrupt {
+            location: self.store.location(),
+            key: key.to_string(),
+            reason: e.to_string(),
+        })?;
+        let write = Write::Put {
+            key: key.to_string(),
+            value,
+            expect: Expect::from_current(current),
+        };
+        self.store.commit(vec![write]).await?;
+        Ok(())
     }
 
     pub async fn handles(&self) -> Result<Vec<Handle>, IpamError> {

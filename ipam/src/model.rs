@@ -408,8 +408,27 @@ pub struct NodeRecord {
     pub heartbeat: u64,
 }
 
+/// Where node records live: `nodes/<name>`.
+pub const NODES_PREFIX: &str = "nodes/";
+/// Where blocks live: `blocks/<cidr with - for />`.
+pub const BLOCKS_PREFIX: &str = "blocks/";
+
 pub fn node_key(name: &str) -> String {
-    format!("nodes/{name}")
+    format!("{NODES_PREFIX}{name}")
+}
+
+impl NodeRecord {
+    /// A node record as the store holds it.
+    pub fn from_document(json: &str) -> Result<NodeRecord, serde_json::Error> {
+        serde_json::from_str(json)
+    }
+}
+
+impl Block {
+    /// A block as the store holds it.
+    pub fn from_document(json: &str) -> Result<Block, serde_json::Error> {
+        serde_json::from_str(json)
+    }
 }
 
 /// The network name the tunnel handles start with; no CNI network may use it, or a
@@ -426,7 +445,7 @@ pub fn pool_key(name: &str) -> String {
 }
 
 pub fn block_key(cidr: &IpNetwork) -> String {
-    format!("blocks/{}", cidr.to_string().replace('/', "-"))
+    format!("{BLOCKS_PREFIX}{}", cidr.to_string().replace('/', "-"))
 }
 
 /// The index entry naming one of a node's blocks, so an allocation reads that node's
@@ -443,7 +462,7 @@ pub fn affinity_key(node: &str, block: &IpNetwork) -> String {
 /// The block an `affinities/<node>/<cidr>` index entry names.
 pub fn block_key_of_affinity(index_key: &str) -> String {
     let cidr = index_key.rsplit('/').next().unwrap_or_default();
-    format!("blocks/{cidr}")
+    format!("{BLOCKS_PREFIX}{cidr}")
 }
 
 pub fn affinity_prefix(node: &str) -> String {

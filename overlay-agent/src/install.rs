@@ -12,7 +12,6 @@ use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use calyx_ipam::model::validate_node_name;
 use calyx_ipam::store;
 use serde_json::{json, Value};
@@ -24,6 +23,41 @@ pub const CONFLIST_NAME: &str = "05-calyx.conflist";
 const OLD_CONFLIST_NAMES: [&str; 1] = ["10-calyx.conflist"];
 /// Where the plugin reads the etcd client certificates, under the CNI config dir.
 const TLS_SUBDIR: &str = "calyx-tls";
+
+/// Why an install or uninstall step failed, naming what it was doing.
+#[derive(Debug, thiserror::Error)]
+pub enum InstallError {
+    /// A setting or host layout that cannot work, named.
+    #[error("{0}")]
+    Config(String),
+    #[error("{what}: {source}")]
+    File {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("datastore {what}: {source}")]
+    Datastore {
+        what: String,
+        #[source]
+        source: calyx_ipam::store::StoreError,
+    },
+    #[error("render the conflist: {0}")]
+    Render(#[from] serde_json::Error),
+    #[error(transparent)]
+    Overlay(#[from] crate::overlay::error::OverlayError),
+    #[error(transparent)]
+    Dataplane(#[from] calyx_dataplane::DataplaneError),
+    #[error("remove the pool rules: {0}")]
+    PoolRules(#[from] calyx_dataplane::firewall::FirewallError),
+}
+
+type Result<T> = std::result::Result<T, InstallError>;
+
+/// The error of a file operation on `what`.
+fn file_error(what: String) -> impl FnOnce(std::io::Error) -> InstallError {
+    move |source| InstallError::File { what, source }
+}
 
 /// The host's CNI directories, as the pod mounts them.
 #[derive(clap::Args, Debug, Clone)]
@@ -78,9 +112,9 @@ pub fn plan(
     args: &InstallArgs,
     host_files: &[String],
     portmap_present: bool,
-) -> anyhow::Result<InstallPlan> {
+) -> Result<InstallPlan> {
     validate_node_name(&args.node_name)
-        .map_err(|why| anyhow::anyhow!("node name {:?} {why}", args.node_name))?;
+        .map_err(|why| InstallError::Config(format!("node name {:?} {why}", args.node_name)))?;
     let tls_dir = args.host.cni_conf_dir.join(TLS_SUBDIR);
     let mut tls_copies = Vec::new();
     if let Some(secret) = &args.etcd_tls_dir {
@@ -96,7 +130,10 @@ pub fn plan(
     };
     // The same check the plugin and the agent make: a placeholder or a typo fails here,
     // in the install log, instead of in every ADD.
-    store::open(&datastore).with_context(|| format!("datastore {:?}", args.datastore))?;
+    store::open(&datastore).map_err(|source| InstallError::Datastore {
+        what: format!("{:?}", args.datastore),
+        source,
+    })?;
 
     let mut warnings = Vec::new();
     let mut calyx = json!({
@@ -159,9 +196,14 @@ fn on_host(root: &Path, path: &Path) -> PathBuf {
 
 /// Writes `contents` beside `dest` under a name runtimes ignore, then renames it over
 /// `dest`: readers see the old file or the new one, never a part.
-fn replace_file(dest: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
-    let dir = dest.parent().context("no parent directory")?;
-    let name = dest.file_name().context("no file name")?.to_string_lossy();
+fn replace_file(dest: &Path, contents: &[u8], mode: u32) -> Result<()> {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return Err(InstallError::Config(format!(
+            "{}: not a file path",
+            dest.display()
+        )));
+    };
+    let name = name.to_string_lossy();
     let tmp = dir.join(format!(".{name}.calyx-tmp"));
     let _ = std::fs::remove_file(&tmp);
     let mut file = std::fs::OpenOptions::new()
@@ -169,19 +211,20 @@ fn replace_file(dest: &Path, contents: &[u8], mode: u32) -> anyhow::Result<()> {
         .create_new(true)
         .mode(mode)
         .open(&tmp)
-        .with_context(|| format!("create {}", tmp.display()))?;
+        .map_err(file_error(format!("create {}", tmp.display())))?;
     file.write_all(contents)
         .and_then(|()| file.sync_all())
-        .with_context(|| format!("write {}", tmp.display()))?;
-    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        .map_err(file_error(format!("write {}", tmp.display())))?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .map_err(file_error(format!("set the mode of {}", tmp.display())))?;
     // Closed before it takes the plugin's name: a runtime exec'ing a file that some
     // process still has open for writing gets ETXTBSY ("Text file busy"), as
     // make test-image's upgrade caught once in 143 calls.
     drop(file);
-    std::fs::rename(&tmp, dest).with_context(|| format!("rename into {}", dest.display()))
+    std::fs::rename(&tmp, dest).map_err(file_error(format!("rename into {}", dest.display())))
 }
 
-pub fn install_cni(args: &InstallArgs) -> anyhow::Result<()> {
+pub fn install_cni(args: &InstallArgs) -> Result<()> {
     let bin_dir = on_host(&args.host.host_root, &args.host.cni_bin_dir);
     let conf_dir = on_host(&args.host.host_root, &args.host.cni_conf_dir);
     let mut host_files: Vec<String> = std::fs::read_dir(&conf_dir)
@@ -200,19 +243,21 @@ pub fn install_cni(args: &InstallArgs) -> anyhow::Result<()> {
         (&conf_dir, &args.host.cni_conf_dir),
     ] {
         if !dir.is_dir() {
-            bail!(
+            return Err(InstallError::Config(format!(
                 "{} is not a directory: mount the host's {} there",
                 dir.display(),
                 host_dir.display()
-            );
+            )));
         }
     }
     for warning in &plan.warnings {
         tracing::warn!("{warning}");
     }
 
-    let plugin = std::fs::read(&args.plugin)
-        .with_context(|| format!("read the plugin {}", args.plugin.display()))?;
+    let plugin = std::fs::read(&args.plugin).map_err(file_error(format!(
+        "read the plugin {}",
+        args.plugin.display()
+    )))?;
     replace_file(&bin_dir.join("calyx"), &plugin, 0o755)?;
     tracing::info!(path = %args.host.cni_bin_dir.join("calyx").display(), bytes = plugin.len(), "plugin installed");
 
@@ -222,17 +267,17 @@ pub fn install_cni(args: &InstallArgs) -> anyhow::Result<()> {
             .and_then(|()| {
                 std::fs::set_permissions(&tls_dir, std::fs::Permissions::from_mode(0o700))
             })
-            .with_context(|| format!("create {}", tls_dir.display()))?;
+            .map_err(file_error(format!("create {}", tls_dir.display())))?;
         for (source, dest) in &plan.tls_copies {
             let pem =
-                std::fs::read(source).with_context(|| format!("read {}", source.display()))?;
+                std::fs::read(source).map_err(file_error(format!("read {}", source.display())))?;
             replace_file(&on_host(&args.host.host_root, dest), &pem, 0o400)?;
         }
         tracing::info!(dir = %args.host.cni_conf_dir.join(TLS_SUBDIR).display(), files = plan.tls_copies.len(), "etcd client certificates installed");
     }
     if let Some(dir) = args.log_file.parent() {
         let dir = on_host(&args.host.host_root, dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+        std::fs::create_dir_all(&dir).map_err(file_error(format!("create {}", dir.display())))?;
     }
 
     let text = serde_json::to_string_pretty(&plan.conflist)? + "\n";
@@ -262,20 +307,22 @@ pub struct UninstallArgs {
 }
 
 /// Removes a directory's contents, then the directory unless it is a mount point.
-fn empty_and_remove(dir: &Path) -> anyhow::Result<bool> {
+fn empty_and_remove(dir: &Path) -> Result<bool> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e).with_context(|| format!("read {}", dir.display())),
+        Err(e) => return Err(file_error(format!("read {}", dir.display()))(e)),
     };
     for entry in entries {
-        let path = entry?.path();
+        let path = entry
+            .map_err(file_error(format!("read {}", dir.display())))?
+            .path();
         let removed = if path.is_dir() && !path.is_symlink() {
             std::fs::remove_dir_all(&path)
         } else {
             std::fs::remove_file(&path)
         };
-        removed.with_context(|| format!("remove {}", path.display()))?;
+        removed.map_err(file_error(format!("remove {}", path.display())))?;
     }
     // A mounted directory (the pod's hostPath) cannot go; it is left empty.
     let _ = std::fs::remove_dir(dir);
@@ -285,7 +332,7 @@ fn empty_and_remove(dir: &Path) -> anyhow::Result<bool> {
 /// `calyx-agent uninstall`: everything Calyx put on this node, except what running
 /// pods use (their veths and routes). Files first, so no new pod is wired meanwhile;
 /// safe to run twice. The DaemonSet must be gone first, or its agent puts it back.
-pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
+pub async fn uninstall(args: &UninstallArgs) -> Result<()> {
     let conf_dir = on_host(&args.host.host_root, &args.host.cni_conf_dir);
     let bin_dir = on_host(&args.host.host_root, &args.host.cni_bin_dir);
     let mut files = vec![conf_dir.join(CONFLIST_NAME), bin_dir.join("calyx")];
@@ -294,7 +341,7 @@ pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
         match std::fs::remove_file(&file) {
             Ok(()) => tracing::info!(file = %file.display(), "removed"),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(e).with_context(|| format!("remove {}", file.display())),
+            Err(e) => return Err(file_error(format!("remove {}", file.display()))(e)),
         }
     }
     if empty_and_remove(&conf_dir.join(TLS_SUBDIR))? {
@@ -306,9 +353,8 @@ pub async fn uninstall(args: &UninstallArgs) -> anyhow::Result<()> {
         tracing::info!(%what, "removed");
     }
     let iptables = calyx_dataplane::firewall::iptables::IptablesCommand::host();
-    tokio::task::block_in_place(|| crate::overlay::pool_rules::remove(&iptables))
-        .context("remove the pool rules")?;
-    tokio::task::block_in_place(crate::proxy::cleanup_all)?;
+    tokio::task::block_in_place(|| crate::overlay::pool_rules::remove(&iptables))?;
+    tokio::task::block_in_place(crate::proxy::cleanup_all);
 
     for dir in [&args.state_dir, &args.log_dir] {
         if empty_and_remove(&on_host(&args.host.host_root, dir))? {

@@ -177,7 +177,10 @@ fn main() -> ExitCode {
     let args = Args::parse();
     init_logging(&args);
     if let Some(Command::InstallCni(install)) = &args.command {
-        return exit_code(install::install_cni(install), "install-cni failed");
+        return exit_code(
+            install::install_cni(install).map_err(Into::into),
+            "install-cni failed",
+        );
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -192,7 +195,9 @@ fn main() -> ExitCode {
     };
     if let Some(Command::Uninstall(uninstall)) = &args.command {
         return exit_code(
-            runtime.block_on(install::uninstall(uninstall)),
+            runtime
+                .block_on(install::uninstall(uninstall))
+                .map_err(Into::into),
             "uninstall failed",
         );
     }
@@ -270,7 +275,8 @@ fn init_logging(args: &Args) {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.proxy_cleanup {
-        return proxy::cleanup_all();
+        tokio::task::block_in_place(proxy::cleanup_all);
+        return Ok(());
     }
     let resync = Duration::from_secs(args.resync_seconds);
     // Health from the first second, whatever the datastore does meanwhile.

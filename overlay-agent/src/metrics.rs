@@ -237,7 +237,19 @@ impl Metrics {
     }
 }
 
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()> {
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serve /metrics: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), ServeError> {
     let app = Router::new()
         .route("/metrics", get(render))
         .route("/healthz", get(healthz))
@@ -246,10 +258,9 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> anyhow::Result<()
         .with_state(metrics);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| anyhow::anyhow!("listen on {addr}: {e}"))?;
+        .map_err(|source| ServeError::Listen { addr, source })?;
     tracing::info!(%addr, "serving /metrics, /healthz, /livez, /readyz");
-    axum::serve(listener, app).await?;
-    Ok(())
+    axum::serve(listener, app).await.map_err(ServeError::Serve)
 }
 
 async fn render(State(m): State<Arc<Metrics>>) -> (StatusCode, String) {

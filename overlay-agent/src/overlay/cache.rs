@@ -51,9 +51,9 @@ trait Entry: Sized + Clone {
 }
 
 impl Entry for NodeRecord {
-    const PREFIX: &'static str = "nodes/";
+    const PREFIX: &'static str = calyx_ipam::model::NODES_PREFIX;
     fn decode(json: &str) -> Result<Self, serde_json::Error> {
-        serde_json::from_str(json)
+        NodeRecord::from_document(json)
     }
     /// Heartbeats are judged at each resync (liveness), not on arrival.
     fn changes_overlay(old: &Self, new: &Self) -> bool {
@@ -67,9 +67,9 @@ impl Entry for NodeRecord {
 }
 
 impl Entry for BlockRouting {
-    const PREFIX: &'static str = "blocks/";
+    const PREFIX: &'static str = calyx_ipam::model::BLOCKS_PREFIX;
     fn decode(json: &str) -> Result<Self, serde_json::Error> {
-        Ok(BlockRouting::of(&serde_json::from_str::<Block>(json)?))
+        Ok(BlockRouting::of(&Block::from_document(json)?))
     }
     fn changes_overlay(old: &Self, new: &Self) -> bool {
         !old.routes_like(new)

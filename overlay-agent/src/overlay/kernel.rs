@@ -12,6 +12,7 @@ use calyx_dataplane::batch::{Batch, Request};
 use calyx_dataplane::nexthop::{Nexthop, NexthopSocket};
 
 use crate::overlay::desired::{nexthop_id, BlockRoute, OverlayChanges, OverlayState, VtepNexthop};
+use crate::overlay::error::{OverlayError, Result};
 
 /// The device as configured, plus the VTEP addresses it must hold.
 #[derive(Debug, Clone)]
@@ -23,18 +24,17 @@ pub struct DeviceConfig {
 /// Makes `vxlan.calyx` exist with the right parameters, MTU, MAC, addresses and up.
 /// A device whose VNI, port or local address differ is replaced; nothing else is ever
 /// deleted, so a restarted agent leaves traffic alone.
-pub async fn ensure_device(nl: &Netlink, config: &DeviceConfig) -> anyhow::Result<(Link, bool)> {
+pub async fn ensure_device(nl: &Netlink, config: &DeviceConfig) -> Result<(Link, bool)> {
     let spec = &config.spec;
     let mut changed = false;
     let existing = nl.vxlan_by_name(&spec.name).await?;
     if let Some(other) = existing.as_ref().filter(|v| !v.is_vxlan) {
         // Someone else's link (the underlay, once): never deleted or changed.
-        anyhow::bail!(
+        return Err(OverlayError::Config(format!(
             "--vxlan-device {}: a link of that name exists and is not a VXLAN device (index {}); \
              leaving it alone: choose another name",
-            spec.name,
-            other.link.index
-        );
+            spec.name, other.link.index
+        )));
     }
     let link = match existing {
         Some(VxlanLink { ref link, .. }) if existing.as_ref().is_some_and(|v| v.matches(spec)) => {
@@ -47,9 +47,9 @@ pub async fn ensure_device(nl: &Netlink, config: &DeviceConfig) -> anyhow::Resul
             }
             nl.create_vxlan(spec).await?;
             changed = true;
-            nl.link_by_name(&spec.name)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("{} vanished right after creation", spec.name))?
+            nl.link_by_name(&spec.name).await?.ok_or_else(|| {
+                OverlayError::Kernel(format!("{} vanished right after creation", spec.name))
+            })?
         }
     };
     if link.mtu != spec.mtu || link.mac != spec.mac {
@@ -76,7 +76,7 @@ pub async fn ensure_device(nl: &Netlink, config: &DeviceConfig) -> anyhow::Resul
 }
 
 /// The overlay entries the kernel has on `device`, and Calyx's blackholes.
-pub async fn actual_overlay(nl: &Netlink, device: &Link) -> anyhow::Result<OverlayState> {
+pub async fn actual_overlay(nl: &Netlink, device: &Link) -> Result<OverlayState> {
     let mut state = OverlayState {
         fdb: nl.fdb_entries(device).await?.into_iter().collect(),
         neighbours: nl.permanent_neighbours(device).await?.into_iter().collect(),
@@ -272,7 +272,7 @@ fn nexthop_failures(
 /// nexthops and routes go with it) and the node's blackhole block routes. Routes to
 /// local pods (Calyx's protocol too, but through a pod's veth) stay: the pods do.
 /// Returns what it removed.
-pub async fn remove_overlay(nl: &Netlink, device: &str) -> anyhow::Result<Vec<String>> {
+pub async fn remove_overlay(nl: &Netlink, device: &str) -> Result<Vec<String>> {
     let mut removed = Vec::new();
     if let Some(link) = nl.link_by_name(device).await? {
         nl.delete_link(&link).await?;

@@ -6,11 +6,14 @@
 
 pub mod cache;
 pub mod desired;
+pub mod error;
 pub mod kernel;
 pub mod liveness;
 pub mod node_condition;
 pub mod pool_rules;
 pub mod registration;
+
+use error::{OverlayError, Result};
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -77,7 +80,7 @@ impl OverlayController {
         underlay: &Underlay,
         metrics: Arc<Metrics>,
         triggers: Triggers,
-    ) -> anyhow::Result<OverlayController> {
+    ) -> Result<OverlayController> {
         let ipam = Ipam::new(store);
         let mtu = config
             .mtu
@@ -88,7 +91,7 @@ impl OverlayController {
             config.block_size,
             config.block_size_v6,
         )
-        .map_err(|e| anyhow::anyhow!("--pool {e}"))?;
+        .map_err(|e| OverlayError::Config(format!("--pool {e}")))?;
         metrics.starting("waiting for the datastore (schema)");
         // A store written by a newer Calyx is refused here, before anything is written.
         registration::retry_while_waiting("check the datastore schema", || async {
@@ -188,7 +191,7 @@ impl OverlayController {
         })
     }
 
-    async fn reconcile_once(&mut self, full: bool) -> anyhow::Result<usize> {
+    async fn reconcile_once(&mut self, full: bool) -> Result<usize> {
         let t = Instant::now();
         let phase = |name: &str| {
             tracing::debug!(phase = name, elapsed_ms = t.elapsed().as_secs_f64() * 1e3)
@@ -251,12 +254,12 @@ impl OverlayController {
             rule_changes = self.ensure_pool_rules(full).await?;
         }
         if !errors.is_empty() {
-            anyhow::bail!(
+            return Err(OverlayError::Kernel(format!(
                 "{} of {} overlay changes failed: {}",
                 errors.len(),
                 changes.count(),
                 errors.join("; ")
-            );
+            )));
         }
         Ok(changes.count() + usize::from(device_changed) + rule_changes)
     }
@@ -275,7 +278,7 @@ impl OverlayController {
 
     /// The pool rules of each family that has pools; a full run re-reads the kernel
     /// and repairs what someone changed.
-    async fn ensure_pool_rules(&mut self, reread: bool) -> anyhow::Result<usize> {
+    async fn ensure_pool_rules(&mut self, reread: bool) -> Result<usize> {
         let pools: Vec<Pool> = self.ipam.pools().await?;
         let mut changed = 0;
         for (i, family) in IpFamily::BOTH.into_iter().enumerate() {
@@ -337,7 +340,7 @@ impl Controller for OverlayController {
 
 /// Someone deleting our device, a neighbour or FDB entry on it, or one of our routes
 /// triggers a run at once.
-fn spawn_kernel_events(triggers: Triggers, device_index: Arc<AtomicU32>) -> anyhow::Result<()> {
+fn spawn_kernel_events(triggers: Triggers, device_index: Arc<AtomicU32>) -> Result<()> {
     let mut events = monitor()?;
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {
@@ -374,43 +377,31 @@ fn spawn_heartbeat(
         };
         loop {
             tick.tick().await;
-            let key = calyx_ipam::model::node_key(&node);
-            // A frozen datastore answers nothing: a deadline turns that into a problem.
-            let current = tokio::time::timeout(interval * 2, ipam.store().get(&key)).await;
-            let record = match current {
-                Ok(Ok(Some(v))) => match serde_json::from_str::<NodeRecord>(&v.value) {
-                    Ok(mut record) => {
-                        record.heartbeat += 1;
-                        record
+            // One read and one compare-and-swap write per beat; a frozen datastore
+            // answers nothing, so a deadline turns that into a problem.
+            let beat = tokio::time::timeout(interval * 2, async {
+                match ipam.heartbeat(&node).await? {
+                    Some(record) => Ok(record),
+                    None => {
+                        tracing::error!(
+                            node,
+                            "NODE RECORD VANISHED from the datastore; registering again"
+                        );
+                        ipam.register_node(registered.clone()).await
                     }
-                    Err(e) => {
-                        tracing::error!(%key, error = %e, "heartbeat: node record unreadable");
-                        set_problem(Some(format!("{key} unreadable: {e}")));
-                        continue;
-                    }
-                },
-                Ok(Ok(None)) => {
-                    tracing::error!(%key, "NODE RECORD VANISHED from the datastore; registering again");
-                    registered.clone()
                 }
+            })
+            .await;
+            match beat {
+                Ok(Ok(_)) => set_problem(None),
                 Ok(Err(e)) => {
-                    tracing::warn!(error = %e, "heartbeat: datastore unavailable");
+                    tracing::warn!(error = %e, "heartbeat failed (datastore unavailable or the record unreadable)");
                     set_problem(Some(e.to_string()));
-                    continue;
                 }
                 Err(_) => {
                     tracing::warn!("heartbeat: the datastore did not answer in time");
                     set_problem(Some("the datastore did not answer in time".into()));
-                    continue;
                 }
-            };
-            match tokio::time::timeout(interval * 2, registration::register(&ipam, record)).await {
-                Ok(Ok(_)) => set_problem(None),
-                Ok(Err(e)) => {
-                    tracing::warn!(error = %format!("{e:#}"), "heartbeat failed");
-                    set_problem(Some(format!("{e:#}")));
-                }
-                Err(_) => set_problem(Some("the datastore did not answer in time".into())),
             }
         }
     });

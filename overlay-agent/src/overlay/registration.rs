@@ -5,12 +5,13 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
 use calyx_dataplane::{Link, Netlink};
 use calyx_ipam::allocator::AllocationRequest;
-use calyx_ipam::model::{node_key, tunnel_handle_id, AllocationAttrs, NodeRecord};
-use calyx_ipam::store::{Expect, StoreError, Write};
+use calyx_ipam::model::{tunnel_handle_id, AllocationAttrs, NodeRecord};
+use calyx_ipam::store::StoreError;
 use calyx_ipam::{unix_now, Ipam, IpamError};
+
+use super::error::{OverlayError, Result};
 use sha1::{Digest, Sha1};
 
 #[derive(Debug, Clone)]
@@ -41,7 +42,7 @@ pub async fn detect_underlay(
     nl: &Netlink,
     interface: Option<&str>,
     ip: Option<IpAddr>,
-) -> anyhow::Result<Underlay> {
+) -> Result<Underlay> {
     let addresses = nl.all_addresses().await?;
     let first_address_of = |index: u32| {
         let global = addresses
@@ -55,21 +56,25 @@ pub async fn detect_underlay(
     };
     if let Some(ip) = ip {
         let Some((index, _, _)) = addresses.iter().find(|(_, a, _)| *a == ip) else {
-            bail!("--underlay-ip {ip}: no interface on this node has that address");
+            return Err(OverlayError::Config(format!(
+                "--underlay-ip {ip}: no interface on this node has that address"
+            )));
         };
         let link = nl
             .link_by_index(*index)
             .await?
-            .context("underlay link vanished")?;
+            .ok_or_else(|| OverlayError::Kernel("underlay link vanished".into()))?;
         return Ok(Underlay { link, ip });
     }
     if let Some(name) = interface {
-        let link = nl
-            .link_by_name(name)
-            .await?
-            .with_context(|| format!("--underlay-interface {name}: no such interface"))?;
-        let ip = first_address_of(link.index)
-            .with_context(|| format!("--underlay-interface {name}: it has no global address"))?;
+        let link = nl.link_by_name(name).await?.ok_or_else(|| {
+            OverlayError::Config(format!("--underlay-interface {name}: no such interface"))
+        })?;
+        let ip = first_address_of(link.index).ok_or_else(|| {
+            OverlayError::Config(format!(
+                "--underlay-interface {name}: it has no global address"
+            ))
+        })?;
         return Ok(Underlay { link, ip });
     }
     for v4 in [true, false] {
@@ -82,13 +87,13 @@ pub async fn detect_underlay(
             let link = nl
                 .link_by_index(route.device)
                 .await?
-                .context("default route's link vanished")?;
+                .ok_or_else(|| OverlayError::Kernel("default route's link vanished".into()))?;
             if let Some(ip) = first_address_of(link.index) {
                 return Ok(Underlay { link, ip });
             }
         }
     }
-    bail!("cannot detect the underlay: no default route with a source address; pass --underlay-interface or --underlay-ip")
+    Err(OverlayError::Config("cannot detect the underlay: no default route with a source address; pass --underlay-interface or --underlay-ip".into()))
 }
 
 /// A stable, locally administered unicast MAC for this node's VTEP, derived from its
@@ -103,7 +108,7 @@ pub fn vtep_mac(node: &str) -> [u8; 6] {
 
 /// The VXLAN tunnel addresses of this node: one per pool family, from the node's own
 /// block (claiming the first block when the node has none). Waits for pools to exist.
-pub async fn tunnel_addresses(ipam: &Ipam<'_>, node: &str) -> anyhow::Result<Vec<IpAddr>> {
+pub async fn tunnel_addresses(ipam: &Ipam<'_>, node: &str) -> Result<Vec<IpAddr>> {
     let request = AllocationRequest {
         handle_id: tunnel_handle_id(node),
         network: "calyx-agent".into(),
@@ -123,10 +128,10 @@ pub async fn tunnel_addresses(ipam: &Ipam<'_>, node: &str) -> anyhow::Result<Vec
 /// Runs a startup step again (backing off up to 5 s) while the datastore is
 /// unavailable or has no pool yet, so the agent behaves the same with or without
 /// flags that write to it; any other error ends the start.
-pub async fn retry_while_waiting<T, F, Fut>(what: &str, mut step: F) -> anyhow::Result<T>
+pub async fn retry_while_waiting<T, F, Fut>(what: &str, mut step: F) -> Result<T>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, IpamError>>,
+    Fut: std::future::Future<Output = std::result::Result<T, IpamError>>,
 {
     let mut delay = Duration::from_millis(200);
     loop {
@@ -138,33 +143,21 @@ where
             Err(IpamError::Store(e @ StoreError::Unavailable { .. })) => {
                 tracing::warn!(error = %e, retry_in = ?delay, "{what}: datastore unavailable; retrying");
             }
-            Err(e) => return Err(anyhow::Error::from(e).context(what.to_string())),
+            Err(source) => {
+                return Err(OverlayError::Step {
+                    what: what.to_string(),
+                    source,
+                })
+            }
         }
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
 }
 
-/// Writes or updates `nodes/<name>`, bumping the heartbeat. Returns the record.
-pub async fn register(ipam: &Ipam<'_>, mut record: NodeRecord) -> anyhow::Result<NodeRecord> {
-    let key = node_key(&record.name);
-    loop {
-        let current = ipam.store().get(&key).await?;
-        let previous: Option<NodeRecord> = current
-            .as_ref()
-            .and_then(|v| serde_json::from_str(&v.value).ok());
-        record.heartbeat = previous.map_or(1, |p| p.heartbeat + 1);
-        let write = Write::Put {
-            key: key.clone(),
-            value: serde_json::to_string(&record)?,
-            expect: Expect::from_current(current.as_ref()),
-        };
-        match ipam.store().commit(vec![write]).await {
-            Ok(_) => return Ok(record),
-            Err(StoreError::Conflict { .. }) => continue,
-            Err(e) => return Err(e.into()),
-        }
-    }
+/// Writes or updates this node's record, bumping the heartbeat. Returns the record.
+pub async fn register(ipam: &Ipam<'_>, record: NodeRecord) -> Result<NodeRecord> {
+    Ok(ipam.register_node(record).await?)
 }
 
 pub fn describe(record: &NodeRecord) -> String {
@@ -175,14 +168,15 @@ pub fn describe(record: &NodeRecord) -> String {
 }
 
 /// Leaves `nodename` and `mtu` for the CNI plugin (written whole, then renamed).
-pub fn write_state_files(dir: &Path, node: &str, pod_mtu: u32) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+pub fn write_state_files(dir: &Path, node: &str, pod_mtu: u32) -> Result<()> {
+    let file = |what: String| move |source| OverlayError::File { what, source };
+    std::fs::create_dir_all(dir).map_err(file(format!("create {}", dir.display())))?;
     for (name, value) in [("nodename", node.to_string()), ("mtu", pod_mtu.to_string())] {
         let path = dir.join(name);
         let tmp = dir.join(format!(".{name}.tmp"));
         std::fs::write(&tmp, format!("{value}\n"))
-            .with_context(|| format!("write {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))?;
+            .map_err(file(format!("write {}", tmp.display())))?;
+        std::fs::rename(&tmp, &path).map_err(file(format!("write {}", path.display())))?;
     }
     Ok(())
 }

@@ -59,10 +59,19 @@ pub struct ProxyConfig {
     pub ipvs_drain: std::time::Duration,
 }
 
+/// Why the service proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("the service proxy is off: nothing to start")]
+    Off,
+    #[error(transparent)]
+    Ipvs(#[from] calyx_dataplane::ipvs::IpvsError),
+}
+
 /// The kernel's proxier for `config.mode`, reading what the kernel holds for its first
 /// sync on another thread meanwhile; None for `off`. IPVS mode fails here when the
 /// kernel has no IPVS.
-fn kernel_proxier(config: &ProxyConfig) -> anyhow::Result<Option<Box<dyn Proxier>>> {
+fn kernel_proxier(config: &ProxyConfig) -> Result<Option<Box<dyn Proxier>>, ProxyError> {
     let node = NodeSettings {
         nodeport_addresses: config.nodeport_addresses.clone(),
     };
@@ -138,9 +147,9 @@ impl ProxyController {
         config: ProxyConfig,
         metrics: Arc<Metrics>,
         triggers: Triggers,
-    ) -> anyhow::Result<ProxyController> {
+    ) -> Result<ProxyController, ProxyError> {
         let Some(proxier) = kernel_proxier(&config)? else {
-            anyhow::bail!("the service proxy is off: nothing to start");
+            return Err(ProxyError::Off);
         };
         tokio::task::block_in_place(|| remove_other_modes(config.mode));
         let (publisher, snapshot) = Publisher::new(triggers);
@@ -153,7 +162,7 @@ impl ProxyController {
                 config.kubeconfig.clone(),
                 config.node_name.clone(),
                 publisher,
-            )?,
+            ),
         }
         Ok(ProxyController::new(
             config.node_name,
@@ -523,11 +532,11 @@ pub fn cleanup_stale() {
 }
 
 /// `--proxy-cleanup`: everything any mode created, as `kube-proxy --cleanup` does.
-pub fn cleanup_all() -> anyhow::Result<()> {
+/// Each part that cannot be removed is logged; the others are still removed.
+pub fn cleanup_all() {
     nftables::remove_all(&NftCommand);
     iptables::remove_all(&IptablesCommand::host());
     remove_ipvs_leftovers(false);
-    Ok(())
 }
 
 #[cfg(test)]

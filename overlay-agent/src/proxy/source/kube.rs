@@ -21,11 +21,7 @@ use crate::proxy::model::{ProxyState, Service, ServiceKey, Slice};
 
 /// Connects (in-cluster config, or `kubeconfig`) and follows the API from a task of
 /// its own; retries the connection until it works.
-pub fn spawn(
-    kubeconfig: Option<PathBuf>,
-    node: String,
-    publisher: Publisher,
-) -> anyhow::Result<()> {
+pub fn spawn(kubeconfig: Option<PathBuf>, node: String, publisher: Publisher) {
     tokio::spawn(async move {
         let mut wait = Duration::from_millis(500);
         let client = loop {
@@ -44,7 +40,6 @@ pub fn spawn(
         };
         follow(client, &node, publisher).await;
     });
-    Ok(())
 }
 
 /// What one watcher has seen, converted, keyed by the object's namespace and name.
