@@ -67,8 +67,8 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
     let container_id = env.container_id()?;
     let ifname = env.ifname()?;
     let netns = env.netns()?;
-    let node = conf.node_name()?;
-    let mtu = conf.mtu()?;
+    let node = conf.resolve_node_name()?;
+    let mtu = conf.resolve_mtu()?;
     let pools = conf.pools()?;
     let host_veth = veth_name_for(env, container_id, ifname);
     let started = std::time::Instant::now();
@@ -285,7 +285,7 @@ async fn gc(conf: &NetConf) -> CniResult<()> {
         .iter()
         .map(|a| handle_id(&conf.name, &a.container_id, &a.ifname))
         .collect();
-    let node = conf.node_name()?;
+    let node = conf.resolve_node_name()?;
     let store = open_store(conf)?;
     let ipam = host_ipam(store.as_ref(), conf);
     let mut first_error = None;

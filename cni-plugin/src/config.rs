@@ -246,7 +246,7 @@ impl NetConf {
 
     /// nodeName from the config, else what the agent wrote, else the hostname. With
     /// `requireAgent`, the agent must have registered that same name.
-    pub fn node_name(&self) -> CniResult<String> {
+    pub fn resolve_node_name(&self) -> CniResult<String> {
         if let Some(name) = self.node_name.as_ref().filter(|_| !self.require_agent) {
             return Ok(name.clone());
         }
@@ -286,7 +286,7 @@ impl NetConf {
     }
 
     /// mtu from the config, else what the agent wrote, else 1450.
-    pub fn mtu(&self) -> CniResult<u32> {
+    pub fn resolve_mtu(&self) -> CniResult<u32> {
         if let Some(mtu) = self.mtu {
             return Ok(mtu);
         }
@@ -413,8 +413,8 @@ mod tests {
         .unwrap();
         conf.validate().unwrap();
         assert_eq!(conf.datastore(), "file:///tmp/s");
-        assert_eq!(conf.node_name().unwrap(), "node-1");
-        assert_eq!(conf.mtu().unwrap(), 1400);
+        assert_eq!(conf.resolve_node_name().unwrap(), "node-1");
+        assert_eq!(conf.resolve_mtu().unwrap(), 1400);
         let pools = conf.pools().unwrap();
         assert_eq!((pools[0].block_size, pools[1].block_size), (24, 122));
     }
@@ -509,7 +509,10 @@ mod tests {
             require_agent: true,
             ..Default::default()
         };
-        for err in [conf.node_name().unwrap_err(), conf.mtu().unwrap_err()] {
+        for err in [
+            conf.resolve_node_name().unwrap_err(),
+            conf.resolve_mtu().unwrap_err(),
+        ] {
             assert_eq!(err.code, Code::TryAgainLater);
             assert!(
                 err.msg.contains("not registered this node yet"),
@@ -519,10 +522,10 @@ mod tests {
         }
         std::fs::write(dir.path().join("nodename"), "node-1\n").unwrap();
         std::fs::write(dir.path().join("mtu"), "1400\n").unwrap();
-        assert_eq!(conf.node_name().unwrap(), "node-1");
-        assert_eq!(conf.mtu().unwrap(), 1400);
+        assert_eq!(conf.resolve_node_name().unwrap(), "node-1");
+        assert_eq!(conf.resolve_mtu().unwrap(), 1400);
         std::fs::write(dir.path().join("nodename"), "node-2\n").unwrap();
-        let err = conf.node_name().unwrap_err();
+        let err = conf.resolve_node_name().unwrap_err();
         assert_eq!(err.code, Code::InvalidConfig);
         assert!(err.msg.contains("node-2"), "{}", err.msg);
         // Without it (a runtime test, a host without the agent), the old fallbacks hold.
@@ -531,8 +534,8 @@ mod tests {
             state_dir: Some(dir.path().to_path_buf()),
             ..Default::default()
         };
-        assert_eq!(conf.mtu().unwrap(), DEFAULT_MTU);
-        assert!(conf.node_name().is_ok());
+        assert_eq!(conf.resolve_mtu().unwrap(), DEFAULT_MTU);
+        assert!(conf.resolve_node_name().is_ok());
     }
 
     #[test]
@@ -544,12 +547,12 @@ mod tests {
         };
         for bad in ["0", "70000", "big"] {
             std::fs::write(dir.path().join("mtu"), bad).unwrap();
-            let err = conf.mtu().unwrap_err();
+            let err = conf.resolve_mtu().unwrap_err();
             assert_eq!(err.code, Code::InvalidConfig);
             assert!(err.msg.contains("mtu"), "{}", err.msg);
         }
         std::fs::write(dir.path().join("mtu"), "1400\n").unwrap();
-        assert_eq!(conf.mtu().unwrap(), 1400);
+        assert_eq!(conf.resolve_mtu().unwrap(), 1400);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Many rtnetlink requests per send on one synchronous socket, then their
 //! acknowledgements: what `ip -batch` does. For thousands of FDB, neighbour, nexthop
-//! and route entries this is 3-5x faster than one request at a time through the
-//! async connection (measured in `make bench-agent`'s 10,000-node sync).
+//! and route entries it is several times faster than one request at a time through
+//! the async connection (`make bench-agent` measures it).
 
 use std::io;
 use std::net::IpAddr;

@@ -388,8 +388,7 @@ impl IpvsNetlink {
     }
 
     /// One dump request on `socket` (a dump of every service's servers reuses one
-    /// socket: a socket per service cost 10,000 of them at 10,000 Services); the
-    /// attributes of each reply.
+    /// socket rather than opening one per service); the attributes of each reply.
     fn dump_of(&self, socket: &mut NlSocket, cmd: u8, attrs: Attrs) -> Result<Vec<Vec<u8>>> {
         let replies = socket
             .dump(&self.message(cmd, attrs, NLM_F_REQUEST | NLM_F_DUMP))

@@ -3,6 +3,7 @@
 //! else in the workspace builds netlink messages.
 
 pub mod batch;
+pub mod conntrack;
 #[cfg(feature = "firewall")]
 pub mod firewall;
 #[cfg(feature = "firewall")]

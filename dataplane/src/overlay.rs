@@ -232,8 +232,8 @@ pub fn monitor() -> Result<mpsc::UnboundedReceiver<KernelEvent>> {
     let (mut connection, _handle, mut messages) =
         rtnetlink::new_multicast_connection(&groups).map_err(subscribe_error)?;
     use netlink_sys::AsyncSocket;
-    // Room for the burst of events a big sync of our own causes (40k entries at
-    // 10,000 nodes), so that other changes in it are not dropped (ENOBUFS). The
+    // Room for the burst of events a big sync of our own causes (four entries per
+    // node), so that other changes in it are not dropped (ENOBUFS). The
     // kernel caps it at net.core.rmem_max; whatever is dropped, the resync repairs.
     connection
         .socket_mut()

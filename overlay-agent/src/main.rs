@@ -10,8 +10,9 @@ mod overlay;
 mod proxy;
 mod runtime;
 
-/// Static builds link musl, whose allocator made the first sync at 10,000 Services ~1.4x
-/// slower than glibc's; mimalloc brings it back (bench-proxy, measured side by side).
+/// Static builds link musl, whose allocator is slow for the agent's many small
+/// allocations; mimalloc brings large syncs back to glibc's speed (see README's
+/// benchmarks).
 #[cfg(target_env = "musl")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -378,8 +378,9 @@ impl Transaction {
     }
 }
 
-/// Chains per restore when a transaction is cut (see `Transaction::split`): 10,000
-/// Services in kube-proxy's layout load in 5.1 s at 1,500, 5.5 s at 3,000, 25 s uncut.
+/// Chains per restore when a transaction is cut (see `Transaction::split`): large
+/// enough to keep the restores few, small enough to stay off iptables-nft's quadratic
+/// cost (README's benchmarks give the figures).
 pub const CHAINS_PER_RESTORE: usize = 1500;
 
 pub trait Backend: Send + Sync {
@@ -683,7 +684,7 @@ impl Backend for IptablesCommand {
     }
 
     /// `iptables -S <chain>` per builtin chain: a few short listings instead of the
-    /// whole nat table (tens of thousands of rules with 10,000 Services).
+    /// whole nat table, which holds several rules per Service.
     fn dump_jumps(
         &self,
         family: IpFamily,

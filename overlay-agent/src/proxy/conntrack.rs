@@ -7,6 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use calyx_dataplane::conntrack::UdpFlows;
+
 use super::model::{PortPlan, Protocol, ServiceKey};
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -26,44 +28,23 @@ pub enum Deletion {
 }
 
 impl Deletion {
-    /// The `conntrack` arguments.
-    pub fn args(&self) -> Vec<String> {
-        let mut args: Vec<String> = ["-D", "-p", "udp"].map(String::from).to_vec();
-        let mut push = |k: &str, v: String| {
-            args.push(k.into());
-            args.push(v);
-        };
-        match self {
+    /// The flows this deletes, as the dataplane's `conntrack` call takes them.
+    pub fn flows(&self) -> UdpFlows {
+        let (orig_dst, orig_dst_port, dst_nat) = match *self {
             Deletion::ToEndpoint {
                 address,
                 port,
                 endpoint,
-            } => {
-                push("--orig-dst", address.to_string());
-                push("--orig-port-dst", port.to_string());
-                push("--dst-nat", endpoint.to_string());
-            }
-            Deletion::NodePortToEndpoint { port, endpoint } => {
-                push("--orig-port-dst", port.to_string());
-                push("--dst-nat", endpoint.to_string());
-            }
-            Deletion::ToService { address, port } => {
-                push("--orig-dst", address.to_string());
-                push("--orig-port-dst", port.to_string());
-            }
-            Deletion::ToNodePort { port } => push("--orig-port-dst", port.to_string()),
+            } => (Some(address), port, Some(endpoint)),
+            Deletion::NodePortToEndpoint { port, endpoint } => (None, port, Some(endpoint)),
+            Deletion::ToService { address, port } => (Some(address), port, None),
+            Deletion::ToNodePort { port } => (None, port, None),
+        };
+        UdpFlows {
+            orig_dst,
+            orig_dst_port,
+            dst_nat,
         }
-        if let Some(family) = match self {
-            Deletion::ToEndpoint { address, .. } | Deletion::ToService { address, .. } => {
-                Some(address.is_ipv6())
-            }
-            Deletion::NodePortToEndpoint { endpoint, .. } => Some(endpoint.is_ipv6()),
-            Deletion::ToNodePort { .. } => None,
-        } {
-            args.push("-f".into());
-            args.push(if family { "ipv6" } else { "ipv4" }.into());
-        }
-        args
     }
 }
 
@@ -126,24 +107,10 @@ pub fn stale_udp(before: &[PortPlan], after: &[PortPlan]) -> BTreeSet<Deletion> 
     out
 }
 
-/// Runs the deletions with the `conntrack` tool; a failure is logged, never fatal
-/// (the entries time out eventually, and the next change retries nothing).
+/// Deletes the flows of `deletions` (see `calyx_dataplane::conntrack`).
 pub fn delete(deletions: &BTreeSet<Deletion>) {
-    for d in deletions {
-        let args = d.args();
-        match std::process::Command::new("conntrack").args(&args).output() {
-            // conntrack exits 1 when nothing matched.
-            Ok(out) if out.status.success() || out.status.code() == Some(1) => {
-                tracing::debug!(args = ?args, "conntrack entries deleted");
-            }
-            Ok(out) => tracing::warn!(
-                args = ?args,
-                error = %String::from_utf8_lossy(&out.stderr).trim(),
-                "conntrack -D failed"
-            ),
-            Err(e) => tracing::warn!(error = %e, "cannot run conntrack"),
-        }
-    }
+    let flows: Vec<UdpFlows> = deletions.iter().map(Deletion::flows).collect();
+    calyx_dataplane::conntrack::delete_udp(&flows);
 }
 
 #[cfg(test)]
@@ -172,7 +139,7 @@ mod tests {
             &udp_plans(&["10.244.1.2", "10.244.1.3"]),
             &udp_plans(&["10.244.1.3"]),
         );
-        let args: Vec<Vec<String>> = d.iter().map(Deletion::args).collect();
+        let args: Vec<Vec<String>> = d.iter().map(|d| d.flows().args()).collect();
         assert_eq!(
             args,
             [

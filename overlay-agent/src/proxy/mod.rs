@@ -364,7 +364,7 @@ impl ProxyController {
 
     /// The periodic check: whether the kernel lost anything the proxier wrote. Only a
     /// synced proxy checks.
-    fn kernel_drifted(&mut self) -> bool {
+    fn check_kernel_drift(&mut self) -> bool {
         if self.applied_state.is_none() {
             return false;
         }
@@ -417,7 +417,7 @@ impl Controller for ProxyController {
     async fn reconcile(&mut self, trigger: Trigger, full: bool) -> bool {
         let started = Instant::now();
         let outcome = tokio::task::block_in_place(|| {
-            let full = full || (trigger == Trigger::Check && self.kernel_drifted());
+            let full = full || (trigger == Trigger::Check && self.check_kernel_drift());
             if trigger == Trigger::Check {
                 self.proxier.housekeeping();
             }
@@ -815,7 +815,7 @@ mod tests {
     fn the_periodic_check_sees_a_table_deleted_by_hand() {
         let (mut c, publisher, kernel) = controller(ProxyMode::Nftables);
         assert!(
-            !c.kernel_drifted(),
+            !c.check_kernel_drift(),
             "nothing to check before the first sync"
         );
         let st = state(
@@ -824,7 +824,7 @@ mod tests {
         );
         publisher.publish(Arc::new(st));
         c.sync(true).unwrap().unwrap();
-        assert!(!c.kernel_drifted());
+        assert!(!c.check_kernel_drift());
         nft::Backend::apply(
             kernel.nft.as_ref(),
             &nft::Transaction {
@@ -834,9 +834,9 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(c.kernel_drifted());
+        assert!(c.check_kernel_drift());
         assert!(c.sync(true).unwrap().unwrap().writes > 0);
-        assert!(!c.kernel_drifted());
+        assert!(!c.check_kernel_drift());
     }
 
     #[test]

@@ -1,9 +1,8 @@
 //! Set and map elements written straight over netlink (NFT_MSG_DELSETELEM and
 //! NFT_MSG_NEWSETELEM in one nfnetlink batch, all or nothing like `nft -f`), for
 //! transactions that only add and delete elements: what an endpoint change is. It saves
-//! the `nft` process and its cache of the table (about 5 ms of an endpoint change at
-//! 10,000 Services here, and growing with the table); what remains is the kernel's
-//! commit of an element change, 8-14 ms on this machine whatever the set's size.
+//! the `nft` process and its cache of the table, which grows with the table; what
+//! remains is the kernel's commit of the change, whatever the set's size.
 //! A transaction with anything else in it, or an element of a type not known here (an
 //! interval set, say), is left to `nft -f`: `encode` says None.
 

@@ -86,8 +86,8 @@ impl Addresses for KernelAddresses {
                     op: format!("add addresses to {DUMMY}"),
                     source: std::io::Error::from_raw_os_error(19), // ENODEV
                 })?;
-            // One connection, many requests in flight: 10,000 addresses one at a time
-            // cost a round trip each.
+            // One connection, many requests in flight: one at a time, each address
+            // costs a round trip.
             let results: Vec<_> = futures::stream::iter(ips)
                 .map(|ip| nl.add_address(&link, *ip, host_prefix(ip), true))
                 .buffer_unordered(ADDRESS_REQUESTS_IN_FLIGHT)

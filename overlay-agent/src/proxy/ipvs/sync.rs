@@ -28,8 +28,8 @@ pub struct IpvsSync {
     /// What the kernel held after the last write (None: read it again).
     services: Option<Services>,
     sets: [IpsetSync; 2],
-    /// Both families' sets, read with one `ipset save` (at 10,000 Services it lists
-    /// 40,000 entries), each family's taken by its next full sync.
+    /// Both families' sets, read with one `ipset save` (a listing grows with the
+    /// Services), each family's taken by its next full sync.
     sets_read: [Option<ipset::HeldSets>; 2],
     addresses: Option<BTreeSet<IpAddr>>,
     /// Real servers being drained, and since when.
@@ -135,8 +135,7 @@ impl IpvsSync {
         let t_rules = t0.elapsed();
 
         // Addresses and virtual services: both families' are read together, once per
-        // full sync (the caller's `forget`); at 10,000 Services a read is 10,001
-        // requests.
+        // full sync (the caller's `forget`): a read is a request per Service.
         if self.addresses.is_none() {
             let held = match backends.addresses.held()? {
                 Some(held) => held,
