@@ -456,46 +456,41 @@ impl RulesetSync {
         Ok(tx)
     }
 
-    /// Writes only the chains in `touched` (their rules as `desired` has them, or their
-    /// removal where it has none), compared with what was last written; the jumps and
-    /// every other chain are taken to be as the last sync left them. With nothing
-    /// written yet it is a full sync.
-    pub fn sync_touched(
+    /// As `sync`, but remembers only the jumps it wrote, not a copy of every chain: for
+    /// a caller that holds the wanted ruleset itself and hands `sync_changed` the old
+    /// versions of the chains a change touches.
+    pub fn sync_held(
         &mut self,
         backend: &dyn Backend,
         desired: &Ruleset,
+        reread: bool,
+    ) -> Result<Transaction, FirewallError> {
+        let tx = self.sync(backend, desired, reread)?;
+        self.last = Some(jumps_of(desired));
+        Ok(tx)
+    }
+
+    /// Writes the chains in `touched` as `desired` has them (or removes them), where
+    /// `before` holds those chains as the last sync left them (a chain `before` lacks
+    /// was not there). With nothing written yet it is a full sync that reads the
+    /// kernel.
+    pub fn sync_changed(
+        &mut self,
+        backend: &dyn Backend,
+        before: &Ruleset,
+        desired: &Ruleset,
         touched: &ChainNames,
     ) -> Result<Transaction, FirewallError> {
-        let Some(mut last) = self.last.take() else {
-            return self.sync(backend, desired, false);
-        };
-        let only = |from: &Ruleset| {
-            let mut out = Ruleset::new(from.family);
-            for (table, chain) in touched {
-                if let Some(rules) = from.tables.get(table).and_then(|t| t.chains.get(chain)) {
-                    out.table(table).chains.insert(chain.clone(), rules.clone());
-                }
-            }
-            out
-        };
-        let tx = plan(&only(&last), &only(desired));
+        if self.last.is_none() {
+            return self.sync_held(backend, desired, true);
+        }
+        let tx = plan(&only(before, touched), &only(desired, touched));
         if !tx.is_empty() {
-            // On failure `last` stays empty: the next sync reads the kernel again.
-            backend.apply(&tx)?;
-        }
-        for (table, chain) in touched {
-            let wanted = desired.tables.get(table).and_then(|t| t.chains.get(chain));
-            let held = last.table(table);
-            match wanted {
-                Some(rules) => {
-                    held.chains.insert(chain.clone(), rules.clone());
-                }
-                None => {
-                    held.chains.remove(chain);
-                }
+            if let Err(e) = backend.apply(&tx) {
+                self.last = None; // The next sync reads the kernel again.
+                return Err(e);
             }
         }
-        self.last = Some(last);
         Ok(tx)
     }
 
@@ -524,6 +519,26 @@ impl RulesetSync {
                 .any(|j| !have.jumps.contains(j) || (j.first && have.below_foreign.contains(j)))
         }))
     }
+}
+
+/// The chains of `from` named in `touched` (no jumps).
+fn only(from: &Ruleset, touched: &ChainNames) -> Ruleset {
+    let mut out = Ruleset::new(from.family);
+    for (table, chain) in touched {
+        if let Some(rules) = from.tables.get(table).and_then(|t| t.chains.get(chain)) {
+            out.table(table).chains.insert(chain.clone(), rules.clone());
+        }
+    }
+    out
+}
+
+/// `ruleset`'s jumps alone (what `jumps_drifted` compares).
+fn jumps_of(ruleset: &Ruleset) -> Ruleset {
+    let mut out = Ruleset::new(ruleset.family);
+    for (table, rules) in &ruleset.tables {
+        out.table(table).jumps = rules.jumps.clone();
+    }
+    out
 }
 
 /// Parses `iptables-save` output: the owned chains' rules and the jumps into them.
@@ -919,7 +934,7 @@ mod tests {
     }
 
     #[test]
-    fn a_touched_sync_writes_only_the_touched_chains_and_remembers_them() {
+    fn a_changed_sync_writes_only_the_touched_chains_from_their_old_versions() {
         let fake = RecordingIptables::new();
         let mut sync = RulesetSync::new(owner());
         let mut want = Ruleset::new(IpFamily::V4);
@@ -928,10 +943,16 @@ mod tests {
             nat.chains.insert(name.into(), vec!["-j RETURN".into()]);
         }
         nat.jumps = vec![Jump::new("PREROUTING", "-j CALYX-SVC-A")];
-        sync.sync(&fake, &want, true).unwrap();
+        sync.sync_held(&fake, &want, true).unwrap();
         fake.take_inputs();
-        // B changes, C comes, A goes from the wanted state but is not touched: only B
-        // and C are written, and A stays.
+        // Only the jumps are kept: the drift check still works.
+        assert!(!sync.jumps_drifted(&fake).unwrap());
+        // B changes and C comes: only they are written, planned from B's old version.
+        let mut before = Ruleset::new(IpFamily::V4);
+        before
+            .table("nat")
+            .chains
+            .insert("CALYX-SVC-B".into(), vec!["-j RETURN".into()]);
         let nat = want.table("nat");
         nat.chains
             .insert("CALYX-SVC-B".into(), vec!["-j ACCEPT".into()]);
@@ -939,7 +960,7 @@ mod tests {
             .insert("CALYX-SVC-C".into(), vec!["-j DROP".into()]);
         let touched: ChainNames =
             [("nat", "CALYX-SVC-B".into()), ("nat", "CALYX-SVC-C".into())].into();
-        let tx = sync.sync_touched(&fake, &want, &touched).unwrap();
+        let tx = sync.sync_changed(&fake, &before, &want, &touched).unwrap();
         assert_eq!(
             tx.restore_input(),
             "*nat\n:CALYX-SVC-B - [0:0]\n-A CALYX-SVC-B -j ACCEPT\n:CALYX-SVC-C - [0:0]\n-A CALYX-SVC-C -j DROP\nCOMMIT\n"
@@ -948,21 +969,41 @@ mod tests {
             fake.chain(IpFamily::V4, "nat", "CALYX-SVC-A"),
             Some(vec!["-j RETURN".into()])
         );
-        // Touched again with nothing new: nothing to write.
-        assert!(sync
-            .sync_touched(&fake, &want, &touched)
-            .unwrap()
-            .is_empty());
         // C touched and no longer wanted: removed.
+        let mut before = Ruleset::new(IpFamily::V4);
+        before
+            .table("nat")
+            .chains
+            .insert("CALYX-SVC-C".into(), vec!["-j DROP".into()]);
         want.table("nat").chains.remove("CALYX-SVC-C");
         let tx = sync
-            .sync_touched(&fake, &want, &[("nat", "CALYX-SVC-C".to_string())].into())
+            .sync_changed(
+                &fake,
+                &before,
+                &want,
+                &[("nat", "CALYX-SVC-C".to_string())].into(),
+            )
             .unwrap();
         assert_eq!(
             tx.restore_input(),
             "*nat\n:CALYX-SVC-C - [0:0]\n-X CALYX-SVC-C\nCOMMIT\n"
         );
         assert_eq!(fake.chain(IpFamily::V4, "nat", "CALYX-SVC-C"), None);
+        // A failed write: the next changed sync reads the kernel and writes it whole.
+        fake.fail_next_apply();
+        want.table("nat")
+            .chains
+            .insert("CALYX-SVC-D".into(), vec!["-j DROP".into()]);
+        let d: ChainNames = [("nat", "CALYX-SVC-D".to_string())].into();
+        assert!(sync
+            .sync_changed(&fake, &Ruleset::new(IpFamily::V4), &want, &d)
+            .is_err());
+        sync.sync_changed(&fake, &Ruleset::new(IpFamily::V4), &want, &d)
+            .unwrap();
+        assert_eq!(
+            fake.chain(IpFamily::V4, "nat", "CALYX-SVC-D"),
+            Some(vec!["-j DROP".into()])
+        );
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub struct RulesAssembler {
     ruleset: Ruleset,
     services: BTreeMap<ServiceKey, ServiceShare>,
     node_ports_last: Vec<String>,
+    /// The chains touched since `take_before`, as they were before (the firewall
+    /// layer plans a change from them, so it need not hold a copy of the ruleset).
+    before: Ruleset,
 }
 
 impl RulesAssembler {
@@ -37,6 +40,7 @@ impl RulesAssembler {
             ruleset: chains::skeleton(family),
             services: BTreeMap::new(),
             node_ports_last: chains::node_ports_last(family, node),
+            before: Ruleset::new(family),
         };
         assembler.lay_out(&[SharedChain::NatServices].into());
         assembler
@@ -44,6 +48,28 @@ impl RulesAssembler {
 
     pub fn ruleset(&self) -> &Ruleset {
         &self.ruleset
+    }
+
+    /// The touched chains as they were before the changes since the last call.
+    pub fn take_before(&mut self) -> Ruleset {
+        std::mem::replace(&mut self.before, Ruleset::new(self.ruleset.family))
+    }
+
+    /// Notes `chain` as it is now, the first time a change touches it.
+    fn remember(&mut self, table: &'static str, chain: &str, touched: &mut ChainNames) {
+        if touched.insert((table, chain.to_string())) {
+            if let Some(rules) = self
+                .ruleset
+                .tables
+                .get(table)
+                .and_then(|t| t.chains.get(chain))
+            {
+                self.before
+                    .table(table)
+                    .chains
+                    .insert(chain.to_string(), rules.clone());
+            }
+        }
     }
 
     /// Replaces one Service's rules (its plans in this family; none: it is gone),
@@ -59,18 +85,17 @@ impl RulesAssembler {
         sorted.sort_by(|a, b| a.port_name.cmp(&b.port_name));
         let ServiceRules { chains, shared } = chains::service_rules(&sorted, self.ruleset.family);
         let (old_chains, old_shared) = self.services.remove(key).unwrap_or_default();
-        let nat = self.ruleset.table("nat");
         for name in old_chains {
             if !chains.contains_key(&name) {
-                nat.chains.remove(&name);
-                touched.insert(("nat", name));
+                self.remember("nat", &name, touched);
+                self.ruleset.table("nat").chains.remove(&name);
             }
         }
         let names: Vec<String> = chains.keys().cloned().collect();
         for (name, rules) in chains {
-            if nat.chains.get(&name) != Some(&rules) {
-                nat.chains.insert(name.clone(), rules);
-                touched.insert(("nat", name));
+            if self.ruleset.table("nat").chains.get(&name) != Some(&rules) {
+                self.remember("nat", &name, touched);
+                self.ruleset.table("nat").chains.insert(name, rules);
             }
         }
         for chain in SharedChain::ALL {
@@ -85,10 +110,10 @@ impl RulesAssembler {
 
     /// Lays the shared chains in `shared_touched` out again and adds them to `touched`.
     pub fn finish(&mut self, shared_touched: &BTreeSet<SharedChain>, touched: &mut ChainNames) {
-        self.lay_out(shared_touched);
         for chain in shared_touched {
-            touched.insert((chain.table(), chain.name().to_string()));
+            self.remember(chain.table(), chain.name(), touched);
         }
+        self.lay_out(shared_touched);
     }
 
     fn lay_out(&mut self, shared: &BTreeSet<SharedChain>) {
@@ -174,10 +199,11 @@ impl IptablesProxier {
         assembler.finish(&shared, &mut touched);
         let computed = started.elapsed();
         let backend = self.backend.as_ref();
+        let before = assembler.take_before();
         let tx = if full {
-            self.rulesets[i].sync(backend, assembler.ruleset(), reread)?
+            self.rulesets[i].sync_held(backend, assembler.ruleset(), reread)?
         } else {
-            self.rulesets[i].sync_touched(backend, assembler.ruleset(), &touched)?
+            self.rulesets[i].sync_changed(backend, &before, assembler.ruleset(), &touched)?
         };
         let ops = tx.tables.iter().map(|(_, ops)| ops.len()).sum::<usize>();
         tracing::debug!(%family, ?computed, written = ?started.elapsed(), ops, "iptables sync");
