@@ -424,17 +424,24 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
 pub struct RulesetSync {
     owner: Ownership,
     last: Option<Ruleset>,
+    /// Whether `last` holds the chains too, not only the jumps (`sync_held`).
+    last_has_chains: bool,
 }
 
 impl RulesetSync {
     pub fn new(owner: Ownership) -> RulesetSync {
-        RulesetSync { owner, last: None }
+        RulesetSync {
+            owner,
+            last: None,
+            last_has_chains: false,
+        }
     }
 
     /// Takes `dumped` (what `Backend::dump` returned, read ahead of the first sync) as
     /// what the kernel holds, so the next sync need not read it again.
     pub fn start_from(&mut self, dumped: Ruleset) {
         self.last = Some(dumped);
+        self.last_has_chains = true;
     }
 
     pub fn sync(
@@ -443,16 +450,9 @@ impl RulesetSync {
         desired: &Ruleset,
         reread: bool,
     ) -> Result<Transaction, FirewallError> {
-        let current = match self.last.take() {
-            Some(last) if !reread => last,
-            _ => backend.dump(desired.family, &self.owner)?,
-        };
-        let tx = plan(&current, desired);
-        if !tx.is_empty() {
-            // On failure `last` stays empty: the next sync reads the kernel again.
-            backend.apply(&tx)?;
-        }
+        let tx = self.plan_full(backend, desired, reread)?;
         self.last = Some(desired.clone());
+        self.last_has_chains = true;
         Ok(tx)
     }
 
@@ -465,8 +465,30 @@ impl RulesetSync {
         desired: &Ruleset,
         reread: bool,
     ) -> Result<Transaction, FirewallError> {
-        let tx = self.sync(backend, desired, reread)?;
+        let tx = self.plan_full(backend, desired, reread)?;
         self.last = Some(jumps_of(desired));
+        self.last_has_chains = false;
+        Ok(tx)
+    }
+
+    /// Plans and writes the whole of `desired` against the kernel (read again unless
+    /// `last` holds every chain and no re-read was asked for). On failure nothing is
+    /// remembered: the next sync reads the kernel again.
+    fn plan_full(
+        &mut self,
+        backend: &dyn Backend,
+        desired: &Ruleset,
+        reread: bool,
+    ) -> Result<Transaction, FirewallError> {
+        let current = match self.last.take() {
+            Some(last) if !reread && self.last_has_chains => last,
+            _ => backend.dump(desired.family, &self.owner)?,
+        };
+        let tx = plan(&current, desired);
+        drop(current);
+        if !tx.is_empty() {
+            backend.apply(&tx)?;
+        }
         Ok(tx)
     }
 
@@ -1004,6 +1026,12 @@ mod tests {
             fake.chain(IpFamily::V4, "nat", "CALYX-SVC-D"),
             Some(vec!["-j DROP".into()])
         );
+        // A full sync without a re-read asked for still reads the kernel (only the
+        // jumps were kept), so a chain no longer wanted goes.
+        want.table("nat").chains.remove("CALYX-SVC-A");
+        want.table("nat").jumps.clear();
+        sync.sync_held(&fake, &want, false).unwrap();
+        assert_eq!(fake.chain(IpFamily::V4, "nat", "CALYX-SVC-A"), None);
     }
 
     #[test]
