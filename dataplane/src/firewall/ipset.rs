@@ -1,10 +1,10 @@
 //! ipsets as data: the sets an owner wants, compared with what the kernel holds, and
-//! written as ONE `ipset restore` script per sync (never one process per entry: that
-//! cost kube-proxy over 15 s per sync at 2,500 Services, kubernetes PR #93445).
-//! Entries are kept in the form `ipset save` prints, so a dump compares as text.
+//! written as one typed plan per sync (`SetOp`s): entry changes over netlink, the rest
+//! as ONE `ipset restore` (never one process per entry: that cost kube-proxy over 15 s
+//! per sync at 2,500 Services, kubernetes PR #93445). Entries are kept in the form
+//! `ipset save` prints, so a dump compares as text.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write;
 use std::sync::Mutex;
 
 use super::ipset_netlink::EntryOp;
@@ -53,91 +53,151 @@ pub struct HeldSet {
 
 pub type HeldSets = BTreeMap<String, HeldSet>;
 
+/// One step of a plan, as `ipset restore` takes it (its `Display` is the line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SetOp {
+    Create {
+        name: String,
+        kind: String,
+        options: String,
+    },
+    Add {
+        set: String,
+        entry: String,
+    },
+    Del {
+        set: String,
+        entry: String,
+    },
+    /// Exchanges two sets' contents and types.
+    Swap {
+        from: String,
+        to: String,
+    },
+    Destroy(String),
+}
+
+impl std::fmt::Display for SetOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetOp::Create {
+                name,
+                kind,
+                options,
+            } => write!(f, "create {name} {kind} {options}"),
+            SetOp::Add { set, entry } => write!(f, "add {set} {entry}"),
+            SetOp::Del { set, entry } => write!(f, "del {set} {entry}"),
+            SetOp::Swap { from, to } => write!(f, "swap {from} {to}"),
+            SetOp::Destroy(name) => write!(f, "destroy {name}"),
+        }
+    }
+}
+
+/// The `ipset restore` input for `ops`.
+pub fn script(ops: &[SetOp]) -> String {
+    ops.iter().map(|op| format!("{op}\n")).collect()
+}
+
+fn add(set: &str, entry: &str) -> SetOp {
+    SetOp::Add {
+        set: set.to_string(),
+        entry: entry.to_string(),
+    }
+}
+
+fn del(set: &str, entry: &str) -> SetOp {
+    SetOp::Del {
+        set: set.to_string(),
+        entry: entry.to_string(),
+    }
+}
+
 /// Which sets an owner has: by name.
 pub type Owns = fn(&str) -> bool;
 
-/// The restore script that turns `held` into `desired` (sets `owns` claims and
-/// `desired` lacks are destroyed; the caller removes the rules using them first).
-/// Empty when nothing differs. A set whose type changed is rebuilt beside and swapped
-/// in, so rules matching it never see it missing.
-pub fn plan(held: &HeldSets, desired: &[SetSpec], owns: Owns) -> String {
-    let mut script = String::new();
+/// The plan that turns `held` into `desired` (sets `owns` claims and `desired` lacks
+/// are destroyed; the caller removes the rules using them first). Empty when nothing
+/// differs. A set whose type changed is rebuilt beside and swapped in, so rules
+/// matching it never see it missing.
+pub fn plan(held: &HeldSets, desired: &[SetSpec], owns: Owns) -> Vec<SetOp> {
+    let mut ops = Vec::new();
     for set in desired {
+        let create = |name: &str| SetOp::Create {
+            name: name.to_string(),
+            kind: set.kind.to_string(),
+            options: set.create_options(),
+        };
         match held.get(&set.name) {
             Some(h) if h.kind == set.kind => {
-                for e in h.entries.difference(&set.entries) {
-                    let _ = writeln!(script, "del {} {e}", set.name);
-                }
-                for e in set.entries.difference(&h.entries) {
-                    let _ = writeln!(script, "add {} {e}", set.name);
-                }
+                ops.extend(
+                    h.entries
+                        .difference(&set.entries)
+                        .map(|e| del(&set.name, e)),
+                );
+                ops.extend(
+                    set.entries
+                        .difference(&h.entries)
+                        .map(|e| add(&set.name, e)),
+                );
             }
             Some(_) => {
                 let tmp = format!("{}-", &set.name[..set.name.len().min(30)]);
-                let _ = writeln!(script, "create {tmp} {} {}", set.kind, set.create_options());
-                for e in &set.entries {
-                    let _ = writeln!(script, "add {tmp} {e}");
-                }
-                let _ = writeln!(script, "swap {tmp} {}", set.name);
-                let _ = writeln!(script, "destroy {tmp}");
+                ops.push(create(&tmp));
+                ops.extend(set.entries.iter().map(|e| add(&tmp, e)));
+                ops.push(SetOp::Swap {
+                    from: tmp.clone(),
+                    to: set.name.clone(),
+                });
+                ops.push(SetOp::Destroy(tmp));
             }
             None => {
-                let _ = writeln!(
-                    script,
-                    "create {} {} {}",
-                    set.name,
-                    set.kind,
-                    set.create_options()
-                );
-                for e in &set.entries {
-                    let _ = writeln!(script, "add {} {e}", set.name);
-                }
+                ops.push(create(&set.name));
+                ops.extend(set.entries.iter().map(|e| add(&set.name, e)));
             }
         }
     }
     let wanted: BTreeSet<&str> = desired.iter().map(|s| s.name.as_str()).collect();
     for name in held.keys() {
         if owns(name) && !wanted.contains(name.as_str()) {
-            let _ = writeln!(script, "destroy {name}");
+            ops.push(SetOp::Destroy(name.clone()));
         }
     }
-    script
+    ops
 }
 
-/// What `script` does to `held`, as `ipset restore -exist` would.
-pub fn apply_to(held: &mut HeldSets, script: &str) -> Result<(), String> {
-    for line in script.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        match words.as_slice() {
-            ["create", name, kind, ..] => {
-                held.entry(name.to_string()).or_insert_with(|| HeldSet {
-                    kind: kind.to_string(),
+/// What `ops` do to `held`, as `ipset restore -exist` would; a missing set is refused.
+pub fn apply_to(held: &mut HeldSets, ops: &[SetOp]) -> Result<(), String> {
+    for op in ops {
+        match op {
+            SetOp::Create { name, kind, .. } => {
+                held.entry(name.clone()).or_insert_with(|| HeldSet {
+                    kind: kind.clone(),
                     entries: BTreeSet::new(),
                 });
             }
-            ["add", name, entry] => {
-                held.get_mut(*name)
-                    .ok_or(format!("add to missing set {name}"))?
+            SetOp::Add { set, entry } => {
+                held.get_mut(set)
+                    .ok_or(format!("add to missing set {set}"))?
                     .entries
-                    .insert(entry.to_string());
+                    .insert(entry.clone());
             }
-            ["del", name, entry] => {
-                held.get_mut(*name)
-                    .ok_or(format!("del from missing set {name}"))?
+            SetOp::Del { set, entry } => {
+                held.get_mut(set)
+                    .ok_or(format!("del from missing set {set}"))?
                     .entries
-                    .remove(*entry);
+                    .remove(entry);
             }
-            ["swap", a, b] => {
-                let x = held.remove(*a).ok_or(format!("swap of missing set {a}"))?;
-                let y = held.remove(*b).ok_or(format!("swap of missing set {b}"))?;
-                held.insert(a.to_string(), y);
-                held.insert(b.to_string(), x);
+            SetOp::Swap { from, to } => {
+                let x = held
+                    .remove(from)
+                    .ok_or(format!("swap of missing set {from}"))?;
+                let y = held.remove(to).ok_or(format!("swap of missing set {to}"))?;
+                held.insert(from.clone(), y);
+                held.insert(to.clone(), x);
             }
-            ["destroy", name] => {
-                held.remove(*name);
+            SetOp::Destroy(name) => {
+                held.remove(name);
             }
-            [] => {}
-            _ => return Err(format!("not understood: {line}")),
         }
     }
     Ok(())
@@ -171,8 +231,8 @@ pub fn parse_save(text: &str, owns: Owns) -> HeldSets {
 
 pub trait Backend: Send + Sync {
     fn dump(&self, owns: Owns) -> Result<HeldSets, FirewallError>;
-    /// Runs the script as one `ipset restore -exist`.
-    fn restore(&self, script: &str) -> Result<(), FirewallError>;
+    /// Writes `ops` in order, as one `ipset restore -exist` would.
+    fn apply(&self, ops: &[SetOp]) -> Result<(), FirewallError>;
 }
 
 /// A shared backend is a backend: tests keep a handle on the fake they hand over.
@@ -180,8 +240,8 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     fn dump(&self, owns: Owns) -> Result<HeldSets, FirewallError> {
         (**self).dump(owns)
     }
-    fn restore(&self, script: &str) -> Result<(), FirewallError> {
-        (**self).restore(script)
+    fn apply(&self, ops: &[SetOp]) -> Result<(), FirewallError> {
+        (**self).apply(ops)
     }
 }
 
@@ -193,12 +253,12 @@ impl Backend for IpsetCommand {
         Ok(parse_save(&run_tool("ipset", &["save"], None)?, owns))
     }
 
-    /// Runs of `add` and `del` lines go over netlink (`ipset_netlink`); the rest
-    /// (create, swap, destroy, and entries of a form netlink is not taught) to
-    /// `ipset restore -exist`, in the script's order.
-    fn restore(&self, script: &str) -> Result<(), FirewallError> {
+    /// Runs of adds and dels go over netlink (`ipset_netlink`); the rest (create,
+    /// swap, destroy, and entries of a form netlink is not taught) to `ipset restore
+    /// -exist`, in the plan's order.
+    fn apply(&self, ops: &[SetOp]) -> Result<(), FirewallError> {
         let tool = |text: &str| run_tool("ipset", &["restore", "-exist"], Some(text)).map(|_| ());
-        for segment in segments(script) {
+        for segment in segments(ops) {
             match segment {
                 Segment::Entries(ops) => match super::ipset_netlink::encode(&ops) {
                     Some(requests) => {
@@ -211,42 +271,54 @@ impl Backend for IpsetCommand {
                     }
                     None => tool(&text_of(&ops))?,
                 },
-                Segment::Script(text) => tool(&text)?,
+                Segment::Other(ops) => tool(&script(ops))?,
             }
         }
         Ok(())
     }
 }
 
-/// A run of a restore script: entries only, or anything else.
+/// A run of a plan: entries only, or anything else.
 #[derive(Debug, PartialEq)]
 enum Segment<'a> {
     Entries(Vec<EntryOp<'a>>),
-    Script(String),
+    Other(&'a [SetOp]),
 }
 
-fn segments(script: &str) -> Vec<Segment<'_>> {
+fn segments(ops: &[SetOp]) -> Vec<Segment<'_>> {
     let mut out: Vec<Segment> = Vec::new();
-    for line in script.lines() {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let op = match words.as_slice() {
-            [verb @ ("add" | "del"), set, entry] => Some(EntryOp {
-                add: *verb == "add",
+    let mut other_from = None;
+    for (i, op) in ops.iter().enumerate() {
+        let entry = match op {
+            SetOp::Add { set, entry } => Some(EntryOp {
+                add: true,
                 set,
                 entry,
             }),
-            [] => continue,
+            SetOp::Del { set, entry } => Some(EntryOp {
+                add: false,
+                set,
+                entry,
+            }),
             _ => None,
         };
-        match (op, out.last_mut()) {
-            (Some(op), Some(Segment::Entries(ops))) => ops.push(op),
-            (Some(op), _) => out.push(Segment::Entries(vec![op])),
-            (None, Some(Segment::Script(text))) => {
-                text.push_str(line);
-                text.push('\n');
+        match entry {
+            Some(entry) => {
+                if let Some(from) = other_from.take() {
+                    out.push(Segment::Other(&ops[from..i]));
+                }
+                match out.last_mut() {
+                    Some(Segment::Entries(run)) => run.push(entry),
+                    _ => out.push(Segment::Entries(vec![entry])),
+                }
             }
-            (None, _) => out.push(Segment::Script(format!("{line}\n"))),
+            None => {
+                other_from.get_or_insert(i);
+            }
         }
+    }
+    if let Some(from) = other_from {
+        out.push(Segment::Other(&ops[from..]));
     }
     out
 }
@@ -278,22 +350,22 @@ impl IpsetSync {
         self.last = Some(held);
     }
 
-    /// Writes what differs; returns the script written (empty: nothing).
+    /// Writes what differs; returns the plan written (empty: nothing).
     pub fn sync(
         &mut self,
         backend: &dyn Backend,
         desired: &[SetSpec],
         reread: bool,
-    ) -> Result<String, FirewallError> {
+    ) -> Result<Vec<SetOp>, FirewallError> {
         let mut held = match self.last.take() {
             Some(last) if !reread => last,
             _ => backend.dump(self.owns)?,
         };
-        let script = plan(&held, desired, self.owns);
+        let ops = plan(&held, desired, self.owns);
         // On failure `last` stays empty: the next sync reads the kernel.
-        write(backend, &mut held, &script)?;
+        write(backend, &mut held, &ops)?;
         self.last = Some(held);
-        Ok(script)
+        Ok(ops)
     }
 
     /// A partial sync: writes only the `touched` entries (set name, entry) that differ
@@ -304,7 +376,7 @@ impl IpsetSync {
         backend: &dyn Backend,
         desired: &[SetSpec],
         touched: impl IntoIterator<Item = (&'a str, &'a str)>,
-    ) -> Result<String, FirewallError> {
+    ) -> Result<Vec<SetOp>, FirewallError> {
         let touched: Vec<(&str, &str)> = touched.into_iter().collect();
         let wanted = |name: &str| desired.iter().find(|s| s.name == name);
         // A set added or removed, or nothing to compare with: only a full sync does.
@@ -316,37 +388,35 @@ impl IpsetSync {
         if !partial {
             return self.sync(backend, desired, self.last.is_none());
         }
-        let held = self.last.as_mut().expect("checked above");
-        let mut script = String::new();
+        let Some(held) = self.last.as_mut() else {
+            return self.sync(backend, desired, true);
+        };
+        let mut ops = Vec::new();
         for (name, entry) in touched {
-            let want = wanted(name).expect("checked above").entries.contains(entry);
+            let want = wanted(name).is_some_and(|s| s.entries.contains(entry));
             match (want, held[name].entries.contains(entry)) {
-                (true, false) => {
-                    let _ = writeln!(script, "add {name} {entry}");
-                }
-                (false, true) => {
-                    let _ = writeln!(script, "del {name} {entry}");
-                }
+                (true, false) => ops.push(add(name, entry)),
+                (false, true) => ops.push(del(name, entry)),
                 _ => {}
             }
         }
-        if let Err(e) = write(backend, held, &script) {
+        if let Err(e) = write(backend, held, &ops) {
             self.last = None; // Part of it may have taken effect.
             return Err(e);
         }
-        Ok(script)
+        Ok(ops)
     }
 }
 
-/// Writes `script` (nothing when empty) and applies it to `held`, which then says what
+/// Writes `ops` (nothing when empty) and applies them to `held`, which then says what
 /// the kernel holds.
-fn write(backend: &dyn Backend, held: &mut HeldSets, script: &str) -> Result<(), FirewallError> {
-    if script.is_empty() {
+fn write(backend: &dyn Backend, held: &mut HeldSets, ops: &[SetOp]) -> Result<(), FirewallError> {
+    if ops.is_empty() {
         return Ok(());
     }
-    backend.restore(script)?;
-    apply_to(held, script).map_err(|why| FirewallError::Dump {
-        what: "the ipset script just written".into(),
+    backend.apply(ops)?;
+    apply_to(held, ops).map_err(|why| FirewallError::Dump {
+        what: "the ipset plan just written".into(),
         why,
     })
 }
@@ -388,15 +458,17 @@ impl Backend for RecordingIpset {
             .collect())
     }
 
-    fn restore(&self, script: &str) -> Result<(), FirewallError> {
+    /// Applies `ops` as the tool would (all or nothing, a missing set refused) and
+    /// records them as the script the tool would have read.
+    fn apply(&self, ops: &[SetOp]) -> Result<(), FirewallError> {
         let mut sets = self.sets.lock().unwrap();
         let mut after = sets.clone();
-        apply_to(&mut after, script).map_err(|stderr| FirewallError::Refused {
+        apply_to(&mut after, ops).map_err(|stderr| FirewallError::Refused {
             tool: "ipset (fake)".into(),
             stderr,
         })?;
         *sets = after;
-        self.scripts.lock().unwrap().push(script.to_string());
+        self.scripts.lock().unwrap().push(script(ops));
         Ok(())
     }
 }
@@ -418,28 +490,35 @@ mod tests {
     #[test]
     fn a_sync_writes_only_what_changed_and_destroys_only_owned_sets() {
         let fake = RecordingIpset::new();
-        fake.restore("create mine hash:ip family inet\nadd mine 10.0.0.1\n")
-            .unwrap();
+        fake.apply(&[
+            SetOp::Create {
+                name: "mine".into(),
+                kind: "hash:ip".into(),
+                options: "family inet".into(),
+            },
+            add("mine", "10.0.0.1"),
+        ])
+        .unwrap();
         fake.take_scripts();
         let mut sync = IpsetSync::new(owns);
         let mut want = vec![
             spec("KUBE-CLUSTER-IP", "hash:ip,port", &["10.96.0.10,tcp:80"]),
             spec("KUBE-NODE-PORT-TCP", "bitmap:port", &["30080"]),
         ];
-        let first = sync.sync(&fake, &want, true).unwrap();
+        let first = script(&sync.sync(&fake, &want, true).unwrap());
         assert!(first.contains("create KUBE-CLUSTER-IP hash:ip,port family inet"));
         assert!(first.contains("create KUBE-NODE-PORT-TCP bitmap:port range 0-65535"));
         want[0].entries.insert("10.96.0.11,udp:53".into());
         want[0].entries.remove("10.96.0.10,tcp:80");
-        let second = sync.sync(&fake, &want, false).unwrap();
+        let second = script(&sync.sync(&fake, &want, false).unwrap());
         assert_eq!(
             second,
             "del KUBE-CLUSTER-IP 10.96.0.10,tcp:80\nadd KUBE-CLUSTER-IP 10.96.0.11,udp:53\n"
         );
-        assert_eq!(sync.sync(&fake, &want, true).unwrap(), "");
+        assert!(sync.sync(&fake, &want, true).unwrap().is_empty());
         want.pop();
         assert_eq!(
-            sync.sync(&fake, &want, false).unwrap(),
+            script(&sync.sync(&fake, &want, false).unwrap()),
             "destroy KUBE-NODE-PORT-TCP\n"
         );
         assert!(fake.set("mine").is_some(), "a set Calyx does not own stays");
@@ -457,14 +536,14 @@ mod tests {
                 ],
             )
             .unwrap();
-        assert_eq!(partial, "add KUBE-CLUSTER-IP 10.96.0.12,tcp:443\n");
+        assert_eq!(script(&partial), "add KUBE-CLUSTER-IP 10.96.0.12,tcp:443\n");
         want[0].entries.remove("10.96.0.12,tcp:443");
         let partial = sync
             .sync_entries(&fake, &want, [("KUBE-CLUSTER-IP", "10.96.0.12,tcp:443")])
             .unwrap();
-        assert_eq!(partial, "del KUBE-CLUSTER-IP 10.96.0.12,tcp:443\n");
+        assert_eq!(script(&partial), "del KUBE-CLUSTER-IP 10.96.0.12,tcp:443\n");
         assert_eq!(
-            sync.sync(&fake, &want, false).unwrap(),
+            script(&sync.sync(&fake, &want, false).unwrap()),
             "add KUBE-CLUSTER-IP 10.96.0.13,tcp:443\n"
         );
     }
@@ -479,40 +558,57 @@ mod tests {
                 entries: ["10.0.0.1".to_string()].into(),
             },
         );
-        let script = plan(
+        let ops = plan(
             &held,
             &[spec("KUBE-X", "hash:ip,port", &["10.0.0.1,tcp:1"])],
             owns,
         );
-        assert!(script.contains("swap KUBE-X- KUBE-X"), "{script}");
-        apply_to(&mut held, &script).unwrap();
+        let text = script(&ops);
+        assert!(text.contains("swap KUBE-X- KUBE-X"), "{text}");
+        apply_to(&mut held, &ops).unwrap();
         assert_eq!(held["KUBE-X"].kind, "hash:ip,port");
         assert_eq!(held.len(), 1);
     }
 
     #[test]
-    fn a_script_is_cut_into_runs_of_entries_and_the_rest_in_order() {
-        let script = "create A hash:ip family inet\nadd A 10.0.0.1\nadd A 10.0.0.2\nswap B A\ndestroy B\ndel A 10.0.0.1\n";
-        let add = |entry| EntryOp {
-            add: true,
+    fn a_plan_is_cut_into_runs_of_entries_and_the_rest_in_order() {
+        let create = SetOp::Create {
+            name: "A".into(),
+            kind: "hash:ip".into(),
+            options: "family inet".into(),
+        };
+        let ops = vec![
+            create.clone(),
+            add("A", "10.0.0.1"),
+            add("A", "10.0.0.2"),
+            SetOp::Swap {
+                from: "B".into(),
+                to: "A".into(),
+            },
+            SetOp::Destroy("B".into()),
+            del("A", "10.0.0.1"),
+        ];
+        let entry = |add, entry| EntryOp {
+            add,
             set: "A",
             entry,
         };
         assert_eq!(
-            segments(script),
+            segments(&ops),
             vec![
-                Segment::Script("create A hash:ip family inet\n".into()),
-                Segment::Entries(vec![add("10.0.0.1"), add("10.0.0.2")]),
-                Segment::Script("swap B A\ndestroy B\n".into()),
-                Segment::Entries(vec![EntryOp {
-                    add: false,
-                    set: "A",
-                    entry: "10.0.0.1"
-                }]),
+                Segment::Other(&ops[0..1]),
+                Segment::Entries(vec![entry(true, "10.0.0.1"), entry(true, "10.0.0.2")]),
+                Segment::Other(&ops[3..5]),
+                Segment::Entries(vec![entry(false, "10.0.0.1")]),
             ]
         );
         assert_eq!(
-            text_of(&[add("10.0.0.1")]),
+            script(&ops[3..5]),
+            "swap B A\ndestroy B\n",
+            "as the tool reads it"
+        );
+        assert_eq!(
+            text_of(&[entry(true, "10.0.0.1")]),
             "add A 10.0.0.1\n",
             "as the tool reads it"
         );

@@ -562,8 +562,8 @@ mod tests {
             self.reads.fetch_add(1, Ordering::SeqCst);
             self.sets.dump(owns)
         }
-        fn restore(&self, script: &str) -> Result<(), FirewallError> {
-            self.sets.restore(script)
+        fn apply(&self, ops: &[ipset::SetOp]) -> Result<(), FirewallError> {
+            self.sets.apply(ops)
         }
     }
 
@@ -856,8 +856,14 @@ mod tests {
         // (the periodic resync) puts it back.
         let lost = "10.96.0.10,tcp:80";
         assert!(set_entries("KUBE-CLUSTER-IP").contains(lost));
-        ipset::Backend::restore(&kernel.sets.sets, &format!("del KUBE-CLUSTER-IP {lost}\n"))
-            .unwrap();
+        ipset::Backend::apply(
+            &kernel.sets.sets,
+            &[ipset::SetOp::Del {
+                set: "KUBE-CLUSTER-IP".into(),
+                entry: lost.into(),
+            }],
+        )
+        .unwrap();
         slice_mut(&mut st, "s2")
             .endpoints
             .push(endpoint("10.244.2.10", "n2"));

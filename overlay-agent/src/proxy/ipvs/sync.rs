@@ -125,7 +125,7 @@ impl IpvsSync {
                 self.sets[i].sync_entries(backends.ipset.as_ref(), &want.sets, entries)?
             }
         };
-        writes += script.lines().count();
+        writes += script.len();
         let t_sets = t0.elapsed();
         // The rules are fixed (the sets carry the Services): only a full sync looks.
         if let IpvsScope::Full { reread } = scope {
