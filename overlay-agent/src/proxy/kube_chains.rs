@@ -3,7 +3,7 @@
 //! jumps into them, and which chains are kube-proxy's. Neither mode imports the other;
 //! both take these from here.
 
-use calyx_dataplane::firewall::iptables::{Jump, Ownership, Rule};
+use calyx_dataplane::firewall::iptables::{self as ipt, Jump, Ownership, Rule, RulesetSync};
 use calyx_dataplane::firewall::IpFamily;
 
 use super::node::MASQUERADE_MARK;
@@ -132,4 +132,17 @@ pub fn port_unreachable(family: IpFamily) -> &'static str {
         IpFamily::V4 => "icmp-port-unreachable",
         IpFamily::V6 => "icmp6-port-unreachable",
     }
+}
+
+/// Whether either family's jumps into our chains are gone or pushed down (read
+/// cheaply: only the builtin chains they are in).
+pub fn jumps_drifted(rulesets: &[RulesetSync; 2], backend: &dyn ipt::Backend) -> Option<String> {
+    IpFamily::BOTH
+        .into_iter()
+        .zip(rulesets)
+        .find_map(|(family, sync)| match sync.jumps_drifted(backend) {
+            Ok(false) => None,
+            Ok(true) => Some(format!("{family}: a jump into our chains is gone or moved")),
+            Err(e) => Some(format!("{family}: could not look: {e}")),
+        })
 }

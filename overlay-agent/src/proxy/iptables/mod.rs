@@ -11,6 +11,7 @@ use std::time::Instant;
 use calyx_dataplane::firewall::iptables::{self as ipt, ChainNames, Ruleset, RulesetSync};
 use calyx_dataplane::firewall::{FirewallError, IpFamily};
 
+use super::kube_chains;
 #[cfg(test)]
 use super::model::ProxyState;
 use super::model::{PortPlan, ServiceKey};
@@ -225,21 +226,8 @@ impl Proxier for IptablesProxier {
     }
 
     fn drifted(&mut self) -> Option<String> {
-        jumps_drifted(&self.rulesets, self.backend.as_ref())
+        kube_chains::jumps_drifted(&self.rulesets, self.backend.as_ref())
     }
-}
-
-/// Whether either family's jumps into our chains are gone or pushed down (read
-/// cheaply: only the builtin chains they are in).
-pub fn jumps_drifted(rulesets: &[RulesetSync; 2], backend: &dyn ipt::Backend) -> Option<String> {
-    IpFamily::BOTH
-        .into_iter()
-        .zip(rulesets)
-        .find_map(|(family, sync)| match sync.jumps_drifted(backend) {
-            Ok(false) => None,
-            Ok(true) => Some(format!("{family}: a jump into our chains is gone or moved")),
-            Err(e) => Some(format!("{family}: could not look: {e}")),
-        })
 }
 
 /// Removes this mode's chains (another mode runs, or `--proxy-cleanup`).

@@ -153,7 +153,7 @@ impl Proxier for IpvsProxier {
     }
 
     fn drifted(&mut self) -> Option<String> {
-        if let Some(why) = super::iptables::jumps_drifted(&self.rulesets, self.iptables.as_ref()) {
+        if let Some(why) = kube_chains::jumps_drifted(&self.rulesets, self.iptables.as_ref()) {
             return Some(why);
         }
         // A changed node address opens (or closes) NodePorts: a full sync does it.
