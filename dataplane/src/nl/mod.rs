@@ -17,7 +17,6 @@ pub const NLM_F_REQUEST: u16 = 0x1;
 pub const NLM_F_ACK: u16 = 0x4;
 pub const NLM_F_DUMP: u16 = 0x300;
 pub const NLM_F_REPLACE: u16 = 0x100;
-pub const NLM_F_EXCL: u16 = 0x200;
 pub const NLM_F_CREATE: u16 = 0x400;
 pub const NLA_F_NESTED: u16 = 0x8000;
 
@@ -273,7 +272,8 @@ impl NlSocket {
                                 seq,
                                 error: io::Error::from_raw_os_error(-code),
                             });
-                            if until != Until::Acks(awaited) {
+                            // Only independent requests are read on past a refusal.
+                            if !matches!(until, Until::Acks(_)) {
                                 return Ok(refusals);
                             }
                         }

@@ -95,10 +95,30 @@ impl<T: Send + 'static> Prefetch<T> {
     }
 
     /// Both families' reads, when both succeeded and are fresh.
-    pub fn take(self) -> Option<[T; 2]> {
+    fn take(self) -> Option<[T; 2]> {
         let [Ok(v4), Ok(v6)] = self.handle.join().ok()? else {
             return None;
         };
         (self.started.elapsed() <= PREFETCH_FRESH).then_some([v4, v6])
+    }
+
+    /// At the begin of a sync: hands a fresh start-up read (once) to `start_from`, by
+    /// family index, and says whether this sync must read the kernel itself (a full
+    /// sync asked to, and nothing fresh was read at start).
+    pub fn begin(
+        prefetch: &mut Option<Prefetch<T>>,
+        scope: Scope,
+        mut start_from: impl FnMut(usize, T),
+    ) -> bool {
+        let primed = match prefetch.take().and_then(Prefetch::take) {
+            Some(reads) => {
+                for (i, read) in reads.into_iter().enumerate() {
+                    start_from(i, read);
+                }
+                true
+            }
+            None => false,
+        };
+        matches!(scope, Scope::Full { reread: true }) && !primed
     }
 }

@@ -19,13 +19,13 @@ use super::node::NodeSettings;
 use super::proxier::{Changes, Prefetch, Proxier, Result, Scope};
 use chains::{ServiceRules, SharedChain};
 
-/// One family's ruleset as wanted, kept across changes: a changed Service's chains
-/// are replaced and the shared chains it has rules in are laid out again from every
-/// Service's rules (by Service key, as a full build lays them out).
 /// What one Service put in: the names of its own chains (their rules are in the
 /// ruleset) and its rules in the shared chains.
 type ServiceShare = (Vec<String>, BTreeMap<SharedChain, Vec<String>>);
 
+/// One family's ruleset as wanted, kept across changes: a changed Service's chains
+/// are replaced and the shared chains it has rules in are laid out again from every
+/// Service's rules (by Service key, as a full build lays them out).
 pub struct RulesAssembler {
     ruleset: Ruleset,
     services: BTreeMap<ServiceKey, ServiceShare>,
@@ -171,17 +171,6 @@ impl IptablesProxier {
         self.prefetch = Prefetch::start(read);
     }
 
-    /// Hands what was read at start to the syncs: true when the kernel need not be
-    /// read again for this run.
-    fn take_prefetch(&mut self) -> bool {
-        let Some([v4, v6]) = self.prefetch.take().and_then(Prefetch::take) else {
-            return false;
-        };
-        self.rulesets[0].start_from(v4);
-        self.rulesets[1].start_from(v6);
-        true
-    }
-
     fn sync_family(&mut self, family: IpFamily, changes: &Changes) -> Result<usize> {
         let i = family as usize;
         let reread = self.reread;
@@ -214,8 +203,10 @@ impl IptablesProxier {
 
 impl Proxier for IptablesProxier {
     fn begin(&mut self, scope: Scope) -> Result<()> {
-        let primed = self.take_prefetch();
-        self.reread = matches!(scope, Scope::Full { reread: true }) && !primed;
+        let syncs = &mut self.rulesets;
+        self.reread = Prefetch::begin(&mut self.prefetch, scope, |i, read| {
+            syncs[i].start_from(read)
+        });
         Ok(())
     }
 

@@ -22,10 +22,10 @@ pub struct NftablesProxier {
     tables: [TableSync; 2],
     /// The table as wanted, per family; None until a full sync builds it.
     assemblers: [Option<TableAssembler>; 2],
-    /// Both tables as the kernel held them at start, read on another thread while the
-    /// source lists (both take a while with many Services).
     /// This sync reads the kernel rather than trusting what was last written.
     reread: bool,
+    /// Both tables as the kernel held them at start, read on another thread while the
+    /// source lists (both take a while with many Services).
     prefetch: Option<Prefetch<Option<nft::Table>>>,
 }
 
@@ -50,17 +50,6 @@ impl NftablesProxier {
             + 'static,
     ) {
         self.prefetch = Prefetch::start(read);
-    }
-
-    /// Hands what was read at start to the syncs: true when the kernel need not be
-    /// read again for this run.
-    fn take_prefetch(&mut self) -> bool {
-        let Some([v4, v6]) = self.prefetch.take().and_then(Prefetch::take) else {
-            return false;
-        };
-        self.tables[0].start_from(v4);
-        self.tables[1].start_from(v6);
-        true
     }
 
     fn sync_family(&mut self, family: IpFamily, changes: &Changes) -> Result<usize> {
@@ -91,8 +80,10 @@ impl NftablesProxier {
 
 impl Proxier for NftablesProxier {
     fn begin(&mut self, scope: Scope) -> Result<()> {
-        let primed = self.take_prefetch();
-        self.reread = matches!(scope, Scope::Full { reread: true }) && !primed;
+        let syncs = &mut self.tables;
+        self.reread = Prefetch::begin(&mut self.prefetch, scope, |i, read| {
+            syncs[i].start_from(read)
+        });
         Ok(())
     }
 
