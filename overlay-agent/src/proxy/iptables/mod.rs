@@ -5,7 +5,7 @@
 
 pub mod chains;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use calyx_dataplane::firewall::iptables::{self as ipt, ChainNames, Ruleset, RulesetSync};
@@ -20,16 +20,26 @@ use super::proxier::{Changes, Prefetch, Proxier, Result, Scope};
 use chains::{ServiceRules, SharedChain};
 
 /// What one Service put in: the names of its own chains (their rules are in the
-/// ruleset) and its rules in the shared chains.
-type ServiceShare = (Vec<String>, BTreeMap<SharedChain, Vec<String>>);
+/// ruleset) and how many rules it has in each shared chain. The shared rules
+/// themselves live only in the ruleset, in runs laid out by Service key.
+#[derive(Default)]
+struct ServiceShare {
+    chains: Vec<String>,
+    shared_counts: [usize; SharedChain::ALL.len()],
+}
+
+/// A Service replaced since the last `finish`: its chain names and shared rules now.
+struct Replaced {
+    chains: Vec<String>,
+    shared: BTreeMap<SharedChain, Vec<String>>,
+}
 
 /// One family's ruleset as wanted, kept across changes: a changed Service's chains
-/// are replaced and the shared chains it has rules in are laid out again from every
-/// Service's rules (by Service key, as a full build lays them out).
+/// are replaced, and its runs in the shared chains are spliced when the batch ends.
 pub struct RulesAssembler {
     ruleset: Ruleset,
     services: BTreeMap<ServiceKey, ServiceShare>,
-    node_ports_last: Vec<String>,
+    replaced: BTreeMap<ServiceKey, Replaced>,
     /// The chains touched since `take_before`, as they were before (the firewall
     /// layer plans a change from them, so it need not hold a copy of the ruleset).
     before: Ruleset,
@@ -37,14 +47,18 @@ pub struct RulesAssembler {
 
 impl RulesAssembler {
     pub fn new(family: IpFamily, node: &NodeSettings) -> RulesAssembler {
-        let mut assembler = RulesAssembler {
-            ruleset: chains::skeleton(family),
+        let mut ruleset = chains::skeleton(family);
+        let nat_services = SharedChain::NatServices;
+        ruleset.table(nat_services.table()).chains.insert(
+            nat_services.name().to_string(),
+            chains::node_ports_last(family, node),
+        );
+        RulesAssembler {
+            ruleset,
             services: BTreeMap::new(),
-            node_ports_last: chains::node_ports_last(family, node),
+            replaced: BTreeMap::new(),
             before: Ruleset::new(family),
-        };
-        assembler.lay_out(&[SharedChain::NatServices].into());
-        assembler
+        }
     }
 
     pub fn ruleset(&self) -> &Ruleset {
@@ -75,17 +89,18 @@ impl RulesAssembler {
 
     /// Replaces one Service's rules (its plans in this family; none: it is gone),
     /// adding the chains it touched to `touched`. Call `finish` after the last one.
-    pub fn replace(
-        &mut self,
-        key: &ServiceKey,
-        plans: &[PortPlan],
-        touched: &mut ChainNames,
-        shared_touched: &mut BTreeSet<SharedChain>,
-    ) {
+    pub fn replace(&mut self, key: &ServiceKey, plans: &[PortPlan], touched: &mut ChainNames) {
         let mut sorted: Vec<&PortPlan> = plans.iter().collect();
         sorted.sort_by(|a, b| a.port_name.cmp(&b.port_name));
         let ServiceRules { chains, shared } = chains::service_rules(&sorted, self.ruleset.family);
-        let (old_chains, old_shared) = self.services.remove(key).unwrap_or_default();
+        let old_chains = match self.replaced.remove(key) {
+            Some(replaced) => replaced.chains,
+            None => self
+                .services
+                .get_mut(key)
+                .map(|share| std::mem::take(&mut share.chains))
+                .unwrap_or_default(),
+        };
         for name in old_chains {
             if !chains.contains_key(&name) {
                 self.remember("nat", &name, touched);
@@ -99,41 +114,109 @@ impl RulesAssembler {
                 self.ruleset.table("nat").chains.insert(name, rules);
             }
         }
-        for chain in SharedChain::ALL {
-            if old_shared.get(&chain) != shared.get(&chain) {
-                shared_touched.insert(chain);
+        self.replaced.insert(
+            key.clone(),
+            Replaced {
+                chains: names,
+                shared,
+            },
+        );
+    }
+
+    /// Splices the replaced Services' runs into the shared chains (adding those that
+    /// changed to `touched`) and records what each Service now has.
+    pub fn finish(&mut self, touched: &mut ChainNames) {
+        let mut replaced = std::mem::take(&mut self.replaced);
+        let counts: Vec<[usize; SharedChain::ALL.len()]> = replaced
+            .values()
+            .map(|r| SharedChain::ALL.map(|chain| r.shared.get(&chain).map_or(0, Vec::len)))
+            .collect();
+        for (i, chain) in SharedChain::ALL.into_iter().enumerate() {
+            let involved = replaced.iter().zip(&counts).any(|((key, _), new)| {
+                new[i] > 0
+                    || self
+                        .services
+                        .get(key)
+                        .is_some_and(|s| s.shared_counts[i] > 0)
+            });
+            if involved {
+                self.splice(i, chain, &mut replaced, touched);
             }
         }
-        if !names.is_empty() || !shared.is_empty() {
-            self.services.insert(key.clone(), (names, shared));
+        for ((key, r), shared_counts) in replaced.into_iter().zip(counts) {
+            if r.chains.is_empty() && shared_counts == [0; SharedChain::ALL.len()] {
+                self.services.remove(&key);
+            } else {
+                let share = ServiceShare {
+                    chains: r.chains,
+                    shared_counts,
+                };
+                self.services.insert(key, share);
+            }
         }
     }
 
-    /// Lays the shared chains in `shared_touched` out again and adds them to `touched`.
-    pub fn finish(&mut self, shared_touched: &BTreeSet<SharedChain>, touched: &mut ChainNames) {
-        for chain in shared_touched {
-            self.remember(chain.table(), chain.name(), touched);
-        }
-        self.lay_out(shared_touched);
-    }
-
-    fn lay_out(&mut self, shared: &BTreeSet<SharedChain>) {
-        for &chain in shared {
-            let mut rules: Vec<String> = self
-                .services
-                .values()
-                .filter_map(|(_, s)| s.get(&chain))
-                .flatten()
-                .cloned()
-                .collect();
-            if chain == SharedChain::NatServices {
-                rules.extend(self.node_ports_last.iter().cloned());
+    /// Lays shared chain `chain` (index `i`) out again: every Service's run in key
+    /// order, the replaced ones' new rules in place of their old runs; whatever
+    /// follows the last run (KUBE-SERVICES' node-port jump) stays last.
+    fn splice(
+        &mut self,
+        i: usize,
+        chain: SharedChain,
+        replaced: &mut BTreeMap<ServiceKey, Replaced>,
+        touched: &mut ChainNames,
+    ) {
+        let (table, name) = (chain.table(), chain.name());
+        let old = self
+            .ruleset
+            .table(table)
+            .chains
+            .remove(name)
+            .unwrap_or_default();
+        let mut old_rules = old.iter();
+        let mut new = Vec::with_capacity(old.len());
+        // Both maps are in key order: walk them together.
+        let mut kept = self.services.iter().peekable();
+        let mut changed = replaced.iter_mut().peekable();
+        loop {
+            let take_kept = match (kept.peek(), changed.peek()) {
+                (None, None) => break,
+                (Some(_), None) => true,
+                (None, Some(_)) => false,
+                (Some((a, _)), Some((b, _))) => a <= b,
+            };
+            if take_kept {
+                let (key, share) = kept.next().expect("peeked");
+                let run = old_rules.by_ref().take(share.shared_counts[i]);
+                match changed.peek() {
+                    Some((k, _)) if *k == key => {
+                        run.for_each(drop);
+                        let (_, r) = changed.next().expect("peeked");
+                        new.extend(r.shared.remove(&chain).unwrap_or_default());
+                    }
+                    _ => new.extend(run.cloned()),
+                }
+            } else {
+                let (_, r) = changed.next().expect("peeked");
+                new.extend(r.shared.remove(&chain).unwrap_or_default());
             }
-            self.ruleset
-                .table(chain.table())
-                .chains
-                .insert(chain.name().to_string(), rules);
         }
+        new.extend(old_rules.cloned());
+        let now = if new == old {
+            old
+        } else {
+            if touched.insert((table, name.to_string())) {
+                self.before
+                    .table(table)
+                    .chains
+                    .insert(name.to_string(), old);
+            }
+            new
+        };
+        self.ruleset
+            .table(table)
+            .chains
+            .insert(name.to_string(), now);
     }
 }
 
@@ -182,11 +265,10 @@ impl IptablesProxier {
         let node = &self.node;
         let assembler = self.assemblers[i].get_or_insert_with(|| RulesAssembler::new(family, node));
         let mut touched = ChainNames::new();
-        let mut shared = BTreeSet::new();
         for (key, plans) in changes.services {
-            assembler.replace(key, plans, &mut touched, &mut shared);
+            assembler.replace(key, plans, &mut touched);
         }
-        assembler.finish(&shared, &mut touched);
+        assembler.finish(&mut touched);
         let computed = started.elapsed();
         let backend = self.backend.as_ref();
         let before = assembler.take_before();
@@ -248,11 +330,11 @@ pub fn desired_ruleset(plans: &[PortPlan], family: IpFamily, node: &NodeSettings
             .push(plan.clone());
     }
     let mut assembler = RulesAssembler::new(family, node);
-    let (mut touched, mut shared) = (ChainNames::new(), BTreeSet::new());
+    let mut touched = ChainNames::new();
     for (key, plans) in by_service {
-        assembler.replace(key, &plans, &mut touched, &mut shared);
+        assembler.replace(key, &plans, &mut touched);
     }
-    assembler.finish(&shared, &mut touched);
+    assembler.finish(&mut touched);
     assembler.ruleset
 }
 
