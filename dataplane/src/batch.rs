@@ -35,7 +35,7 @@ impl Request {
         Request { label, frame }
     }
 
-    fn of(label: String, message: RouteNetlinkMessage, flags: u16) -> Request {
+    pub(crate) fn of(label: String, message: RouteNetlinkMessage, flags: u16) -> Request {
         let mut header = NetlinkHeader::default();
         header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
         let mut packet = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(message));
@@ -43,6 +43,11 @@ impl Request {
         let mut frame = vec![0; packet.buffer_len()];
         packet.serialize(&mut frame);
         Request { label, frame }
+    }
+
+    /// The message's bytes (sequence number unset).
+    pub(crate) fn frame(&self) -> &[u8] {
+        &self.frame
     }
 
     /// `route replace <route>`.
@@ -180,6 +185,14 @@ impl Batch {
             .into_iter()
             .map(|(i, error)| (requests[i].label.clone(), error))
             .collect())
+    }
+
+    /// Sends one request; its refusal is the error, named by its label.
+    pub fn send_one(&mut self, request: Request) -> Result<()> {
+        match self.send(vec![request])?.into_iter().next() {
+            Some((op, source)) => Err(DataplaneError::Netlink { op, source }),
+            None => Ok(()),
+        }
     }
 }
 

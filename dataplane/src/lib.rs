@@ -4,6 +4,7 @@
 
 pub mod batch;
 pub mod conntrack;
+pub mod device_addresses;
 #[cfg(feature = "firewall")]
 pub mod firewall;
 #[cfg(feature = "firewall")]

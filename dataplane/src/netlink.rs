@@ -5,14 +5,14 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 
 use futures::TryStreamExt;
-use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
+use netlink_packet_route::address::{AddressAttribute, AddressFlags};
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{
     RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteScope,
 };
 use netlink_packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkDummy, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::{DataplaneError, Result};
 
@@ -254,43 +254,6 @@ impl Netlink {
             .map_err(|e| nl_err(format!("add address {ip}/{prefix_len} to {}", link.name), e))
     }
 
-    /// Creates a dummy link (left down: kube-ipvs0 only holds addresses).
-    pub async fn create_dummy(&self, name: &str) -> Result<()> {
-        self.handle
-            .link()
-            .add(LinkDummy::new(name).build())
-            .execute()
-            .await
-            .map_err(|e| nl_err(format!("create dummy link {name}"), e))
-    }
-
-    pub async fn delete_address(&self, link: &Link, ip: IpAddr, prefix_len: u8) -> Result<()> {
-        let mut message = AddressMessage::default();
-        message.header.index = link.index;
-        message.header.prefix_len = prefix_len;
-        message.header.family = if ip.is_ipv4() {
-            AddressFamily::Inet
-        } else {
-            AddressFamily::Inet6
-        };
-        message.attributes.push(AddressAttribute::Address(ip));
-        if ip.is_ipv4() {
-            message.attributes.push(AddressAttribute::Local(ip));
-        }
-        self.handle
-            .address()
-            .del(message)
-            .execute()
-            .await
-            .map_err(|e| {
-                nl_err(
-                    format!("delete address {ip}/{prefix_len} from {}", link.name),
-                    e,
-                )
-            })
-    }
-
-    /// Global (non link-local) addresses on a link.
     pub async fn addresses(&self, link: &Link) -> Result<Vec<(IpAddr, u8)>> {
         let mut stream = self
             .handle

@@ -341,3 +341,66 @@ fn set_entries_written_over_netlink_read_back_as_the_tool_spells_them() {
         IpsetSync::new(owns).sync(&IpsetCommand, &[], true).unwrap();
     });
 }
+
+/// The device-address calls IPVS mode makes on kube-ipvs0, on a veth here (this
+/// kernel has no dummy links; the VM test below makes one).
+#[test]
+fn device_addresses_are_added_read_and_removed_in_one_socket() {
+    use calyx_dataplane::device_addresses::DeviceAddresses;
+    in_new_netns(|| {
+        let made = std::process::Command::new("ip")
+            .args([
+                "link", "add", "cyxdev0", "type", "veth", "peer", "name", "cyxdev1",
+            ])
+            .status();
+        assert!(made.is_ok_and(|s| s.success()), "ip link add veth");
+        let device = DeviceAddresses::open("cyxdev0").unwrap();
+        let other = DeviceAddresses::open("cyxdev1").unwrap();
+        assert_eq!(device.held().unwrap(), Some(Default::default()));
+        let ips: Vec<std::net::IpAddr> = ["10.96.0.10", "10.96.0.11", "fd00:96::10"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        device.add(&ips).unwrap();
+        other.add(&["192.0.2.7".parse().unwrap()]).unwrap();
+        assert_eq!(
+            device.held().unwrap().unwrap(),
+            ips.iter().copied().collect()
+        );
+        // The node's addresses leave out the device's own and loopback.
+        let all: Vec<ipnetwork::IpNetwork> =
+            vec!["0.0.0.0/0".parse().unwrap(), "::/0".parse().unwrap()];
+        assert_eq!(
+            device.node_ips(&all).unwrap(),
+            vec!["192.0.2.7".parse::<std::net::IpAddr>().unwrap()]
+        );
+        // One already gone is fine.
+        device.remove(&ips[..2]).unwrap();
+        device.remove(&ips[..2]).unwrap();
+        assert_eq!(
+            device.held().unwrap().unwrap(),
+            [ips[2]].into_iter().collect()
+        );
+        device.remove_device().unwrap();
+        device.remove_device().unwrap();
+        assert_eq!(device.held().unwrap(), None);
+        let error = device.add(&ips).unwrap_err();
+        assert!(error.to_string().contains("cyxdev0"), "{error}");
+    });
+}
+
+#[test]
+#[ignore = "needs dummy links: runs in the VM (make test-vm)"]
+fn a_dummy_device_is_created_once_and_holds_addresses() {
+    use calyx_dataplane::device_addresses::DeviceAddresses;
+    in_new_netns(|| {
+        let device = DeviceAddresses::open("kube-ipvs0").unwrap();
+        assert_eq!(device.held().unwrap(), None);
+        device.create_dummy().unwrap();
+        assert!(device.create_dummy().is_err(), "created twice");
+        device.add(&["10.96.0.10".parse().unwrap()]).unwrap();
+        assert_eq!(device.held().unwrap().unwrap().len(), 1);
+        device.remove_device().unwrap();
+        assert_eq!(device.held().unwrap(), None);
+    });
+}

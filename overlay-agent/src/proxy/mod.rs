@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use calyx_dataplane::device_addresses::DeviceAddresses;
 use calyx_dataplane::firewall::ipset::IpsetCommand;
 use calyx_dataplane::firewall::iptables::{Backend as _, IptablesCommand};
 use calyx_dataplane::firewall::nft::{Backend as _, NftCommand};
@@ -66,6 +67,8 @@ pub enum ProxyError {
     Off,
     #[error(transparent)]
     Ipvs(#[from] calyx_dataplane::ipvs::IpvsError),
+    #[error(transparent)]
+    Netlink(#[from] calyx_dataplane::DataplaneError),
 }
 
 /// The kernel's proxier for `config.mode`, reading what the kernel holds for its first
@@ -97,7 +100,7 @@ fn kernel_proxier(config: &ProxyConfig) -> Result<Option<Box<dyn Proxier>>, Prox
             let backends = ipvs::sync::IpvsBackends {
                 ipvs: Box::new(calyx_dataplane::ipvs::IpvsNetlink::open()?),
                 ipset: Box::new(IpsetCommand),
-                addresses: Box::new(ipvs::addresses::KernelAddresses),
+                addresses: Box::new(DeviceAddresses::open(ipvs::DUMMY)?),
             };
             Box::new(ipvs::IpvsProxier::new(
                 backends,
@@ -506,8 +509,14 @@ fn remove_other_modes(mode: ProxyMode) {
 /// the chains it shares with IPVS mode (its own sync rewrites them).
 fn remove_ipvs_leftovers(keep_shared_chains: bool) {
     use calyx_dataplane::ipvs::IpvsNetlink;
-    use ipvs::addresses::{Addresses, KernelAddresses};
-    if !matches!(KernelAddresses.held(), Ok(Some(_))) {
+    let addresses = match DeviceAddresses::open(ipvs::DUMMY) {
+        Ok(addresses) => addresses,
+        Err(e) => {
+            tracing::warn!(error = %e, "could not look for what IPVS mode left");
+            return;
+        }
+    };
+    if !matches!(addresses.held(), Ok(Some(_))) {
         return;
     }
     tracing::info!("removing what IPVS mode left (kube-ipvs0 is present)");
@@ -519,7 +528,7 @@ fn remove_ipvs_leftovers(keep_shared_chains: bool) {
             .as_ref()
             .map(|n| n as &dyn calyx_dataplane::ipvs::Backend),
         &IpsetCommand,
-        &KernelAddresses,
+        &addresses,
         &IptablesCommand::host(),
         keep_shared_chains,
     );
