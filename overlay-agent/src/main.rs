@@ -6,7 +6,9 @@
 mod install;
 mod kube_api;
 mod metrics;
+mod object_files;
 mod overlay;
+mod policy;
 mod proxy;
 mod runtime;
 
@@ -155,6 +157,17 @@ enum Command {
     /// Remove everything Calyx put on this node (files, device, routes, rules, state)
     /// except what running pods use, and exit. Safe to run twice.
     Uninstall(install::UninstallArgs),
+    /// NetworkPolicy tools.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum PolicyCommand {
+    /// Whether a flow is allowed, from the Pods, Namespaces and NetworkPolicies of
+    /// --services-dir: which policy and rule allow each direction, or which pod is
+    /// isolated and by what. Exit code 1 when it is denied, 2 on bad input.
+    Explain(policy::explain::ExplainArgs),
 }
 
 /// `--vxlan-device`: a name the kernel takes as it is (the plugin's CNI_IFNAME rules).
@@ -176,6 +189,16 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let args = Args::parse();
+    if let Some(Command::Policy(PolicyCommand::Explain(explain))) = &args.command {
+        return match policy::explain::run(explain) {
+            Ok(true) => ExitCode::SUCCESS,
+            Ok(false) => ExitCode::FAILURE,
+            Err(e) => {
+                eprintln!("calyx-agent policy explain: {e}");
+                ExitCode::from(2)
+            }
+        };
+    }
     init_logging(&args);
     if let Some(Command::InstallCni(install)) = &args.command {
         return exit_code(

@@ -17,6 +17,7 @@ use serde_json::Value;
 
 use super::objects::{self, Converted};
 use super::Publisher;
+use crate::object_files;
 use crate::proxy::model::{ProxyState, Service, ServiceKey, Slice};
 
 /// The fallback poll, for file systems that send no events.
@@ -40,31 +41,15 @@ pub struct Problem {
 
 /// Reads one file's objects; Err when the file as a whole cannot be used.
 pub fn read_file(path: &Path) -> Result<(FileObjects, Vec<Problem>), String> {
-    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
-    let is_json = path.extension().is_some_and(|e| e == "json");
-    let documents: Vec<Value> = if is_json {
-        vec![serde_json::from_str(&text).map_err(|e| format!("not JSON: {e}"))?]
-    } else {
-        serde_saphyr::from_multiple(&text).map_err(|e| format!("not YAML: {e}"))?
-    };
     let mut objects = FileObjects::default();
     let mut problems = Vec::new();
-    for (document, doc) in documents.into_iter().enumerate() {
-        let is_list = doc["kind"].as_str().is_some_and(|k| k.ends_with("List"));
-        let items = if is_list {
-            doc["items"].as_array().cloned().unwrap_or_default()
-        } else {
-            vec![doc]
-        };
-        for (i, item) in items.into_iter().enumerate() {
-            if let Err(what) = convert(item, &mut objects) {
-                let what = if is_list {
-                    format!("items[{i}]: {what}")
-                } else {
-                    what
-                };
-                problems.push(Problem { document, what });
-            }
+    for item in object_files::read(path)? {
+        let prefix = item.prefix();
+        if let Err(what) = convert(item.value, &mut objects) {
+            problems.push(Problem {
+                document: item.document,
+                what: format!("{prefix}{what}"),
+            });
         }
     }
     Ok((objects, problems))
@@ -101,6 +86,8 @@ fn convert(item: Value, into: &mut FileObjects) -> Result<(), String> {
             into.nodes
                 .push((name, objects::node_zone(&parsed.metadata)));
         }
+        // NetworkPolicy's objects: `policy explain` reads them from the same directory.
+        ("v1", "Pod" | "Namespace") | ("networking.k8s.io/v1", "NetworkPolicy") => {}
         _ => return Err(format!("{api} {kind} {name}: ignored (only v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node are read)")),
     }
     Ok(())
@@ -149,8 +136,8 @@ impl DirSource {
     /// Reads what changed since the last scan; Some(state) when anything did (and on
     /// the first scan, even of an empty directory).
     pub fn scan(&mut self) -> Option<ProxyState> {
-        let entries = match std::fs::read_dir(&self.dir) {
-            Ok(entries) => entries,
+        let present = match object_files::list(&self.dir) {
+            Ok(present) => present,
             Err(e) => {
                 // Keep serving what was read: a directory that vanishes for a moment
                 // (a ConfigMap's atomic swap) must not remove every Service.
@@ -158,20 +145,6 @@ impl DirSource {
                 return None;
             }
         };
-        let mut present: Vec<PathBuf> = entries
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .filter(|p| {
-                p.extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| matches!(e, "yaml" | "yml" | "json"))
-                    && !p
-                        .file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with('.'))
-            })
-            .collect();
-        present.sort();
         let mut changed = !self.listed;
         let gone: Vec<PathBuf> = self
             .files

@@ -1,0 +1,271 @@
+//! NetworkPolicy's inputs as the policy controller sees them: pods, namespaces and
+//! policies with typed rules, no Kubernetes types. A policy here is already valid
+//! (`parse` refuses the rest) and its policy types are resolved as the API defaults
+//! them, so the rest of the controller never re-derives them.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnetwork::IpNetwork;
+
+pub type Labels = BTreeMap<String, String>;
+
+/// The label every namespace carries (the API server sets it to the name).
+pub const NAMESPACE_NAME_LABEL: &str = "kubernetes.io/metadata.name";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
+impl Protocol {
+    /// As nft spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Operator {
+    In,
+    NotIn,
+    Exists,
+    DoesNotExist,
+}
+
+/// One `matchExpressions` entry.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Requirement {
+    pub key: String,
+    pub operator: Operator,
+    pub values: BTreeSet<String>,
+}
+
+impl Requirement {
+    fn matches(&self, labels: &Labels) -> bool {
+        let value = labels.get(&self.key);
+        match self.operator {
+            Operator::In => value.is_some_and(|v| self.values.contains(v)),
+            // As the API's selectors: a pod without the key is "not in".
+            Operator::NotIn => value.is_none_or(|v| !self.values.contains(v)),
+            Operator::Exists => value.is_some(),
+            Operator::DoesNotExist => value.is_none(),
+        }
+    }
+}
+
+/// A label selector; the empty one selects everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Selector {
+    pub match_labels: Labels,
+    pub match_expressions: Vec<Requirement>,
+}
+
+impl Selector {
+    pub fn everything() -> Selector {
+        Selector::default()
+    }
+
+    pub fn matches(&self, labels: &Labels) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| r.matches(labels))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PodKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PodKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A container port with a name, which a policy may refer to.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NamedPort {
+    pub name: String,
+    pub protocol: Protocol,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pod {
+    pub key: PodKey,
+    pub labels: Labels,
+    pub node: String,
+    /// Its addresses (from the IPAM store at ADD, or status.podIPs).
+    pub addresses: Vec<IpAddr>,
+    pub named_ports: Vec<NamedPort>,
+    /// A host-network pod is never selected: its traffic is the node's.
+    pub host_network: bool,
+}
+
+impl Pod {
+    /// The number `name` means on this pod for `protocol`, if it has such a port.
+    pub fn named_port(&self, name: &str, protocol: Protocol) -> Option<u16> {
+        self.named_ports
+            .iter()
+            .find(|p| p.name == name && p.protocol == protocol)
+            .map(|p| p.port)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Namespace {
+    pub name: String,
+    pub labels: Labels,
+}
+
+/// Which pods a peer names.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Peer {
+    /// Pods matching `pods` in the namespaces `namespaces` names; `namespaces: None`
+    /// is the policy's own namespace (a podSelector alone).
+    Pods {
+        namespaces: Option<Selector>,
+        pods: Selector,
+    },
+    /// Addresses inside `cidr` but outside every `except`.
+    Block {
+        cidr: IpNetwork,
+        except: Vec<IpNetwork>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum PortSpec {
+    /// Every port of the protocol.
+    Any,
+    /// `port` through `end` inclusive (a single port: both the same).
+    Range { port: u16, end: u16 },
+    /// A container port name, resolved on each destination pod.
+    Named(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PortRule {
+    pub protocol: Protocol,
+    pub port: PortSpec,
+}
+
+/// One ingress or egress rule: traffic from (to) any of `peers` on any of `ports`.
+/// Empty `peers`: every source (destination); empty `ports`: every port.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rule {
+    pub peers: Vec<Peer>,
+    pub ports: Vec<PortRule>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PolicyKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// A NetworkPolicy. `ingress`/`egress` is None when the policy does not isolate that
+/// direction, Some(rules) when it does (Some(empty): nothing is allowed).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub key: PolicyKey,
+    pub pod_selector: Selector,
+    pub ingress: Option<Vec<Rule>>,
+    pub egress: Option<Vec<Rule>>,
+}
+
+impl Policy {
+    pub fn rules(&self, direction: Direction) -> Option<&[Rule]> {
+        match direction {
+            Direction::Ingress => self.ingress.as_deref(),
+            Direction::Egress => self.egress.as_deref(),
+        }
+    }
+
+    /// Whether this policy selects `pod` (host-network pods never are).
+    pub fn selects(&self, pod: &Pod) -> bool {
+        !pod.host_network
+            && pod.key.namespace == self.key.namespace
+            && self.pod_selector.matches(&pod.labels)
+    }
+}
+
+/// Everything the policy controller knows.
+#[derive(Debug, Clone, Default)]
+pub struct Cluster {
+    pub pods: BTreeMap<PodKey, Pod>,
+    pub namespaces: BTreeMap<String, Namespace>,
+    pub policies: BTreeMap<PolicyKey, Policy>,
+}
+
+impl Cluster {
+    /// A namespace's labels; one not seen yet has only its name label (as the API
+    /// server would set it), so a pod seen before its namespace is judged alike.
+    pub fn namespace_labels(&self, name: &str) -> Labels {
+        match self.namespaces.get(name) {
+            Some(ns) => ns.labels.clone(),
+            None => [(NAMESPACE_NAME_LABEL.to_string(), name.to_string())].into(),
+        }
+    }
+
+    /// Whether `pod` is one of `peer`'s pods, for a policy in `policy_namespace`.
+    pub fn peer_has_pod(&self, peer: &Peer, policy_namespace: &str, pod: &Pod) -> bool {
+        match peer {
+            Peer::Pods { namespaces, pods } => {
+                let in_namespace = match namespaces {
+                    None => pod.key.namespace == policy_namespace,
+                    Some(selector) => selector.matches(&self.namespace_labels(&pod.key.namespace)),
+                };
+                !pod.host_network && in_namespace && pods.matches(&pod.labels)
+            }
+            Peer::Block { .. } => false,
+        }
+    }
+
+    /// The policies that select `pod` and isolate it in `direction`.
+    pub fn isolating<'a>(
+        &'a self,
+        pod: &'a Pod,
+        direction: Direction,
+    ) -> impl Iterator<Item = &'a Policy> + 'a {
+        self.policies
+            .values()
+            .filter(move |p| p.rules(direction).is_some() && p.selects(pod))
+    }
+}
+
+/// Whether `ip` is inside `block` and outside its exceptions.
+pub fn block_contains(cidr: &IpNetwork, except: &[IpNetwork], ip: IpAddr) -> bool {
+    cidr.contains(ip) && !except.iter().any(|e| e.contains(ip))
+}
