@@ -192,13 +192,7 @@ pub fn gateway_for(ip: IpAddr) -> IpAddr {
     }
 }
 
-pub fn host_prefix(ip: IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        32
-    } else {
-        128
-    }
-}
+pub use calyx_dataplane::host_prefix;
 
 /// The pod's address as a host network (/32 or /128).
 pub fn pod_address(ip: IpAddr) -> IpNetwork {

@@ -33,14 +33,6 @@ fn netlink_err(op: String, source: io::Error) -> DataplaneError {
     DataplaneError::Netlink { op, source }
 }
 
-fn host_prefix(ip: &IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        32
-    } else {
-        128
-    }
-}
-
 fn address_message(index: u32, ip: IpAddr, prefix_len: u8) -> AddressMessage {
     let mut message = AddressMessage::default();
     message.header.index = index;
@@ -206,7 +198,7 @@ impl DeviceAddresses {
             let requests = ips
                 .iter()
                 .map(|ip| {
-                    let mut message = address_message(index, *ip, host_prefix(ip));
+                    let mut message = address_message(index, *ip, crate::host_prefix(*ip));
                     message
                         .attributes
                         .push(AddressAttribute::Flags(AddressFlags::Nodad));
@@ -241,7 +233,7 @@ impl DeviceAddresses {
                         RouteNetlinkMessage::DelAddress(address_message(
                             index,
                             *ip,
-                            host_prefix(ip),
+                            crate::host_prefix(*ip),
                         )),
                         0,
                     )

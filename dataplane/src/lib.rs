@@ -70,6 +70,15 @@ impl DataplaneError {
 
 pub type Result<T> = std::result::Result<T, DataplaneError>;
 
+/// The prefix of one address alone: /32, or /128.
+pub fn host_prefix(ip: std::net::IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        32
+    } else {
+        128
+    }
+}
+
 /// Formats a MAC address the usual way (`ee:ee:ee:ee:ee:ee`).
 pub fn format_mac(mac: &[u8]) -> String {
     mac.iter()

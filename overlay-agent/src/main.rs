@@ -9,6 +9,7 @@ mod metrics;
 mod object_files;
 mod overlay;
 mod policy;
+mod protocol;
 mod proxy;
 mod runtime;
 

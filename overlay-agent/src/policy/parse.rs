@@ -35,12 +35,7 @@ fn invalid(field: &str, why: impl Into<String>) -> Invalid {
 }
 
 pub fn protocol(field: &str, text: Option<&str>) -> Result<Protocol, Invalid> {
-    match text {
-        None | Some("TCP") => Ok(Protocol::Tcp),
-        Some("UDP") => Ok(Protocol::Udp),
-        Some("SCTP") => Ok(Protocol::Sctp),
-        Some(other) => Err(invalid(field, format!("{other:?} is not TCP, UDP or SCTP"))),
-    }
+    Protocol::from_api(text).map_err(|why| invalid(field, why))
 }
 
 /// A port name as the API accepts it (IANA_SVC_NAME): 1-15 characters of lower-case

@@ -25,23 +25,7 @@ impl std::fmt::Display for ServiceKey {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Sctp,
-}
-
-impl Protocol {
-    /// As nft and iptables spell it.
-    pub fn name(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Sctp => "sctp",
-        }
-    }
-}
+pub use crate::protocol::Protocol;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServicePort {

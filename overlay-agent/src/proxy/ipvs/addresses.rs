@@ -22,14 +22,6 @@ pub trait Addresses: Send + Sync {
     fn remove_device(&self) -> Result<()>;
 }
 
-pub(super) fn host_prefix(ip: &IpAddr) -> u8 {
-    if ip.is_ipv4() {
-        32
-    } else {
-        128
-    }
-}
-
 /// The kernel's kube-ipvs0, on the dataplane's one route-netlink socket.
 impl Addresses for DeviceAddresses {
     fn held(&self) -> Result<Option<BTreeSet<IpAddr>>> {

@@ -11,7 +11,6 @@ use calyx_dataplane::ipvs::{
     self, RealServer, ServiceId, ServiceSettings, Services, VirtualService,
 };
 
-use super::addresses::host_prefix;
 use super::rules::ruleset;
 use crate::proxy::model::{PortPlan, Protocol, ServiceKey};
 
@@ -405,7 +404,7 @@ fn share(
                     add(LOAD_BALANCER_FW, entry.clone());
                     for range in ranges {
                         // As `ipset save` prints it: a single address without /32.
-                        let net = if range.prefix() == host_prefix(&range.ip()) {
+                        let net = if range.prefix() == calyx_dataplane::host_prefix(range.ip()) {
                             range.ip().to_string()
                         } else {
                             format!("{}/{}", range.network(), range.prefix())

@@ -57,15 +57,7 @@ fn key_of(meta: &ObjectMeta) -> Result<ServiceKey, FieldError> {
 }
 
 fn protocol(field: String, value: Option<&str>) -> Result<Protocol, FieldError> {
-    match value.unwrap_or("TCP") {
-        "TCP" => Ok(Protocol::Tcp),
-        "UDP" => Ok(Protocol::Udp),
-        "SCTP" => Ok(Protocol::Sctp),
-        other => Err(field_error(
-            field,
-            format!("{other:?} is not TCP, UDP or SCTP"),
-        )),
-    }
+    Protocol::from_api(value).map_err(|why| field_error(field, why))
 }
 
 fn port_number(field: String, value: i32) -> Result<u16, FieldError> {
