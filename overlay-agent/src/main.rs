@@ -12,6 +12,7 @@ mod policy;
 mod protocol;
 mod proxy;
 mod runtime;
+mod source;
 
 /// Static builds link musl, whose allocator is slow for the agent's many small
 /// allocations; mimalloc brings large syncs back to glibc's speed (see README's
@@ -26,6 +27,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
+use calyx_dataplane::firewall::nft::NftCommand;
 use calyx_dataplane::Netlink;
 use calyx_ipam::store::{self, Store};
 use clap::{Parser, ValueEnum};
@@ -33,8 +35,10 @@ use ipnetwork::IpNetwork;
 
 use crate::metrics::Metrics;
 use crate::overlay::{registration, OverlayConfig, OverlayController};
+use crate::policy::controller::PolicyController;
 use crate::proxy::{ProxyConfig, ProxyController, ProxyMode};
 use crate::runtime::{Schedule, Triggers};
+use crate::source::Publisher;
 
 /// Every flag can also come from its environment variable or, below both, from the
 /// JSON config file (`--config`, keys in camelCase: {"nodeName": ..., "datastore": ...}).
@@ -145,6 +149,10 @@ struct Args {
     #[arg(long, env = "CALYX_PROXY_FULL_SYNC_SECONDS", default_value_t = 3600,
           value_parser = clap::value_parser!(u64).range(1..))]
     proxy_full_sync_seconds: u64,
+    /// NetworkPolicy enforcement (the `inet calyx-policy` table): on or off. Off
+    /// removes the table an earlier run left.
+    #[arg(long, env = "CALYX_NETWORK_POLICY", value_enum, default_value_t = Switch::On)]
+    network_policy: Switch,
     /// Remove everything the service proxy created (both modes) and exit.
     #[arg(long)]
     proxy_cleanup: bool,
@@ -176,6 +184,12 @@ fn parse_ifname(name: &str) -> Result<String, String> {
     calyx_dataplane::validate_ifname(name)
         .map(|()| name.to_string())
         .map_err(|why| format!("{name:?}: {why}"))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -298,6 +312,18 @@ fn init_logging(args: &Args) {
     }
 }
 
+/// The proxy's and the policy controller's schedule: a cheap check of the kernel every
+/// --proxy-sync-seconds, a full sync every --proxy-full-sync-seconds, and no gathering
+/// of bursts: each run reads the source's latest snapshot, so changes that come in
+/// while a run writes are taken together by the next.
+fn watch_schedule(args: &Args) -> Schedule {
+    Schedule {
+        resync: Duration::from_secs(args.proxy_full_sync_seconds),
+        check: Some(Duration::from_secs(args.proxy_sync_seconds)),
+        coalesce: Duration::ZERO,
+    }
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
     if args.proxy_cleanup {
         tokio::task::block_in_place(proxy::cleanup_all);
@@ -326,18 +352,58 @@ async fn run(args: Args) -> anyhow::Result<()> {
         registration::detect_underlay(&nl, args.underlay_interface.as_deref(), args.underlay_ip)
             .await?;
 
-    // The proxy first: it needs no datastore, so Services work while the overlay waits.
+    // The proxy and the policy controller first: they need no datastore, so Services
+    // and isolation work while the overlay waits.
+    let proxy_triggers = Triggers::channel();
+    let (proxy_publisher, proxy_snapshot) = Publisher::new(proxy_triggers.0.clone());
+    let policy_triggers = Triggers::channel();
+    let (policy_publisher, policy_snapshot) = Publisher::new(policy_triggers.0.clone());
+    let proxy_on = args.proxy_mode != ProxyMode::Off;
+    let policy_on = args.network_policy == Switch::On;
+    // Where policies come from: the directory (the API's are not watched yet).
+    let enforce = policy_on && args.services_dir.is_some();
+    let mut proxy_publisher = proxy_on.then_some(proxy_publisher);
+    if let Some(dir) = &args.services_dir {
+        tracing::info!(dir = %dir.display(), proxy = proxy_on, network_policy = policy_on, "objects from a directory");
+        source::dir::spawn(
+            dir.clone(),
+            args.node_name.clone(),
+            proxy_publisher.take(),
+            enforce.then_some(policy_publisher),
+        );
+    }
+    let policy = if enforce {
+        let (triggers, rx) = policy_triggers;
+        let controller = PolicyController::new(
+            args.node_name.clone(),
+            policy_snapshot,
+            Box::new(NftCommand),
+            metrics.clone(),
+        );
+        Some(tokio::spawn(runtime::run(
+            controller,
+            triggers,
+            rx,
+            watch_schedule(&args),
+        )))
+    } else {
+        if policy_on {
+            tracing::warn!("network policy: no --services-dir, and policies from the Kubernetes API are not watched yet: nothing to enforce");
+        } else {
+            tokio::task::block_in_place(|| policy::controller::remove_table(&NftCommand));
+        }
+        None
+    };
     let proxy = match args.proxy_mode {
         ProxyMode::Off => {
             tokio::task::block_in_place(proxy::cleanup_stale);
             None
         }
         mode => {
-            let (triggers, rx) = Triggers::channel();
+            let (triggers, rx) = proxy_triggers;
             let config = ProxyConfig {
                 mode,
                 node_name: args.node_name.clone(),
-                services_dir: args.services_dir.clone(),
                 kubeconfig: args.kubeconfig.clone(),
                 nodeport_addresses: if args.nodeport_addresses.is_empty() {
                     vec![IpNetwork::from(underlay.ip)]
@@ -347,16 +413,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ipvs_scheduler: args.ipvs_scheduler.clone(),
                 ipvs_drain: Duration::from_secs(args.ipvs_drain_seconds),
             };
-            let controller = ProxyController::start(config, metrics.clone(), triggers.clone())?;
-            // No gathering of bursts: each run reads the source's latest snapshot, so
-            // changes that come in while a run writes are taken together by the next.
-            let schedule = Schedule {
-                resync: Duration::from_secs(args.proxy_full_sync_seconds),
-                check: Some(Duration::from_secs(args.proxy_sync_seconds)),
-                coalesce: Duration::ZERO,
-            };
+            if let Some(publisher) = proxy_publisher.take() {
+                ProxyController::start_kube_source(&config, publisher);
+            }
+            let controller = ProxyController::start(config, metrics.clone(), proxy_snapshot)?;
             Some(tokio::spawn(runtime::run(
-                controller, triggers, rx, schedule,
+                controller,
+                triggers,
+                rx,
+                watch_schedule(&args),
             )))
         }
     };
@@ -397,6 +462,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     overlay.abort();
     if let Some(proxy) = proxy {
         proxy.abort();
+    }
+    if let Some(policy) = policy {
+        policy.abort();
     }
     Ok(())
 }

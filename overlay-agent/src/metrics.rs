@@ -35,6 +35,7 @@ pub struct Metrics {
     readiness_checks: Mutex<Vec<ReadinessCheck>>,
     pub resync_ms: AtomicU64,
     pub proxy: ProxyMetrics,
+    pub policy: PolicyMetrics,
 }
 
 type ReadinessCheck = Box<dyn Fn() -> Option<String> + Send + Sync>;
@@ -103,6 +104,56 @@ impl ProxyMetrics {
     }
 }
 
+/// The policy controller's figures (`calyx_agent_policy_*`).
+pub struct PolicyMetrics {
+    pub full_sync_seconds: Histogram,
+    pub partial_sync_seconds: Histogram,
+    pub policies: Gauge,
+    pub pods: Gauge,
+    pub sync_errors: Counter,
+}
+
+impl PolicyMetrics {
+    fn new() -> PolicyMetrics {
+        PolicyMetrics {
+            full_sync_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            partial_sync_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            policies: Gauge::default(),
+            pods: Gauge::default(),
+            sync_errors: Counter::default(),
+        }
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("policy");
+        r.register(
+            "full_sync_duration_seconds",
+            "Full policy syncs (kernel re-read, whole table compared)",
+            self.full_sync_seconds.clone(),
+        );
+        r.register(
+            "partial_sync_duration_seconds",
+            "Policy syncs on a change, against what was written last",
+            self.partial_sync_seconds.clone(),
+        );
+        r.register(
+            "policies_programmed",
+            "NetworkPolicies isolating a pod of this node, per direction",
+            self.policies.clone(),
+        );
+        r.register(
+            "pods_programmed",
+            "Pods of this node isolated in at least one direction",
+            self.pods.clone(),
+        );
+        r.register(
+            "sync_errors",
+            "Policy syncs that failed",
+            self.sync_errors.clone(),
+        );
+    }
+}
+
 impl Metrics {
     pub fn new(resync: Duration) -> Arc<Metrics> {
         let mut registry = Registry::with_prefix("calyx_agent");
@@ -125,8 +176,10 @@ impl Metrics {
             readiness_checks: Mutex::new(Vec::new()),
             resync_ms: AtomicU64::new(resync.as_millis() as u64),
             proxy: ProxyMetrics::new(),
+            policy: PolicyMetrics::new(),
         };
         m.proxy.register(&mut registry);
+        m.policy.register(&mut registry);
         registry.register(
             "nodes_known",
             "Nodes registered in the datastore",

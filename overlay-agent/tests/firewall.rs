@@ -61,7 +61,7 @@ fn table(lb: &[(&str, &str)], ips: &[(&str, &str)]) -> Table {
 /// The kernel's endpoint map holds what `wanted` has.
 fn endpoints_as_in(wanted: &Table) {
     let listed = NftCommand
-        .dump(IpFamily::V4, "calyx-test")
+        .dump(IpFamily::V4.into(), "calyx-test")
         .unwrap()
         .expect("the table");
     assert_eq!(

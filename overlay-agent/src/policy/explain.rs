@@ -5,8 +5,6 @@
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
-use k8s_openapi::api::core::v1::{Namespace as KubeNamespace, Pod as KubePod};
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use serde_json::{json, Value};
 
 use super::model::{Cluster, PodKey, Protocol};
@@ -66,7 +64,7 @@ pub fn read_cluster(dir: &Path) -> Result<Cluster, ExplainError> {
         };
         for item in items {
             let prefix = item.prefix();
-            if let Err(what) = add(&mut cluster, item.value) {
+            if let Err(what) = parse::object(item.value).map(|o| o.map(|o| cluster.add(o))) {
                 eprintln!(
                     "{} document {}: {prefix}{what}: skipped",
                     path.display(),
@@ -76,39 +74,6 @@ pub fn read_cluster(dir: &Path) -> Result<Cluster, ExplainError> {
         }
     }
     Ok(cluster)
-}
-
-fn add(cluster: &mut Cluster, value: Value) -> Result<(), String> {
-    let api = value["apiVersion"].as_str().unwrap_or_default().to_string();
-    let kind = value["kind"].as_str().unwrap_or_default().to_string();
-    let name = value["metadata"]["name"]
-        .as_str()
-        .unwrap_or("?")
-        .to_string();
-    let typed = |e: serde_path_to_error::Error<serde_json::Error>| {
-        format!("{kind} {name}: field {}: {}", e.path(), e.inner())
-    };
-    let invalid = |e: parse::Invalid| format!("{kind} {name}: {e}");
-    match (api.as_str(), kind.as_str()) {
-        ("v1", "Pod") => {
-            let pod: KubePod = serde_path_to_error::deserialize(value).map_err(typed)?;
-            if let Some(pod) = parse::pod(&pod).map_err(invalid)? {
-                cluster.pods.insert(pod.key.clone(), pod);
-            }
-        }
-        ("v1", "Namespace") => {
-            let ns: KubeNamespace = serde_path_to_error::deserialize(value).map_err(typed)?;
-            let ns = parse::namespace(&ns).map_err(invalid)?;
-            cluster.namespaces.insert(ns.name.clone(), ns);
-        }
-        ("networking.k8s.io/v1", "NetworkPolicy") => {
-            let np: NetworkPolicy = serde_path_to_error::deserialize(value).map_err(typed)?;
-            let policy = parse::policy(&np).map_err(invalid)?;
-            cluster.policies.insert(policy.key.clone(), policy);
-        }
-        _ => {}
-    }
-    Ok(())
 }
 
 /// `--from`/`--to` without the port: a pod by NS/POD, or an address (the pod holding

@@ -1,8 +1,13 @@
 //! NetworkPolicy: the third controller, beside the overlay and the service proxy and
 //! importing neither. `model` holds pods, namespaces and policies without Kubernetes
-//! types; `verdict` states the API's semantics over it.
+//! types; `verdict` states the API's semantics over it; `table` is the nftables table
+//! a node wants for it, as data; `trace` runs packets through such a table.
 
+pub mod controller;
 pub mod explain;
 pub mod model;
 pub mod parse;
+pub mod table;
+#[cfg(test)]
+mod trace;
 pub mod verdict;

@@ -206,7 +206,7 @@ impl Policy {
 }
 
 /// Everything the policy controller knows.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cluster {
     pub pods: BTreeMap<PodKey, Pod>,
     pub namespaces: BTreeMap<String, Namespace>,
@@ -214,6 +214,22 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// Takes in one object (a later one of the same name replaces the earlier).
+    pub fn add(&mut self, object: super::parse::Object) {
+        use super::parse::Object;
+        match object {
+            Object::Pod(pod) => {
+                self.pods.insert(pod.key.clone(), pod);
+            }
+            Object::Namespace(ns) => {
+                self.namespaces.insert(ns.name.clone(), ns);
+            }
+            Object::Policy(policy) => {
+                self.policies.insert(policy.key.clone(), policy);
+            }
+        }
+    }
+
     /// A namespace's labels; one not seen yet has only its name label (as the API
     /// server would set it), so a pod seen before its namespace is judged alike.
     pub fn namespace_labels(&self, name: &str) -> Labels {

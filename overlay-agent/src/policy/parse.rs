@@ -360,6 +360,45 @@ pub fn namespace(ns: &KubeNamespace) -> Result<Namespace, Invalid> {
     Ok(Namespace { name, labels })
 }
 
+/// One object of a policy kind, parsed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Object {
+    Pod(Pod),
+    Namespace(Namespace),
+    Policy(Policy),
+}
+
+/// A Pod, Namespace or NetworkPolicy as `kubectl get -o json` prints it; Ok(None) for
+/// any other kind, and for pods policies never see (finished ones). Err names the kind,
+/// the object and the field at fault.
+pub fn object(value: serde_json::Value) -> Result<Option<Object>, String> {
+    let api = value["apiVersion"].as_str().unwrap_or_default().to_string();
+    let kind = value["kind"].as_str().unwrap_or_default().to_string();
+    let name = value["metadata"]["name"]
+        .as_str()
+        .unwrap_or("?")
+        .to_string();
+    let typed = |e: serde_path_to_error::Error<serde_json::Error>| {
+        format!("{kind} {name}: field {}: {}", e.path(), e.inner())
+    };
+    let invalid = |e: Invalid| format!("{kind} {name}: {e}");
+    Ok(match (api.as_str(), kind.as_str()) {
+        ("v1", "Pod") => {
+            let p: KubePod = serde_path_to_error::deserialize(value).map_err(typed)?;
+            pod(&p).map_err(invalid)?.map(Object::Pod)
+        }
+        ("v1", "Namespace") => {
+            let ns: KubeNamespace = serde_path_to_error::deserialize(value).map_err(typed)?;
+            Some(Object::Namespace(namespace(&ns).map_err(invalid)?))
+        }
+        ("networking.k8s.io/v1", "NetworkPolicy") => {
+            let np: NetworkPolicy = serde_path_to_error::deserialize(value).map_err(typed)?;
+            Some(Object::Policy(policy(&np).map_err(invalid)?))
+        }
+        _ => None,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

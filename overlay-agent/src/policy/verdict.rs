@@ -129,7 +129,7 @@ fn rule_allows(
         || rule
             .ports
             .iter()
-            .any(|p| port_matches(p, flow.protocol, flow.port, flow.to.pod));
+            .any(|p| port_matches(p, flow.protocol, flow.port, flow.to.policy_pod()));
     peer_ok && port_ok
 }
 

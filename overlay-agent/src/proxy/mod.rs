@@ -34,7 +34,7 @@ use clap::ValueEnum;
 use ipnetwork::IpNetwork;
 
 use crate::metrics::Metrics;
-use crate::runtime::{Controller, Trigger, Triggers};
+use crate::runtime::{Controller, Trigger};
 use model::{PortPlan, ProxyState, ServiceKey};
 use node::NodeSettings;
 use proxier::{Changes, Proxier, ProxierError, Scope, ServiceUpdate};
@@ -51,7 +51,6 @@ pub enum ProxyMode {
 pub struct ProxyConfig {
     pub mode: ProxyMode,
     pub node_name: String,
-    pub services_dir: Option<PathBuf>,
     pub kubeconfig: Option<PathBuf>,
     pub nodeport_addresses: Vec<IpNetwork>,
     /// IPVS mode: the scheduler of Services that name none.
@@ -82,8 +81,9 @@ fn kernel_proxier(config: &ProxyConfig) -> Result<Option<Box<dyn Proxier>>, Prox
         ProxyMode::Off => return Ok(None),
         ProxyMode::Nftables => {
             let mut proxier = nftables::NftablesProxier::new(Box::new(NftCommand), node);
-            proxier
-                .prefetch(|| IpFamily::BOTH.map(|family| NftCommand.dump(family, nftables::TABLE)));
+            proxier.prefetch(|| {
+                IpFamily::BOTH.map(|family| NftCommand.dump(family.into(), nftables::TABLE))
+            });
             Box::new(proxier)
         }
         ProxyMode::Iptables => {
@@ -145,28 +145,17 @@ pub struct ProxyController {
 }
 
 impl ProxyController {
-    /// Removes the other modes' objects, starts the source, and returns the controller.
+    /// Removes the other modes' objects and returns the controller, reading `snapshot`
+    /// (the directory source's, or the API's from `start_kube_source`).
     pub fn start(
         config: ProxyConfig,
         metrics: Arc<Metrics>,
-        triggers: Triggers,
+        snapshot: Snapshot,
     ) -> Result<ProxyController, ProxyError> {
         let Some(proxier) = kernel_proxier(&config)? else {
             return Err(ProxyError::Off);
         };
         tokio::task::block_in_place(|| remove_other_modes(config.mode));
-        let (publisher, snapshot) = Publisher::new(triggers);
-        match &config.services_dir {
-            Some(dir) => {
-                tracing::info!(dir = %dir.display(), "Services and EndpointSlices from a directory");
-                source::dir::spawn(dir.clone(), config.node_name.clone(), publisher);
-            }
-            None => source::kube::spawn(
-                config.kubeconfig.clone(),
-                config.node_name.clone(),
-                publisher,
-            ),
-        }
         Ok(ProxyController::new(
             config.node_name,
             proxier,
@@ -174,6 +163,15 @@ impl ProxyController {
             snapshot,
             metrics,
         ))
+    }
+
+    /// Services and EndpointSlices from the Kubernetes API.
+    pub fn start_kube_source(config: &ProxyConfig, publisher: Publisher) {
+        source::kube::spawn(
+            config.kubeconfig.clone(),
+            config.node_name.clone(),
+            publisher,
+        )
     }
 
     pub fn new(
@@ -621,7 +619,7 @@ mod tests {
 
     /// A controller of `mode` on a fresh fake kernel, and the way to hand it snapshots.
     fn controller(mode: ProxyMode) -> (ProxyController, Publisher, FakeKernel) {
-        let (triggers, _rx) = Triggers::channel();
+        let (triggers, _rx) = crate::runtime::Triggers::channel();
         let (publisher, snapshot) = Publisher::new(triggers);
         let kernel = FakeKernel::default();
         let metrics = Metrics::new(std::time::Duration::from_secs(10));
@@ -837,7 +835,7 @@ mod tests {
         nft::Backend::apply(
             kernel.nft.as_ref(),
             &nft::Transaction {
-                family: IpFamily::V4,
+                family: IpFamily::V4.into(),
                 table: nftables::TABLE.into(),
                 ops: vec![nft::Op::DeleteTable],
             },

@@ -3,15 +3,19 @@
 
 use std::collections::BTreeSet;
 
-use super::{Backend, Chain, Hook, Set, SetKind, Table, Transaction};
-use crate::firewall::{run_tool, FirewallError, IpFamily};
+use super::{Backend, Chain, Family, Hook, Set, SetKind, Table, Transaction};
+use crate::firewall::{run_tool, FirewallError};
 
 /// The kernel, through the `nft` tool.
 pub struct NftCommand;
 
 impl Backend for NftCommand {
-    fn dump(&self, family: IpFamily, table: &str) -> Result<Option<Table>, FirewallError> {
-        let listed = run_tool("nft", &["-j", "list", "table", family.nft(), table], None);
+    fn dump(&self, family: Family, table: &str) -> Result<Option<Table>, FirewallError> {
+        let listed = run_tool(
+            "nft",
+            &["-j", "list", "table", family.keyword(), table],
+            None,
+        );
         let json = match listed {
             Ok(json) => json,
             Err(FirewallError::Refused { stderr, .. }) if stderr.contains("No such file") => {
@@ -29,9 +33,10 @@ impl Backend for NftCommand {
     /// Element changes alone go over netlink (see `netlink`); the rest to `nft -f`.
     fn apply_in(&self, tx: &Transaction, desired: &Table) -> Result<(), FirewallError> {
         match super::netlink::encode(tx, desired) {
-            Some(batch) => {
-                super::netlink::send(&batch, &format!("table {} {}", tx.family.nft(), tx.table))
-            }
+            Some(batch) => super::netlink::send(
+                &batch,
+                &format!("table {} {}", tx.family.keyword(), tx.table),
+            ),
             None => self.apply(tx),
         }
     }
@@ -39,13 +44,13 @@ impl Backend for NftCommand {
     /// `nft -j list chains <family>`: chains without rules or set elements.
     fn chain_names(
         &self,
-        family: IpFamily,
+        family: Family,
         table: &str,
     ) -> Result<Option<BTreeSet<String>>, FirewallError> {
-        let json = run_tool("nft", &["-j", "list", "chains", family.nft()], None)?;
+        let json = run_tool("nft", &["-j", "list", "chains", family.keyword()], None)?;
         let doc: serde_json::Value =
             serde_json::from_str(&json).map_err(|e| FirewallError::Dump {
-                what: format!("chains of {}", family.nft()),
+                what: format!("chains of {}", family.keyword()),
                 why: e.to_string(),
             })?;
         let objects = doc["nftables"].as_array().into_iter().flatten();
@@ -63,9 +68,14 @@ impl Backend for NftCommand {
 }
 
 /// Reads `nft -j list table` output back into a `Table` (rules as digests only).
-pub fn parse_dump(family: IpFamily, name: &str, json: &str) -> Result<Table, FirewallError> {
+pub fn parse_dump(
+    family: impl Into<Family>,
+    name: &str,
+    json: &str,
+) -> Result<Table, FirewallError> {
+    let family = family.into();
     let bad = |why: String| FirewallError::Dump {
-        what: format!("table {} {name}", family.nft()),
+        what: format!("table {} {name}", family.keyword()),
         why,
     };
     let doc: serde_json::Value = serde_json::from_str(json).map_err(|e| bad(e.to_string()))?;
@@ -104,6 +114,10 @@ pub fn parse_dump(family: IpFamily, name: &str, json: &str) -> Result<Table, Fir
                 if let Some(c) = table.chains.get_mut(&chain) {
                     c.kernel_digest = Some(recorded);
                 }
+            }
+        } else if let Some(counter) = object.get("counter") {
+            if let Some(name) = counter["name"].as_str() {
+                table.counters.insert(name.to_string());
             }
         } else if let Some((kind, set)) = object
             .get("set")

@@ -9,7 +9,7 @@ use super::*;
 /// kernel does (refusing what it would refuse), and records every script.
 #[derive(Default)]
 pub struct RecordingNft {
-    tables: Mutex<BTreeMap<(IpFamily, String), Table>>,
+    tables: Mutex<BTreeMap<(Family, String), Table>>,
     scripts: Mutex<Vec<String>>,
     /// Refuse the next transaction (tests of what follows a failed write).
     fail_next: std::sync::atomic::AtomicBool,
@@ -27,8 +27,10 @@ impl RecordingNft {
         RecordingNft::default()
     }
 
-    pub fn table(&self, family: IpFamily, name: &str) -> Option<Table> {
-        self.lock_tables().get(&(family, name.to_string())).cloned()
+    pub fn table(&self, family: impl Into<Family>, name: &str) -> Option<Table> {
+        self.lock_tables()
+            .get(&(family.into(), name.to_string()))
+            .cloned()
     }
 
     /// Every script applied so far, oldest first.
@@ -43,13 +45,13 @@ impl RecordingNft {
         std::mem::take(&mut *self.scripts.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn lock_tables(&self) -> std::sync::MutexGuard<'_, BTreeMap<(IpFamily, String), Table>> {
+    fn lock_tables(&self) -> std::sync::MutexGuard<'_, BTreeMap<(Family, String), Table>> {
         self.tables.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Backend for RecordingNft {
-    fn dump(&self, family: IpFamily, table: &str) -> Result<Option<Table>, FirewallError> {
+    fn dump(&self, family: Family, table: &str) -> Result<Option<Table>, FirewallError> {
         Ok(self.table(family, table))
     }
 
@@ -156,6 +158,27 @@ impl Backend for RecordingNft {
                         }
                         // As the kernel: adding an existing key keeps its old value.
                         set.elements.entry(k.clone()).or_insert_with(|| v.clone());
+                    }
+                }
+                Op::AddCounter(name) => {
+                    table
+                        .as_mut()
+                        .expect("checked")
+                        .counters
+                        .insert(name.clone());
+                }
+                Op::DeleteCounter(name) => {
+                    let t = table.as_mut().expect("checked");
+                    let reference = format!("counter name {name} ");
+                    if t.chains
+                        .values()
+                        .flat_map(|c| &c.rules)
+                        .any(|r| format!("{r} ").contains(&reference))
+                    {
+                        return Err(refuse(format!("delete counter {name}: still referenced")));
+                    }
+                    if !t.counters.remove(name) {
+                        return Err(refuse(format!("delete counter {name}: not there")));
                     }
                 }
                 Op::DeleteElements(name, keys) => {

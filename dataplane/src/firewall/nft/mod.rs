@@ -20,6 +20,43 @@ pub use fake::RecordingNft;
 
 use super::{digest, FirewallError, IpFamily};
 
+/// An nftables table family: one address family, or `inet` (both in one table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    Ip,
+    Ip6,
+    Inet,
+}
+
+impl Family {
+    /// The keyword nft reads and prints.
+    pub fn keyword(self) -> &'static str {
+        match self {
+            Family::Ip => "ip",
+            Family::Ip6 => "ip6",
+            Family::Inet => "inet",
+        }
+    }
+
+    /// The netlink protocol family number (NFPROTO_*).
+    pub fn number(self) -> u8 {
+        match self {
+            Family::Ip => 2,
+            Family::Ip6 => 10,
+            Family::Inet => 1,
+        }
+    }
+}
+
+impl From<IpFamily> for Family {
+    fn from(family: IpFamily) -> Family {
+        match family {
+            IpFamily::V4 => Family::Ip,
+            IpFamily::V6 => Family::Ip6,
+        }
+    }
+}
+
 /// A base chain's hook: `type <kind> hook <hook> priority <priority>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Hook {
@@ -119,20 +156,39 @@ impl Set {
 /// One table as wanted, or as read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Table {
-    pub family: IpFamily,
+    pub family: Family,
     pub name: String,
     pub chains: BTreeMap<String, Chain>,
     pub sets: BTreeMap<String, Set>,
+    /// Named counters (`counter name <name>` in a rule), read for metrics.
+    pub counters: BTreeSet<String>,
 }
 
 impl Table {
-    pub fn new(family: IpFamily, name: impl Into<String>) -> Table {
+    pub fn new(family: impl Into<Family>, name: impl Into<String>) -> Table {
         Table {
-            family,
+            family: family.into(),
             name: name.into(),
             chains: BTreeMap::new(),
             sets: BTreeMap::new(),
+            counters: BTreeSet::new(),
         }
+    }
+
+    /// The base chains on `hook`, in the order the kernel runs them (by priority).
+    pub fn base_chains(&self, hook: &str) -> Vec<&str> {
+        let mut chains: Vec<(&str, i32)> = self
+            .chains
+            .iter()
+            .filter_map(|(name, c)| {
+                c.hook
+                    .as_ref()
+                    .filter(|h| h.hook == hook)
+                    .map(|h| (name.as_str(), h.priority))
+            })
+            .collect();
+        chains.sort_by_key(|(_, priority)| *priority);
+        chains.into_iter().map(|(name, _)| name).collect()
     }
 
     /// Elements across all sets and maps (for logs and metrics).
@@ -156,12 +212,14 @@ pub enum Op {
     DeleteSet(String),
     AddElements(String, Vec<(String, Option<String>)>),
     DeleteElements(String, Vec<String>),
+    AddCounter(String),
+    DeleteCounter(String),
 }
 
 /// What `plan` emits: applied with one `nft -f`, all or nothing.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transaction {
-    pub family: IpFamily,
+    pub family: Family,
     pub table: String,
     pub ops: Vec<Op>,
 }
@@ -173,7 +231,7 @@ impl Transaction {
 
     /// The `nft -f` script.
     pub fn script(&self) -> String {
-        let t = format!("{} {}", self.family.nft(), self.table);
+        let t = format!("{} {}", self.family.keyword(), self.table);
         let mut out = String::new();
         for op in &self.ops {
             match op {
@@ -215,6 +273,8 @@ impl Transaction {
                 Op::DeleteElements(name, keys) => {
                     writeln!(out, "delete element {t} {name} {{ {} }}", keys.join(", "))
                 }
+                Op::AddCounter(name) => writeln!(out, "add counter {t} {name}"),
+                Op::DeleteCounter(name) => writeln!(out, "delete counter {t} {name}"),
             }
             .expect("write to a String");
         }
@@ -263,7 +323,10 @@ pub fn plan(current: Option<&Table>, desired: &Table) -> Transaction {
         current.expect("not a rebuild")
     };
 
-    // 1. New sets and chains, so that everything below may refer to them.
+    // 1. New sets, counters and chains, so that everything below may refer to them.
+    for name in desired.counters.difference(&current.counters) {
+        ops.push(Op::AddCounter(name.clone()));
+    }
     for (name, set) in &desired.sets {
         if !current.sets.contains_key(name) {
             let mut decl = set.clone();
@@ -340,6 +403,9 @@ pub fn plan(current: Option<&Table>, desired: &Table) -> Transaction {
             ops.push(Op::DeleteSet(name.clone()));
         }
     }
+    for name in current.counters.difference(&desired.counters) {
+        ops.push(Op::DeleteCounter(name.clone()));
+    }
     Transaction {
         family: desired.family,
         table: desired.name.clone(),
@@ -364,7 +430,8 @@ impl Touched {
 }
 
 /// The part of `table` that `touched` names: touched chains, and touched sets or sets
-/// holding touched elements, with only their touched elements.
+/// holding touched elements, with only their touched elements. (Counters are never
+/// touched: a caller of `sync_touched` keeps its counters as they were.)
 fn restrict(table: &Table, touched: &Touched) -> Table {
     let mut out = Table::new(table.family, table.name.clone());
     for name in &touched.chains {
@@ -394,9 +461,9 @@ fn restrict(table: &Table, touched: &Touched) -> Table {
 }
 
 /// The transaction that removes the table (nothing when it is not there).
-pub fn plan_removal(current: Option<&Table>, family: IpFamily, name: &str) -> Transaction {
+pub fn plan_removal(current: Option<&Table>, family: impl Into<Family>, name: &str) -> Transaction {
     Transaction {
-        family,
+        family: family.into(),
         table: name.to_string(),
         ops: if current.is_some() {
             vec![Op::DeleteTable]
@@ -409,7 +476,7 @@ pub fn plan_removal(current: Option<&Table>, family: IpFamily, name: &str) -> Tr
 /// Where tables are read from and transactions applied: the kernel through `nft`, or
 /// a recording fake.
 pub trait Backend: Send + Sync {
-    fn dump(&self, family: IpFamily, table: &str) -> Result<Option<Table>, FirewallError>;
+    fn dump(&self, family: Family, table: &str) -> Result<Option<Table>, FirewallError>;
     fn apply(&self, tx: &Transaction) -> Result<(), FirewallError>;
 
     /// `apply`, with the table as wanted at hand (each set's declaration), for a
@@ -423,7 +490,7 @@ pub trait Backend: Send + Sync {
     /// `TableSync::drifted`; a backend that can list chains without their rules does.
     fn chain_names(
         &self,
-        family: IpFamily,
+        family: Family,
         table: &str,
     ) -> Result<Option<BTreeSet<String>>, FirewallError> {
         Ok(self
@@ -434,7 +501,7 @@ pub trait Backend: Send + Sync {
 
 /// A shared backend is a backend: tests keep a handle on the fake they hand over.
 impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
-    fn dump(&self, family: IpFamily, table: &str) -> Result<Option<Table>, FirewallError> {
+    fn dump(&self, family: Family, table: &str) -> Result<Option<Table>, FirewallError> {
         (**self).dump(family, table)
     }
     fn apply(&self, tx: &Transaction) -> Result<(), FirewallError> {
@@ -445,7 +512,7 @@ impl<B: Backend + ?Sized> Backend for std::sync::Arc<B> {
     }
     fn chain_names(
         &self,
-        family: IpFamily,
+        family: Family,
         table: &str,
     ) -> Result<Option<BTreeSet<String>>, FirewallError> {
         (**self).chain_names(family, table)
@@ -610,7 +677,7 @@ mod tests {
         // The cheap check: nothing lost, until someone deletes the table.
         assert!(!sync.drifted(&fake).unwrap());
         let delete = Transaction {
-            family: IpFamily::V4,
+            family: Family::Ip,
             table: "t".into(),
             ops: vec![Op::DeleteTable],
         };
@@ -695,6 +762,35 @@ mod tests {
     }
 
     #[test]
+    fn counters_come_before_their_rules_and_go_after_them_in_an_inet_table() {
+        let fake = RecordingNft::new();
+        let mut sync = TableSync::new();
+        let mut want = Table::new(Family::Inet, "p");
+        want.counters.insert("denied/x/ingress".into());
+        want.chains.insert(
+            "c".into(),
+            Chain::new(vec!["counter name denied/x/ingress drop".into()]),
+        );
+        let tx = sync.sync(&fake, &want, false).unwrap();
+        assert_eq!(
+            tx.script(),
+            "add table inet p\nadd counter inet p denied/x/ingress\nadd chain inet p c\n\
+             add rule inet p c counter name denied/x/ingress drop comment \""
+                .to_string()
+                + &want.chains["c"].digest().unwrap()
+                + "\"\n"
+        );
+        want.chains.remove("c");
+        want.counters.clear();
+        let tx = sync.sync(&fake, &want, false).unwrap();
+        assert_eq!(
+            tx.script(),
+            "flush chain inet p c\ndelete chain inet p c\ndelete counter inet p denied/x/ingress\n"
+        );
+        assert!(fake.table(Family::Inet, "p").unwrap().counters.is_empty());
+    }
+
+    #[test]
     fn a_dump_reads_back_elements_digests_and_hooks() {
         let json = r#"{"nftables": [{"metainfo": {}},
           {"table": {"family": "ip", "name": "t"}},
@@ -706,6 +802,7 @@ mod tests {
           {"set": {"name": "fw", "table": "t", "elem": [{"concat": ["1.2.3.4", "tcp", 80, {"prefix": {"addr": "10.0.0.0", "len": 8}}]}]}},
           {"chain": {"family": "ip", "table": "t", "name": "pre", "type": "nat", "hook": "prerouting", "prio": -100, "policy": "accept"}},
           {"chain": {"family": "ip", "table": "t", "name": "empty"}},
+          {"counter": {"family": "ip", "table": "t", "name": "denied/x/ingress", "packets": 3, "bytes": 180}},
           {"rule": {"chain": "pre", "comment": "d1", "expr": []}},
           {"rule": {"chain": "pre", "expr": []}}]}"#;
         let t = parse_dump(IpFamily::V4, "t", json).unwrap();
@@ -728,5 +825,6 @@ mod tests {
         assert_eq!(t.chains["pre"].digest().as_deref(), Some("d1"));
         assert_eq!(t.chains["pre"].hook.as_ref().unwrap().priority, -100);
         assert_eq!(t.chains["empty"].digest(), None);
+        assert!(t.counters.contains("denied/x/ingress"));
     }
 }

@@ -9,7 +9,7 @@
 use std::net::IpAddr;
 
 use super::{Op, SetKind, Table, Transaction};
-use crate::firewall::{FirewallError, IpFamily};
+use crate::firewall::FirewallError;
 use crate::nl::{
     nfnetlink_message, Attrs, NlSocket, Until, NETLINK_NETFILTER, NLM_F_ACK, NLM_F_CREATE,
     NLM_F_REQUEST,
@@ -186,10 +186,7 @@ pub fn encode(tx: &Transaction, table: &Table) -> Option<ElementBatch> {
     if count == 0 || count > MAX_ELEMENTS {
         return None;
     }
-    let family = match tx.family {
-        IpFamily::V4 => 2u8,
-        IpFamily::V6 => 10u8,
-    };
+    let family = tx.family.number();
     let mut messages = vec![nfnetlink_message(
         NFNL_MSG_BATCH_BEGIN,
         NLM_F_REQUEST,
@@ -292,6 +289,7 @@ pub fn send(batch: &ElementBatch, what: &str) -> Result<(), FirewallError> {
 mod tests {
     use super::*;
     use crate::firewall::nft::Set;
+    use crate::firewall::IpFamily;
 
     #[test]
     fn declarations_give_the_kernels_layout_and_intervals_are_left_to_nft() {
@@ -349,7 +347,7 @@ mod tests {
             Set::new(SetKind::Set, "type ipv4_addr; flags interval;"),
         );
         let tx = |ops| Transaction {
-            family: IpFamily::V4,
+            family: IpFamily::V4.into(),
             table: "t".into(),
             ops,
         };

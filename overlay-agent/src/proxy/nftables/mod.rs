@@ -110,7 +110,7 @@ impl Proxier for NftablesProxier {
 /// Removes the proxy's tables (another mode runs, or `--proxy-cleanup`).
 pub fn remove_all(backend: &dyn nft::Backend) {
     for family in IpFamily::BOTH {
-        let result = backend.dump(family, TABLE).and_then(|current| {
+        let result = backend.dump(family.into(), TABLE).and_then(|current| {
             let tx = nft::plan_removal(current.as_ref(), family, TABLE);
             if !tx.is_empty() {
                 backend.apply(&tx)?;

@@ -86,10 +86,7 @@ struct Tracer<'t> {
 }
 
 fn family_word(table: &Table) -> &'static str {
-    match table.family {
-        calyx_dataplane::firewall::IpFamily::V4 => "ip",
-        calyx_dataplane::firewall::IpFamily::V6 => "ip6",
-    }
+    table.family.keyword()
 }
 
 /// Whether a set element's key matches `key`: component by component, a component
@@ -485,20 +482,8 @@ impl Tracer<'_> {
     /// Every base chain of `hook`, by priority, on each branch; a branch that is
     /// dropped or rejected stops there.
     fn hook(&self, hook: &str, flows: Vec<(Flow, Step)>) -> Vec<(Flow, Step)> {
-        let mut chains: Vec<(&String, i32)> = self
-            .table
-            .chains
-            .iter()
-            .filter_map(|(name, c)| {
-                c.hook
-                    .as_ref()
-                    .filter(|h| h.hook == hook)
-                    .map(|h| (name, h.priority))
-            })
-            .collect();
-        chains.sort_by_key(|(_, priority)| *priority);
         let mut flows = flows;
-        for (chain, _) in chains {
+        for chain in self.table.base_chains(hook) {
             flows = flows
                 .into_iter()
                 .flat_map(|(flow, state)| match state {

@@ -1,6 +1,8 @@
 //! `--services-dir`: Services and EndpointSlices from files, as `kubectl get -o yaml`
-//! or `-o json` prints them (several YAML documents and `kind: List` allowed), and
-//! this node's Node object if one is there (its zone label, for topology hints). The
+//! or `-o json` prints them (several YAML documents and `kind: List` allowed), this
+//! node's Node object if one is there (its zone label, for topology hints), and the
+//! Pods, Namespaces and NetworkPolicies the policy controller enforces. One scan
+//! serves both controllers; each is woken only when its part changed. The
 //! directory is watched (inotify) and polled as a fallback; a changed file is read
 //! again and takes effect at once, within a second at worst.
 //! A file that does not parse keeps its last good objects; an invalid object is
@@ -15,10 +17,12 @@ use k8s_openapi::api::core::v1::{Node, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde_json::Value;
 
-use super::objects::{self, Converted};
 use super::Publisher;
 use crate::object_files;
+use crate::policy::model::Cluster;
+use crate::policy::parse::{self as policy_parse, Object as PolicyObject};
 use crate::proxy::model::{ProxyState, Service, ServiceKey, Slice};
+use crate::proxy::source::objects::{self, Converted};
 
 /// The fallback poll, for file systems that send no events.
 pub const POLL: Duration = Duration::from_millis(500);
@@ -30,6 +34,8 @@ pub struct FileObjects {
     pub slices: Vec<(ServiceKey, Arc<Slice>)>,
     /// Nodes: name and zone.
     pub nodes: Vec<(String, Option<String>)>,
+    /// Pods, Namespaces and NetworkPolicies.
+    pub policy: Vec<PolicyObject>,
 }
 
 /// A problem with part of a file; the rest of it is used.
@@ -86,9 +92,10 @@ fn convert(item: Value, into: &mut FileObjects) -> Result<(), String> {
             into.nodes
                 .push((name, objects::node_zone(&parsed.metadata)));
         }
-        // NetworkPolicy's objects: `policy explain` reads them from the same directory.
-        ("v1", "Pod" | "Namespace") | ("networking.k8s.io/v1", "NetworkPolicy") => {}
-        _ => return Err(format!("{api} {kind} {name}: ignored (only v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node are read)")),
+        ("v1", "Pod" | "Namespace") | ("networking.k8s.io/v1", "NetworkPolicy") => {
+            into.policy.extend(policy_parse::object(item)?);
+        }
+        _ => return Err(format!("{api} {kind} {name}: ignored (only v1 Service, discovery.k8s.io/v1 EndpointSlice, v1 Node, v1 Pod, v1 Namespace and networking.k8s.io/v1 NetworkPolicy are read)")),
     }
     Ok(())
 }
@@ -120,6 +127,41 @@ pub struct DirSource {
     listed: bool,
     /// Every file's objects together, patched file by file.
     merged: ProxyState,
+    /// Whether the proxy's objects, and the policy controller's, changed since
+    /// `take_changes` was last called (both true before the first call).
+    proxy_changed: bool,
+    policy_changed: bool,
+}
+
+impl DirSource {
+    /// The policy controller's objects of every file, in file order (a later file's
+    /// object of the same name wins).
+    /// Which parts changed since the last call: (the proxy's, the policy controller's).
+    pub fn take_changes(&mut self) -> (bool, bool) {
+        (
+            std::mem::take(&mut self.proxy_changed),
+            std::mem::take(&mut self.policy_changed),
+        )
+    }
+
+    /// What changed between a file's old and new objects.
+    fn note_change(&mut self, old: Option<&FileObjects>, new: Option<&FileObjects>) {
+        let empty = FileObjects::default();
+        let (old, new) = (old.unwrap_or(&empty), new.unwrap_or(&empty));
+        self.proxy_changed |=
+            old.services != new.services || old.slices != new.slices || old.nodes != new.nodes;
+        self.policy_changed |= old.policy != new.policy;
+    }
+
+    pub fn cluster(&self) -> Cluster {
+        let mut cluster = Cluster::default();
+        for (_, objects) in self.files.values() {
+            for object in &objects.policy {
+                cluster.add(object.clone());
+            }
+        }
+        cluster
+    }
 }
 
 impl DirSource {
@@ -130,6 +172,8 @@ impl DirSource {
             files: BTreeMap::new(),
             listed: false,
             merged: ProxyState::default(),
+            proxy_changed: true,
+            policy_changed: true,
         }
     }
 
@@ -154,6 +198,7 @@ impl DirSource {
             .collect();
         for path in gone {
             if let Some((_, old)) = self.files.remove(&path) {
+                self.note_change(Some(&old), None);
                 self.unmerge(&old);
                 changed = true;
             }
@@ -173,9 +218,12 @@ impl DirSource {
                         file = %path.display(),
                         services = objects.services.len(),
                         endpoint_slices = objects.slices.len(),
+                        policy_objects = objects.policy.len(),
                         "read"
                     );
-                    if let Some((_, old)) = self.files.remove(&path) {
+                    let old = self.files.remove(&path).map(|(_, old)| old);
+                    self.note_change(old.as_ref(), Some(&objects));
+                    if let Some(old) = old {
                         self.unmerge(&old);
                     }
                     self.merge(&path, &objects);
@@ -251,8 +299,15 @@ impl DirSource {
     }
 }
 
-/// Follows the directory for as long as the publisher has readers.
-pub fn spawn(dir: PathBuf, node: String, publisher: Publisher) {
+/// Follows the directory for as long as any publisher has readers: the proxy's
+/// (Services, slices, the zone) and the policy controller's (Pods, Namespaces,
+/// NetworkPolicies), each published when its part changed.
+pub fn spawn(
+    dir: PathBuf,
+    node: String,
+    proxy: Option<Publisher<ProxyState>>,
+    policy: Option<Publisher<Cluster>>,
+) {
     std::thread::Builder::new()
         .name("services-dir".into())
         .spawn(move || {
@@ -275,7 +330,15 @@ pub fn spawn(dir: PathBuf, node: String, publisher: Publisher) {
                 let started = std::time::Instant::now();
                 if let Some(state) = source.scan() {
                     tracing::debug!(elapsed = ?started.elapsed(), "services directory read");
-                    if !publisher.publish(Arc::new(state)) {
+                    let (proxy_changed, policy_changed) = source.take_changes();
+                    let mut alive = false;
+                    if let Some(proxy) = &proxy {
+                        alive |= !proxy_changed || proxy.publish(Arc::new(state));
+                    }
+                    if let Some(policy) = &policy {
+                        alive |= !policy_changed || policy.publish(Arc::new(source.cluster()));
+                    }
+                    if !alive {
                         return;
                     }
                 }

@@ -1,0 +1,253 @@
+//! The policy controller: the latest snapshot of pods, namespaces and policies in,
+//! this node's `inet calyx-policy` table out. Nothing is written until the source has
+//! listed everything once, so a restarting agent keeps what the kernel enforces until
+//! it knows better; a restart with the table already right writes nothing.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use calyx_dataplane::firewall::nft::{self, Backend, Family, TableSync};
+
+use super::model::{Cluster, Direction};
+use super::table::{desired_table, TABLE};
+use crate::metrics::Metrics;
+use crate::runtime::{Controller, Trigger};
+use crate::source::Snapshot;
+
+pub struct PolicyController {
+    node: String,
+    snapshot: Snapshot<Cluster>,
+    backend: Box<dyn Backend>,
+    sync: TableSync,
+    /// The snapshot last written; None until then and after a failed write.
+    applied: Option<Arc<Cluster>>,
+    metrics: Arc<Metrics>,
+    synced: Arc<AtomicBool>,
+}
+
+impl PolicyController {
+    pub fn new(
+        node: String,
+        snapshot: Snapshot<Cluster>,
+        backend: Box<dyn Backend>,
+        metrics: Arc<Metrics>,
+    ) -> PolicyController {
+        let synced = Arc::new(AtomicBool::new(false));
+        {
+            let synced = synced.clone();
+            metrics.add_readiness_check(move || {
+                (!synced.load(Ordering::Relaxed))
+                    .then(|| "the policy controller has not synced yet".to_string())
+            });
+        }
+        PolicyController {
+            node,
+            snapshot,
+            backend,
+            sync: TableSync::new(),
+            applied: None,
+            metrics,
+            synced,
+        }
+    }
+
+    fn record(&self, cluster: &Cluster) {
+        let local: Vec<_> = cluster
+            .pods
+            .values()
+            .filter(|p| p.node == self.node && !p.host_network)
+            .collect();
+        let mut policies = std::collections::BTreeSet::new();
+        let mut pods = 0;
+        for pod in &local {
+            let mut isolated = false;
+            for direction in [Direction::Ingress, Direction::Egress] {
+                for policy in cluster.isolating(pod, direction) {
+                    policies.insert((policy.key.clone(), direction));
+                    isolated = true;
+                }
+            }
+            pods += isolated as i64;
+        }
+        self.metrics.policy.policies.set(policies.len() as i64);
+        self.metrics.policy.pods.set(pods);
+    }
+}
+
+impl Controller for PolicyController {
+    fn name(&self) -> &'static str {
+        "policy"
+    }
+
+    async fn reconcile(&mut self, trigger: Trigger, full: bool) -> bool {
+        let Some(cluster) = self.snapshot.borrow_and_update().clone() else {
+            // Not listed yet: whatever the kernel enforces stays.
+            return true;
+        };
+        let mut full = full;
+        if trigger == Trigger::Check {
+            match tokio::task::block_in_place(|| self.sync.drifted(self.backend.as_ref())) {
+                Ok(false) => {}
+                Ok(true) => {
+                    tracing::warn!(
+                        "the policy table lost chains since the last sync: rewriting it"
+                    );
+                    full = true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the policy table back");
+                    return false;
+                }
+            }
+        }
+        if !full
+            && self
+                .applied
+                .as_ref()
+                .is_some_and(|a| Arc::ptr_eq(a, &cluster))
+        {
+            return true;
+        }
+        let started = Instant::now();
+        let table = desired_table(&cluster, &self.node);
+        let result =
+            tokio::task::block_in_place(|| self.sync.sync(self.backend.as_ref(), &table, full));
+        let elapsed = started.elapsed();
+        match result {
+            Ok(tx) => {
+                let histogram = if full {
+                    &self.metrics.policy.full_sync_seconds
+                } else {
+                    &self.metrics.policy.partial_sync_seconds
+                };
+                histogram.observe(elapsed.as_secs_f64());
+                tracing::debug!(
+                    ops = tx.ops.len(),
+                    elapsed = ?elapsed,
+                    full,
+                    "policy table synced"
+                );
+                self.record(&cluster);
+                self.applied = Some(cluster);
+                self.synced.store(true, Ordering::Relaxed);
+                true
+            }
+            Err(e) => {
+                self.metrics.policy.sync_errors.inc();
+                tracing::error!(error = %e, "policy table not written; the kernel keeps what it had");
+                self.applied = None;
+                false
+            }
+        }
+    }
+}
+
+/// With `--network-policy off`: the table goes, if an earlier run left it.
+pub fn remove_table(backend: &dyn Backend) {
+    let result = backend.dump(Family::Inet, TABLE).and_then(|current| {
+        let tx = nft::plan_removal(current.as_ref(), Family::Inet, TABLE);
+        if tx.is_empty() {
+            Ok(false)
+        } else {
+            backend.apply(&tx).map(|()| true)
+        }
+    });
+    match result {
+        Ok(true) => tracing::info!("network policy is off: removed the policy table"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot remove the policy table"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use calyx_dataplane::firewall::nft::RecordingNft;
+
+    use super::*;
+    use crate::policy::model::*;
+    use crate::runtime::Triggers;
+    use crate::source::Publisher;
+
+    fn cluster(deny: bool) -> Cluster {
+        let mut c = Cluster::default();
+        let key = PodKey {
+            namespace: "x".into(),
+            name: "a".into(),
+        };
+        c.pods.insert(
+            key.clone(),
+            Pod {
+                key,
+                labels: Labels::new(),
+                node: "n1".into(),
+                addresses: vec!["10.244.1.5".parse().unwrap()],
+                named_ports: Vec::new(),
+                host_network: false,
+            },
+        );
+        if deny {
+            let key = PolicyKey {
+                namespace: "x".into(),
+                name: "deny".into(),
+            };
+            c.policies.insert(
+                key.clone(),
+                Policy {
+                    key,
+                    pod_selector: Selector::everything(),
+                    ingress: Some(Vec::new()),
+                    egress: None,
+                },
+            );
+        }
+        c
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn nothing_is_written_before_the_first_snapshot_then_only_changes() {
+        let fake = Arc::new(RecordingNft::new());
+        let (triggers, _rx) = Triggers::channel();
+        let (publisher, snapshot) = Publisher::new(triggers);
+        let metrics = Metrics::new(std::time::Duration::from_secs(10));
+        let mut c = PolicyController::new(
+            "n1".into(),
+            snapshot,
+            Box::new(fake.clone()),
+            metrics.clone(),
+        );
+        assert!(c.reconcile(Trigger::Startup, true).await);
+        assert!(fake.scripts().is_empty(), "nothing listed yet");
+
+        publisher.publish(Arc::new(cluster(false)));
+        assert!(c.reconcile(Trigger::Source, false).await);
+        assert_eq!(fake.take_scripts().len(), 1);
+        assert!(c.reconcile(Trigger::Resync, true).await);
+        assert!(
+            fake.take_scripts().is_empty(),
+            "a resync of a right table writes nothing"
+        );
+
+        publisher.publish(Arc::new(cluster(true)));
+        assert!(c.reconcile(Trigger::Source, false).await);
+        let scripts = fake.take_scripts();
+        assert!(
+            scripts[0]
+                .contains("add element inet calyx-policy ingress-v4 { 10.244.1.5 : goto ingress-"),
+            "{scripts:?}"
+        );
+        assert_eq!(metrics.policy.pods.get(), 1);
+
+        // A new controller (a restart) over the same kernel writes nothing.
+        let (triggers, _rx) = Triggers::channel();
+        let (publisher, snapshot) = Publisher::new(triggers);
+        publisher.publish(Arc::new(cluster(true)));
+        let mut restarted =
+            PolicyController::new("n1".into(), snapshot, Box::new(fake.clone()), metrics);
+        assert!(restarted.reconcile(Trigger::Startup, true).await);
+        assert!(fake.take_scripts().is_empty());
+
+        remove_table(fake.as_ref());
+        assert!(fake.table(Family::Inet, TABLE).is_none());
+    }
+}

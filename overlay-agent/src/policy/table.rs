@@ -1,0 +1,489 @@
+//! The kernel's side of NetworkPolicy as pure data: the one `inet calyx-policy` table a
+//! node wants, computed from the model and the node's name. `TableSync` (the firewall
+//! layer) writes only what differs from what the kernel holds.
+//!
+//! Layout (Calico's per-endpoint dispatch and per-policy chains, judged where
+//! kube-network-policies judges, so every proxy mode is covered):
+//! - Base chains at postrouting, after every DNAT (nftables, iptables and IPVS modes,
+//!   kube-proxy too: IPVS forwards from LOCAL_IN to OUTPUT and never passes FORWARD)
+//!   and before any masquerade: `egress` (priority -10) then `ingress` (-5); and
+//!   `egress-to-node` at input (priority 101, after IPVS has taken what is its own) for
+//!   what a pod sends to its node. Established and related packets pass first.
+//! - `egress-v4`/`-v6` and `ingress-v4`/`-v6` map a local isolated pod's address to
+//!   its profile chain; a pod's profile is the list of policies isolating it in that
+//!   direction, so pods alike share one chain and a relabelled pod only moves between
+//!   map elements.
+//! - A profile chain jumps to each policy's chain, then counts and drops.
+//! - A policy chain holds one rule per (rule, peer, port, family); a match counts in
+//!   the policy's counter and accepts. Pod peers are address sets (one per distinct
+//!   peer, shared by policies); named ports are sets of (address, protocol, port) over
+//!   the destination pods, since one name may mean 80 on one pod and 81 on another.
+//!
+//! Accepting is final only for that base chain: a packet accepted by `egress` is
+//! still judged by `ingress`; a drop anywhere is final.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use calyx_dataplane::firewall::nft::{Chain, Family, Hook, Set, SetKind, Table};
+use ipnetwork::IpNetwork;
+
+use super::model::{Cluster, Direction, Peer, Pod, Policy, PortRule, PortSpec, Rule};
+
+pub const TABLE: &str = "calyx-policy";
+
+/// Base chains: name, hook, priority, and the direction they dispatch.
+pub const EGRESS_CHAIN: &str = "egress";
+pub const EGRESS_TO_NODE_CHAIN: &str = "egress-to-node";
+pub const INGRESS_CHAIN: &str = "ingress";
+
+/// nft's longest object name is 256 bytes; longer readable names become digests.
+const MAX_NAME: usize = 200;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fam {
+    V4,
+    V6,
+}
+
+impl Fam {
+    fn of(ip: &IpAddr) -> Fam {
+        if ip.is_ipv4() {
+            Fam::V4
+        } else {
+            Fam::V6
+        }
+    }
+    fn word(self) -> &'static str {
+        match self {
+            Fam::V4 => "ip",
+            Fam::V6 => "ip6",
+        }
+    }
+    fn addr_type(self) -> &'static str {
+        match self {
+            Fam::V4 => "ipv4_addr",
+            Fam::V6 => "ipv6_addr",
+        }
+    }
+    fn suffix(self) -> &'static str {
+        match self {
+            Fam::V4 => "v4",
+            Fam::V6 => "v6",
+        }
+    }
+    const BOTH: [Fam; 2] = [Fam::V4, Fam::V6];
+}
+
+fn short_digest(text: &str) -> String {
+    use sha1::{Digest, Sha1};
+    hex::encode(Sha1::digest(text.as_bytes()))[..12].to_string()
+}
+
+/// `readable` when nft can hold it, else `prefix` + a digest of it.
+fn object_name(prefix: &str, readable: String) -> String {
+    if readable.len() <= MAX_NAME {
+        readable
+    } else {
+        format!("{prefix}{}", short_digest(&readable))
+    }
+}
+
+pub fn policy_chain(policy: &Policy, direction: Direction) -> String {
+    object_name(
+        "policy/",
+        format!(
+            "policy/{}/{}/{}",
+            policy.key.namespace,
+            policy.key.name,
+            direction.name()
+        ),
+    )
+}
+
+/// The counter a policy's allowing rules count in.
+pub fn allowed_counter(policy: &Policy, direction: Direction) -> String {
+    object_name(
+        "allowed/",
+        format!(
+            "allowed/{}/{}/{}",
+            policy.key.namespace,
+            policy.key.name,
+            direction.name()
+        ),
+    )
+}
+
+/// The counter of what a namespace's isolated pods were denied.
+pub fn denied_counter(namespace: &str, direction: Direction) -> String {
+    object_name(
+        "denied/",
+        format!("denied/{namespace}/{}", direction.name()),
+    )
+}
+
+fn dispatch_map(direction: Direction, fam: Fam) -> String {
+    format!("{}-{}", direction.name(), fam.suffix())
+}
+
+/// The pods one pod peer names, for a policy in `namespace`: its identity for sharing.
+fn peer_identity(peer: &Peer, namespace: &str) -> String {
+    match peer {
+        Peer::Pods {
+            namespaces: None,
+            pods,
+        } => format!("ns={namespace} pods={pods:?}"),
+        Peer::Pods {
+            namespaces: Some(ns),
+            pods,
+        } => format!("namespaces={ns:?} pods={pods:?}"),
+        Peer::Block { .. } => unreachable!("blocks are written inline"),
+    }
+}
+
+/// Builds the table; each piece is added once, named by what it holds.
+struct Builder<'c> {
+    cluster: &'c Cluster,
+    table: Table,
+}
+
+impl Builder<'_> {
+    fn set(&mut self, name: &str, declaration: &str) -> &mut Set {
+        self.table
+            .sets
+            .entry(name.to_string())
+            .or_insert_with(|| Set::new(SetKind::Set, declaration))
+    }
+
+    /// The address set of the pods `peer` names (for a policy in `namespace`).
+    fn peer_set(&mut self, peer: &Peer, namespace: &str, fam: Fam) -> String {
+        let name = format!(
+            "peer-{}-{}",
+            short_digest(&peer_identity(peer, namespace)),
+            fam.suffix()
+        );
+        if !self.table.sets.contains_key(&name) {
+            let addresses: Vec<String> = self
+                .cluster
+                .pods
+                .values()
+                .filter(|pod| self.cluster.peer_has_pod(peer, namespace, pod))
+                .flat_map(|pod| &pod.addresses)
+                .filter(|ip| Fam::of(ip) == fam)
+                .map(IpAddr::to_string)
+                .collect();
+            let set = self.set(&name, &format!("type {};", fam.addr_type()));
+            for address in addresses {
+                set.insert(address, None);
+            }
+        }
+        name
+    }
+
+    /// The (address, protocol, port) set of `pods`' ports named `port_name`.
+    fn named_port_set(
+        &mut self,
+        identity: &str,
+        pods: &[&Pod],
+        port_name: &str,
+        protocol: super::model::Protocol,
+        fam: Fam,
+    ) -> String {
+        let name = format!(
+            "named-{}-{}",
+            short_digest(&format!("{identity} port={port_name}/{}", protocol.name())),
+            fam.suffix()
+        );
+        if !self.table.sets.contains_key(&name) {
+            let mut elements = Vec::new();
+            for pod in pods {
+                if let Some(number) = pod.named_port(port_name, protocol) {
+                    for ip in pod.addresses.iter().filter(|ip| Fam::of(ip) == fam) {
+                        elements.push(format!("{ip} . {} . {number}", protocol.name()));
+                    }
+                }
+            }
+            let set = self.set(
+                &name,
+                &format!("type {} . inet_proto . inet_service;", fam.addr_type()),
+            );
+            for element in elements {
+                set.insert(element, None);
+            }
+        }
+        name
+    }
+
+    /// The rules of `policy`'s chain for `direction`, which isolates `local` here.
+    fn policy_rules(&mut self, policy: &Policy, direction: Direction) -> Vec<String> {
+        let counter = allowed_counter(policy, direction);
+        self.table.counters.insert(counter.clone());
+        let ns = policy.key.namespace.clone();
+        let (peer_side, dest_side) = match direction {
+            Direction::Ingress => ("saddr", "daddr"),
+            Direction::Egress => ("daddr", "daddr"),
+        };
+        // The destination pods a named port is resolved on: the selected pods for
+        // ingress; for egress every pod (the rule's peer match stands beside it).
+        let destinations: Vec<&Pod> = self
+            .cluster
+            .pods
+            .values()
+            .filter(|p| match direction {
+                Direction::Ingress => policy.selects(p),
+                Direction::Egress => !p.host_network,
+            })
+            .collect();
+        let destination_identity = match direction {
+            Direction::Ingress => format!("selected by {}", policy.key),
+            Direction::Egress => "every pod".to_string(),
+        };
+        let mut out = Vec::new();
+        for rule in policy.rules(direction).unwrap_or_default() {
+            for peer in peer_choices(rule) {
+                for port in port_choices(rule) {
+                    for fam in families(peer, port) {
+                        let mut matches = Vec::new();
+                        match peer {
+                            None => {}
+                            Some(p @ Peer::Pods { .. }) => {
+                                let fam = fam.expect("pod peers are per family");
+                                let set = self.peer_set(p, &ns, fam);
+                                matches.push(format!("{} {peer_side} @{set}", fam.word()));
+                            }
+                            Some(Peer::Block { cidr, except }) => {
+                                let fam = fam.expect("a block has one family");
+                                matches.push(format!("{} {peer_side} {cidr}", fam.word()));
+                                if !except.is_empty() {
+                                    let list: Vec<String> =
+                                        except.iter().map(IpNetwork::to_string).collect();
+                                    matches.push(format!(
+                                        "{} {peer_side} != {{ {} }}",
+                                        fam.word(),
+                                        list.join(", ")
+                                    ));
+                                }
+                            }
+                        }
+                        match port {
+                            None => {}
+                            Some(PortRule {
+                                protocol,
+                                port: PortSpec::Any,
+                            }) => matches.push(format!("meta l4proto {}", protocol.name())),
+                            Some(PortRule {
+                                protocol,
+                                port: PortSpec::Range { port, end },
+                            }) => {
+                                let ports = if port == end {
+                                    port.to_string()
+                                } else {
+                                    format!("{port}-{end}")
+                                };
+                                matches.push(format!(
+                                    "meta l4proto {} th dport {ports}",
+                                    protocol.name()
+                                ));
+                            }
+                            Some(PortRule {
+                                protocol,
+                                port: PortSpec::Named(name),
+                            }) => {
+                                let fam = fam.expect("named ports are per family");
+                                let set = self.named_port_set(
+                                    &destination_identity,
+                                    &destinations,
+                                    name,
+                                    *protocol,
+                                    fam,
+                                );
+                                matches.push(format!(
+                                    "{} {dest_side} . meta l4proto . th dport @{set}",
+                                    fam.word()
+                                ));
+                            }
+                        }
+                        matches.push(format!("counter name {counter} accept"));
+                        out.push(matches.join(" "));
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// Each peer of a rule, or one "any peer".
+fn peer_choices(rule: &Rule) -> Vec<Option<&Peer>> {
+    if rule.peers.is_empty() {
+        vec![None]
+    } else {
+        rule.peers.iter().map(Some).collect()
+    }
+}
+
+fn port_choices(rule: &Rule) -> Vec<Option<&PortRule>> {
+    if rule.ports.is_empty() {
+        vec![None]
+    } else {
+        rule.ports.iter().map(Some).collect()
+    }
+}
+
+/// The families one (peer, port) pair needs a rule for: None is one rule for both.
+fn families(peer: Option<&Peer>, port: Option<&PortRule>) -> Vec<Option<Fam>> {
+    match peer {
+        Some(Peer::Block { cidr, .. }) => {
+            vec![Some(if cidr.is_ipv4() { Fam::V4 } else { Fam::V6 })]
+        }
+        Some(Peer::Pods { .. }) => Fam::BOTH.map(Some).to_vec(),
+        None if matches!(
+            port,
+            Some(PortRule {
+                port: PortSpec::Named(_),
+                ..
+            })
+        ) =>
+        {
+            Fam::BOTH.map(Some).to_vec()
+        }
+        None => vec![None],
+    }
+}
+
+fn base(hook: &'static str, priority: i32, rules: Vec<String>) -> Chain {
+    Chain::base(
+        Hook {
+            kind: "filter",
+            hook,
+            priority,
+        },
+        rules,
+    )
+}
+
+/// The table `node` wants for `cluster`.
+pub fn desired_table(cluster: &Cluster, node: &str) -> Table {
+    let mut b = Builder {
+        cluster,
+        table: Table::new(Family::Inet, TABLE),
+    };
+    for direction in [Direction::Ingress, Direction::Egress] {
+        for fam in Fam::BOTH {
+            b.table.sets.insert(
+                dispatch_map(direction, fam),
+                Set::new(SetKind::Map, format!("type {} : verdict;", fam.addr_type())),
+            );
+        }
+    }
+    let local: Vec<&Pod> = cluster
+        .pods
+        .values()
+        .filter(|p| p.node == node && !p.host_network && !p.addresses.is_empty())
+        .collect();
+    // A pod reaching itself (through a Service) is never judged.
+    for fam in Fam::BOTH {
+        let name = format!("itself-{}", fam.suffix());
+        let pairs: Vec<String> = local
+            .iter()
+            .flat_map(|p| &p.addresses)
+            .filter(|ip| Fam::of(ip) == fam)
+            .map(|ip| format!("{ip} . {ip}"))
+            .collect();
+        let set = b.set(&name, &format!("type {0} . {0};", fam.addr_type()));
+        for pair in pairs {
+            set.insert(pair, None);
+        }
+    }
+
+    let mut policy_chains: BTreeSet<(String, Direction)> = BTreeSet::new();
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let mut profiles: BTreeMap<Vec<String>, Vec<&Pod>> = BTreeMap::new();
+        let mut profile_namespace: BTreeMap<Vec<String>, String> = BTreeMap::new();
+        for pod in &local {
+            let policies: Vec<&Policy> = cluster.isolating(pod, direction).collect();
+            if policies.is_empty() {
+                continue;
+            }
+            let chains: Vec<String> = policies
+                .iter()
+                .map(|p| {
+                    if policy_chains.insert((p.key.to_string(), direction)) {
+                        let rules = b.policy_rules(p, direction);
+                        b.table
+                            .chains
+                            .insert(policy_chain(p, direction), Chain::new(rules));
+                    }
+                    policy_chain(p, direction)
+                })
+                .collect();
+            profile_namespace.insert(chains.clone(), pod.key.namespace.clone());
+            profiles.entry(chains).or_default().push(pod);
+        }
+        for (chains, pods) in profiles {
+            let name = format!("{}-{}", direction.name(), short_digest(&chains.join("\n")));
+            let denied = denied_counter(&profile_namespace[&chains], direction);
+            b.table.counters.insert(denied.clone());
+            let mut rules: Vec<String> = chains.iter().map(|c| format!("jump {c}")).collect();
+            rules.push(format!("counter name {denied} drop"));
+            b.table.chains.insert(name.clone(), Chain::new(rules));
+            for pod in pods {
+                for ip in &pod.addresses {
+                    let map = dispatch_map(direction, Fam::of(ip));
+                    b.table
+                        .sets
+                        .get_mut(&map)
+                        .expect("dispatch maps are made above")
+                        .insert(ip.to_string(), Some(format!("goto {name}")));
+                }
+            }
+        }
+    }
+
+    let dispatch = |direction: Direction, side: &str| -> Vec<String> {
+        Fam::BOTH
+            .iter()
+            .map(|fam| {
+                format!(
+                    "{} {side} vmap @{}",
+                    fam.word(),
+                    dispatch_map(direction, *fam)
+                )
+            })
+            .collect()
+    };
+    let itself: Vec<String> = Fam::BOTH
+        .iter()
+        .map(|fam| {
+            format!(
+                "{0} saddr . {0} daddr @itself-{1} accept",
+                fam.word(),
+                fam.suffix()
+            )
+        })
+        .collect();
+    let established = "ct state established,related accept".to_string();
+
+    let mut egress = vec![established.clone()];
+    egress.extend(itself.iter().cloned());
+    egress.extend(dispatch(Direction::Egress, "saddr"));
+    b.table
+        .chains
+        .insert(EGRESS_CHAIN.into(), base("postrouting", -10, egress));
+
+    let mut to_node = vec![established.clone()];
+    to_node.extend(dispatch(Direction::Egress, "saddr"));
+    b.table
+        .chains
+        .insert(EGRESS_TO_NODE_CHAIN.into(), base("input", 101, to_node));
+
+    // The node always reaches its own pods (kubelet's probes): its own addresses are
+    // the packets whose source is local.
+    let mut ingress = vec![established, "fib saddr type local accept".to_string()];
+    ingress.extend(itself);
+    ingress.extend(dispatch(Direction::Ingress, "daddr"));
+    b.table
+        .chains
+        .insert(INGRESS_CHAIN.into(), base("postrouting", -5, ingress));
+    b.table
+}
