@@ -4,5 +4,6 @@
 pub mod cluster;
 pub mod etcd;
 pub mod lab;
+pub mod objects;
 pub mod services;
 pub mod sockets;

@@ -360,19 +360,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (policy_publisher, policy_snapshot) = Publisher::new(policy_triggers.0.clone());
     let proxy_on = args.proxy_mode != ProxyMode::Off;
     let policy_on = args.network_policy == Switch::On;
-    // Where policies come from: the directory (the API's are not watched yet).
-    let enforce = policy_on && args.services_dir.is_some();
     let mut proxy_publisher = proxy_on.then_some(proxy_publisher);
-    if let Some(dir) = &args.services_dir {
-        tracing::info!(dir = %dir.display(), proxy = proxy_on, network_policy = policy_on, "objects from a directory");
-        source::dir::spawn(
-            dir.clone(),
+    let mut policy_publisher = policy_on.then_some(policy_publisher);
+    // One source for both controllers: the directory, else the Kubernetes API.
+    match &args.services_dir {
+        Some(dir) => {
+            tracing::info!(dir = %dir.display(), proxy = proxy_on, network_policy = policy_on, "objects from a directory");
+            source::dir::spawn(
+                dir.clone(),
+                args.node_name.clone(),
+                proxy_publisher.take(),
+                policy_publisher.take(),
+            );
+        }
+        None if proxy_on || policy_on => source::kube::spawn(
+            args.kubeconfig.clone(),
             args.node_name.clone(),
-            proxy_publisher.take(),
-            enforce.then_some(policy_publisher),
-        );
+            source::kube::Publishers {
+                proxy: proxy_publisher.take(),
+                policy: policy_publisher.take(),
+            },
+        ),
+        None => {}
     }
-    let policy = if enforce {
+    let policy = if policy_on {
         let (triggers, rx) = policy_triggers;
         let controller = PolicyController::new(
             args.node_name.clone(),
@@ -387,11 +398,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             watch_schedule(&args),
         )))
     } else {
-        if policy_on {
-            tracing::warn!("network policy: no --services-dir, and policies from the Kubernetes API are not watched yet: nothing to enforce");
-        } else {
-            tokio::task::block_in_place(|| policy::controller::remove_table(&NftCommand));
-        }
+        tokio::task::block_in_place(|| policy::controller::remove_table(&NftCommand));
         None
     };
     let proxy = match args.proxy_mode {
@@ -404,7 +411,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let config = ProxyConfig {
                 mode,
                 node_name: args.node_name.clone(),
-                kubeconfig: args.kubeconfig.clone(),
                 nodeport_addresses: if args.nodeport_addresses.is_empty() {
                     vec![IpNetwork::from(underlay.ip)]
                 } else {
@@ -413,9 +419,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ipvs_scheduler: args.ipvs_scheduler.clone(),
                 ipvs_drain: Duration::from_secs(args.ipvs_drain_seconds),
             };
-            if let Some(publisher) = proxy_publisher.take() {
-                ProxyController::start_kube_source(&config, publisher);
-            }
             let controller = ProxyController::start(config, metrics.clone(), proxy_snapshot)?;
             Some(tokio::spawn(runtime::run(
                 controller,

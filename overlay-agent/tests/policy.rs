@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use calyx_e2e::cluster::{Cluster, ClusterSpec, POOL_V4, POOL_V6};
 use calyx_e2e::lab::{must, privileged};
+use calyx_e2e::objects::{namespace_object, pod_object};
 use calyx_e2e::services::{ask_tcp_within, ask_udp, tcp_backend, udp_backend, write_objects};
 use serde_json::{json, Value};
 
@@ -89,10 +90,7 @@ impl Lab {
         }
         let mut objects = Vec::new();
         for ns in NAMESPACES {
-            objects.push(json!({
-                "apiVersion": "v1", "kind": "Namespace",
-                "metadata": {"name": ns, "labels": {"kubernetes.io/metadata.name": ns, "ns": ns}},
-            }));
+            objects.push(namespace_object(ns, &[("ns", ns)]));
             for (i, pod) in PODS.iter().enumerate() {
                 let node = if i == 0 { 0 } else { 1 };
                 let p = lab.cluster.add_pod(node, &lab_name(ns, pod)).unwrap();
@@ -100,20 +98,18 @@ impl Lab {
                     tcp_backend(&p.netns, &lab_name(ns, pod), port).unwrap();
                     udp_backend(&p.netns, &lab_name(ns, pod), port).unwrap();
                 }
-                let ips: Vec<Value> = p.ips.iter().map(|ip| json!({"ip": ip})).collect();
-                objects.push(json!({
-                    "apiVersion": "v1", "kind": "Pod",
-                    "metadata": {"name": pod, "namespace": ns, "labels": {"pod": pod}},
-                    "spec": {
-                        "nodeName": lab.cluster.nodes[node].name,
-                        "containers": [{"name": "server", "ports": [
-                            {"name": "serve-80-tcp", "containerPort": 80, "protocol": "TCP"},
-                            {"name": "serve-81-tcp", "containerPort": 81, "protocol": "TCP"},
-                            {"name": "serve-80-udp", "containerPort": 80, "protocol": "UDP"},
-                        ]}],
-                    },
-                    "status": {"phase": "Running", "podIP": p.ips[0], "podIPs": ips},
-                }));
+                objects.push(pod_object(
+                    ns,
+                    pod,
+                    &lab.cluster.nodes[node].name,
+                    &p.ips,
+                    &[("pod", pod)],
+                    &[
+                        ("serve-80-tcp", 80, "TCP"),
+                        ("serve-81-tcp", 81, "TCP"),
+                        ("serve-80-udp", 80, "UDP"),
+                    ],
+                ));
             }
         }
         write_objects(lab.dir.path(), "pods.json", objects).unwrap();

@@ -10,9 +10,9 @@
 //! nodes share one embedded store under /run/calyx-lab. The agents run the service
 //! proxy (nftables mode) on the Services in /run/calyx-lab-services: `up` puts a demo
 //! Service there (ClusterIP 10.96.0.10:80 and NodePort 30080, backed by an HTTP server
-//! in the first pod of the first two nodes); drop more `kubectl get -o yaml` files
-//! there and they take effect at once. Only addresses inside these namespaces are
-//! ever used.
+//! in the first pod of the first two nodes) and the pods as Pod objects (namespace
+//! `lab`); drop more `kubectl get -o yaml` files there (Services, NetworkPolicies) and
+//! they take effect at once. Only addresses inside these namespaces are ever used.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -107,6 +107,7 @@ fn up(nodes: usize, pods_per_node: usize, plugin: PathBuf, agent: PathBuf) -> Re
     if pods_per_node > 0 {
         demo_service(&cluster)?;
     }
+    pod_objects(&cluster)?;
     status(&cluster)
 }
 
@@ -159,6 +160,25 @@ fn demo_service(cluster: &Cluster) -> Result<()> {
     );
     std::fs::write(Path::new(SERVICES_DIR).join("demo.yaml"), yaml)?;
     Ok(())
+}
+
+/// The lab's pods as the API would list them (namespace `lab`, label `app` = the pod's
+/// name, `node` = its node), for the agents' policy controller: a NetworkPolicy
+/// dropped into the services directory selects them.
+fn pod_objects(cluster: &Cluster) -> Result<()> {
+    use calyx_e2e::objects::{namespace_object, pod_object};
+    let mut objects = vec![namespace_object("lab", &[])];
+    for pod in &cluster.pods {
+        objects.push(pod_object(
+            "lab",
+            &pod.name,
+            &pod.node,
+            &pod.ips,
+            &[("app", &pod.name), ("node", &pod.node)],
+            &[("http", 8080, "TCP")],
+        ));
+    }
+    calyx_e2e::services::write_objects(Path::new(SERVICES_DIR), "pods.json", objects)
 }
 
 /// GET / from `netns` to `to`; the first line of the body (the backend's name).

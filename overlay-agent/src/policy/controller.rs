@@ -3,7 +3,6 @@
 //! listed everything once, so a restarting agent keeps what the kernel enforces until
 //! it knows better; a restart with the table already right writes nothing.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,7 +22,8 @@ pub struct PolicyController {
     /// The snapshot last written; None until then and after a failed write.
     applied: Option<Arc<Cluster>>,
     metrics: Arc<Metrics>,
-    synced: Arc<AtomicBool>,
+    /// Whether a sync has succeeded yet (the first is logged).
+    synced: bool,
 }
 
 impl PolicyController {
@@ -33,14 +33,8 @@ impl PolicyController {
         backend: Box<dyn Backend>,
         metrics: Arc<Metrics>,
     ) -> PolicyController {
-        let synced = Arc::new(AtomicBool::new(false));
-        {
-            let synced = synced.clone();
-            metrics.add_readiness_check(move || {
-                (!synced.load(Ordering::Relaxed))
-                    .then(|| "the policy controller has not synced yet".to_string())
-            });
-        }
+        // No readiness check: without an API (or before it answers) there is nothing to
+        // enforce, and pods are networked regardless.
         PolicyController {
             node,
             snapshot,
@@ -48,7 +42,7 @@ impl PolicyController {
             sync: TableSync::new(),
             applied: None,
             metrics,
-            synced,
+            synced: false,
         }
     }
 
@@ -129,8 +123,15 @@ impl Controller for PolicyController {
                     "policy table synced"
                 );
                 self.record(&cluster);
+                if !std::mem::replace(&mut self.synced, true) {
+                    tracing::info!(
+                        policies = self.metrics.policy.policies.get(),
+                        pods = self.metrics.policy.pods.get(),
+                        elapsed = ?elapsed,
+                        "network policy enforced"
+                    );
+                }
                 self.applied = Some(cluster);
-                self.synced.store(true, Ordering::Relaxed);
                 true
             }
             Err(e) => {

@@ -20,7 +20,6 @@ pub mod source;
 mod testing;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -38,7 +37,7 @@ use crate::runtime::{Controller, Trigger};
 use model::{PortPlan, ProxyState, ServiceKey};
 use node::NodeSettings;
 use proxier::{Changes, Proxier, ProxierError, Scope, ServiceUpdate};
-use source::{Publisher, Snapshot};
+use source::Snapshot;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum ProxyMode {
@@ -51,7 +50,6 @@ pub enum ProxyMode {
 pub struct ProxyConfig {
     pub mode: ProxyMode,
     pub node_name: String,
-    pub kubeconfig: Option<PathBuf>,
     pub nodeport_addresses: Vec<IpNetwork>,
     /// IPVS mode: the scheduler of Services that name none.
     pub ipvs_scheduler: String,
@@ -146,7 +144,7 @@ pub struct ProxyController {
 
 impl ProxyController {
     /// Removes the other modes' objects and returns the controller, reading `snapshot`
-    /// (the directory source's, or the API's from `start_kube_source`).
+    /// (from one of the agent's sources, `crate::source`).
     pub fn start(
         config: ProxyConfig,
         metrics: Arc<Metrics>,
@@ -163,15 +161,6 @@ impl ProxyController {
             snapshot,
             metrics,
         ))
-    }
-
-    /// Services and EndpointSlices from the Kubernetes API.
-    pub fn start_kube_source(config: &ProxyConfig, publisher: Publisher) {
-        source::kube::spawn(
-            config.kubeconfig.clone(),
-            config.node_name.clone(),
-            publisher,
-        )
     }
 
     pub fn new(
@@ -618,9 +607,15 @@ mod tests {
     }
 
     /// A controller of `mode` on a fresh fake kernel, and the way to hand it snapshots.
-    fn controller(mode: ProxyMode) -> (ProxyController, Publisher, FakeKernel) {
+    fn controller(
+        mode: ProxyMode,
+    ) -> (
+        ProxyController,
+        crate::source::Publisher<ProxyState>,
+        FakeKernel,
+    ) {
         let (triggers, _rx) = crate::runtime::Triggers::channel();
-        let (publisher, snapshot) = Publisher::new(triggers);
+        let (publisher, snapshot) = crate::source::Publisher::new(triggers);
         let kernel = FakeKernel::default();
         let metrics = Metrics::new(std::time::Duration::from_secs(10));
         let c = ProxyController::new(

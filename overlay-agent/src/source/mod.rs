@@ -5,6 +5,7 @@
 //! controller programs nothing until the first one is in.
 
 pub mod dir;
+pub mod kube;
 
 use std::sync::Arc;
 

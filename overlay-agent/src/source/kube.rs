@@ -1,7 +1,9 @@
-//! Services, EndpointSlices and this node's Node (its zone label, for topology hints)
-//! from the Kubernetes API, through kube's watchers: each stream lists, then watches; a
-//! watch that ends or fails (410 Gone included) is resumed or re-listed by the watcher,
-//! with backoff, never fatally. Nothing is published until every stream has listed once.
+//! The Kubernetes API, one watch per kind, for every controller that wants it: the
+//! proxy's Services, EndpointSlices and this node's Node (its zone label, for topology
+//! hints); the policy controller's Pods, Namespaces and NetworkPolicies. Each stream
+//! lists, then watches; a watch that ends or fails (410 Gone included) is resumed or
+//! re-listed by kube's watcher, with backoff, never fatally. A controller's snapshot is
+//! published once all of its streams have listed, and again when one of them changes.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -9,26 +11,51 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use imbl::OrdMap;
-use k8s_openapi::api::core::v1::{Node, Service as KubeService};
+use k8s_openapi::api::core::v1::{
+    Namespace as KubeNamespace, Node, Pod as KubePod, Service as KubeService,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
 use kube::{Api, Client, Resource, ResourceExt};
 
-use super::objects::{self, Converted};
 use super::Publisher;
+use crate::policy::model::{Cluster, Namespace, Pod, Policy};
+use crate::policy::parse as policy_parse;
 use crate::proxy::model::{ProxyState, Service, ServiceKey, Slice};
+use crate::proxy::source::objects::{self, Converted};
+
+/// Who takes the API's objects: the proxy, the policy controller, or both.
+pub struct Publishers {
+    pub proxy: Option<Publisher<ProxyState>>,
+    pub policy: Option<Publisher<Cluster>>,
+}
 
 /// Connects (in-cluster config, or `kubeconfig`) and follows the API from a task of
 /// its own; retries the connection until it works.
-pub fn spawn(kubeconfig: Option<PathBuf>, node: String, publisher: Publisher) {
+pub fn spawn(kubeconfig: Option<PathBuf>, node: String, publishers: Publishers) {
     tokio::spawn(async move {
         let mut wait = Duration::from_millis(500);
+        let mut said = false;
         let client = loop {
             match crate::kube_api::client(kubeconfig.as_deref()).await {
                 Ok(client) => break client,
-                Err(e) => {
+                Err(e) if !said => {
+                    // Said once: until the API answers there are no Services to proxy
+                    // and no policies to enforce, and pods are networked regardless.
+                    said = true;
                     tracing::warn!(
+                        error = format!("{e:#}"),
+                        proxy = publishers.proxy.is_some(),
+                        network_policy = publishers.policy.is_some(),
+                        "no Kubernetes API: nothing to proxy or enforce until it answers; retrying"
+                    );
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(30));
+                }
+                Err(e) => {
+                    tracing::debug!(
                         error = format!("{e:#}"),
                         retry_in_s = wait.as_secs_f64(),
                         "no Kubernetes API yet"
@@ -38,7 +65,7 @@ pub fn spawn(kubeconfig: Option<PathBuf>, node: String, publisher: Publisher) {
                 }
             }
         };
-        follow(client, &node, publisher).await;
+        follow(client, &node, publishers).await;
     });
 }
 
@@ -98,6 +125,9 @@ struct Mirror {
     slices: Followed<Slice>,
     /// This node (one object at most): its zone.
     node: Followed<Option<String>>,
+    pods: Followed<Pod>,
+    namespaces: Followed<Namespace>,
+    policies: Followed<Policy>,
 }
 
 fn key_of<K: Resource>(object: &K) -> ServiceKey {
@@ -120,6 +150,45 @@ impl Mirror {
                 .next()
                 .and_then(|z| (**z).clone()),
         })
+    }
+
+    fn cluster(&self) -> Option<Cluster> {
+        let listed = self.pods.listed && self.namespaces.listed && self.policies.listed;
+        listed.then(|| Cluster {
+            pods: self
+                .pods
+                .objects
+                .values()
+                .map(|p| (p.key.clone(), (**p).clone()))
+                .collect(),
+            namespaces: self
+                .namespaces
+                .objects
+                .values()
+                .map(|n| (n.name.clone(), (**n).clone()))
+                .collect(),
+            policies: self
+                .policies
+                .objects
+                .values()
+                .map(|p| (p.key.clone(), (**p).clone()))
+                .collect(),
+        })
+    }
+}
+
+/// A policy object the API holds but the model refuses is left out, and said so.
+fn convert_policy_object<K: Resource, T>(
+    kind: &str,
+    object: &K,
+    convert: impl Fn(&K) -> Result<Option<T>, policy_parse::Invalid>,
+) -> Option<T> {
+    match convert(object) {
+        Ok(converted) => converted,
+        Err(e) => {
+            tracing::warn!(kind, object = %key_of(object), error = %e, "refused: not enforced");
+            None
+        }
     }
 }
 
@@ -156,9 +225,37 @@ enum Update {
     Service(Box<Result<Event<KubeService>, watcher::Error>>),
     Slice(Box<Result<Event<EndpointSlice>, watcher::Error>>),
     Node(Box<Result<Event<Node>, watcher::Error>>),
+    Pod(Box<Result<Event<KubePod>, watcher::Error>>),
+    Namespace(Box<Result<Event<KubeNamespace>, watcher::Error>>),
+    Policy(Box<Result<Event<NetworkPolicy>, watcher::Error>>),
 }
 
-fn streams(client: Client, node: &str) -> impl Stream<Item = Update> + Send {
+type Updates = std::pin::Pin<Box<dyn Stream<Item = Update> + Send>>;
+
+/// The policy controller's streams: every Pod, Namespace and NetworkPolicy.
+fn policy_streams(client: Client) -> Vec<Updates> {
+    let pods = watcher::watcher(
+        Api::<KubePod>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|e| Update::Pod(Box::new(e)));
+    let namespaces = watcher::watcher(
+        Api::<KubeNamespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|e| Update::Namespace(Box::new(e)));
+    let policies = watcher::watcher(
+        Api::<NetworkPolicy>::all(client),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .map(|e| Update::Policy(Box::new(e)));
+    vec![Box::pin(pods), Box::pin(namespaces), Box::pin(policies)]
+}
+
+fn proxy_streams(client: Client, node: &str) -> impl Stream<Item = Update> + Send {
     // kube-proxy's selectors: another proxy's Services and headless ones are not read.
     let selector = format!(
         "!{},!service.kubernetes.io/headless",
@@ -186,9 +283,30 @@ fn streams(client: Client, node: &str) -> impl Stream<Item = Update> + Send {
     futures::stream::select(futures::stream::select(services, slices), node)
 }
 
-/// Follows every stream until the controller is gone.
-pub async fn follow(client: Client, node: &str, publisher: Publisher) {
-    let mut updates = Box::pin(streams(client, node));
+/// Which controller an update concerns.
+#[derive(Debug, Clone, Copy, Default)]
+struct Changed {
+    proxy: bool,
+    policy: bool,
+}
+
+impl std::ops::BitOrAssign for Changed {
+    fn bitor_assign(&mut self, other: Changed) {
+        self.proxy |= other.proxy;
+        self.policy |= other.policy;
+    }
+}
+
+/// Follows every stream the publishers want until both controllers are gone.
+pub async fn follow(client: Client, node: &str, publishers: Publishers) {
+    let mut streams: Vec<Updates> = Vec::new();
+    if publishers.proxy.is_some() {
+        streams.push(Box::pin(proxy_streams(client.clone(), node)));
+    }
+    if publishers.policy.is_some() {
+        streams.extend(policy_streams(client));
+    }
+    let mut updates = futures::stream::select_all(streams);
     let mut mirror = Mirror::default();
     while let Some(update) = updates.next().await {
         let mut changed = apply(&mut mirror, update);
@@ -196,17 +314,74 @@ pub async fn follow(client: Client, node: &str, publisher: Publisher) {
         while let Some(Some(update)) = futures::FutureExt::now_or_never(updates.next()) {
             changed |= apply(&mut mirror, update);
         }
-        if changed {
-            if let Some(state) = mirror.state() {
-                if !publisher.publish(Arc::new(state)) {
-                    return;
-                }
-            }
+        let mut alive = false;
+        if let Some(proxy) = &publishers.proxy {
+            alive |= match mirror.state().filter(|_| changed.proxy) {
+                Some(state) => proxy.publish(Arc::new(state)),
+                None => true,
+            };
+        }
+        if let Some(policy) = &publishers.policy {
+            alive |= match mirror.cluster().filter(|_| changed.policy) {
+                Some(cluster) => policy.publish(Arc::new(cluster)),
+                None => true,
+            };
+        }
+        if !alive {
+            return;
         }
     }
 }
 
-fn apply(mirror: &mut Mirror, update: Update) -> bool {
+/// One watcher event into `followed`; whether it changed what is published (events of
+/// a listing in progress do not, its end does).
+fn take<K: Resource, T>(
+    followed: &mut Followed<T>,
+    what: &str,
+    result: Result<Event<K>, watcher::Error>,
+    convert: impl Fn(&K) -> Option<T>,
+) -> bool {
+    match result {
+        Ok(event) => {
+            let listing = matches!(event, Event::Init | Event::InitApply(_));
+            followed.event(event, convert);
+            !listing
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "Kubernetes watch of {what} failed; retrying with backoff");
+            false
+        }
+    }
+}
+
+fn apply(mirror: &mut Mirror, update: Update) -> Changed {
+    let proxy = |changed: bool| Changed {
+        proxy: changed,
+        policy: false,
+    };
+    let policy = |changed: bool| Changed {
+        proxy: false,
+        policy: changed,
+    };
+    match update {
+        Update::Pod(boxed) => policy(take(&mut mirror.pods, "Pods", *boxed, |p| {
+            convert_policy_object("Pod", p, policy_parse::pod)
+        })),
+        Update::Namespace(boxed) => {
+            policy(take(&mut mirror.namespaces, "Namespaces", *boxed, |n| {
+                convert_policy_object("Namespace", n, |n| policy_parse::namespace(n).map(Some))
+            }))
+        }
+        Update::Policy(boxed) => {
+            policy(take(&mut mirror.policies, "NetworkPolicies", *boxed, |p| {
+                convert_policy_object("NetworkPolicy", p, |p| policy_parse::policy(p).map(Some))
+            }))
+        }
+        _ => proxy(apply_proxy(mirror, update)),
+    }
+}
+
+fn apply_proxy(mirror: &mut Mirror, update: Update) -> bool {
     match update {
         Update::Service(boxed) => match *boxed {
             Ok(event) => {
@@ -243,6 +418,9 @@ fn apply(mirror: &mut Mirror, update: Update) -> bool {
                 false
             }
         },
+        Update::Pod(_) | Update::Namespace(_) | Update::Policy(_) => {
+            unreachable!("policy updates are taken by `apply`")
+        }
     }
 }
 
@@ -329,11 +507,11 @@ mod tests {
         }
     }
 
-    async fn snapshot_where(
-        snapshot: &mut super::super::Snapshot,
+    async fn snapshot_where<T>(
+        snapshot: &mut crate::source::Snapshot<T>,
         what: &str,
-        ok: impl Fn(&ProxyState) -> bool,
-    ) -> Arc<ProxyState> {
+        ok: impl Fn(&T) -> bool,
+    ) -> Arc<T> {
         tokio::time::timeout(std::time::Duration::from_secs(20), async {
             loop {
                 if let Some(state) = snapshot.borrow_and_update().clone() {
@@ -358,7 +536,11 @@ mod tests {
         let client = Client::new(service_mock, "default");
         let (triggers, _rx) = Triggers::channel();
         let (publisher, mut snapshot) = Publisher::new(triggers);
-        tokio::spawn(async move { follow(client, "n1", publisher).await });
+        let publishers = Publishers {
+            proxy: Some(publisher),
+            policy: None,
+        };
+        tokio::spawn(async move { follow(client, "n1", publishers).await });
         let mut parked = Parked::new();
 
         // Services list; no snapshot until the slices are listed too.
@@ -452,5 +634,86 @@ mod tests {
         })
         .await;
         assert_eq!(state.slices.len(), 1, "the slices stream was not disturbed");
+    }
+
+    fn pod(name: &str, app: &str, rv: u32) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod",
+               "metadata": {"name": name, "namespace": "x", "resourceVersion": rv.to_string(),
+                            "labels": {"app": app}},
+               "spec": {"nodeName": "n1", "containers": [{"name": "c"}]},
+               "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.5"}]}})
+    }
+
+    fn network_policy(name: &str, port: Value, rv: u32) -> Value {
+        json!({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+               "metadata": {"name": name, "namespace": "x", "resourceVersion": rv.to_string()},
+               "spec": {"podSelector": {}, "ingress": [{"ports": [{"port": port}]}]}})
+    }
+
+    #[tokio::test]
+    async fn the_policy_kinds_gate_on_all_three_lists_and_a_refused_policy_is_left_out() {
+        let (service_mock, mut handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service_mock, "default");
+        let (triggers, _rx) = Triggers::channel();
+        let (publisher, mut snapshot) = Publisher::new(triggers);
+        let publishers = Publishers {
+            proxy: None,
+            policy: Some(publisher),
+        };
+        tokio::spawn(async move { follow(client, "n1", publishers).await });
+        let mut parked = Parked::new();
+
+        let (_, respond) = next(&mut handle, "pods", &mut parked).await;
+        respond.send_response(list("PodList", 1, vec![pod("a", "web", 1)]));
+        let (_, respond) = next(&mut handle, "namespaces", &mut parked).await;
+        respond.send_response(list(
+            "NamespaceList",
+            1,
+            vec![json!({"apiVersion": "v1", "kind": "Namespace",
+                        "metadata": {"name": "x", "resourceVersion": "1",
+                                     "labels": {"kubernetes.io/metadata.name": "x"}}})],
+        ));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            snapshot.borrow().is_none(),
+            "published before the policies were listed"
+        );
+        let (_, respond) = next(&mut handle, "networkpolicies", &mut parked).await;
+        // One good policy, one the API would refuse (port 0): only the good one is in.
+        respond.send_response(list(
+            "NetworkPolicyList",
+            1,
+            vec![
+                network_policy("web", json!(80), 1),
+                network_policy("bad", json!(0), 1),
+            ],
+        ));
+        let cluster = snapshot_where(&mut snapshot, "the listed objects", |c: &Cluster| {
+            !c.policies.is_empty()
+        })
+        .await;
+        assert_eq!(cluster.pods.len(), 1);
+        assert_eq!(cluster.namespaces.len(), 1);
+        assert_eq!(
+            cluster
+                .policies
+                .keys()
+                .map(|k| k.name.as_str())
+                .collect::<Vec<_>>(),
+            ["web"]
+        );
+
+        // A pod relabelled, then deleted, on its watch.
+        let (_, pod_watch) = next(&mut handle, "pods", &mut parked).await;
+        pod_watch.send_response(events(&[
+            ("MODIFIED", pod("a", "db", 2)),
+            ("ADDED", pod("b", "web", 3)),
+            ("DELETED", pod("a", "db", 4)),
+        ]));
+        let cluster = snapshot_where(&mut snapshot, "only b", |c: &Cluster| {
+            c.pods.len() == 1 && c.pods.keys().all(|k| k.name == "b")
+        })
+        .await;
+        assert_eq!(cluster.policies.len(), 1, "the policies were not disturbed");
     }
 }
