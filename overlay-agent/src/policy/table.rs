@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use calyx_dataplane::firewall::nft::{Chain, Family, Hook, Set, SetKind, Table};
+use calyx_dataplane::firewall::IpFamily;
 use ipnetwork::IpNetwork;
 
 use super::model::{Cluster, Direction, Peer, Pod, Policy, PortRule, PortSpec, Rule};
@@ -40,39 +41,20 @@ pub const INGRESS_CHAIN: &str = "ingress";
 /// nft's longest object name is 256 bytes; longer readable names become digests.
 const MAX_NAME: usize = 200;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Fam {
-    V4,
-    V6,
+/// The element type of a family's addresses.
+fn addr_type(fam: IpFamily) -> &'static str {
+    match fam {
+        IpFamily::V4 => "ipv4_addr",
+        IpFamily::V6 => "ipv6_addr",
+    }
 }
 
-impl Fam {
-    fn of(ip: &IpAddr) -> Fam {
-        if ip.is_ipv4() {
-            Fam::V4
-        } else {
-            Fam::V6
-        }
+/// How the family ends an object's name.
+fn suffix(fam: IpFamily) -> &'static str {
+    match fam {
+        IpFamily::V4 => "v4",
+        IpFamily::V6 => "v6",
     }
-    fn word(self) -> &'static str {
-        match self {
-            Fam::V4 => "ip",
-            Fam::V6 => "ip6",
-        }
-    }
-    fn addr_type(self) -> &'static str {
-        match self {
-            Fam::V4 => "ipv4_addr",
-            Fam::V6 => "ipv6_addr",
-        }
-    }
-    fn suffix(self) -> &'static str {
-        match self {
-            Fam::V4 => "v4",
-            Fam::V6 => "v6",
-        }
-    }
-    const BOTH: [Fam; 2] = [Fam::V4, Fam::V6];
 }
 
 fn short_digest(text: &str) -> String {
@@ -122,8 +104,8 @@ pub fn denied_counter(namespace: &str, direction: Direction) -> String {
     )
 }
 
-fn dispatch_map(direction: Direction, fam: Fam) -> String {
-    format!("{}-{}", direction.name(), fam.suffix())
+fn dispatch_map(direction: Direction, fam: IpFamily) -> String {
+    format!("{}-{}", direction.name(), suffix(fam))
 }
 
 /// The pods one pod peer names, for a policy in `namespace`: its identity for sharing.
@@ -156,11 +138,11 @@ impl Builder<'_> {
     }
 
     /// The address set of the pods `peer` names (for a policy in `namespace`).
-    fn peer_set(&mut self, peer: &Peer, namespace: &str, fam: Fam) -> String {
+    fn peer_set(&mut self, peer: &Peer, namespace: &str, fam: IpFamily) -> String {
         let name = format!(
             "peer-{}-{}",
             short_digest(&peer_identity(peer, namespace)),
-            fam.suffix()
+            suffix(fam)
         );
         if !self.table.sets.contains_key(&name) {
             let addresses: Vec<String> = self
@@ -169,10 +151,10 @@ impl Builder<'_> {
                 .values()
                 .filter(|pod| self.cluster.peer_has_pod(peer, namespace, pod))
                 .flat_map(|pod| &pod.addresses)
-                .filter(|ip| Fam::of(ip) == fam)
+                .filter(|ip| IpFamily::of(**ip) == fam)
                 .map(IpAddr::to_string)
                 .collect();
-            let set = self.set(&name, &format!("type {};", fam.addr_type()));
+            let set = self.set(&name, &format!("type {};", addr_type(fam)));
             for address in addresses {
                 set.insert(address, None);
             }
@@ -180,32 +162,42 @@ impl Builder<'_> {
         name
     }
 
-    /// The (address, protocol, port) set of `pods`' ports named `port_name`.
+    /// The (address, protocol, port) set of the ports named `port_name` on the pods a
+    /// named port of `policy` is resolved on: the selected pods for ingress; for egress
+    /// every pod (the rule's peer match stands beside it).
     fn named_port_set(
         &mut self,
-        identity: &str,
-        pods: &[&Pod],
+        policy: &Policy,
+        direction: Direction,
         port_name: &str,
         protocol: super::model::Protocol,
-        fam: Fam,
+        fam: IpFamily,
     ) -> String {
+        let identity = match direction {
+            Direction::Ingress => format!("selected by {}", policy.key),
+            Direction::Egress => "every pod".to_string(),
+        };
         let name = format!(
             "named-{}-{}",
             short_digest(&format!("{identity} port={port_name}/{}", protocol.name())),
-            fam.suffix()
+            suffix(fam)
         );
         if !self.table.sets.contains_key(&name) {
             let mut elements = Vec::new();
-            for pod in pods {
+            let destinations = self.cluster.pods.values().filter(|p| match direction {
+                Direction::Ingress => policy.selects(p),
+                Direction::Egress => !p.host_network,
+            });
+            for pod in destinations {
                 if let Some(number) = pod.named_port(port_name, protocol) {
-                    for ip in pod.addresses.iter().filter(|ip| Fam::of(ip) == fam) {
+                    for ip in pod.addresses.iter().filter(|ip| IpFamily::of(**ip) == fam) {
                         elements.push(format!("{ip} . {} . {number}", protocol.name()));
                     }
                 }
             }
             let set = self.set(
                 &name,
-                &format!("type {} . inet_proto . inet_service;", fam.addr_type()),
+                &format!("type {} . inet_proto . inet_service;", addr_type(fam)),
             );
             for element in elements {
                 set.insert(element, None);
@@ -219,24 +211,10 @@ impl Builder<'_> {
         let counter = allowed_counter(policy, direction);
         self.table.counters.insert(counter.clone());
         let ns = policy.key.namespace.clone();
-        let (peer_side, dest_side) = match direction {
-            Direction::Ingress => ("saddr", "daddr"),
-            Direction::Egress => ("daddr", "daddr"),
-        };
-        // The destination pods a named port is resolved on: the selected pods for
-        // ingress; for egress every pod (the rule's peer match stands beside it).
-        let destinations: Vec<&Pod> = self
-            .cluster
-            .pods
-            .values()
-            .filter(|p| match direction {
-                Direction::Ingress => policy.selects(p),
-                Direction::Egress => !p.host_network,
-            })
-            .collect();
-        let destination_identity = match direction {
-            Direction::Ingress => format!("selected by {}", policy.key),
-            Direction::Egress => "every pod".to_string(),
+        // The peer is the source for ingress, the destination for egress.
+        let peer_side = match direction {
+            Direction::Ingress => "saddr",
+            Direction::Egress => "daddr",
         };
         let mut out = Vec::new();
         for rule in policy.rules(direction).unwrap_or_default() {
@@ -249,17 +227,17 @@ impl Builder<'_> {
                             Some(p @ Peer::Pods { .. }) => {
                                 let fam = fam.expect("pod peers are per family");
                                 let set = self.peer_set(p, &ns, fam);
-                                matches.push(format!("{} {peer_side} @{set}", fam.word()));
+                                matches.push(format!("{} {peer_side} @{set}", fam.nft()));
                             }
                             Some(Peer::Block { cidr, except }) => {
                                 let fam = fam.expect("a block has one family");
-                                matches.push(format!("{} {peer_side} {cidr}", fam.word()));
+                                matches.push(format!("{} {peer_side} {cidr}", fam.nft()));
                                 if !except.is_empty() {
                                     let list: Vec<String> =
                                         except.iter().map(IpNetwork::to_string).collect();
                                     matches.push(format!(
                                         "{} {peer_side} != {{ {} }}",
-                                        fam.word(),
+                                        fam.nft(),
                                         list.join(", ")
                                     ));
                                 }
@@ -290,16 +268,11 @@ impl Builder<'_> {
                                 port: PortSpec::Named(name),
                             }) => {
                                 let fam = fam.expect("named ports are per family");
-                                let set = self.named_port_set(
-                                    &destination_identity,
-                                    &destinations,
-                                    name,
-                                    *protocol,
-                                    fam,
-                                );
+                                let set =
+                                    self.named_port_set(policy, direction, name, *protocol, fam);
                                 matches.push(format!(
-                                    "{} {dest_side} . meta l4proto . th dport @{set}",
-                                    fam.word()
+                                    "{} daddr . meta l4proto . th dport @{set}",
+                                    fam.nft()
                                 ));
                             }
                         }
@@ -331,12 +304,16 @@ fn port_choices(rule: &Rule) -> Vec<Option<&PortRule>> {
 }
 
 /// The families one (peer, port) pair needs a rule for: None is one rule for both.
-fn families(peer: Option<&Peer>, port: Option<&PortRule>) -> Vec<Option<Fam>> {
+fn families(peer: Option<&Peer>, port: Option<&PortRule>) -> Vec<Option<IpFamily>> {
     match peer {
         Some(Peer::Block { cidr, .. }) => {
-            vec![Some(if cidr.is_ipv4() { Fam::V4 } else { Fam::V6 })]
+            vec![Some(if cidr.is_ipv4() {
+                IpFamily::V4
+            } else {
+                IpFamily::V6
+            })]
         }
-        Some(Peer::Pods { .. }) => Fam::BOTH.map(Some).to_vec(),
+        Some(Peer::Pods { .. }) => IpFamily::BOTH.map(Some).to_vec(),
         None if matches!(
             port,
             Some(PortRule {
@@ -345,7 +322,7 @@ fn families(peer: Option<&Peer>, port: Option<&PortRule>) -> Vec<Option<Fam>> {
             })
         ) =>
         {
-            Fam::BOTH.map(Some).to_vec()
+            IpFamily::BOTH.map(Some).to_vec()
         }
         None => vec![None],
     }
@@ -369,10 +346,10 @@ pub fn desired_table(cluster: &Cluster, node: &str) -> Table {
         table: Table::new(Family::Inet, TABLE),
     };
     for direction in [Direction::Ingress, Direction::Egress] {
-        for fam in Fam::BOTH {
+        for fam in IpFamily::BOTH {
             b.table.sets.insert(
                 dispatch_map(direction, fam),
-                Set::new(SetKind::Map, format!("type {} : verdict;", fam.addr_type())),
+                Set::new(SetKind::Map, format!("type {} : verdict;", addr_type(fam))),
             );
         }
     }
@@ -382,15 +359,15 @@ pub fn desired_table(cluster: &Cluster, node: &str) -> Table {
         .filter(|p| p.node == node && !p.host_network && !p.addresses.is_empty())
         .collect();
     // A pod reaching itself (through a Service) is never judged.
-    for fam in Fam::BOTH {
-        let name = format!("itself-{}", fam.suffix());
+    for fam in IpFamily::BOTH {
+        let name = format!("itself-{}", suffix(fam));
         let pairs: Vec<String> = local
             .iter()
             .flat_map(|p| &p.addresses)
-            .filter(|ip| Fam::of(ip) == fam)
+            .filter(|ip| IpFamily::of(**ip) == fam)
             .map(|ip| format!("{ip} . {ip}"))
             .collect();
-        let set = b.set(&name, &format!("type {0} . {0};", fam.addr_type()));
+        let set = b.set(&name, &format!("type {0} . {0};", addr_type(fam)));
         for pair in pairs {
             set.insert(pair, None);
         }
@@ -429,7 +406,7 @@ pub fn desired_table(cluster: &Cluster, node: &str) -> Table {
             b.table.chains.insert(name.clone(), Chain::new(rules));
             for pod in pods {
                 for ip in &pod.addresses {
-                    let map = dispatch_map(direction, Fam::of(ip));
+                    let map = dispatch_map(direction, IpFamily::of(*ip));
                     b.table
                         .sets
                         .get_mut(&map)
@@ -441,24 +418,24 @@ pub fn desired_table(cluster: &Cluster, node: &str) -> Table {
     }
 
     let dispatch = |direction: Direction, side: &str| -> Vec<String> {
-        Fam::BOTH
+        IpFamily::BOTH
             .iter()
             .map(|fam| {
                 format!(
                     "{} {side} vmap @{}",
-                    fam.word(),
+                    fam.nft(),
                     dispatch_map(direction, *fam)
                 )
             })
             .collect()
     };
-    let itself: Vec<String> = Fam::BOTH
+    let itself: Vec<String> = IpFamily::BOTH
         .iter()
         .map(|fam| {
             format!(
                 "{0} saddr . {0} daddr @itself-{1} accept",
-                fam.word(),
-                fam.suffix()
+                fam.nft(),
+                suffix(*fam)
             )
         })
         .collect();
