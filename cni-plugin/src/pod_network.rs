@@ -171,7 +171,11 @@ pub fn host_veth_name(
         _ => serde_json::json!([container_id, ifname]).to_string(),
     };
     let digest = Sha1::digest(identity.as_bytes());
-    format!("cyx{}", &hex::encode(digest)[..11])
+    format!(
+        "{}{}",
+        calyx_dataplane::HOST_VETH_PREFIX,
+        &hex::encode(digest)[..11]
+    )
 }
 
 /// The pod end's MAC: locally administered, unicast, from sha1 of the attachment, so

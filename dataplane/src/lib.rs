@@ -70,6 +70,10 @@ impl DataplaneError {
 
 pub type Result<T> = std::result::Result<T, DataplaneError>;
 
+/// How every pod's host veth is named: this, then a digest of the attachment. The
+/// policy table matches pods' interfaces by it.
+pub const HOST_VETH_PREFIX: &str = "cyx";
+
 /// The prefix of one address alone: /32, or /128.
 pub fn host_prefix(ip: std::net::IpAddr) -> u8 {
     if ip.is_ipv4() {

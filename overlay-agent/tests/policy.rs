@@ -372,3 +372,155 @@ fn the_upstream_truth_tables_hold_with_real_packets() {
         |from, to, _, _| to != "x/b" || from != "z/c",
     );
 }
+
+/// The packets `node`'s spoofing guard has dropped.
+fn spoofed_count(lab: &Lab, node: usize) -> u64 {
+    let out = must(
+        "ip",
+        &[
+            "netns",
+            "exec",
+            &lab.cluster.nodes[node].netns,
+            "nft",
+            "-j",
+            "list",
+            "counter",
+            "inet",
+            "calyx-policy",
+            "spoofed",
+        ],
+    );
+    let json: Value = serde_json::from_str(&out).expect("nft's JSON");
+    json["nftables"]
+        .as_array()
+        .and_then(|items| items.iter().find_map(|i| i["counter"]["packets"].as_u64()))
+        .expect("the spoofed counter")
+}
+
+#[test]
+fn a_pod_sends_only_from_its_own_addresses_without_any_policy() {
+    let Some(lab) = Lab::start(&[]) else {
+        return;
+    };
+    let node1 = &lab.cluster.nodes[0];
+    calyx_e2e::lab::wait_until("the spoofing guard", Duration::from_secs(10), || {
+        std::process::Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &node1.netns,
+                "nft",
+                "list",
+                "chain",
+                "inet",
+                "calyx-policy",
+                "pod-sources",
+            ])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let sender = lab.pod("x", "a").clone();
+    let receiver = lab.pod("x", "b").clone();
+    let receiving: Vec<std::net::UdpSocket> = receiver
+        .ips
+        .iter()
+        .map(|ip| {
+            let addr = SocketAddr::new(ip.parse().unwrap(), 9999);
+            calyx_e2e::sockets::in_netns(&receiver.netns, move || {
+                let s = std::net::UdpSocket::bind(addr)?;
+                s.set_read_timeout(Some(Duration::from_millis(300)))?;
+                Ok(s)
+            })
+            .unwrap()
+        })
+        .collect();
+
+    // Its own addresses, and those of a pod on its node, a pod on the other node, its
+    // node and the outside world, in both families.
+    let family = |pod: &calyx_e2e::cluster::Pod, v6: bool| {
+        pod.ips
+            .iter()
+            .find(|ip| ip.contains(':') == v6)
+            .unwrap()
+            .clone()
+    };
+    let mut sources = Vec::new();
+    for v6 in [false, true] {
+        sources.push((family(&sender, v6), true));
+        sources.push((family(lab.pod("y", "a"), v6), false));
+        sources.push((family(lab.pod("z", "c"), v6), false));
+        sources.push((
+            if v6 {
+                "2001:db8::7".into()
+            } else {
+                "192.0.2.7".into()
+            },
+            false,
+        ));
+    }
+    sources.push((node1.underlay_ip.clone(), false));
+    let before = spoofed_count(&lab, 0);
+    let mut spoofed_sent = 0;
+    for (source, own) in &sources {
+        let v6 = source.contains(':');
+        let prefix = if v6 { "/128" } else { "/32" };
+        let with_prefix = format!("{source}{prefix}");
+        if !own {
+            let mut args = vec![
+                "-n",
+                &sender.netns,
+                "addr",
+                "add",
+                &with_prefix,
+                "dev",
+                "eth0",
+            ];
+            if v6 {
+                args.push("nodad");
+            }
+            must("ip", &args);
+        }
+        let to = SocketAddr::new(family(&receiver, v6).parse().unwrap(), 9999);
+        let from = SocketAddr::new(source.parse().unwrap(), 0);
+        let socket =
+            calyx_e2e::sockets::in_netns(&sender.netns, move || std::net::UdpSocket::bind(from))
+                .unwrap();
+        for _ in 0..3 {
+            socket.send_to(source.as_bytes(), to).unwrap();
+        }
+        if !own {
+            spoofed_sent += 3;
+            must(
+                "ip",
+                &[
+                    "-n",
+                    &sender.netns,
+                    "addr",
+                    "del",
+                    &with_prefix,
+                    "dev",
+                    "eth0",
+                ],
+            );
+        }
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for socket in &receiving {
+        let mut buf = [0u8; 64];
+        while let Ok((n, from)) = socket.recv_from(&mut buf) {
+            assert_eq!(
+                &buf[..n],
+                from.ip().to_string().as_bytes(),
+                "the source it claims"
+            );
+            seen.insert(from.ip().to_string());
+        }
+    }
+    let own: std::collections::BTreeSet<String> = sender.ips.iter().cloned().collect();
+    assert_eq!(seen, own, "only the sender's own addresses arrive");
+    let dropped = spoofed_count(&lab, 0) - before;
+    assert!(
+        dropped >= spoofed_sent,
+        "node1's guard counted {dropped} of the {spoofed_sent} spoofed packets"
+    );
+}

@@ -1,7 +1,9 @@
 //! The policy controller: the latest snapshot of pods, namespaces and policies in,
 //! this node's `inet calyx-policy` table out. Nothing is written until the source has
 //! listed everything once, so a restarting agent keeps what the kernel enforces until
-//! it knows better; a restart with the table already right writes nothing.
+//! it knows better; a restart with the table already right writes nothing. A node
+//! without the table gets its empty form at once, which isolates nobody but stops
+//! spoofing from the first pod on.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -24,6 +26,8 @@ pub struct PolicyController {
     metrics: Arc<Metrics>,
     /// Whether a sync has succeeded yet (the first is logged).
     synced: bool,
+    /// Whether the kernel was looked at before the first snapshot.
+    looked_before_listing: bool,
 }
 
 impl PolicyController {
@@ -43,6 +47,41 @@ impl PolicyController {
             applied: None,
             metrics,
             synced: false,
+            looked_before_listing: false,
+        }
+    }
+
+    /// Before anything is listed: a node without the table gets the table of no
+    /// policies (the spoofing guard); a table already there is left as it is.
+    fn before_listing(&mut self) -> bool {
+        if self.looked_before_listing {
+            return true;
+        }
+        let written =
+            tokio::task::block_in_place(|| match self.backend.dump(Family::Inet, TABLE)? {
+                Some(_) => Ok(false),
+                None => self
+                    .sync
+                    .sync(
+                        self.backend.as_ref(),
+                        &desired_table(&Cluster::default(), &self.node),
+                        true,
+                    )
+                    .map(|_| true),
+            });
+        match written {
+            Ok(written) => {
+                if written {
+                    tracing::info!("policy table written without policies until they are listed: pods' sources are checked");
+                }
+                self.looked_before_listing = true;
+                true
+            }
+            Err(e) => {
+                self.metrics.policy.sync_errors.inc();
+                tracing::error!(error = %e, "cannot write the policy table");
+                false
+            }
         }
     }
 
@@ -77,7 +116,7 @@ impl Controller for PolicyController {
     async fn reconcile(&mut self, trigger: Trigger, full: bool) -> bool {
         let Some(cluster) = self.snapshot.borrow_and_update().clone() else {
             // Not listed yet: whatever the kernel enforces stays.
-            return true;
+            return self.before_listing();
         };
         let mut full = full;
         if trigger == Trigger::Check {
@@ -218,11 +257,19 @@ mod tests {
             metrics.clone(),
         );
         assert!(c.reconcile(Trigger::Startup, true).await);
-        assert!(fake.scripts().is_empty(), "nothing listed yet");
+        let scripts = fake.take_scripts();
+        assert_eq!(scripts.len(), 1, "the table of no policies, for its guard");
+        assert!(
+            scripts[0].contains("fib saddr . iif oif missing"),
+            "{scripts:?}"
+        );
+        assert!(!scripts[0].contains("add element"), "{scripts:?}");
 
+        // Pods alone isolate nobody; the table stays as it was.
         publisher.publish(Arc::new(cluster(false)));
         assert!(c.reconcile(Trigger::Source, false).await);
-        assert_eq!(fake.take_scripts().len(), 1);
+        let scripts = fake.take_scripts();
+        assert!(scripts.iter().all(|s| !s.contains("goto")), "{scripts:?}");
         assert!(c.reconcile(Trigger::Resync, true).await);
         assert!(
             fake.take_scripts().is_empty(),
@@ -239,13 +286,16 @@ mod tests {
         );
         assert_eq!(metrics.policy.pods.get(), 1);
 
-        // A new controller (a restart) over the same kernel writes nothing.
+        // A new controller (a restart) over the same kernel writes nothing, neither
+        // before its source has listed (the isolation stays) nor after.
         let (triggers, _rx) = Triggers::channel();
         let (publisher, snapshot) = Publisher::new(triggers);
-        publisher.publish(Arc::new(cluster(true)));
         let mut restarted =
             PolicyController::new("n1".into(), snapshot, Box::new(fake.clone()), metrics);
         assert!(restarted.reconcile(Trigger::Startup, true).await);
+        assert!(fake.take_scripts().is_empty());
+        publisher.publish(Arc::new(cluster(true)));
+        assert!(restarted.reconcile(Trigger::Source, false).await);
         assert!(fake.take_scripts().is_empty());
 
         remove_table(fake.as_ref());

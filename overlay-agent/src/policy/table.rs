@@ -19,6 +19,13 @@
 //!   peer, shared by policies); named ports are sets of (address, protocol, port) over
 //!   the destination pods, since one name may mean 80 on one pod and 81 on another.
 //!
+//! - `pod-sources` at prerouting (priority raw, before conntrack and every DNAT): a
+//!   packet that came in on a pod's host veth must have a source the node routes
+//!   back out of that veth (the plugin's host routes), else it is counted in
+//!   `spoofed` and dropped. It needs no state of the agent's, so it holds from a
+//!   pod's first packet; it is what makes a local pod's source address as good as
+//!   its interface for the dispatch maps.
+//!
 //! Accepting is final only for that base chain: a packet accepted by `egress` is
 //! still judged by `ingress`; a drop anywhere is final.
 
@@ -37,6 +44,10 @@ pub const TABLE: &str = "calyx-policy";
 pub const EGRESS_CHAIN: &str = "egress";
 pub const EGRESS_TO_NODE_CHAIN: &str = "egress-to-node";
 pub const INGRESS_CHAIN: &str = "ingress";
+pub const POD_SOURCES_CHAIN: &str = "pod-sources";
+
+/// What the spoofing guard dropped.
+pub const SPOOFED_COUNTER: &str = "spoofed";
 
 /// nft's longest object name is 256 bytes; longer readable names become digests.
 const MAX_NAME: usize = 200;
@@ -462,5 +473,24 @@ pub fn desired_table(cluster: &Cluster, node: &str) -> Table {
     b.table
         .chains
         .insert(INGRESS_CHAIN.into(), base("postrouting", -5, ingress));
+
+    b.table.counters.insert(SPOOFED_COUNTER.into());
+    b.table.chains.insert(
+        POD_SOURCES_CHAIN.into(),
+        base("prerouting", -300, pod_sources()),
+    );
     b.table
+}
+
+/// A pod sends only from the addresses the node routes to its veth (strict reverse
+/// path, as `rp_filter=1` but for both families and counted). IPv6's link-local
+/// sources (neighbour and router discovery; never forwarded) and the unspecified
+/// source of duplicate address detection pass.
+fn pod_sources() -> Vec<String> {
+    let pods = format!("iifname \"{}*\"", calyx_dataplane::HOST_VETH_PREFIX);
+    vec![
+        format!("{pods} ip6 saddr fe80::/10 accept"),
+        format!("{pods} ip6 saddr :: meta l4proto ipv6-icmp accept"),
+        format!("{pods} fib saddr . iif oif missing counter name {SPOOFED_COUNTER} drop"),
+    ]
 }

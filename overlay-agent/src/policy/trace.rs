@@ -8,6 +8,7 @@
 //! namespaces, labels and policies, every flow's fate across the nodes it crosses
 //! equals `verdict`.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use calyx_dataplane::firewall::nft::Table;
@@ -36,24 +37,43 @@ pub enum Fate {
     },
 }
 
-/// The packet at a node whose own addresses are `local`: through input when it is
-/// for the node, else through postrouting (forwarded or sent by the node).
-pub fn traverse(table: &Table, local: &[IpAddr], packet: &Packet) -> Result<Fate, String> {
-    let hook = if local.contains(&packet.dst) {
+/// What the tracer knows of a node: its own addresses, and the interface its route
+/// to each local pod leaves by (the plugin's host routes, what `fib` looks up).
+pub struct Node<'a> {
+    pub local: &'a [IpAddr],
+    pub pod_routes: &'a BTreeMap<IpAddr, String>,
+}
+
+/// The packet at `node`: through prerouting when it came in on `iif` (None: the node
+/// sent it), then input when it is for the node, else postrouting.
+pub fn traverse(
+    table: &Table,
+    node: &Node,
+    iif: Option<&str>,
+    packet: &Packet,
+) -> Result<Fate, String> {
+    let mut hooks = Vec::new();
+    if iif.is_some() {
+        hooks.push("prerouting");
+    }
+    hooks.push(if node.local.contains(&packet.dst) {
         "input"
     } else {
         "postrouting"
-    };
+    });
     let tracer = Tracer {
         table,
-        local,
+        node,
+        iif,
         packet,
     };
-    for name in table.base_chains(hook) {
-        let mut counter = None;
-        match tracer.chain(name, &mut counter, 0)? {
-            End::Drop(chain) => return Ok(Fate::Dropped { chain, counter }),
-            End::Accept | End::Fallthrough => {}
+    for hook in hooks {
+        for name in table.base_chains(hook) {
+            let mut counter = None;
+            match tracer.chain(name, &mut counter, 0)? {
+                End::Drop(chain) => return Ok(Fate::Dropped { chain, counter }),
+                End::Accept | End::Fallthrough => {}
+            }
         }
     }
     Ok(Fate::Passed)
@@ -78,7 +98,8 @@ enum Step {
 
 struct Tracer<'a> {
     table: &'a Table,
-    local: &'a [IpAddr],
+    node: &'a Node<'a>,
+    iif: Option<&'a str>,
     packet: &'a Packet,
 }
 
@@ -129,6 +150,8 @@ impl Tracer<'_> {
             (fam @ ("ip" | "ip6"), "daddr") => (family_value(fam, self.packet.dst)?, 2),
             ("meta", "l4proto") => (Some(self.packet.protocol.name().to_string()), 2),
             ("th", "dport") => (Some(self.packet.port.to_string()), 2),
+            // Sent by the node itself, a packet has no input interface to match.
+            ("iifname", _) => (self.iif.map(str::to_string), 1),
             (a, b) => return Err(format!("unknown selector {a:?} {b:?}")),
         })
     }
@@ -154,13 +177,31 @@ impl Tracer<'_> {
                     i += 5;
                 }
                 "fib" => {
-                    if tokens.get(i + 1..i + 4) != Some(&["saddr", "type", "local"]) {
-                        return Err("only `fib saddr type local` is known".into());
+                    if tokens.get(i + 1..i + 4) == Some(&["saddr", "type", "local"]) {
+                        if !self.node.local.contains(&self.packet.src) {
+                            return Ok(Step::Next);
+                        }
+                        i += 4;
+                    } else if tokens.get(i + 1..i + 6)
+                        == Some(&["saddr", ".", "iif", "oif", "missing"])
+                    {
+                        // Strict reverse path: the route back to the source must leave
+                        // by the interface the packet came in on.
+                        let back = self
+                            .node
+                            .pod_routes
+                            .get(&self.packet.src)
+                            .map(String::as_str);
+                        if self.iif.is_some() && back == self.iif {
+                            return Ok(Step::Next);
+                        }
+                        i += 6;
+                    } else {
+                        return Err(
+                            "only `fib saddr type local` and `fib saddr . iif oif missing` are known"
+                                .into(),
+                        );
                     }
-                    if !self.local.contains(&self.packet.src) {
-                        return Ok(Step::Next);
-                    }
-                    i += 4;
                 }
                 "counter" => {
                     if tokens.get(i + 1) != Some(&"name") || i + 2 >= tokens.len() {
@@ -270,8 +311,15 @@ impl Tracer<'_> {
     }
 }
 
-/// One literal: an address or prefix, a port or port range, a protocol name.
+/// One literal: an address or prefix, a port or port range, a protocol name, a
+/// quoted interface name (`*` at its end: any name it begins).
 fn atom_matches(atom: &str, key: &str) -> Result<bool, String> {
+    if let Some(quoted) = atom.strip_prefix('"').and_then(|a| a.strip_suffix('"')) {
+        return Ok(match quoted.strip_suffix('*') {
+            Some(prefix) => key.starts_with(prefix),
+            None => key == quoted,
+        });
+    }
     if let Ok(net) = atom.parse::<IpNetwork>() {
         let ip: IpAddr = key
             .parse()
@@ -283,7 +331,7 @@ fn atom_matches(atom: &str, key: &str) -> Result<bool, String> {
             return Ok((a..=b).contains(&k));
         }
     }
-    if atom.parse::<u16>().is_ok() || ["tcp", "udp", "sctp"].contains(&atom) {
+    if atom.parse::<u16>().is_ok() || ["tcp", "udp", "sctp", "ipv6-icmp"].contains(&atom) {
         return Ok(atom == key);
     }
     Err(format!("unknown value {atom:?}"))
@@ -303,14 +351,12 @@ fn verdict_step(verdict: &str) -> Result<Step, String> {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use calyx_dataplane::firewall::nft::{RecordingNft, TableSync};
     use proptest::prelude::*;
 
     use super::*;
     use crate::policy::model::*;
-    use crate::policy::table::{desired_table, TABLE};
+    use crate::policy::table::{desired_table, POD_SOURCES_CHAIN, SPOOFED_COUNTER, TABLE};
     use crate::policy::verdict::{verdict, Endpoint, Flow};
 
     const NODES: [&str; 2] = ["n1", "n2"];
@@ -363,12 +409,95 @@ mod tests {
         nodes.extend(node_of(cluster, packet.dst));
         nodes.dedup();
         for node in nodes {
-            let fate = traverse(&tables[node], &[node_address(node)], packet)?;
+            let fate = at(cluster, &tables[node], node, packet)?;
             if fate != Fate::Passed {
                 return Ok(false);
             }
         }
         Ok(true)
+    }
+
+    fn veth(pod: &Pod) -> String {
+        format!("cyx-{}-{}", pod.key.namespace, pod.key.name)
+    }
+
+    fn pod_routes(cluster: &Cluster, node: &str) -> BTreeMap<IpAddr, String> {
+        cluster
+            .pods
+            .values()
+            .filter(|p| p.node == node && !p.host_network)
+            .flat_map(|p| p.addresses.iter().map(move |ip| (*ip, veth(p))))
+            .collect()
+    }
+
+    /// The packet at `node`, come in on `iif`.
+    fn at_from(
+        cluster: &Cluster,
+        table: &Table,
+        node: &str,
+        iif: Option<&str>,
+        packet: &Packet,
+    ) -> Result<Fate, String> {
+        let local = [node_address(node)];
+        let routes = pod_routes(cluster, node);
+        let view = Node {
+            local: &local,
+            pod_routes: &routes,
+        };
+        traverse(table, &view, iif, packet)
+    }
+
+    /// The packet at `node`: come in on the source pod's veth when the source is a
+    /// pod there, sent by the node when it is the node's, else come in by the overlay.
+    fn at(cluster: &Cluster, table: &Table, node: &str, packet: &Packet) -> Result<Fate, String> {
+        let iif = if packet.src == node_address(node) {
+            None
+        } else {
+            Some(
+                pod_routes(cluster, node)
+                    .remove(&packet.src)
+                    .unwrap_or_else(|| "vxlan.calyx".into()),
+            )
+        };
+        at_from(cluster, table, node, iif.as_deref(), packet)
+    }
+
+    /// A local pod sending from any address but its own is dropped at its veth.
+    fn check_spoofing(
+        cluster: &Cluster,
+        tables: &BTreeMap<&str, Table>,
+        addresses: &[IpAddr],
+    ) -> Result<(), String> {
+        for pod in cluster.pods.values().filter(|p| !p.host_network) {
+            for &src in addresses.iter().filter(|a| !pod.addresses.contains(a)) {
+                let dst = *addresses
+                    .iter()
+                    .find(|d| d.is_ipv4() == src.is_ipv4())
+                    .unwrap();
+                let packet = Packet {
+                    src,
+                    dst,
+                    protocol: Protocol::Udp,
+                    port: 80,
+                    established: false,
+                };
+                let fate = at_from(
+                    cluster,
+                    &tables[pod.node.as_str()],
+                    &pod.node,
+                    Some(&veth(pod)),
+                    &packet,
+                )?;
+                let spoofed = Fate::Dropped {
+                    chain: POD_SOURCES_CHAIN.into(),
+                    counter: Some(SPOOFED_COUNTER.into()),
+                };
+                if fate != spoofed {
+                    return Err(format!("{} sending as {src}: {fate:?}", pod.key));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn endpoint(cluster: &Cluster, ip: IpAddr) -> Endpoint<'_> {
@@ -396,6 +525,7 @@ mod tests {
         addresses.extend(NODES.iter().map(|n| node_address(n)));
         addresses.push("203.0.113.7".parse().unwrap());
         addresses.push("2001:db8::7".parse().unwrap());
+        check_spoofing(cluster, &tables, &addresses)?;
         for &src in &addresses {
             for &dst in &addresses {
                 if src.is_ipv4() != dst.is_ipv4() {
@@ -528,7 +658,7 @@ mod tests {
             port: 80,
             established: false,
         };
-        let fate = traverse(&tables["n1"], &[node_address("n1")], &packet).unwrap();
+        let fate = at(&c, &tables["n1"], "n1", &packet).unwrap();
         let Fate::Dropped { counter, .. } = fate else {
             panic!("{fate:?}")
         };
@@ -537,20 +667,14 @@ mod tests {
             established: true,
             ..packet
         };
-        assert_eq!(
-            traverse(&tables["n1"], &[node_address("n1")], &reply).unwrap(),
-            Fate::Passed
-        );
+        assert_eq!(at(&c, &tables["n1"], "n1", &reply).unwrap(), Fate::Passed);
         // The node reaches its own pods.
         let probe = Packet {
             src: node_address("n1"),
             established: false,
             ..reply
         };
-        assert_eq!(
-            traverse(&tables["n1"], &[node_address("n1")], &probe).unwrap(),
-            Fate::Passed
-        );
+        assert_eq!(at(&c, &tables["n1"], "n1", &probe).unwrap(), Fate::Passed);
     }
 
     #[test]
@@ -577,6 +701,36 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_sends_from_its_link_local_address_and_only_its_own_others() {
+        let c = small_cluster();
+        let t = &tables(&c)["n1"];
+        let xa = &c.pods[&PodKey {
+            namespace: "x".into(),
+            name: "a".into(),
+        }];
+        let from = |src: &str| Packet {
+            src: src.parse().unwrap(),
+            dst: "fd00::2:1".parse().unwrap(),
+            protocol: Protocol::Udp,
+            port: 80,
+            established: false,
+        };
+        // Neighbour discovery is link-local, never forwarded.
+        let fate = at_from(&c, t, "n1", Some(&veth(xa)), &from("fe80::1")).unwrap();
+        assert_eq!(fate, Fate::Passed);
+        let fate = at_from(&c, t, "n1", Some(&veth(xa)), &from("fd00::1:1")).unwrap();
+        assert_eq!(fate, Fate::Passed);
+        // y/a's address from x/a's veth.
+        let mut spoofed = from("10.244.1.2");
+        spoofed.dst = "10.244.2.1".parse().unwrap();
+        let fate = at_from(&c, t, "n1", Some(&veth(xa)), &spoofed).unwrap();
+        assert!(
+            matches!(fate, Fate::Dropped { counter: Some(ref c), .. } if c == SPOOFED_COUNTER),
+            "{fate:?}"
+        );
+    }
+
+    #[test]
     fn a_rule_the_tracer_does_not_know_is_an_error() {
         let mut t = desired_table(&small_cluster(), "n1");
         t.chains
@@ -591,7 +745,7 @@ mod tests {
             port: 80,
             established: false,
         };
-        let err = traverse(&t, &[node_address("n1")], &packet).unwrap_err();
+        let err = at(&small_cluster(), &t, "n1", &packet).unwrap_err();
         assert!(err.contains("meta"), "{err}");
     }
 
