@@ -46,6 +46,7 @@ pub fn plan_from_prev_result(
         addresses,
         default_route_v4: default_route(true),
         default_route_v6: default_route(false),
+        held: false, // not compared: the agent releases it
     })
 }
 

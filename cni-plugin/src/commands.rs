@@ -124,6 +124,7 @@ async fn add(env: &CniEnv, conf: &NetConf, version: CniVersion) -> CniResult<Val
         addresses: addresses.clone(),
         default_route_v4: takes_default[0],
         default_route_v6: takes_default[1],
+        held: conf.policy_may_isolate(env.pod_namespace()),
     };
     let links = match connections.wire(&plan).await {
         Ok(links) => {

@@ -228,6 +228,26 @@ impl NetConf {
         self.state_dir().join("ipam-known-blocks.json")
     }
 
+    /// Whether the agent said some NetworkPolicy of `namespace` could isolate a new
+    /// pod there. No file (no agent yet, or policy off) or no namespace (not a
+    /// Kubernetes pod): no. A file that cannot be read holds the pod: fail closed.
+    pub fn policy_may_isolate(&self, namespace: Option<&str>) -> bool {
+        let Some(namespace) = namespace else {
+            return false;
+        };
+        let path = self
+            .state_dir()
+            .join(calyx_dataplane::POLICY_NAMESPACES_FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => text.lines().any(|line| line == namespace),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the policy namespaces; holding the pod until the agent classifies it");
+                true
+            }
+        }
+    }
+
     /// The agent's state file `name`, which must exist when `requireAgent` is set.
     fn agent_state(&self, name: &str) -> CniResult<Option<String>> {
         let path = self.state_dir().join(name);
@@ -536,6 +556,27 @@ mod tests {
         };
         assert_eq!(conf.resolve_mtu().unwrap(), DEFAULT_MTU);
         assert!(conf.resolve_node_name().is_ok());
+    }
+
+    #[test]
+    fn pods_are_held_only_in_the_namespaces_the_agent_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = NetConf {
+            state_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
+        };
+        // No agent (or policy off): nobody is held.
+        assert!(!conf.policy_may_isolate(Some("shop")));
+        let file = dir.path().join(calyx_dataplane::POLICY_NAMESPACES_FILE);
+        std::fs::write(&file, "shop\nbank\n").unwrap();
+        assert!(conf.policy_may_isolate(Some("shop")));
+        assert!(conf.policy_may_isolate(Some("bank")));
+        assert!(!conf.policy_may_isolate(Some("sho")));
+        assert!(!conf.policy_may_isolate(None), "not a Kubernetes pod");
+        // A file that cannot be read: fail closed.
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        assert!(conf.policy_may_isolate(Some("web")));
     }
 
     #[test]

@@ -33,6 +33,10 @@ pub struct PodNetwork {
     /// of a pod gets its addresses and host routes, never the first one's routes.
     pub default_route_v4: bool,
     pub default_route_v6: bool,
+    /// The host end starts held (`HELD_POD_GROUP`): a policy of the pod's namespace
+    /// could isolate it, so nothing but its node reaches it or hears from it until the
+    /// agent has classified it.
+    pub held: bool,
 }
 
 impl PodNetwork {

@@ -6,7 +6,9 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use calyx_dataplane::netlink::{classify_namespace_file, open_namespace, NamespaceFile};
-use calyx_dataplane::{format_mac, sysctl, Link, Netlink, RouteSpec, CALYX_ROUTE_PROTOCOL};
+use calyx_dataplane::{
+    format_mac, sysctl, Link, Netlink, RouteSpec, CALYX_ROUTE_PROTOCOL, HELD_POD_GROUP,
+};
 
 use crate::error::{CniError, CniResult, Code};
 use crate::pod_network::{
@@ -82,6 +84,7 @@ impl Connections {
             .create_veth(
                 &pod.host_veth,
                 HOST_VETH_MAC,
+                if pod.held { HELD_POD_GROUP } else { 0 },
                 &pod.ifname,
                 pod.pod_mac,
                 self.netns.file(),

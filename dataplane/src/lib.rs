@@ -74,6 +74,17 @@ pub type Result<T> = std::result::Result<T, DataplaneError>;
 /// policy table matches pods' interfaces by it.
 pub const HOST_VETH_PREFIX: &str = "cyx";
 
+/// The link group of a pod's host veth while no agent has classified the pod (and
+/// some policy of its namespace could isolate it): the policy table drops what such a
+/// veth sends or is sent, the node's own traffic aside, until the agent has written
+/// the pod's entries and moved the veth back to group 0.
+pub const HELD_POD_GROUP: u32 = 0xca1c;
+
+/// The agent's state file (in the plugin's state directory) listing, one per line,
+/// the namespaces where some NetworkPolicy could isolate a new pod: the plugin holds
+/// the pods it wires in them (`HELD_POD_GROUP`).
+pub const POLICY_NAMESPACES_FILE: &str = "policy-namespaces";
+
 /// The prefix of one address alone: /32, or /128.
 pub fn host_prefix(ip: std::net::IpAddr) -> u8 {
     if ip.is_ipv4() {

@@ -28,6 +28,8 @@ pub struct Link {
     pub mac: Vec<u8>,
     pub mtu: u32,
     pub up: bool,
+    /// The link's group (`ip link set group`); 0 is the default group.
+    pub group: u32,
 }
 
 /// A route, as Calyx writes and compares them.
@@ -175,11 +177,14 @@ impl Netlink {
     }
 
     /// Creates a veth pair whose peer is created directly inside the namespace open at
-    /// `peer_netns` (one request; no move afterwards).
+    /// `peer_netns` (one request; no move afterwards); the host end is in `host_group`
+    /// from its first moment.
+    #[allow(clippy::too_many_arguments)]
     pub async fn create_veth(
         &self,
         host_name: &str,
         host_mac: [u8; 6],
+        host_group: u32,
         peer_name: &str,
         peer_mac: [u8; 6],
         peer_netns: &std::fs::File,
@@ -195,6 +200,7 @@ impl Netlink {
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
             .address(host_mac.to_vec())
             .mtu(mtu)
+            .link_group(host_group)
             .build();
         self.handle
             .link()
@@ -211,12 +217,47 @@ impl Netlink {
 
     pub async fn set_up(&self, link: &Link) -> Result<()> {
         let message = LinkUnspec::new_with_index(link.index).up().build();
+        self.set_link(message, || format!("set link {} up", link.name))
+            .await
+    }
+
+    /// Every link in `group`.
+    pub async fn links_in_group(&self, group: u32) -> Result<Vec<Link>> {
+        let mut stream = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| nl_err("list links", e))?
+        {
+            let link = link_from_message(&msg);
+            if link.group == group {
+                out.push(link);
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn set_group(&self, link: &Link, group: u32) -> Result<()> {
+        let message = LinkUnspec::new_with_index(link.index)
+            .link_group(group)
+            .build();
+        self.set_link(message, || format!("set link {} group {group}", link.name))
+            .await
+    }
+
+    /// Changes a link as `message` says; `op` names the change in an error.
+    pub(crate) async fn set_link(
+        &self,
+        message: LinkMessage,
+        op: impl FnOnce() -> String,
+    ) -> Result<()> {
         self.handle
             .link()
             .set(message)
             .execute()
             .await
-            .map_err(|e| nl_err(format!("set link {} up", link.name), e))
+            .map_err(|e| nl_err(op(), e))
     }
 
     pub async fn delete_link(&self, link: &Link) -> Result<()> {
@@ -471,12 +512,14 @@ pub(crate) fn link_from_message(msg: &LinkMessage) -> Link {
         mac: Vec::new(),
         mtu: 0,
         up: msg.header.flags.contains(LinkFlags::Up),
+        group: 0,
     };
     for attr in &msg.attributes {
         match attr {
             LinkAttribute::IfName(name) => link.name = name.clone(),
             LinkAttribute::Address(mac) => link.mac = mac.clone(),
             LinkAttribute::Mtu(mtu) => link.mtu = *mtu,
+            LinkAttribute::Group(group) => link.group = *group,
             _ => {}
         }
     }

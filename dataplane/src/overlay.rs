@@ -154,12 +154,8 @@ impl Netlink {
             .mtu(mtu)
             .address(mac.to_vec())
             .build();
-        self.handle
-            .link()
-            .set(message)
-            .execute()
+        self.set_link(message, || format!("set mtu {mtu} on {}", link.name))
             .await
-            .map_err(|e| nl_err(format!("set mtu {mtu} on {}", link.name), e))
     }
 
     /// Permanent neighbour entries on a link, both families.

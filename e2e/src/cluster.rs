@@ -366,12 +366,23 @@ impl Cluster {
         Ok(netns)
     }
 
-    /// Creates a pod namespace on `node` and runs CNI ADD for it, as a runtime would.
+    /// Creates a pod namespace on `node` and runs CNI ADD for it, as a runtime would
+    /// (as pod `name` of the Kubernetes namespace `lab`).
     pub fn add_pod(&mut self, node_index: usize, name: &str) -> Result<Pod> {
+        self.add_pod_as(node_index, name, ("lab", name))
+    }
+
+    /// `add_pod`, with the Kubernetes namespace and pod name the runtime passes.
+    pub fn add_pod_as(
+        &mut self,
+        node_index: usize,
+        name: &str,
+        (k8s_namespace, k8s_name): (&str, &str),
+    ) -> Result<Pod> {
         let node = self.nodes[node_index].clone();
         let netns = format!("{}-{name}", self.prefix);
         must("ip", &["netns", "add", &netns]);
-        let result = self.cni(&node, "ADD", name, &netns)?;
+        let result = self.cni(&node, "ADD", name, (k8s_namespace, k8s_name), &netns)?;
         let ips = result["ips"]
             .as_array()
             .map(|ips| {
@@ -392,7 +403,14 @@ impl Cluster {
         Ok(pod)
     }
 
-    fn cni(&self, node: &Node, command: &str, pod: &str, netns: &str) -> Result<Value> {
+    fn cni(
+        &self,
+        node: &Node,
+        command: &str,
+        pod: &str,
+        (k8s_namespace, k8s_name): (&str, &str),
+        netns: &str,
+    ) -> Result<Value> {
         use std::io::Write;
         let mut child = Command::new("nsenter")
             .arg(format!("--net=/run/netns/{}", node.netns))
@@ -406,7 +424,9 @@ impl Cluster {
             .env("CNI_PATH", "/opt/cni/bin")
             .env(
                 "CNI_ARGS",
-                format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=lab;K8S_POD_NAME={pod}"),
+                format!(
+                    "IgnoreUnknown=1;K8S_POD_NAMESPACE={k8s_namespace};K8S_POD_NAME={k8s_name}"
+                ),
             )
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

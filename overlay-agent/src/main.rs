@@ -358,6 +358,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (proxy_publisher, proxy_snapshot) = Publisher::new(proxy_triggers.0.clone());
     let policy_triggers = Triggers::channel();
     let (policy_publisher, policy_snapshot) = Publisher::new(policy_triggers.0.clone());
+    // The IPAM store's pods, handed over by the overlay's datastore cache.
+    let (pods_publisher, pods_snapshot) = Publisher::new(policy_triggers.0.clone());
     let proxy_on = args.proxy_mode != ProxyMode::Off;
     let policy_on = args.network_policy == Switch::On;
     let mut proxy_publisher = proxy_on.then_some(proxy_publisher);
@@ -385,10 +387,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let policy = if policy_on {
         let (triggers, rx) = policy_triggers;
+        policy::holds::wake_on_pod_routes(triggers.clone())?;
         let controller = PolicyController::new(
             args.node_name.clone(),
             policy_snapshot,
+            Some(pods_snapshot),
             Box::new(NftCommand),
+            Some(policy::holds::Holds::new(
+                Netlink::current()?,
+                args.state_dir.clone(),
+            )),
             metrics.clone(),
         );
         Some(tokio::spawn(runtime::run(
@@ -399,6 +407,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         )))
     } else {
         tokio::task::block_in_place(|| policy::controller::remove_table(&NftCommand));
+        policy::holds::release_all(&args.state_dir).await;
         None
     };
     let proxy = match args.proxy_mode {
@@ -447,7 +456,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let (triggers, rx) = Triggers::channel();
     let overlay = tokio::select! {
-        started = OverlayController::start(config, store, nl, &underlay, metrics, triggers.clone()) => started?,
+        started = OverlayController::start(
+            config,
+            store,
+            nl,
+            &underlay,
+            metrics,
+            triggers.clone(),
+            policy_on.then_some(pods_publisher),
+        ) => started?,
         _ = sigterm.recv() => {
             tracing::info!("SIGTERM while starting: exiting, dataplane left in place");
             return Ok(());

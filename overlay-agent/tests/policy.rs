@@ -524,3 +524,155 @@ fn a_pod_sends_only_from_its_own_addresses_without_any_policy() {
         "node1's guard counted {dropped} of the {spoofed_sent} spoofed packets"
     );
 }
+
+/// The group of the host veth routed to `ip` on `node`.
+fn veth_group(lab: &Lab, node: usize, ip: &str) -> u64 {
+    let netns = &lab.cluster.nodes[node].netns;
+    let route = must("ip", &["-n", netns, "-j", "route", "get", ip]);
+    let route: Value = serde_json::from_str(&route).unwrap();
+    let dev = route[0]["dev"].as_str().unwrap().to_string();
+    let link = must("ip", &["-n", netns, "-j", "-d", "link", "show", &dev]);
+    let link: Value = serde_json::from_str(&link).unwrap();
+    match &link[0]["group"] {
+        Value::String(name) if name == "default" => 0,
+        Value::String(number) => number.parse().unwrap(),
+        other => other.as_u64().unwrap(),
+    }
+}
+
+/// Whether `from` (netns) reaches the TCP server `name` at `ip`:80, within `wait`.
+fn reaches(from: &str, ip: &str, name: &str, wait: Duration) -> bool {
+    let addr = SocketAddr::new(ip.parse().unwrap(), 80);
+    ask_tcp_within(from, addr, wait).is_ok_and(|a| a.backend == name)
+}
+
+/// Until `since` + `window`, probes from `blocked` without pause (failing if it
+/// ever reaches `ip`) and, beside it, from `allowed` every few milliseconds: how
+/// long after `since` `allowed` first reached it, if it did.
+fn watch_new_pod(
+    since: Instant,
+    blocked: &str,
+    allowed: &str,
+    ip: &str,
+    name: &str,
+    window: Duration,
+) -> Option<Duration> {
+    std::thread::scope(|s| {
+        let denied = s.spawn(|| {
+            while since.elapsed() < window {
+                if reaches(blocked, ip, name, Duration::from_millis(50)) {
+                    return Some(since.elapsed());
+                }
+            }
+            None
+        });
+        let mut first_allowed = None;
+        while first_allowed.is_none() && since.elapsed() < window {
+            if reaches(allowed, ip, name, Duration::from_millis(10)) {
+                first_allowed = Some(since.elapsed());
+            }
+        }
+        if let Some(after) = denied.join().unwrap() {
+            panic!("a denied peer reached the new pod {name} {after:?} after ADD");
+        }
+        first_allowed
+    })
+}
+
+#[test]
+fn a_new_pod_is_judged_from_its_first_packet_and_isolation_holds_while_the_agent_is_down() {
+    let Some(mut lab) = Lab::start(&[]) else {
+        return;
+    };
+    let node1_state = lab.cluster.node_state_dir(&lab.cluster.nodes[0]);
+    // x takes ingress from y only; z has no policy.
+    lab.policies(vec![json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "from-y", "namespace": "x"},
+        "spec": {
+            "podSelector": {},
+            "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "y"}}}]}],
+        },
+    })]);
+    let (yb, zb) = (
+        lab.pod("y", "b").netns.clone(),
+        lab.pod("z", "b").netns.clone(),
+    );
+    let xa = lab.pod("x", "a").ips[0].clone();
+    calyx_e2e::lab::wait_until("x isolated", Duration::from_secs(10), || {
+        !reaches(&zb, &xa, "x-a", Duration::from_millis(300))
+            && std::fs::read_to_string(node1_state.join("policy-namespaces"))
+                .is_ok_and(|t| t.lines().any(|l| l == "x"))
+    });
+    // The new pods' objects exist before their sandboxes, as the scheduler makes
+    // them, and without addresses: the agent has them from the IPAM store only.
+    let node1 = lab.cluster.nodes[0].name.clone();
+    let new_pods: Vec<Value> = [("x", "d"), ("z", "d"), ("x", "e")]
+        .iter()
+        .map(|(ns, pod)| pod_object(ns, pod, &node1, &[], &[("pod", pod)], &[]))
+        .collect();
+    write_objects(lab.dir.path(), "new-pods.json", new_pods).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+
+    // x/d: never reached by z/b, from its first packet on; reached by y/b within 1 s.
+    let xd = lab.cluster.add_pod_as(0, "x-d", ("x", "d")).unwrap();
+    let added = Instant::now();
+    tcp_backend(&xd.netns, "x-d", 80).unwrap();
+    let first = watch_new_pod(added, &zb, &yb, &xd.ips[0], "x-d", Duration::from_secs(2))
+        .expect("y/b never reached the new pod x/d");
+    eprintln!("y/b reached the new pod x/d {first:?} after ADD returned");
+    assert!(
+        first < Duration::from_secs(1),
+        "y/b reached x/d only {first:?} after ADD"
+    );
+    assert_eq!(veth_group(&lab, 0, &xd.ips[0]), 0, "x/d released");
+
+    // The agent killed: the kernel goes on enforcing. x/e, added meanwhile, is held:
+    // nobody but its node reaches it; z/d, in a namespace without policies, is not.
+    lab.cluster.signal_agent(0, "KILL").unwrap();
+    let xe = lab.cluster.add_pod_as(0, "x-e", ("x", "e")).unwrap();
+    tcp_backend(&xe.netns, "x-e", 80).unwrap();
+    let zd = lab.cluster.add_pod_as(0, "z-d", ("z", "d")).unwrap();
+    tcp_backend(&zd.netns, "z-d", 80).unwrap();
+    assert_eq!(
+        veth_group(&lab, 0, &xe.ips[0]),
+        u64::from(calyx_dataplane::HELD_POD_GROUP),
+        "x/e held"
+    );
+    assert_eq!(veth_group(&lab, 0, &zd.ips[0]), 0, "z/d never held");
+    let node1_ns = lab.cluster.nodes[0].netns.clone();
+    let wait = Duration::from_millis(700);
+    assert!(
+        reaches(&zb, &zd.ips[0], "z-d", Duration::from_secs(3)),
+        "z/d at once"
+    );
+    assert!(!reaches(&yb, &xe.ips[0], "x-e", wait), "held x/e from y/b");
+    assert!(!reaches(&zb, &xe.ips[0], "x-e", wait), "held x/e from z/b");
+    assert!(
+        reaches(&node1_ns, &xe.ips[0], "x-e", Duration::from_secs(3)),
+        "x/e from its node"
+    );
+    assert!(
+        !reaches(&xe.netns, &zd.ips[0], "z-d", wait),
+        "held x/e sends nothing"
+    );
+    assert!(
+        !reaches(&zb, &xa, "x-a", wait),
+        "x/a still isolated, agent down"
+    );
+    assert!(
+        reaches(&yb, &xa, "x-a", Duration::from_secs(3)),
+        "x/a still takes y"
+    );
+
+    // The agent back: x/e is released and judged by x's policy.
+    lab.cluster.start_agent(0).unwrap();
+    calyx_e2e::lab::wait_until("x/e released", Duration::from_secs(15), || {
+        reaches(&yb, &xe.ips[0], "x-e", Duration::from_millis(500))
+    });
+    assert!(
+        !reaches(&zb, &xe.ips[0], "x-e", wait),
+        "x/e from z/b, agent back"
+    );
+    assert!(!reaches(&zb, &xa, "x-a", wait), "x/a from z/b, agent back");
+}

@@ -5,6 +5,10 @@
 //! nor a pod starting or stopping in its own node's block. (Without it every pod event
 //! anywhere made every agent re-read every node and every block.)
 //!
+//! The same blocks say which pod holds each address; with a publisher for them, the
+//! policy controller learns a new pod's addresses at ADD, seconds before the API
+//! reports status.podIPs, without a second watch.
+//!
 //! A watch that fails (etcd unreachable, or compacted past our revision) is followed by
 //! a fresh list after a backoff, so the cache converges again.
 
@@ -19,6 +23,37 @@ use calyx_ipam::store::{Store, StoreError, WatchEvent};
 pub type OnChange = Arc<dyn Fn() + Send + Sync>;
 
 use crate::overlay::desired::BlockRouting;
+use crate::source::{PodAddresses, Publisher};
+
+/// What the cache keeps of a block: its routing, and the pods its addresses are for.
+#[derive(Clone)]
+struct BlockEntry {
+    routing: BlockRouting,
+    pods: Vec<((String, String), std::net::IpAddr)>,
+}
+
+impl BlockEntry {
+    fn of(block: &Block) -> BlockEntry {
+        BlockEntry {
+            routing: BlockRouting::of(block),
+            pods: block
+                .allocations
+                .iter()
+                .filter_map(|(&ordinal, a)| {
+                    let pod = (a.attrs.namespace.clone()?, a.attrs.pod.clone()?);
+                    Some((pod, block.ip_at(ordinal)))
+                })
+                .collect(),
+        }
+    }
+}
+
+/// What a change to the cache changed.
+#[derive(Default, Clone, Copy)]
+struct Changed {
+    overlay: bool,
+    pods: bool,
+}
 
 /// One prefix's documents, by key.
 struct Section<T> {
@@ -38,7 +73,7 @@ impl<T> Default for Section<T> {
 #[derive(Default)]
 struct Contents {
     nodes: Section<NodeRecord>,
-    blocks: Section<BlockRouting>,
+    blocks: Section<BlockEntry>,
 }
 
 /// How the documents under one prefix enter the cache.
@@ -47,6 +82,12 @@ trait Entry: Sized + Clone {
     fn decode(json: &str) -> Result<Self, serde_json::Error>;
     /// Whether replacing `old` by `new` changes the overlay.
     fn changes_overlay(old: &Self, new: &Self) -> bool;
+    /// Whether these documents say which pod holds which address.
+    const HOLDS_PODS: bool = false;
+    /// Whether replacing `old` by `new` changes which pod holds which address.
+    fn changes_pods(_old: &Self, _new: &Self) -> bool {
+        false
+    }
     fn section(contents: &mut Contents) -> &mut Section<Self>;
 }
 
@@ -66,13 +107,17 @@ impl Entry for NodeRecord {
     }
 }
 
-impl Entry for BlockRouting {
+impl Entry for BlockEntry {
     const PREFIX: &'static str = calyx_ipam::model::BLOCKS_PREFIX;
+    const HOLDS_PODS: bool = true;
     fn decode(json: &str) -> Result<Self, serde_json::Error> {
-        Ok(BlockRouting::of(&Block::from_document(json)?))
+        Ok(BlockEntry::of(&Block::from_document(json)?))
     }
     fn changes_overlay(old: &Self, new: &Self) -> bool {
-        !old.routes_like(new)
+        !old.routing.routes_like(&new.routing)
+    }
+    fn changes_pods(old: &Self, new: &Self) -> bool {
+        old.pods != new.pods
     }
     fn section(contents: &mut Contents) -> &mut Section<Self> {
         &mut contents.blocks
@@ -81,6 +126,8 @@ impl Entry for BlockRouting {
 
 pub struct ClusterCache {
     contents: Mutex<Contents>,
+    /// Where the pods' addresses go, if anyone wants them.
+    pods: Option<Publisher<PodAddresses>>,
     /// Why the datastore cannot be followed right now (None while both watches run).
     problems: Mutex<BTreeMap<&'static str, String>>,
 }
@@ -91,13 +138,18 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 impl ClusterCache {
     /// Starts following `nodes/` and `blocks/`; `changed` is called whenever the
     /// overlay may need to change (including when a listing completes).
-    pub fn spawn(store: &'static dyn Store, changed: OnChange) -> Arc<ClusterCache> {
+    pub fn spawn(
+        store: &'static dyn Store,
+        changed: OnChange,
+        pods: Option<Publisher<PodAddresses>>,
+    ) -> Arc<ClusterCache> {
         let cache = Arc::new(ClusterCache {
             contents: Mutex::new(Contents::default()),
+            pods,
             problems: Mutex::new(BTreeMap::new()),
         });
         tokio::spawn(follow::<NodeRecord>(cache.clone(), store, changed.clone()));
-        tokio::spawn(follow::<BlockRouting>(cache.clone(), store, changed));
+        tokio::spawn(follow::<BlockEntry>(cache.clone(), store, changed));
         cache
     }
 
@@ -110,8 +162,34 @@ impl ClusterCache {
         }
         Some((
             contents.nodes.items.values().cloned().collect(),
-            contents.blocks.items.values().cloned().collect(),
+            contents
+                .blocks
+                .items
+                .values()
+                .map(|b| b.routing.clone())
+                .collect(),
         ))
+    }
+
+    /// Hands the pods' addresses to their publisher, once blocks are listed.
+    fn publish_pods(&self) {
+        let Some(publisher) = &self.pods else {
+            return;
+        };
+        let addresses = {
+            let contents = self.lock();
+            if !contents.blocks.listed {
+                return;
+            }
+            let mut addresses = PodAddresses::default();
+            for block in contents.blocks.items.values() {
+                for (pod, ip) in &block.pods {
+                    addresses.pods.entry(pod.clone()).or_default().push(*ip);
+                }
+            }
+            addresses
+        };
+        publisher.publish(Arc::new(addresses));
     }
 
     /// What keeps the agent from following the datastore, for /readyz; None when
@@ -139,35 +217,53 @@ impl ClusterCache {
         self.contents.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Replaces a whole section with a fresh listing; true when that changes the
-    /// overlay (always for the first listing).
-    fn replace<T: Entry>(&self, items: BTreeMap<String, T>) -> bool {
+    /// Replaces a whole section with a fresh listing: what that changes (everything,
+    /// for the first listing).
+    fn replace<T: Entry>(&self, items: BTreeMap<String, T>) -> Changed {
         let mut contents = self.lock();
         let section = T::section(&mut contents);
-        let changed = !section.listed
-            || section.items.len() != items.len()
-            || items.iter().any(|(key, new)| match section.items.get(key) {
-                Some(old) => T::changes_overlay(old, new),
-                None => true,
-            });
+        let all = !section.listed || section.items.len() != items.len();
+        let mut changed = Changed {
+            overlay: all,
+            pods: all && T::HOLDS_PODS,
+        };
+        for (key, new) in &items {
+            let c = change(section.items.get(key), new);
+            changed.overlay |= c.overlay;
+            changed.pods |= c.pods;
+        }
         section.items = items;
         section.listed = true;
         changed
     }
 
-    fn put<T: Entry>(&self, key: String, new: T) -> bool {
+    fn put<T: Entry>(&self, key: String, new: T) -> Changed {
         let mut contents = self.lock();
         let section = T::section(&mut contents);
-        let changed = match section.items.get(&key) {
-            Some(old) => T::changes_overlay(old, &new),
-            None => true,
-        };
+        let changed = change(section.items.get(&key), &new);
         section.items.insert(key, new);
         changed
     }
 
-    fn remove<T: Entry>(&self, key: &str) -> bool {
-        T::section(&mut self.lock()).items.remove(key).is_some()
+    fn remove<T: Entry>(&self, key: &str) -> Changed {
+        let gone = T::section(&mut self.lock()).items.remove(key).is_some();
+        Changed {
+            overlay: gone,
+            pods: gone && T::HOLDS_PODS,
+        }
+    }
+}
+
+fn change<T: Entry>(old: Option<&T>, new: &T) -> Changed {
+    match old {
+        Some(old) => Changed {
+            overlay: T::changes_overlay(old, new),
+            pods: T::changes_pods(old, new),
+        },
+        None => Changed {
+            overlay: true,
+            pods: T::HOLDS_PODS,
+        },
     }
 }
 
@@ -209,11 +305,15 @@ async fn follow_once<T: Entry>(
         .into_iter()
         .filter_map(|(key, v)| decode_or_warn::<T>(&key, &v.value).map(|item| (key, item)))
         .collect();
-    if cache.replace::<T>(items) {
+    let listed = cache.replace::<T>(items);
+    if listed.overlay {
         changed();
     }
+    if listed.pods {
+        cache.publish_pods();
+    }
     while let Some(event) = events.recv().await {
-        let overlay_changed = match event {
+        let what = match event {
             Ok(WatchEvent::Put { key, value }) => match decode_or_warn::<T>(&key, &value.value) {
                 Some(item) => cache.put(key, item),
                 None => cache.remove::<T>(&key),
@@ -221,8 +321,11 @@ async fn follow_once<T: Entry>(
             Ok(WatchEvent::Delete { key, .. }) => cache.remove::<T>(&key),
             Err(e) => return e,
         };
-        if overlay_changed {
+        if what.overlay {
             changed();
+        }
+        if what.pods {
+            cache.publish_pods();
         }
     }
     StoreError::Unavailable {
@@ -334,6 +437,7 @@ mod tests {
             Arc::new(move || {
                 counter.fetch_add(1, Ordering::SeqCst);
             }),
+            None,
         );
         Followed {
             store,

@@ -72,7 +72,8 @@ pub struct OverlayController {
 
 impl OverlayController {
     /// Registers the node (retrying while the datastore is away), writes the plugin's
-    /// state files, and starts the watchers that trigger runs.
+    /// state files, and starts the watchers that trigger runs; the blocks' pods go to
+    /// `pod_addresses` when given (the policy controller's).
     pub async fn start(
         config: OverlayConfig,
         store: &'static dyn Store,
@@ -80,6 +81,7 @@ impl OverlayController {
         underlay: &Underlay,
         metrics: Arc<Metrics>,
         triggers: Triggers,
+        pod_addresses: Option<crate::source::Publisher<crate::source::PodAddresses>>,
     ) -> Result<OverlayController> {
         let ipam = Ipam::new(store);
         let mtu = config
@@ -136,6 +138,7 @@ impl OverlayController {
                 Arc::new(move || {
                     triggers.fire(Trigger::Source);
                 }),
+                pod_addresses,
             )
         };
         spawn_kernel_events(triggers, device_index.clone())?;

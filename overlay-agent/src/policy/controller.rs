@@ -10,19 +10,32 @@ use std::time::Instant;
 
 use calyx_dataplane::firewall::nft::{self, Backend, Family, TableSync};
 
+use super::holds::Holds;
 use super::model::{Cluster, Direction};
 use super::table::{desired_table, TABLE};
 use crate::metrics::Metrics;
 use crate::runtime::{Controller, Trigger};
-use crate::source::Snapshot;
+use crate::source::{PodAddresses, Snapshot};
+
+/// The inputs a write was computed from.
+struct Applied {
+    source: Arc<Cluster>,
+    allocations: Option<Arc<PodAddresses>>,
+    /// The cluster they made, the allocations' addresses merged in.
+    cluster: Arc<Cluster>,
+}
 
 pub struct PolicyController {
     node: String,
     snapshot: Snapshot<Cluster>,
+    /// Which pod holds which address, from the IPAM store.
+    allocations: Option<Snapshot<PodAddresses>>,
     backend: Box<dyn Backend>,
     sync: TableSync,
-    /// The snapshot last written; None until then and after a failed write.
-    applied: Option<Arc<Cluster>>,
+    /// What was last written; None until then and after a failed write.
+    applied: Option<Applied>,
+    /// New pods held until classified (None: nothing to release, as in unit tests).
+    holds: Option<Holds>,
     metrics: Arc<Metrics>,
     /// Whether a sync has succeeded yet (the first is logged).
     synced: bool,
@@ -34,7 +47,9 @@ impl PolicyController {
     pub fn new(
         node: String,
         snapshot: Snapshot<Cluster>,
+        allocations: Option<Snapshot<PodAddresses>>,
         backend: Box<dyn Backend>,
+        holds: Option<Holds>,
         metrics: Arc<Metrics>,
     ) -> PolicyController {
         // No readiness check: without an API (or before it answers) there is nothing to
@@ -42,6 +57,8 @@ impl PolicyController {
         PolicyController {
             node,
             snapshot,
+            allocations,
+            holds,
             backend,
             sync: TableSync::new(),
             applied: None,
@@ -85,6 +102,35 @@ impl PolicyController {
         }
     }
 
+    /// Releases the held veths of the pods `cluster` classifies on this node, and
+    /// tells the plugin where to hold new ones.
+    async fn release_held(&mut self, cluster: &Cluster) -> bool {
+        let Some(holds) = &mut self.holds else {
+            return true;
+        };
+        if let Err(e) = holds.write_namespaces(cluster.namespaces_with_policies()) {
+            tracing::warn!(error = %e, "cannot tell the plugin which namespaces to hold new pods in");
+        }
+        let classified = cluster
+            .pods
+            .values()
+            .filter(|p| p.node == self.node && !p.host_network)
+            .flat_map(|p| p.addresses.iter().copied())
+            .collect();
+        match holds.release(&classified).await {
+            Ok(released) => {
+                for veth in released {
+                    tracing::debug!(veth, "released a held pod: its entries are written");
+                }
+                true
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot release held pods");
+                false
+            }
+        }
+    }
+
     fn record(&self, cluster: &Cluster) {
         let local: Vec<_> = cluster
             .pods
@@ -114,10 +160,14 @@ impl Controller for PolicyController {
     }
 
     async fn reconcile(&mut self, trigger: Trigger, full: bool) -> bool {
-        let Some(cluster) = self.snapshot.borrow_and_update().clone() else {
+        let Some(source) = self.snapshot.borrow_and_update().clone() else {
             // Not listed yet: whatever the kernel enforces stays.
             return self.before_listing();
         };
+        let allocations = self
+            .allocations
+            .as_mut()
+            .and_then(|a| a.borrow_and_update().clone());
         let mut full = full;
         if trigger == Trigger::Check {
             match tokio::task::block_in_place(|| self.sync.drifted(self.backend.as_ref())) {
@@ -134,14 +184,23 @@ impl Controller for PolicyController {
                 }
             }
         }
-        if !full
-            && self
-                .applied
-                .as_ref()
-                .is_some_and(|a| Arc::ptr_eq(a, &cluster))
-        {
-            return true;
+        if let Some(applied) = self.applied.as_ref().filter(|a| {
+            !full
+                && Arc::ptr_eq(&a.source, &source)
+                && match (&a.allocations, &allocations) {
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    (None, None) => true,
+                    _ => false,
+                }
+        }) {
+            // Nothing new to write; a pod's veth may have got its routes since.
+            let cluster = applied.cluster.clone();
+            return self.release_held(&cluster).await;
         }
+        let cluster = match &allocations {
+            Some(allocated) => Arc::new(source.with_allocations(&allocated.pods)),
+            None => source.clone(),
+        };
         let started = Instant::now();
         let table = desired_table(&cluster, &self.node);
         let result =
@@ -155,23 +214,33 @@ impl Controller for PolicyController {
                     &self.metrics.policy.partial_sync_seconds
                 };
                 histogram.observe(elapsed.as_secs_f64());
-                tracing::debug!(
-                    ops = tx.ops.len(),
-                    elapsed = ?elapsed,
-                    full,
-                    "policy table synced"
-                );
                 self.record(&cluster);
-                if !std::mem::replace(&mut self.synced, true) {
+                let first = !std::mem::replace(&mut self.synced, true);
+                if first || !tx.ops.is_empty() {
+                    // The first sync says isolation is in force; each later write says
+                    // what it cost.
                     tracing::info!(
+                        first,
+                        full,
+                        writes = tx.ops.len(),
                         policies = self.metrics.policy.policies.get(),
                         pods = self.metrics.policy.pods.get(),
-                        elapsed = ?elapsed,
-                        "network policy enforced"
+                        elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                        "network policy synced"
+                    );
+                } else {
+                    tracing::debug!(
+                        full,
+                        elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                        "network policy synced, nothing to write"
                     );
                 }
-                self.applied = Some(cluster);
-                true
+                self.applied = Some(Applied {
+                    source,
+                    allocations,
+                    cluster: cluster.clone(),
+                });
+                self.release_held(&cluster).await
             }
             Err(e) => {
                 self.metrics.policy.sync_errors.inc();
@@ -253,7 +322,9 @@ mod tests {
         let mut c = PolicyController::new(
             "n1".into(),
             snapshot,
+            None,
             Box::new(fake.clone()),
+            None,
             metrics.clone(),
         );
         assert!(c.reconcile(Trigger::Startup, true).await);
@@ -290,8 +361,14 @@ mod tests {
         // before its source has listed (the isolation stays) nor after.
         let (triggers, _rx) = Triggers::channel();
         let (publisher, snapshot) = Publisher::new(triggers);
-        let mut restarted =
-            PolicyController::new("n1".into(), snapshot, Box::new(fake.clone()), metrics);
+        let mut restarted = PolicyController::new(
+            "n1".into(),
+            snapshot,
+            None,
+            Box::new(fake.clone()),
+            None,
+            metrics,
+        );
         assert!(restarted.reconcile(Trigger::Startup, true).await);
         assert!(fake.take_scripts().is_empty());
         publisher.publish(Arc::new(cluster(true)));

@@ -230,6 +230,27 @@ impl Cluster {
         }
     }
 
+    /// The cluster with each pod's addresses from the IPAM store (by namespace and
+    /// name) beside those the API reported: a new pod's are known at ADD, seconds
+    /// before status.podIPs.
+    pub fn with_allocations(&self, allocated: &BTreeMap<(String, String), Vec<IpAddr>>) -> Cluster {
+        let mut out = self.clone();
+        for pod in out.pods.values_mut().filter(|p| !p.host_network) {
+            let key = (pod.key.namespace.clone(), pod.key.name.clone());
+            for ip in allocated.get(&key).into_iter().flatten() {
+                if !pod.addresses.contains(ip) {
+                    pod.addresses.push(*ip);
+                }
+            }
+        }
+        out
+    }
+
+    /// The namespaces with a policy: where a new pod could be isolated.
+    pub fn namespaces_with_policies(&self) -> BTreeSet<String> {
+        self.policies.keys().map(|k| k.namespace.clone()).collect()
+    }
+
     /// A namespace's labels; one not seen yet has only its name label (as the API
     /// server would set it), so a pod seen before its namespace is judged alike.
     pub fn namespace_labels(&self, name: &str) -> Labels {

@@ -25,6 +25,12 @@
 //!   `spoofed` and dropped. It needs no state of the agent's, so it holds from a
 //!   pod's first packet; it is what makes a local pod's source address as good as
 //!   its interface for the dispatch maps.
+//! - `held-pods` at prerouting (after conntrack) and a rule of `ingress`: a pod the
+//!   plugin created held (its host veth in `HELD_POD_GROUP`, because a policy of its
+//!   namespace could isolate it) neither sends nor is sent anything but its node's
+//!   traffic and replies, counted in `held`, until the agent has written its entries
+//!   and released the veth. So a new pod is judged by its policies from its first
+//!   packet, even before the agent has seen it, or while the agent is down.
 //!
 //! Accepting is final only for that base chain: a packet accepted by `egress` is
 //! still judged by `ingress`; a drop anywhere is final.
@@ -34,6 +40,7 @@ use std::net::IpAddr;
 
 use calyx_dataplane::firewall::nft::{Chain, Family, Hook, Set, SetKind, Table};
 use calyx_dataplane::firewall::IpFamily;
+use calyx_dataplane::HELD_POD_GROUP;
 use ipnetwork::IpNetwork;
 
 use super::model::{Cluster, Direction, Peer, Pod, Policy, PortRule, PortSpec, Rule};
@@ -48,6 +55,9 @@ pub const POD_SOURCES_CHAIN: &str = "pod-sources";
 
 /// What the spoofing guard dropped.
 pub const SPOOFED_COUNTER: &str = "spoofed";
+pub const HELD_CHAIN: &str = "held-pods";
+/// What held pods were not let send or receive.
+pub const HELD_COUNTER: &str = "held";
 
 /// nft's longest object name is 256 bytes; longer readable names become digests.
 const MAX_NAME: usize = 200;
@@ -467,12 +477,31 @@ pub fn desired_table(cluster: &Cluster, node: &str) -> Table {
 
     // The node always reaches its own pods (kubelet's probes): its own addresses are
     // the packets whose source is local.
-    let mut ingress = vec![established, "fib saddr type local accept".to_string()];
+    let held = format!("oifgroup {HELD_POD_GROUP}");
+    let mut ingress = vec![
+        established.clone(),
+        "fib saddr type local accept".to_string(),
+        format!("{held} counter name {HELD_COUNTER} drop"),
+    ];
     ingress.extend(itself);
     ingress.extend(dispatch(Direction::Ingress, "daddr"));
     b.table
         .chains
         .insert(INGRESS_CHAIN.into(), base("postrouting", -5, ingress));
+
+    b.table.counters.insert(HELD_COUNTER.into());
+    let held = format!("iifgroup {HELD_POD_GROUP}");
+    b.table.chains.insert(
+        HELD_CHAIN.into(),
+        base(
+            "prerouting",
+            -150,
+            vec![
+                format!("{held} {established}"),
+                format!("{held} counter name {HELD_COUNTER} drop"),
+            ],
+        ),
+    );
 
     b.table.counters.insert(SPOOFED_COUNTER.into());
     b.table.chains.insert(
@@ -493,4 +522,146 @@ fn pod_sources() -> Vec<String> {
         format!("{pods} ip6 saddr :: meta l4proto ipv6-icmp accept"),
         format!("{pods} fib saddr . iif oif missing counter name {SPOOFED_COUNTER} drop"),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use calyx_dataplane::firewall::nft::{RecordingNft, TableSync};
+
+    use super::*;
+    use crate::policy::model::*;
+
+    fn pod(name: &str, node: &str, ip: &str, app: &str) -> Pod {
+        Pod {
+            key: PodKey {
+                namespace: "shop".into(),
+                name: name.into(),
+            },
+            labels: [("app".to_string(), app.to_string())].into(),
+            node: node.into(),
+            addresses: vec![ip.parse().unwrap()],
+            named_ports: vec![NamedPort {
+                name: "http".into(),
+                protocol: Protocol::Tcp,
+                port: 8080,
+            }],
+            host_network: false,
+        }
+    }
+
+    fn app(value: &str) -> Selector {
+        Selector {
+            match_labels: [("app".to_string(), value.to_string())].into(),
+            match_expressions: Vec::new(),
+        }
+    }
+
+    /// web takes the http port from clients; db takes anything from web.
+    fn cluster(pods: &[Pod]) -> Cluster {
+        let mut c = Cluster::default();
+        for p in pods {
+            c.pods.insert(p.key.clone(), p.clone());
+        }
+        for (name, selected, peer, port) in [
+            ("web", "web", "client", Some(PortSpec::Named("http".into()))),
+            ("db", "db", "web", None),
+        ] {
+            let key = PolicyKey {
+                namespace: "shop".into(),
+                name: name.into(),
+            };
+            let rule = Rule {
+                peers: vec![Peer::Pods {
+                    namespaces: None,
+                    pods: app(peer),
+                }],
+                ports: port
+                    .map(|port| PortRule {
+                        protocol: Protocol::Tcp,
+                        port,
+                    })
+                    .into_iter()
+                    .collect(),
+            };
+            c.policies.insert(
+                key.clone(),
+                Policy {
+                    key,
+                    pod_selector: app(selected),
+                    ingress: Some(vec![rule]),
+                    egress: None,
+                },
+            );
+        }
+        c
+    }
+
+    /// The script that takes the kernel from `before` to `after`, on node n1.
+    fn change(before: &Cluster, after: &Cluster) -> Vec<String> {
+        let fake = RecordingNft::new();
+        let mut sync = TableSync::new();
+        sync.sync(&fake, &desired_table(before, "n1"), false)
+            .unwrap();
+        fake.take_scripts();
+        sync.sync(&fake, &desired_table(after, "n1"), false)
+            .unwrap();
+        fake.take_scripts()
+            .iter()
+            .flat_map(|s| s.lines().map(str::to_string).collect::<Vec<_>>())
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    }
+
+    fn only_elements(lines: &[String]) {
+        assert!(!lines.is_empty(), "the change wrote nothing");
+        for line in lines {
+            assert!(
+                line.starts_with("add element ") || line.starts_with("delete element "),
+                "not an element change: {line}\nin {lines:#?}"
+            );
+        }
+    }
+
+    #[test]
+    fn pods_coming_going_and_relabelled_change_only_set_elements() {
+        let base = [
+            pod("web-1", "n1", "10.244.1.1", "web"),
+            pod("db-1", "n1", "10.244.1.2", "db"),
+            pod("client-1", "n2", "10.244.2.1", "client"),
+            pod("web-2", "n2", "10.244.2.2", "web"),
+        ];
+        let before = cluster(&base);
+
+        // A pod relabelled from web to db, both profiles already on the node: it
+        // moves between dispatch elements and peer sets, no chain is touched.
+        let mut relabelled = base.to_vec();
+        relabelled.push(pod("web-3", "n1", "10.244.1.3", "web"));
+        let mut moved = relabelled.clone();
+        moved[4].labels.insert("app".into(), "db".into());
+        let lines = change(&cluster(&relabelled), &cluster(&moved));
+        only_elements(&lines);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("ingress-v4 { 10.244.1.3 : goto ingress-")),
+            "{lines:#?}"
+        );
+
+        // A new client on another node: only the peer set of web's policy grows.
+        let mut added = base.to_vec();
+        added.push(pod("client-2", "n2", "10.244.2.9", "client"));
+        let lines = change(&before, &cluster(&added));
+        only_elements(&lines);
+        assert_eq!(lines.len(), 1, "{lines:#?}");
+
+        // A local web pod going while another stays: its dispatch, itself, peer and
+        // named-port elements. (The last one going takes the chains with it: no local
+        // pod is isolated by that policy any more.)
+        let lines = change(&cluster(&relabelled), &cluster(&relabelled[1..]));
+        only_elements(&lines);
+        assert!(
+            lines.iter().all(|l| l.starts_with("delete element")),
+            "{lines:#?}"
+        );
+    }
 }

@@ -42,6 +42,8 @@ pub enum Fate {
 pub struct Node<'a> {
     pub local: &'a [IpAddr],
     pub pod_routes: &'a BTreeMap<IpAddr, String>,
+    /// The pods' veths still held (`HELD_POD_GROUP`).
+    pub held: &'a std::collections::BTreeSet<String>,
 }
 
 /// The packet at `node`: through prerouting when it came in on `iif` (None: the node
@@ -113,6 +115,13 @@ fn family_value(word: &str, ip: IpAddr) -> Result<Option<String>, String> {
 }
 
 impl Tracer<'_> {
+    fn group(&self, interface: Option<&str>) -> u32 {
+        match interface {
+            Some(name) if self.node.held.contains(name) => calyx_dataplane::HELD_POD_GROUP,
+            _ => 0,
+        }
+    }
+
     fn chain(&self, name: &str, counter: &mut Option<String>, depth: usize) -> Result<End, String> {
         if depth > 16 {
             return Err(format!("jumps nest too deep at {name}"));
@@ -152,6 +161,16 @@ impl Tracer<'_> {
             ("th", "dport") => (Some(self.packet.port.to_string()), 2),
             // Sent by the node itself, a packet has no input interface to match.
             ("iifname", _) => (self.iif.map(str::to_string), 1),
+            ("iifgroup", _) => (Some(self.group(self.iif).to_string()), 1),
+            // The interface a forwarded packet leaves by: its route's.
+            ("oifgroup", _) => {
+                let oif = self
+                    .node
+                    .pod_routes
+                    .get(&self.packet.dst)
+                    .map(String::as_str);
+                (Some(self.group(oif).to_string()), 1)
+            }
             (a, b) => return Err(format!("unknown selector {a:?} {b:?}")),
         })
     }
@@ -356,10 +375,15 @@ mod tests {
 
     use super::*;
     use crate::policy::model::*;
-    use crate::policy::table::{desired_table, POD_SOURCES_CHAIN, SPOOFED_COUNTER, TABLE};
+    use crate::policy::table::{
+        desired_table, HELD_COUNTER, POD_SOURCES_CHAIN, SPOOFED_COUNTER, TABLE,
+    };
     use crate::policy::verdict::{verdict, Endpoint, Flow};
 
     const NODES: [&str; 2] = ["n1", "n2"];
+
+    /// In these tests, a pod with this label has its veth still held.
+    const HELD_LABEL: &str = "test/held";
 
     fn node_address(node: &str) -> IpAddr {
         match node {
@@ -440,9 +464,16 @@ mod tests {
     ) -> Result<Fate, String> {
         let local = [node_address(node)];
         let routes = pod_routes(cluster, node);
+        let held = cluster
+            .pods
+            .values()
+            .filter(|p| p.labels.contains_key(HELD_LABEL))
+            .map(veth)
+            .collect();
         let view = Node {
             local: &local,
             pod_routes: &routes,
+            held: &held,
         };
         traverse(table, &view, iif, packet)
     }
@@ -727,6 +758,55 @@ mod tests {
         assert!(
             matches!(fate, Fate::Dropped { counter: Some(ref c), .. } if c == SPOOFED_COUNTER),
             "{fate:?}"
+        );
+    }
+
+    #[test]
+    fn a_held_pod_hears_only_its_node_and_sends_only_replies() {
+        let mut c = small_cluster();
+        let xa = PodKey {
+            namespace: "x".into(),
+            name: "a".into(),
+        };
+        c.pods
+            .get_mut(&xa)
+            .unwrap()
+            .labels
+            .insert(HELD_LABEL.into(), "yes".into());
+        let t = &tables(&c)["n1"];
+        let packet = |src: &str, dst: &str, established: bool| Packet {
+            src: src.parse().unwrap(),
+            dst: dst.parse().unwrap(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            established,
+        };
+        let held = |fate: Fate| matches!(fate, Fate::Dropped { counter: Some(ref c), .. } if c == HELD_COUNTER);
+        // y/a (same node) and x/b (the other node, come in by the overlay) to x/a.
+        assert!(held(
+            at(&c, t, "n1", &packet("10.244.1.2", "10.244.1.1", false)).unwrap()
+        ));
+        assert!(held(
+            at(&c, t, "n1", &packet("10.244.2.1", "10.244.1.1", false)).unwrap()
+        ));
+        // x/a to anyone, its node included.
+        assert!(held(
+            at(&c, t, "n1", &packet("10.244.1.1", "10.244.2.1", false)).unwrap()
+        ));
+        assert!(held(
+            at(&c, t, "n1", &packet("10.244.1.1", "192.168.0.1", false)).unwrap()
+        ));
+        // Its node's probes, and their replies.
+        let probe = packet("192.168.0.1", "10.244.1.1", false);
+        assert_eq!(at(&c, t, "n1", &probe).unwrap(), Fate::Passed);
+        let reply = packet("10.244.1.1", "192.168.0.1", true);
+        assert_eq!(at(&c, t, "n1", &reply).unwrap(), Fate::Passed);
+        // Without the label, y/a reaches it (no policies).
+        c.pods.get_mut(&xa).unwrap().labels.remove(HELD_LABEL);
+        let t = &tables(&c)["n1"];
+        assert_eq!(
+            at(&c, t, "n1", &packet("10.244.1.2", "10.244.1.1", false)).unwrap(),
+            Fate::Passed
         );
     }
 

@@ -7,6 +7,8 @@
 pub mod dir;
 pub mod kube;
 
+use std::collections::BTreeMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -33,4 +35,11 @@ impl<T> Publisher<T> {
         self.tx.send_replace(Some(state));
         self.triggers.fire(Trigger::Source)
     }
+}
+
+/// Which pod holds each address, as the IPAM store's blocks say: known when ADD
+/// allocates, seconds before the API reports status.podIPs. Keyed by (namespace, pod).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct PodAddresses {
+    pub pods: BTreeMap<(String, String), Vec<IpAddr>>,
 }
