@@ -15,7 +15,7 @@ DEB_PACKAGES := iproute2 iptables ipset nftables conntrack iputils-ping netcat-o
 	podman containerd runc busybox-static catatonit python3-venv protobuf-compiler \
 	musl-tools mmdebstrap binutils qemu-system-x86 linux-image-amd64 ipvsadm
 
-.PHONY: all build release static deps test test-unit test-runtimes test-image test-vm lint fmt bench bench-cni \
+.PHONY: all build release static deps test test-unit test-runtimes test-image test-vm lint fmt bench bench-cni bench-policy \
 	bench-ipam bench-agent bench-proxy bench-proxy-vm lab lab-down image e2e-kind clean
 
 all: build
@@ -70,7 +70,7 @@ test-vm: static
 		"$$($(CARGO) test --no-run --message-format=json -p calyx-dataplane --features firewall --test ipvs | e2e/vm/test-binary)" \
 		"$$($(CARGO) test --no-run --message-format=json -p calyx-agent --test proxy | e2e/vm/test-binary)"
 
-bench: bench-cni bench-ipam bench-agent bench-proxy
+bench: bench-cni bench-ipam bench-agent bench-proxy bench-policy
 
 bench-cni: deps release
 	$(RELEASE)/bench-cni --calyx $(RELEASE)/calyx
@@ -80,6 +80,9 @@ bench-ipam: deps release
 
 bench-agent: deps release
 	$(RELEASE)/bench-agent --plugin $(RELEASE)/calyx --agent $(RELEASE)/calyx-agent
+
+bench-policy: deps release
+	$(RELEASE)/bench-policy --plugin $(RELEASE)/calyx --agent $(RELEASE)/calyx-agent
 
 bench-proxy: deps release
 	$(RELEASE)/bench-proxy --plugin $(RELEASE)/calyx --agent $(RELEASE)/calyx-agent

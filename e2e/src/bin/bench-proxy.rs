@@ -22,8 +22,12 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use calyx_e2e::cluster::{Cluster, ClusterSpec, POOL_V4};
-use calyx_e2e::lab::{must, privileged, sh};
+use calyx_e2e::bench::{
+    agent_log, agent_memory, epoch_now, field, floor, log_time, one_node, percentile,
+    wait_for_line, write_list, Destroy,
+};
+use calyx_e2e::cluster::Cluster;
+use calyx_e2e::lab::{must, privileged};
 use serde_json::{json, Value};
 
 struct Args {
@@ -127,16 +131,6 @@ fn objects(i: usize, shift: usize) -> Vec<Value> {
     ]
 }
 
-fn write_list(dir: &Path, file: &str, items: Vec<Value>) -> Result<()> {
-    let tmp = dir.join(format!(".{file}.tmp"));
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec(&json!({"apiVersion": "v1", "kind": "List", "items": items}))?,
-    )?;
-    std::fs::rename(&tmp, dir.join(file))?;
-    Ok(())
-}
-
 /// Service 0 lives alone in churn.json (the one the change test rewrites); the rest in
 /// files of 500.
 fn write_services(dir: &Path, n: usize) -> Result<()> {
@@ -158,65 +152,21 @@ struct Synced {
     elapsed_ms: f64,
 }
 
-fn log_time(line: &str) -> Option<f64> {
-    let stamp = line.split_whitespace().next()?;
-    let t: jiff::Timestamp = stamp.parse().ok()?;
-    Some(t.as_microsecond() as f64 / 1e6)
-}
-
-fn field<'a>(line: &'a str, name: &str) -> Option<&'a str> {
-    line.split_whitespace()
-        .find_map(|w| w.strip_prefix(&format!("{name}=")))
-}
-
-fn synced_lines(log: &str) -> Vec<Synced> {
-    log.lines()
-        .filter(|l| l.contains("service proxy synced") && l.contains("writes="))
-        .filter_map(|l| {
-            Some(Synced {
-                at: log_time(l)?,
-                first: field(l, "first") == Some("true"),
-                writes: field(l, "writes")?.parse().ok()?,
-                elapsed_ms: field(l, "elapsed_ms")?.parse().ok()?,
-            })
-        })
-        .collect()
-}
-
-fn agent_log(c: &Cluster) -> String {
-    std::fs::read_to_string(c.node_state_dir(&c.nodes[0]).join("agent.log")).unwrap_or_default()
+fn synced(l: &str) -> Option<Synced> {
+    if !l.contains("service proxy synced") {
+        return None;
+    }
+    Some(Synced {
+        at: log_time(l)?,
+        first: field(l, "first") == Some("true"),
+        writes: field(l, "writes")?.parse().ok()?,
+        elapsed_ms: field(l, "elapsed_ms")?.parse().ok()?,
+    })
 }
 
 /// Waits for a synced line after byte `from` of the log.
 fn wait_synced(c: &Cluster, from: usize, timeout: Duration) -> Result<Synced> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let log = agent_log(c);
-        if let Some(s) = synced_lines(&log[from.min(log.len())..]).into_iter().next() {
-            return Ok(s);
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "no proxy sync after {timeout:?}; log:\n{}",
-                c.agent_log_tail(0, 20)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-}
-
-fn agent_pid(c: &Cluster) -> Result<u32> {
-    let path = c.node_state_dir(&c.nodes[0]).join("agent.pid");
-    Ok(std::fs::read_to_string(path)?.trim().parse()?)
-}
-
-fn status_kib(pid: u32, key: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    wait_for_line(c, from, timeout, "proxy sync", synced)
 }
 
 /// The kernel's rules of `mode` in `netns`, in a form the loader takes back.
@@ -246,88 +196,28 @@ fn dump(mode: &str, netns: &str) -> String {
     }
 }
 
-/// Seconds to load `rules` into a fresh namespace in one call.
-fn floor(mode: &str, rules: &str) -> Result<f64> {
-    let netns = format!("bench-floor-{}", std::process::id());
-    must("ip", &["netns", "add", &netns]);
-    let file = std::env::temp_dir().join(format!("{netns}.rules"));
-    std::fs::write(&file, rules)?;
-    // IPVS takes real servers only once the namespace has a local routing table.
-    must("ip", &["-n", &netns, "link", "set", "lo", "up"]);
-    let loader = match mode {
-        "nftables" => "nft -f",
-        "ipvs" => "ipvsadm -R <",
-        _ => "iptables-restore <",
-    };
-    let started = Instant::now();
-    let out = if mode == "nftables" {
-        sh(
-            "ip",
-            &["netns", "exec", &netns, "nft", "-f", file.to_str().unwrap()],
-        )
-    } else {
-        sh(
-            "ip",
-            &[
-                "netns",
-                "exec",
-                &netns,
-                "sh",
-                "-c",
-                &format!("{loader} {}", file.display()),
-            ],
-        )
-    };
-    let took = started.elapsed().as_secs_f64();
-    sh("ip", &["netns", "del", &netns]);
-    let _ = std::fs::remove_file(&file);
-    if !out.status.success() {
-        bail!(
-            "floor load failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(took)
-}
-
-struct Destroy(String);
-
-impl Drop for Destroy {
-    fn drop(&mut self) {
-        let _ = Cluster::destroy(&self.0);
-    }
-}
-
 fn run_size(args: &Args, mode: &str, n: usize) -> Result<()> {
     let dir = tempfile::tempdir()?;
     write_services(dir.path(), n)?;
     let prefix = format!("bp{}", std::process::id());
     let _cleanup = Destroy(prefix.clone());
-    let spec = ClusterSpec {
-        prefix: prefix.clone(),
-        plugin: args.plugin.clone(),
-        agent: Some(args.agent.clone()),
-        pools: vec![POOL_V4.to_string()],
-        block_size: None,
-        agent_args: [
+    let c = one_node(
+        &prefix,
+        &args.plugin,
+        &args.agent,
+        &[
             "--proxy-mode",
             mode,
             "--services-dir",
             dir.path().to_str().unwrap(),
             "--resync-seconds",
             "3600",
-        ]
-        .map(String::from)
-        .to_vec(),
-        nodes: 1,
-        etcd: false,
-    };
-    let c = Cluster::create(&spec)?;
+        ],
+    )?;
     let first = wait_synced(&c, 0, Duration::from_secs(600))?;
     let log = agent_log(&c);
     let started = log.lines().next().and_then(log_time).unwrap_or(first.at);
-    let pid = agent_pid(&c)?;
-    let (rss, peak) = (status_kib(pid, "VmRSS:"), status_kib(pid, "VmHWM:"));
+    let (rss, peak) = agent_memory(&c)?;
     let netns = c.nodes[0].netns.clone();
     let floor_s = floor(mode, &dump(mode, &netns))?;
     let sync_s = first.elapsed_ms / 1e3;
@@ -337,8 +227,8 @@ fn run_size(args: &Args, mode: &str, n: usize) -> Result<()> {
         first.at - started,
         floor_s,
         sync_s / floor_s,
-        rss as f64 / 1024.0,
-        peak as f64 / 1024.0
+        rss,
+        peak
     );
     if n != args.change_size {
         return Ok(());
@@ -348,9 +238,7 @@ fn run_size(args: &Args, mode: &str, n: usize) -> Result<()> {
     let mut latencies = Vec::new();
     for round in 0..args.changes {
         let from = agent_log(&c).len();
-        let t0 = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_secs_f64();
+        let t0 = epoch_now();
         write_list(dir.path(), "churn.json", objects(0, (round + 1) % 2))?;
         let s = wait_synced(&c, from, Duration::from_secs(10))?;
         if s.writes == 0 {
@@ -359,7 +247,7 @@ fn run_size(args: &Args, mode: &str, n: usize) -> Result<()> {
         latencies.push((s.at - t0) * 1e3);
     }
     latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| latencies[((latencies.len() - 1) as f64 * p).round() as usize];
+    let pct = |p: f64| percentile(&latencies, p);
     println!(
         "  one endpoint change at {n}: p50 {:.1} ms, p99 {:.1} ms over {} changes (source file written -> rules in the kernel)",
         pct(0.5),
