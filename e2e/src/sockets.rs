@@ -77,3 +77,15 @@ pub fn transfer(
         .join()
         .map_err(|_| anyhow::anyhow!("receiver panicked"))?
 }
+
+/// GET `path` from `to` inside `netns` (HTTP/1.0): the status and the whole response;
+/// None when nothing answers.
+pub fn http_get(netns: &str, to: SocketAddr, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = connect_from(netns, to).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: agent\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, response))
+}

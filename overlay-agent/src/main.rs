@@ -388,6 +388,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let policy = if policy_on {
         let (triggers, rx) = policy_triggers;
         policy::holds::wake_on_pod_routes(triggers.clone())?;
+        metrics.policy.read_counts_with(Box::new(|| {
+            use calyx_dataplane::firewall::nft::Family;
+            match NftCommand::counters(Family::Inet, policy::table::TABLE) {
+                Ok(counters) => policy::table::kernel_counts(counters.unwrap_or_default()),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the policy counters");
+                    Vec::new()
+                }
+            }
+        }));
         let controller = PolicyController::new(
             args.node_name.clone(),
             policy_snapshot,

@@ -104,6 +104,82 @@ impl ProxyMetrics {
     }
 }
 
+/// One of the kernel's packet counters, as /metrics shows it: `calyx_agent_policy_<name>_packets_total`
+/// and `..._bytes_total`, with its labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KernelCount {
+    pub name: &'static str,
+    pub help: &'static str,
+    pub labels: Vec<(&'static str, String)>,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Reads the kernel's counters at each scrape.
+pub type CountReader = Box<dyn Fn() -> Vec<KernelCount> + Send + Sync>;
+
+/// The kernel's counts, read when /metrics is scraped: the agent does no per-packet work.
+#[derive(Default)]
+struct KernelCounts {
+    read: Mutex<Option<CountReader>>,
+    /// Another counter kept outside the kernel, read at the same time.
+    refused: Option<&'static std::sync::atomic::AtomicU64>,
+}
+
+impl std::fmt::Debug for KernelCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("KernelCounts")
+    }
+}
+
+impl prometheus_client::collector::Collector for KernelCounts {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::counter::ConstCounter;
+        if let Some(refused) = self.refused {
+            let counter = ConstCounter::new(refused.load(Ordering::Relaxed));
+            let metric = encoder.encode_descriptor(
+                "refused",
+                "NetworkPolicies refused as the API server would refuse them (each time one is read; see the log for file, object and field)",
+                None,
+                counter.metric_type(),
+            )?;
+            counter.encode(metric)?;
+        }
+        let counts = match &*self.read.lock().unwrap_or_else(|e| e.into_inner()) {
+            Some(read) => read(),
+            None => return Ok(()),
+        };
+        let mut names: Vec<(&'static str, &'static str)> =
+            counts.iter().map(|c| (c.name, c.help)).collect();
+        names.dedup();
+        for (name, help) in names {
+            for (unit, value) in [("packets", 0), ("bytes", 1)] {
+                let full = format!("{name}_{unit}");
+                let mut metric = encoder.encode_descriptor(
+                    &full,
+                    help,
+                    None,
+                    prometheus_client::metrics::MetricType::Counter,
+                )?;
+                for count in counts.iter().filter(|c| c.name == name) {
+                    let v = if value == 0 {
+                        count.packets
+                    } else {
+                        count.bytes
+                    };
+                    let family = metric.encode_family(&count.labels)?;
+                    ConstCounter::new(v).encode(family)?;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The policy controller's figures (`calyx_agent_policy_*`).
 pub struct PolicyMetrics {
     pub full_sync_seconds: Histogram,
@@ -111,6 +187,7 @@ pub struct PolicyMetrics {
     pub policies: Gauge,
     pub pods: Gauge,
     pub sync_errors: Counter,
+    counts: Arc<KernelCounts>,
 }
 
 impl PolicyMetrics {
@@ -121,11 +198,21 @@ impl PolicyMetrics {
             policies: Gauge::default(),
             pods: Gauge::default(),
             sync_errors: Counter::default(),
+            counts: Arc::new(KernelCounts {
+                read: Mutex::new(None),
+                refused: Some(&crate::policy::parse::POLICIES_REFUSED),
+            }),
         }
+    }
+
+    /// Where the kernel's counters come from (the policy table's, when policy is on).
+    pub fn read_counts_with(&self, read: CountReader) {
+        *self.counts.read.lock().unwrap_or_else(|e| e.into_inner()) = Some(read);
     }
 
     fn register(&self, registry: &mut Registry) {
         let r = registry.sub_registry_with_prefix("policy");
+        r.register_collector(Box::new(self.counts.clone()));
         r.register(
             "full_sync_duration_seconds",
             "Full policy syncs (kernel re-read, whole table compared)",
@@ -318,7 +405,8 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<(), ServeE
 
 async fn render(State(m): State<Arc<Metrics>>) -> (StatusCode, String) {
     let mut out = String::new();
-    match encode(&mut out, &m.registry) {
+    // The kernel's counters are read as the page is written (one `nft` call).
+    match tokio::task::block_in_place(|| encode(&mut out, &m.registry)) {
         Ok(()) => (StatusCode::OK, out),
         Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
     }

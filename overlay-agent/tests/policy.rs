@@ -130,6 +130,15 @@ impl Lab {
     }
 }
 
+/// The value of the first /metrics line of node `node` that starts with `series`.
+fn metric(lab: &Lab, node: usize, series: &str) -> Option<f64> {
+    let addr: SocketAddr = "127.0.0.1:9099".parse().unwrap();
+    let (_, page) = calyx_e2e::sockets::http_get(&lab.cluster.nodes[node].netns, addr, "/metrics")?;
+    page.lines()
+        .find(|l| l.starts_with(series))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Proto {
     Tcp,
@@ -329,6 +338,19 @@ fn the_upstream_truth_tables_hold_with_real_packets() {
                 || (to == "x/a" && ns_of(from) == "y" && proto == Proto::Tcp && port == 80)
         },
     );
+    // What the kernel counted is on /metrics (x/a lives on node1).
+    let allowed = metric(
+        &lab,
+        0,
+        r#"calyx_agent_policy_allowed_packets_total{namespace="x",policy="allow-y-80",direction="ingress"}"#,
+    );
+    assert!(allowed.is_some_and(|n| n > 0.0), "allowed: {allowed:?}");
+    let denied = metric(
+        &lab,
+        0,
+        r#"calyx_agent_policy_denied_packets_total{namespace="x",direction="ingress"}"#,
+    );
+    assert!(denied.is_some_and(|n| n > 0.0), "denied: {denied:?}");
 
     // Egress: y's pods may send only to pods labelled a, on the port named
     // serve-81-tcp (81 on every pod). policyTypes says Egress alone: without it the
@@ -356,7 +378,14 @@ fn the_upstream_truth_tables_hold_with_real_packets() {
     // ipBlock with except, for pod addresses: x/b takes everything from the pod
     // range except z/c's address.
     let zc = lab.pod("z", "c").ips[0].clone();
+    // With an invalid policy beside it: refused, logged with its file and field,
+    // counted; the valid one is enforced all the same.
+    let refused_before = metric(&lab, 0, "calyx_agent_policy_refused_total").unwrap_or(0.0);
     lab.policies(vec![json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": "bogus", "namespace": "x"},
+        "spec": {"podSelector": {"matchExpressions": [{"key": "pod", "operator": "Near", "values": ["a"]}]}, "ingress": []},
+    }), json!({
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": {"name": "block", "namespace": "x"},
         "spec": {
@@ -370,6 +399,17 @@ fn the_upstream_truth_tables_hold_with_real_packets() {
         &tcp,
         false,
         |from, to, _, _| to != "x/b" || from != "z/c",
+    );
+    let refused = metric(&lab, 0, "calyx_agent_policy_refused_total").unwrap_or(0.0);
+    assert!(
+        refused > refused_before,
+        "refused {refused_before} -> {refused}"
+    );
+    let log = lab.cluster.agent_log_tail(0, 400);
+    assert!(
+        log.lines()
+            .any(|l| l.contains("policies.json") && l.contains("bogus") && l.contains("operator")),
+        "no log line names the file, the object and the field:\n{log}"
     );
 }
 
@@ -522,6 +562,11 @@ fn a_pod_sends_only_from_its_own_addresses_without_any_policy() {
     assert!(
         dropped >= spoofed_sent,
         "node1's guard counted {dropped} of the {spoofed_sent} spoofed packets"
+    );
+    let on_metrics = metric(&lab, 0, "calyx_agent_policy_spoofed_packets_total");
+    assert!(
+        on_metrics.is_some_and(|n| n >= dropped as f64),
+        "/metrics: {on_metrics:?}, the kernel: {dropped}"
     );
 }
 

@@ -358,13 +358,7 @@ fn expect(cond: bool, what: impl FnOnce() -> String) -> Result<(), String> {
 }
 
 fn http_status(netns: &str, to: SocketAddr, path: &str) -> Option<(u16, String)> {
-    use std::io::{Read, Write};
-    let mut stream = connect_from(netns, to).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let status = response.split_whitespace().nth(1)?.parse().ok()?;
-    Some((status, response))
+    calyx_e2e::sockets::http_get(netns, to, path)
 }
 
 /// Writes the scenario's Services and waits until node `node` serves them.

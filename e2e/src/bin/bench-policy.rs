@@ -11,9 +11,10 @@
 //! - the floor beside it: the same final table (as the kernel lists it) loaded into an
 //!   empty namespace with one `nft -f`, in the same run;
 //! - RSS after the first sync, and its peak;
-//! - changes, --changes of each kind in turn: a local pod relabelled, a policy edited,
-//!   a local pod added (then removed): object file written -> table in the kernel,
-//!   p50/p99 per kind, and the writes each took.
+//! - changes, --changes of each kind in turn: a pod on another node relabelled (set
+//!   elements only), a local pod relabelled, a policy edited, a local pod added (then
+//!   removed): object file written -> table in the kernel, p50/p99 per kind, and the
+//!   writes each took.
 //!
 //! Pod addresses sit in 10.128.0.0/10; no packet is ever sent. `make bench-cni` measures
 //! ADD with a held pod beside one that is not.
@@ -52,6 +53,10 @@ struct Args {
     /// Changes of each kind.
     #[arg(long, default_value_t = 100)]
     changes: usize,
+    /// The agent's log filter (`info,calyx_agent::policy=debug` shows more; the agent
+    /// log is printed at the end when it is not `info`).
+    #[arg(long, default_value = "info")]
+    log_level: String,
 }
 
 /// The measured node holds one pod in this many.
@@ -127,7 +132,8 @@ fn policy(n: usize, j: usize, port: u16) -> Value {
 }
 
 /// Pod 0 (on the measured node, in ns-0) and the added pod live in churn-pods.json,
-/// ns-0's policy np-1 in churn-policies.json: the files the changes rewrite.
+/// pod 1 (on another node) in churn-remote.json, ns-0's policy np-1 in
+/// churn-policies.json: the files the changes rewrite.
 fn write_cluster(dir: &Path, args: &Args) -> Result<()> {
     write_list(
         dir,
@@ -135,7 +141,8 @@ fn write_cluster(dir: &Path, args: &Args) -> Result<()> {
         (0..args.namespaces).map(namespace).collect(),
     )?;
     write_list(dir, "churn-pods.json", vec![pod(0, args.namespaces, 1)])?;
-    for (chunk, start) in (1..args.pods).step_by(1000).enumerate() {
+    write_list(dir, "churn-remote.json", vec![pod(1, args.namespaces, 2)])?;
+    for (chunk, start) in (2..args.pods).step_by(1000).enumerate() {
         let items = (start..(start + 1000).min(args.pods))
             .map(|i| pod(i, args.namespaces, i % 10))
             .collect();
@@ -207,6 +214,8 @@ fn main() -> Result<()> {
             dir.path().to_str().unwrap(),
             "--resync-seconds",
             "3600",
+            "--log-level",
+            &args.log_level,
         ],
     )?;
     let first = wait_synced(&c, 0, Duration::from_secs(300))?;
@@ -228,20 +237,13 @@ fn main() -> Result<()> {
         ],
     );
     let floor_s = floor("nftables", &table)?;
-    let rules = table
-        .lines()
-        .filter(|l| {
-            l.contains("accept") || l.contains("drop") || l.contains("jump") || l.contains("goto")
-        })
-        .count();
     println!(
-        "{} pods in {} namespaces ({} on this node), {} policies; the table: {} lines, {} rules and elements",
+        "{} pods in {} namespaces ({} on this node), {} policies; the table as nft lists it: {} lines",
         args.pods,
         args.namespaces,
         args.pods.div_ceil(LOCAL_EVERY),
         args.policies,
         table.lines().count(),
-        rules
     );
     println!("| measure | Calyx | floor: one nft -f of the same table | ratio |");
     println!("|---|---|---|---|");
@@ -266,7 +268,8 @@ fn main() -> Result<()> {
     );
 
     // Each kind of change in turn, each undone by the next of its kind.
-    let kinds: [(&str, &str); 3] = [
+    let kinds: [(&str, &str); 4] = [
+        ("a pod on another node relabelled", "churn-remote.json"),
         ("a local pod relabelled", "churn-pods.json"),
         ("a policy edited", "churn-policies.json"),
         ("a local pod added or removed", "churn-pods.json"),
@@ -280,8 +283,10 @@ fn main() -> Result<()> {
         for round in 0..args.changes {
             let on = round % 2 == 0;
             let items = match k {
-                0 => vec![pod(0, args.namespaces, if on { 3 } else { 1 })],
-                1 => vec![policy(0, 1, if on { 8081 } else { 8080 })],
+                // app-2 is a peer of app-1's policy, app-5 of app-4's.
+                0 => vec![pod(1, args.namespaces, if on { 5 } else { 2 })],
+                1 => vec![pod(0, args.namespaces, if on { 3 } else { 1 })],
+                2 => vec![policy(0, 1, if on { 8081 } else { 8080 })],
                 _ => {
                     let mut items = vec![pod(0, args.namespaces, 1)];
                     if on {
@@ -312,6 +317,9 @@ fn main() -> Result<()> {
             writes[writes.len() / 2],
             percentile(&syncs, 0.5)
         );
+    }
+    if args.log_level != "info" {
+        println!("{}", c.agent_log_tail(0, 60));
     }
     println!(
         "\ngoals: enforced <= 1 s from start; a change p99 <= 30 ms (file written -> kernel); RSS <= 100 MiB"

@@ -12,7 +12,7 @@ use calyx_dataplane::firewall::nft::{self, Backend, Family, TableSync};
 
 use super::holds::Holds;
 use super::model::{Cluster, Direction};
-use super::table::{desired_table, TABLE};
+use super::table::{build, desired_table, Built, TABLE};
 use crate::metrics::Metrics;
 use crate::runtime::{Controller, Trigger};
 use crate::source::{PodAddresses, Snapshot};
@@ -36,6 +36,8 @@ pub struct PolicyController {
     applied: Option<Applied>,
     /// New pods held until classified (None: nothing to release, as in unit tests).
     holds: Option<Holds>,
+    /// The last table computed, which the next change patches.
+    built: Option<Built>,
     metrics: Arc<Metrics>,
     /// Whether a sync has succeeded yet (the first is logged).
     synced: bool,
@@ -59,6 +61,7 @@ impl PolicyController {
             snapshot,
             allocations,
             holds,
+            built: None,
             backend,
             sync: TableSync::new(),
             applied: None,
@@ -197,14 +200,20 @@ impl Controller for PolicyController {
             let cluster = applied.cluster.clone();
             return self.release_held(&cluster).await;
         }
+        let started = Instant::now();
         let cluster = match &allocations {
             Some(allocated) => Arc::new(source.with_allocations(&allocated.pods)),
             None => source.clone(),
         };
-        let started = Instant::now();
-        let table = desired_table(&cluster, &self.node);
+        let merged = started.elapsed();
+        // A full sync computes everything afresh; a change patches the last build.
+        let previous = if full { None } else { self.built.take() };
+        let built = build(&cluster, &self.node, previous.as_ref());
+        let computed = started.elapsed();
+        let table = &built.table;
         let result =
-            tokio::task::block_in_place(|| self.sync.sync(self.backend.as_ref(), &table, full));
+            tokio::task::block_in_place(|| self.sync.sync(self.backend.as_ref(), table, full));
+        self.built = Some(built);
         let elapsed = started.elapsed();
         match result {
             Ok(tx) => {
@@ -226,6 +235,8 @@ impl Controller for PolicyController {
                         policies = self.metrics.policy.policies.get(),
                         pods = self.metrics.policy.pods.get(),
                         elapsed_ms = elapsed.as_secs_f64() * 1e3,
+                        merge_ms = merged.as_secs_f64() * 1e3,
+                        compute_ms = (computed - merged).as_secs_f64() * 1e3,
                         "network policy synced"
                     );
                 } else {

@@ -3,8 +3,11 @@
 //! (`parse` refuses the rest) and its policy types are resolved as the API defaults
 //! them, so the rest of the controller never re-derives them.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+
+use imbl::OrdMap;
 
 use ipnetwork::IpNetwork;
 
@@ -205,12 +208,14 @@ impl Policy {
     }
 }
 
-/// Everything the policy controller knows.
+/// Everything the policy controller knows. Persistent maps: a copy shares what it
+/// does not change, so each change published is a small patch, not 10,000 pods cloned.
+/// Keys sort by namespace first, so one namespace's pods or policies are one range.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Cluster {
-    pub pods: BTreeMap<PodKey, Pod>,
-    pub namespaces: BTreeMap<String, Namespace>,
-    pub policies: BTreeMap<PolicyKey, Policy>,
+    pub pods: OrdMap<PodKey, Pod>,
+    pub namespaces: OrdMap<String, Namespace>,
+    pub policies: OrdMap<PolicyKey, Policy>,
 }
 
 impl Cluster {
@@ -230,20 +235,58 @@ impl Cluster {
         }
     }
 
+    /// Takes out one object, if it is there.
+    pub fn remove(&mut self, key: &super::parse::ObjectKey) {
+        use super::parse::ObjectKey;
+        match key {
+            ObjectKey::Pod(k) => {
+                self.pods.remove(k);
+            }
+            ObjectKey::Namespace(name) => {
+                self.namespaces.remove(name);
+            }
+            ObjectKey::Policy(k) => {
+                self.policies.remove(k);
+            }
+        }
+    }
+
     /// The cluster with each pod's addresses from the IPAM store (by namespace and
     /// name) beside those the API reported: a new pod's are known at ADD, seconds
     /// before status.podIPs.
     pub fn with_allocations(&self, allocated: &BTreeMap<(String, String), Vec<IpAddr>>) -> Cluster {
         let mut out = self.clone();
-        for pod in out.pods.values_mut().filter(|p| !p.host_network) {
-            let key = (pod.key.namespace.clone(), pod.key.name.clone());
-            for ip in allocated.get(&key).into_iter().flatten() {
-                if !pod.addresses.contains(ip) {
-                    pod.addresses.push(*ip);
+        for ((namespace, name), ips) in allocated {
+            let key = PodKey {
+                namespace: namespace.clone(),
+                name: name.clone(),
+            };
+            let missing =
+                |pod: &Pod| !pod.host_network && ips.iter().any(|ip| !pod.addresses.contains(ip));
+            if !out.pods.get(&key).is_some_and(missing) {
+                continue;
+            }
+            if let Some(pod) = out.pods.get_mut(&key) {
+                for ip in ips {
+                    if !pod.addresses.contains(ip) {
+                        pod.addresses.push(*ip);
+                    }
                 }
             }
         }
         out
+    }
+
+    /// The pods of one namespace.
+    pub fn pods_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Pod> + 'a {
+        let first = PodKey {
+            namespace: namespace.to_string(),
+            name: String::new(),
+        };
+        self.pods
+            .range(first..)
+            .take_while(move |(k, _)| k.namespace == namespace)
+            .map(|(_, p)| p)
     }
 
     /// The namespaces with a policy: where a new pod could be isolated.
@@ -253,10 +296,10 @@ impl Cluster {
 
     /// A namespace's labels; one not seen yet has only its name label (as the API
     /// server would set it), so a pod seen before its namespace is judged alike.
-    pub fn namespace_labels(&self, name: &str) -> Labels {
+    pub fn namespace_labels(&self, name: &str) -> Cow<'_, Labels> {
         match self.namespaces.get(name) {
-            Some(ns) => ns.labels.clone(),
-            None => [(NAMESPACE_NAME_LABEL.to_string(), name.to_string())].into(),
+            Some(ns) => Cow::Borrowed(&ns.labels),
+            None => Cow::Owned([(NAMESPACE_NAME_LABEL.to_string(), name.to_string())].into()),
         }
     }
 
@@ -280,8 +323,15 @@ impl Cluster {
         pod: &'a Pod,
         direction: Direction,
     ) -> impl Iterator<Item = &'a Policy> + 'a {
+        // A policy selects pods of its own namespace only.
+        let first = PolicyKey {
+            namespace: pod.key.namespace.clone(),
+            name: String::new(),
+        };
         self.policies
-            .values()
+            .range(first..)
+            .take_while(move |(k, _)| k.namespace == pod.key.namespace)
+            .map(|(_, p)| p)
             .filter(move |p| p.rules(direction).is_some() && p.selects(pod))
     }
 }

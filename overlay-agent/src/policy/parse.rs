@@ -221,9 +221,20 @@ fn rule(
     Ok(out)
 }
 
+/// NetworkPolicies refused so far (each time one is read), for /metrics.
+pub static POLICIES_REFUSED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// A NetworkPolicy in the model, its policy types defaulted as the API does: Ingress
-/// always, Egress when there are egress rules.
+/// always, Egress when there are egress rules. A refusal is counted.
 pub fn policy(np: &NetworkPolicy) -> Result<Policy, Invalid> {
+    let converted = convert_policy(np);
+    if converted.is_err() {
+        POLICIES_REFUSED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    converted
+}
+
+fn convert_policy(np: &NetworkPolicy) -> Result<Policy, Invalid> {
     let name = np
         .metadata
         .name
@@ -366,6 +377,24 @@ pub enum Object {
     Pod(Pod),
     Namespace(Namespace),
     Policy(Policy),
+}
+
+/// Which object an `Object` is: a later one of the same key replaces it.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ObjectKey {
+    Pod(PodKey),
+    Namespace(String),
+    Policy(PolicyKey),
+}
+
+impl Object {
+    pub fn key(&self) -> ObjectKey {
+        match self {
+            Object::Pod(p) => ObjectKey::Pod(p.key.clone()),
+            Object::Namespace(n) => ObjectKey::Namespace(n.name.clone()),
+            Object::Policy(p) => ObjectKey::Policy(p.key.clone()),
+        }
+    }
 }
 
 /// A Pod, Namespace or NetworkPolicy as `kubectl get -o json` prints it; Ok(None) for

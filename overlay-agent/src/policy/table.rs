@@ -35,15 +35,15 @@
 //! Accepting is final only for that base chain: a packet accepted by `egress` is
 //! still judged by `ingress`; a drop anywhere is final.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
-
 use calyx_dataplane::firewall::nft::{Chain, Family, Hook, Set, SetKind, Table};
 use calyx_dataplane::firewall::IpFamily;
 use calyx_dataplane::HELD_POD_GROUP;
 use ipnetwork::IpNetwork;
+use std::collections::{BTreeMap, BTreeSet};
 
-use super::model::{Cluster, Direction, Peer, Pod, Policy, PortRule, PortSpec, Rule};
+use super::model::{
+    Cluster, Direction, Peer, Pod, Policy, PortRule, PortSpec, Protocol, Rule, Selector,
+};
 
 pub const TABLE: &str = "calyx-policy";
 
@@ -144,10 +144,89 @@ fn peer_identity(peer: &Peer, namespace: &str) -> String {
     }
 }
 
+/// What a set of pods' addresses holds: how it was computed, so that a later build
+/// can patch it with the pods that changed instead of walking every pod again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum SetSource {
+    /// The addresses of `peer`'s pods, for a policy in `namespace`.
+    Peer {
+        peer: Peer,
+        namespace: String,
+        fam: IpFamily,
+    },
+    /// (address, protocol, number) of the port named `port` on the pods in
+    /// `selected` (a policy's namespace and pod selector), or on every pod.
+    NamedPort {
+        selected: Option<(String, Selector)>,
+        port: String,
+        protocol: Protocol,
+        fam: IpFamily,
+    },
+}
+
+impl SetSource {
+    fn has(&self, cluster: &Cluster, pod: &Pod) -> bool {
+        match self {
+            SetSource::Peer {
+                peer, namespace, ..
+            } => cluster.peer_has_pod(peer, namespace, pod),
+            SetSource::NamedPort { selected, .. } => {
+                !pod.host_network
+                    && selected.as_ref().is_none_or(|(ns, selector)| {
+                        pod.key.namespace == *ns && selector.matches(&pod.labels)
+                    })
+            }
+        }
+    }
+
+    /// The elements `pod` brings, if it is one of the set's pods.
+    fn elements(&self, pod: &Pod) -> Vec<String> {
+        let (fam, named) = match self {
+            SetSource::Peer { fam, .. } => (*fam, None),
+            SetSource::NamedPort {
+                port,
+                protocol,
+                fam,
+                ..
+            } => match pod.named_port(port, *protocol) {
+                Some(number) => (*fam, Some((protocol.name(), number))),
+                None => return Vec::new(),
+            },
+        };
+        pod.addresses
+            .iter()
+            .filter(|ip| IpFamily::of(**ip) == fam)
+            .map(|ip| match named {
+                None => ip.to_string(),
+                Some((protocol, number)) => format!("{ip} . {protocol} . {number}"),
+            })
+            .collect()
+    }
+}
+
+/// A built table and what it was built from: the next build patches its pod sets
+/// with the pods that changed (when the namespaces did not), as a change should
+/// cost what it changes, not what the cluster holds.
+pub struct Built {
+    pub table: Table,
+    cluster: Cluster,
+    sources: BTreeMap<String, SetSource>,
+}
+
+/// The previous build and the pods changed since: (before, after).
+struct Patch<'c> {
+    built: &'c Built,
+    changed: Vec<(Option<&'c Pod>, Option<&'c Pod>)>,
+}
+
 /// Builds the table; each piece is added once, named by what it holds.
 struct Builder<'c> {
     cluster: &'c Cluster,
+    /// The namespaces pods are in, each once.
+    pod_namespaces: Vec<&'c str>,
     table: Table,
+    sources: BTreeMap<String, SetSource>,
+    patch: Option<Patch<'c>>,
 }
 
 impl Builder<'_> {
@@ -158,6 +237,60 @@ impl Builder<'_> {
             .or_insert_with(|| Set::new(SetKind::Set, declaration))
     }
 
+    /// The set `name` of the pods `source` describes: the previous build's, patched,
+    /// when it had the same; else computed over `candidates`.
+    fn pod_set<'p>(
+        &mut self,
+        name: String,
+        declaration: String,
+        source: SetSource,
+        candidates: impl Iterator<Item = &'p Pod>,
+    ) -> String {
+        if self.table.sets.contains_key(&name) {
+            return name;
+        }
+        let previous = self.patch.as_ref().and_then(|patch| {
+            let set = patch.built.table.sets.get(&name)?;
+            (patch.built.sources.get(&name) == Some(&source)).then_some((set, &patch.changed))
+        });
+        let set = match previous {
+            Some((set, changed)) => {
+                let mut set = set.clone();
+                // The namespaces are the previous build's (else there is no patch),
+                // so membership reads the same against either cluster. Every pod's
+                // old elements go before any new ones come: a pod that moved
+                // (relabelled, rescheduled) keeps what it still has.
+                for pod in changed.iter().filter_map(|(before, _)| *before) {
+                    if source.has(self.cluster, pod) {
+                        for element in source.elements(pod) {
+                            set.elements.remove(&element);
+                        }
+                    }
+                }
+                for pod in changed.iter().filter_map(|(_, after)| *after) {
+                    if source.has(self.cluster, pod) {
+                        for element in source.elements(pod) {
+                            set.insert(element, None);
+                        }
+                    }
+                }
+                set
+            }
+            None => {
+                let mut set = Set::new(SetKind::Set, declaration);
+                for pod in candidates.filter(|p| source.has(self.cluster, p)) {
+                    for element in source.elements(pod) {
+                        set.insert(element, None);
+                    }
+                }
+                set
+            }
+        };
+        self.table.sets.insert(name.clone(), set);
+        self.sources.insert(name.clone(), source);
+        name
+    }
+
     /// The address set of the pods `peer` names (for a policy in `namespace`).
     fn peer_set(&mut self, peer: &Peer, namespace: &str, fam: IpFamily) -> String {
         let name = format!(
@@ -165,22 +298,31 @@ impl Builder<'_> {
             short_digest(&peer_identity(peer, namespace)),
             suffix(fam)
         );
-        if !self.table.sets.contains_key(&name) {
-            let addresses: Vec<String> = self
-                .cluster
-                .pods
-                .values()
-                .filter(|pod| self.cluster.peer_has_pod(peer, namespace, pod))
-                .flat_map(|pod| &pod.addresses)
-                .filter(|ip| IpFamily::of(**ip) == fam)
-                .map(IpAddr::to_string)
-                .collect();
-            let set = self.set(&name, &format!("type {};", addr_type(fam)));
-            for address in addresses {
-                set.insert(address, None);
-            }
-        }
-        name
+        // Only the namespaces the peer can name are walked.
+        let cluster = self.cluster;
+        let namespaces: Vec<&str> = match peer {
+            Peer::Pods {
+                namespaces: Some(selector),
+                ..
+            } => self
+                .pod_namespaces
+                .iter()
+                .copied()
+                .filter(|ns| selector.matches(&cluster.namespace_labels(ns)))
+                .collect(),
+            _ => vec![namespace],
+        };
+        let source = SetSource::Peer {
+            peer: peer.clone(),
+            namespace: namespace.to_string(),
+            fam,
+        };
+        self.pod_set(
+            name,
+            format!("type {};", addr_type(fam)),
+            source,
+            namespaces.into_iter().flat_map(|ns| cluster.pods_in(ns)),
+        )
     }
 
     /// The (address, protocol, port) set of the ports named `port_name` on the pods a
@@ -203,28 +345,26 @@ impl Builder<'_> {
             short_digest(&format!("{identity} port={port_name}/{}", protocol.name())),
             suffix(fam)
         );
-        if !self.table.sets.contains_key(&name) {
-            let mut elements = Vec::new();
-            let destinations = self.cluster.pods.values().filter(|p| match direction {
-                Direction::Ingress => policy.selects(p),
-                Direction::Egress => !p.host_network,
-            });
-            for pod in destinations {
-                if let Some(number) = pod.named_port(port_name, protocol) {
-                    for ip in pod.addresses.iter().filter(|ip| IpFamily::of(**ip) == fam) {
-                        elements.push(format!("{ip} . {} . {number}", protocol.name()));
-                    }
-                }
-            }
-            let set = self.set(
-                &name,
-                &format!("type {} . inet_proto . inet_service;", addr_type(fam)),
-            );
-            for element in elements {
-                set.insert(element, None);
-            }
-        }
-        name
+        let cluster = self.cluster;
+        let (selected, candidates): (_, Box<dyn Iterator<Item = &Pod>>) = match direction {
+            Direction::Ingress => (
+                Some((policy.key.namespace.clone(), policy.pod_selector.clone())),
+                Box::new(cluster.pods_in(&policy.key.namespace)),
+            ),
+            Direction::Egress => (None, Box::new(cluster.pods.values())),
+        };
+        let source = SetSource::NamedPort {
+            selected,
+            port: port_name.to_string(),
+            protocol,
+            fam,
+        };
+        self.pod_set(
+            name,
+            format!("type {} . inet_proto . inet_service;", addr_type(fam)),
+            source,
+            candidates,
+        )
     }
 
     /// The rules of `policy`'s chain for `direction`, which isolates `local` here.
@@ -362,9 +502,38 @@ fn base(hook: &'static str, priority: i32, rules: Vec<String>) -> Chain {
 
 /// The table `node` wants for `cluster`.
 pub fn desired_table(cluster: &Cluster, node: &str) -> Table {
+    build(cluster, node, None).table
+}
+
+/// The table `node` wants for `cluster`, its pod sets patched from `previous` where
+/// that build had them and the namespaces are as they were.
+pub fn build(cluster: &Cluster, node: &str, previous: Option<&Built>) -> Built {
+    let mut pod_namespaces: Vec<&str> = cluster.pods.keys().map(|k| k.namespace.as_str()).collect();
+    pod_namespaces.dedup();
+    let patch = previous
+        .filter(|p| {
+            p.cluster.namespaces.ptr_eq(&cluster.namespaces)
+                || p.cluster.namespaces == cluster.namespaces
+        })
+        .map(|built| Patch {
+            built,
+            changed: built
+                .cluster
+                .pods
+                .diff(&cluster.pods)
+                .map(|d| match d {
+                    imbl::ordmap::DiffItem::Add(_, new) => (None, Some(new)),
+                    imbl::ordmap::DiffItem::Update { old, new } => (Some(old.1), Some(new.1)),
+                    imbl::ordmap::DiffItem::Remove(_, old) => (Some(old), None),
+                })
+                .collect(),
+        });
     let mut b = Builder {
         cluster,
+        pod_namespaces,
         table: Table::new(Family::Inet, TABLE),
+        sources: BTreeMap::new(),
+        patch,
     };
     for direction in [Direction::Ingress, Direction::Egress] {
         for fam in IpFamily::BOTH {
@@ -508,7 +677,52 @@ pub fn desired_table(cluster: &Cluster, node: &str) -> Table {
         POD_SOURCES_CHAIN.into(),
         base("prerouting", -300, pod_sources()),
     );
-    b.table
+    Built {
+        table: b.table,
+        cluster: cluster.clone(),
+        sources: b.sources,
+    }
+}
+
+/// The table's named counters (name -> packets, bytes, as the kernel holds them) as
+/// /metrics shows them. An allowing rule counts the packets it accepts: the first of
+/// each connection, as the rest pass as established.
+pub fn kernel_counts(counters: BTreeMap<String, (u64, u64)>) -> Vec<crate::metrics::KernelCount> {
+    use crate::metrics::KernelCount;
+    counters
+        .into_iter()
+        .filter_map(|(name, (packets, bytes))| {
+            let parts: Vec<&str> = name.split('/').collect();
+            let (metric, help, labels): (&str, &str, Vec<(&str, String)>) = match parts.as_slice() {
+                ["allowed", ns, policy, direction] => (
+                    "allowed",
+                    "Packets a NetworkPolicy let start a connection, per namespace, policy and direction",
+                    vec![("namespace", ns.to_string()), ("policy", policy.to_string()), ("direction", direction.to_string())],
+                ),
+                ["denied", ns, direction] => (
+                    "denied",
+                    "Packets dropped as no policy of an isolated pod allows them, per namespace and direction",
+                    vec![("namespace", ns.to_string()), ("direction", direction.to_string())],
+                ),
+                // Names too long for nft, kept as their digest.
+                ["allowed" | "denied", _] => (
+                    if parts[0] == "allowed" { "allowed" } else { "denied" },
+                    "Packets a NetworkPolicy let start a connection, per namespace, policy and direction",
+                    vec![("counter", name.clone())],
+                ),
+                [SPOOFED_COUNTER] => ("spoofed", "Packets a pod sent from an address not its own, dropped at its veth", Vec::new()),
+                [HELD_COUNTER] => ("held", "Packets to or from a new pod not yet classified, dropped", Vec::new()),
+                _ => return None,
+            };
+            Some(KernelCount {
+                name: metric,
+                help,
+                labels,
+                packets,
+                bytes,
+            })
+        })
+        .collect()
 }
 
 /// A pod sends only from the addresses the node routes to its veth (strict reverse
@@ -663,5 +877,76 @@ mod tests {
             lines.iter().all(|l| l.starts_with("delete element")),
             "{lines:#?}"
         );
+    }
+}
+
+#[cfg(test)]
+mod netlink_tests {
+    use calyx_dataplane::firewall::nft::{netlink, plan};
+
+    use super::*;
+    use crate::policy::model::*;
+
+    #[test]
+    fn element_changes_of_the_policy_table_go_over_netlink() {
+        let mut c = Cluster::default();
+        for (name, node, ip, app) in [
+            ("web", "n1", "10.244.1.1", "web"),
+            ("client", "n2", "10.244.2.1", "client"),
+            ("other", "n2", "10.244.2.2", "other"),
+        ] {
+            let key = PodKey {
+                namespace: "shop".into(),
+                name: name.into(),
+            };
+            c.pods.insert(
+                key.clone(),
+                Pod {
+                    key,
+                    labels: [("app".to_string(), app.to_string())].into(),
+                    node: node.into(),
+                    addresses: vec![ip.parse().unwrap()],
+                    named_ports: vec![],
+                    host_network: false,
+                },
+            );
+        }
+        let key = PolicyKey {
+            namespace: "shop".into(),
+            name: "web".into(),
+        };
+        let app = |v: &str| Selector {
+            match_labels: [("app".to_string(), v.to_string())].into(),
+            match_expressions: vec![],
+        };
+        c.policies.insert(
+            key.clone(),
+            Policy {
+                key,
+                pod_selector: app("web"),
+                ingress: Some(vec![Rule {
+                    peers: vec![Peer::Pods {
+                        namespaces: None,
+                        pods: app("client"),
+                    }],
+                    ports: vec![],
+                }]),
+                egress: None,
+            },
+        );
+        let before = desired_table(&c, "n1");
+        let other = PodKey {
+            namespace: "shop".into(),
+            name: "other".into(),
+        };
+        c.pods
+            .get_mut(&other)
+            .unwrap()
+            .labels
+            .insert("app".into(), "client".into());
+        let after = desired_table(&c, "n1");
+        let tx = plan(Some(&before), &after);
+        assert_eq!(tx.ops.len(), 1, "{:?}", tx.script());
+        assert!(netlink::encode(&tx, &after).is_some(), "{}", tx.script());
     }
 }

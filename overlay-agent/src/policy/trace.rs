@@ -973,6 +973,37 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+        /// A change's table, patched from the last build, is the table built afresh:
+        /// pods come, go and change between two clusters of the same namespaces.
+        #[test]
+        fn a_patched_build_is_the_fresh_build(
+            before in cluster_strategy(),
+            after in cluster_strategy(),
+            keep in proptest::collection::vec(proptest::bool::ANY, 8),
+        ) {
+            let mut after = after;
+            after.namespaces = before.namespaces.clone();
+            // Mostly the same policies (pods alone changed), sometimes others too.
+            if keep[0] || keep[1] {
+                after.policies = before.policies.clone();
+            }
+            // Some pods stay as they were, the rest are the other cluster's.
+            for (i, (key, pod)) in before.pods.iter().enumerate() {
+                if keep[i % keep.len()] && !after.pods.values().any(|p| p.key != *key && p.addresses.iter().any(|a| pod.addresses.contains(a))) {
+                    after.pods.insert(key.clone(), pod.clone());
+                }
+            }
+            for node in NODES {
+                let previous = crate::policy::table::build(&before, node, None);
+                let patched = crate::policy::table::build(&after, node, Some(&previous));
+                let fresh = desired_table(&after, node);
+                prop_assert_eq!(&patched.table, &fresh);
+            }
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
         #[test]
         fn the_kernel_table_judges_every_flow_as_the_model_does(cluster in cluster_strategy()) {

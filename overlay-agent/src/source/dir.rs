@@ -8,7 +8,7 @@
 //! A file that does not parse keeps its last good objects; an invalid object is
 //! skipped; both are logged with the file and the field at fault.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -20,7 +20,7 @@ use serde_json::Value;
 use super::Publisher;
 use crate::object_files;
 use crate::policy::model::Cluster;
-use crate::policy::parse::{self as policy_parse, Object as PolicyObject};
+use crate::policy::parse::{self as policy_parse, Object as PolicyObject, ObjectKey};
 use crate::proxy::model::{ProxyState, Service, ServiceKey, Slice};
 use crate::proxy::source::objects::{self, Converted};
 
@@ -100,6 +100,14 @@ fn convert(item: Value, into: &mut FileObjects) -> Result<(), String> {
     Ok(())
 }
 
+/// The keys of the policy objects in `files`.
+fn policy_keys<'a>(files: impl IntoIterator<Item = &'a FileObjects>) -> BTreeSet<ObjectKey> {
+    files
+        .into_iter()
+        .flat_map(|o| o.policy.iter().map(PolicyObject::key))
+        .collect()
+}
+
 /// A file's identity for change detection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Stamp {
@@ -131,6 +139,9 @@ pub struct DirSource {
     /// `take_changes` was last called (both true before the first call).
     proxy_changed: bool,
     policy_changed: bool,
+    /// Every file's Pods, Namespaces and NetworkPolicies together, patched file by
+    /// file: for each object, the last file's (in file order) that has it.
+    cluster: Cluster,
 }
 
 impl DirSource {
@@ -153,14 +164,36 @@ impl DirSource {
         self.policy_changed |= old.policy != new.policy;
     }
 
+    /// The policy controller's objects of every file (a copy that shares them).
     pub fn cluster(&self) -> Cluster {
-        let mut cluster = Cluster::default();
-        for (_, objects) in self.files.values() {
-            for object in &objects.policy {
-                cluster.add(object.clone());
+        self.cluster.clone()
+    }
+
+    /// Settles the objects a file change touched: each takes its value from the
+    /// last file that has it, or goes. Many at once (a big file rewritten) rebuild
+    /// the whole cluster instead.
+    fn settle(&mut self, touched: BTreeSet<ObjectKey>) {
+        if touched.len() > 64 {
+            let mut cluster = Cluster::default();
+            for (_, objects) in self.files.values() {
+                for object in &objects.policy {
+                    cluster.add(object.clone());
+                }
+            }
+            self.cluster = cluster;
+            return;
+        }
+        for key in touched {
+            let last = self
+                .files
+                .values()
+                .rev()
+                .find_map(|(_, o)| o.policy.iter().rev().find(|x| x.key() == key));
+            match last {
+                Some(object) => self.cluster.add(object.clone()),
+                None => self.cluster.remove(&key),
             }
         }
-        cluster
     }
 }
 
@@ -174,6 +207,7 @@ impl DirSource {
             merged: ProxyState::default(),
             proxy_changed: true,
             policy_changed: true,
+            cluster: Cluster::default(),
         }
     }
 
@@ -200,6 +234,7 @@ impl DirSource {
             if let Some((_, old)) = self.files.remove(&path) {
                 self.note_change(Some(&old), None);
                 self.unmerge(&old);
+                self.settle(policy_keys([&old]));
                 changed = true;
             }
         }
@@ -223,11 +258,13 @@ impl DirSource {
                     );
                     let old = self.files.remove(&path).map(|(_, old)| old);
                     self.note_change(old.as_ref(), Some(&objects));
+                    let touched = policy_keys(old.iter().chain([&objects]));
                     if let Some(old) = old {
                         self.unmerge(&old);
                     }
                     self.merge(&path, &objects);
                     self.files.insert(path, (now, objects));
+                    self.settle(touched);
                 }
                 Err(why) => {
                     let kept = self.files.get(&path).map(|(_, o)| o.clone());
@@ -336,7 +373,11 @@ pub fn spawn(
                         alive |= !proxy_changed || proxy.publish(Arc::new(state));
                     }
                     if let Some(policy) = &policy {
-                        alive |= !policy_changed || policy.publish(Arc::new(source.cluster()));
+                        alive |= !policy_changed || {
+                            let cluster = source.cluster();
+                            tracing::debug!(elapsed = ?started.elapsed(), "policy objects merged");
+                            policy.publish(Arc::new(cluster))
+                        };
                     }
                     if !alive {
                         return;
@@ -434,6 +475,53 @@ mod tests {
         );
         std::fs::remove_file(&path).unwrap();
         assert!(source.scan().unwrap().services.is_empty());
+    }
+
+    #[test]
+    fn policy_objects_take_the_last_files_value_and_fall_back_when_it_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let pod = |name: &str, v: &str| {
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "x", "labels": {"v": v}},
+                "spec": {"nodeName": "n1"},
+                "status": {"phase": "Running", "podIPs": [{"ip": "10.244.1.5"}]}})
+        };
+        let write = |file: &str, items: Vec<serde_json::Value>| {
+            let list = serde_json::json!({"apiVersion": "v1", "kind": "List", "items": items});
+            std::fs::write(dir.path().join(file), list.to_string()).unwrap();
+        };
+        let label = |source: &DirSource, name: &str| {
+            let key = crate::policy::model::PodKey {
+                namespace: "x".into(),
+                name: name.into(),
+            };
+            source
+                .cluster()
+                .pods
+                .get(&key)
+                .map(|p| p.labels["v"].clone())
+        };
+        write("a.json", vec![pod("a", "1"), pod("b", "1")]);
+        write("b.json", vec![pod("a", "2")]);
+        let mut source = DirSource::new(dir.path().into(), "n1".into());
+        source.scan();
+        assert_eq!(
+            label(&source, "a").as_deref(),
+            Some("2"),
+            "the later file wins"
+        );
+        assert_eq!(label(&source, "b").as_deref(), Some("1"));
+        std::fs::remove_file(dir.path().join("b.json")).unwrap();
+        source.scan();
+        assert_eq!(
+            label(&source, "a").as_deref(),
+            Some("1"),
+            "back to a.json's"
+        );
+        write("a.json", vec![pod("a", "33")]);
+        source.scan();
+        assert_eq!(label(&source, "a").as_deref(), Some("33"));
+        assert_eq!(label(&source, "b"), None, "gone with its file's entry");
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! The kernel's nftables, through the `nft` tool (and, for element changes alone,
 //! straight over netlink: `netlink`).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{Backend, Chain, Family, Hook, Set, SetKind, Table, Transaction};
 use crate::firewall::{run_tool, FirewallError};
@@ -11,19 +11,10 @@ pub struct NftCommand;
 
 impl Backend for NftCommand {
     fn dump(&self, family: Family, table: &str) -> Result<Option<Table>, FirewallError> {
-        let listed = run_tool(
-            "nft",
-            &["-j", "list", "table", family.keyword(), table],
-            None,
-        );
-        let json = match listed {
-            Ok(json) => json,
-            Err(FirewallError::Refused { stderr, .. }) if stderr.contains("No such file") => {
-                return Ok(None)
-            }
-            Err(e) => return Err(e),
-        };
-        parse_dump(family, table, &json).map(Some)
+        match list_json(&["list", "table", family.keyword(), table])? {
+            Some(json) => parse_dump(family, table, &json).map(Some),
+            None => Ok(None),
+        }
     }
 
     fn apply(&self, tx: &Transaction) -> Result<(), FirewallError> {
@@ -64,6 +55,46 @@ impl Backend for NftCommand {
         }
         // A table without chains lists nothing here; ours always has its base chains.
         Ok(table_seen.then_some(names))
+    }
+}
+
+/// `nft -j <args>`; None when the table named is not there.
+fn list_json(args: &[&str]) -> Result<Option<String>, FirewallError> {
+    let args: Vec<&str> = ["-j"].iter().chain(args).copied().collect();
+    match run_tool("nft", &args, None) {
+        Ok(json) => Ok(Some(json)),
+        Err(FirewallError::Refused { stderr, .. }) if stderr.contains("No such file") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// A table's named counters: name -> (packets, bytes).
+pub type Counters = BTreeMap<String, (u64, u64)>;
+
+impl NftCommand {
+    /// The named counters of a table. None when there is no such table.
+    pub fn counters(family: Family, table: &str) -> Result<Option<Counters>, FirewallError> {
+        let Some(json) = list_json(&["list", "counters", "table", family.keyword(), table])? else {
+            return Ok(None);
+        };
+        let doc: serde_json::Value =
+            serde_json::from_str(&json).map_err(|e| FirewallError::Dump {
+                what: format!("counters of {} {table}", family.keyword()),
+                why: e.to_string(),
+            })?;
+        let counters = doc["nftables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|o| o.get("counter"))
+            .filter_map(|c| {
+                Some((
+                    c["name"].as_str()?.to_string(),
+                    (c["packets"].as_u64()?, c["bytes"].as_u64()?),
+                ))
+            })
+            .collect();
+        Ok(Some(counters))
     }
 }
 

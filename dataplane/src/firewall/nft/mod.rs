@@ -560,7 +560,8 @@ impl TableSync {
         }
         let tx = plan(self.last.as_ref(), desired);
         if !tx.is_empty() {
-            if let Err(e) = backend.apply(&tx) {
+            // Element changes alone may take the backend's faster way.
+            if let Err(e) = backend.apply_in(&tx, desired) {
                 // The kernel holds what it held; read it again next time.
                 self.known = false;
                 return Err(e);
