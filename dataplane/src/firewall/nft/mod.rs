@@ -18,6 +18,9 @@ pub mod netlink;
 pub use command::{parse_dump, NftCommand};
 pub use fake::RecordingNft;
 
+use imbl::ordmap::DiffItem;
+use imbl::OrdMap;
+
 use super::{digest, FirewallError, IpFamily};
 
 /// An nftables table family: one address family, or `inet` (both in one table).
@@ -116,7 +119,9 @@ pub struct Set {
     pub declaration: String,
     /// Filled by the kernel (e.g. session-affinity sets): elements are never diffed.
     pub dynamic: bool,
-    pub elements: BTreeMap<String, Option<String>>,
+    /// A persistent map: a copy shares its elements, and two sets one was copied from
+    /// compare by what changed, so a table rebuilt for one change plans in time to it.
+    pub elements: OrdMap<String, Option<String>>,
     digest: String,
 }
 
@@ -128,7 +133,7 @@ impl Set {
             digest: digest(&declaration),
             declaration,
             dynamic: false,
-            elements: BTreeMap::new(),
+            elements: OrdMap::new(),
         }
     }
 
@@ -147,7 +152,7 @@ impl Set {
             kind: self.kind,
             declaration: self.declaration.clone(),
             dynamic: self.dynamic,
-            elements: BTreeMap::new(),
+            elements: OrdMap::new(),
             digest: self.digest.clone(),
         }
     }
@@ -339,37 +344,36 @@ pub fn plan(current: Option<&Table>, desired: &Table) -> Transaction {
             ops.push(Op::AddChain(name.clone(), chain.hook.clone()));
         }
     }
-    // 2. Elements: deletions first (a changed map value is a delete and an add).
+    // 2. Elements: deletions first (a changed map value is a delete and an add). The
+    //    persistent maps' diff skips what the two share, so an unchanged set of a
+    //    table rebuilt from the last one costs nothing here.
+    let empty = OrdMap::new();
+    let mut additions = Vec::new();
     for (name, set) in &desired.sets {
         if set.dynamic {
             continue;
         }
-        let before = current.sets.get(name).map(|s| &s.elements);
-        let stale: Vec<String> = before
-            .into_iter()
-            .flatten()
-            .filter(|(k, v)| set.elements.get(*k) != Some(*v))
-            .map(|(k, _)| k.clone())
-            .collect();
+        let before = current.sets.get(name).map_or(&empty, |s| &s.elements);
+        let mut stale = Vec::new();
+        let mut new = Vec::new();
+        for change in before.diff(&set.elements) {
+            match change {
+                DiffItem::Remove(k, _) => stale.push(k.clone()),
+                DiffItem::Update { old, new: (k, v) } => {
+                    stale.push(old.0.clone());
+                    new.push((k.clone(), v.clone()));
+                }
+                DiffItem::Add(k, v) => new.push((k.clone(), v.clone())),
+            }
+        }
         for chunk in stale.chunks(ELEMENTS_PER_LINE) {
             ops.push(Op::DeleteElements(name.clone(), chunk.to_vec()));
         }
-    }
-    for (name, set) in &desired.sets {
-        if set.dynamic {
-            continue;
-        }
-        let before = current.sets.get(name).map(|s| &s.elements);
-        let new: Vec<(String, Option<String>)> = set
-            .elements
-            .iter()
-            .filter(|(k, v)| before.and_then(|b| b.get(*k)) != Some(*v))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
         for chunk in new.chunks(ELEMENTS_PER_LINE) {
-            ops.push(Op::AddElements(name.clone(), chunk.to_vec()));
+            additions.push(Op::AddElements(name.clone(), chunk.to_vec()));
         }
     }
+    ops.extend(additions);
     // 3. Chains whose rules differ: flushed and refilled.
     for (name, chain) in &desired.chains {
         let had = current.chains.get(name);
@@ -446,7 +450,7 @@ fn restrict(table: &Table, touched: &Touched) -> Table {
     for name in sets {
         if let Some(set) = table.sets.get(name) {
             out.sets.entry(name.clone()).or_insert_with(|| Set {
-                elements: BTreeMap::new(),
+                elements: OrdMap::new(),
                 ..set.clone_declaration()
             });
         }
