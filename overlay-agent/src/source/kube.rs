@@ -377,50 +377,21 @@ fn apply(mirror: &mut Mirror, update: Update) -> Changed {
                 convert_policy_object("NetworkPolicy", p, |p| policy_parse::policy(p).map(Some))
             }))
         }
-        _ => proxy(apply_proxy(mirror, update)),
-    }
-}
-
-fn apply_proxy(mirror: &mut Mirror, update: Update) -> bool {
-    match update {
-        Update::Service(boxed) => match *boxed {
-            Ok(event) => {
-                let listing = matches!(event, Event::Init | Event::InitApply(_));
-                mirror.services.event(event, convert_service);
-                !listing
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Kubernetes watch of Services failed; retrying with backoff");
-                false
-            }
-        },
-        Update::Slice(boxed) => match *boxed {
-            Ok(event) => {
-                let listing = matches!(event, Event::Init | Event::InitApply(_));
-                mirror.slices.event(event, convert_slice);
-                !listing
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Kubernetes watch of EndpointSlices failed; retrying with backoff");
-                false
-            }
-        },
-        Update::Node(boxed) => match *boxed {
-            Ok(event) => {
-                let listing = matches!(event, Event::Init | Event::InitApply(_));
-                mirror
-                    .node
-                    .event(event, |n: &Node| Some(objects::node_zone(&n.metadata)));
-                !listing
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "Kubernetes watch of this Node failed; retrying with backoff");
-                false
-            }
-        },
-        Update::Pod(_) | Update::Namespace(_) | Update::Policy(_) => {
-            unreachable!("policy updates are taken by `apply`")
-        }
+        Update::Service(boxed) => proxy(take(
+            &mut mirror.services,
+            "Services",
+            *boxed,
+            convert_service,
+        )),
+        Update::Slice(boxed) => proxy(take(
+            &mut mirror.slices,
+            "EndpointSlices",
+            *boxed,
+            convert_slice,
+        )),
+        Update::Node(boxed) => proxy(take(&mut mirror.node, "this Node", *boxed, |n: &Node| {
+            Some(objects::node_zone(&n.metadata))
+        })),
     }
 }
 
