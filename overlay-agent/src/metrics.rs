@@ -119,11 +119,10 @@ pub struct KernelCount {
 pub type CountReader = Box<dyn Fn() -> Vec<KernelCount> + Send + Sync>;
 
 /// The kernel's counts, read when /metrics is scraped: the agent does no per-packet work.
-#[derive(Default)]
 struct KernelCounts {
     read: Mutex<Option<CountReader>>,
     /// Another counter kept outside the kernel, read at the same time.
-    refused: Option<&'static std::sync::atomic::AtomicU64>,
+    refused: &'static AtomicU64,
 }
 
 impl std::fmt::Debug for KernelCounts {
@@ -139,16 +138,14 @@ impl prometheus_client::collector::Collector for KernelCounts {
     ) -> Result<(), std::fmt::Error> {
         use prometheus_client::encoding::EncodeMetric;
         use prometheus_client::metrics::counter::ConstCounter;
-        if let Some(refused) = self.refused {
-            let counter = ConstCounter::new(refused.load(Ordering::Relaxed));
-            let metric = encoder.encode_descriptor(
-                "refused",
-                "NetworkPolicies refused as the API server would refuse them (each time one is read; see the log for file, object and field)",
-                None,
-                counter.metric_type(),
-            )?;
-            counter.encode(metric)?;
-        }
+        let counter = ConstCounter::new(self.refused.load(Ordering::Relaxed));
+        let metric = encoder.encode_descriptor(
+            "refused",
+            "NetworkPolicies refused as the API server would refuse them (each time one is read; see the log for file, object and field)",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)?;
         let counts = match &*self.read.lock().unwrap_or_else(|e| e.into_inner()) {
             Some(read) => read(),
             None => return Ok(()),
@@ -200,7 +197,7 @@ impl PolicyMetrics {
             sync_errors: Counter::default(),
             counts: Arc::new(KernelCounts {
                 read: Mutex::new(None),
-                refused: Some(&crate::policy::parse::POLICIES_REFUSED),
+                refused: &crate::policy::parse::POLICIES_REFUSED,
             }),
         }
     }

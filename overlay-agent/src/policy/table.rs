@@ -35,11 +35,12 @@
 //! Accepting is final only for that base chain: a packet accepted by `egress` is
 //! still judged by `ingress`; a drop anywhere is final.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use calyx_dataplane::firewall::nft::{Chain, Family, Hook, Set, SetKind, Table};
 use calyx_dataplane::firewall::IpFamily;
 use calyx_dataplane::HELD_POD_GROUP;
 use ipnetwork::IpNetwork;
-use std::collections::{BTreeMap, BTreeSet};
 
 use super::model::{
     Cluster, Direction, Peer, Pod, Policy, PortRule, PortSpec, Protocol, Rule, Selector,
@@ -684,39 +685,50 @@ pub fn build(cluster: &Cluster, node: &str, previous: Option<&Built>) -> Built {
     }
 }
 
+/// What each of the table's counters counts, as /metrics says it.
+fn count_help(metric: &str) -> &'static str {
+    match metric {
+        "allowed" => "Packets a NetworkPolicy let start a connection, per namespace, policy and direction",
+        "denied" => "Packets dropped as no policy of an isolated pod allows them, per namespace and direction",
+        "spoofed" => "Packets a pod sent from an address not its own, dropped at its veth",
+        _ => "Packets to or from a new pod not yet classified, dropped",
+    }
+}
+
 /// The table's named counters (name -> packets, bytes, as the kernel holds them) as
 /// /metrics shows them. An allowing rule counts the packets it accepts: the first of
 /// each connection, as the rest pass as established.
 pub fn kernel_counts(counters: BTreeMap<String, (u64, u64)>) -> Vec<crate::metrics::KernelCount> {
-    use crate::metrics::KernelCount;
     counters
         .into_iter()
         .filter_map(|(name, (packets, bytes))| {
             let parts: Vec<&str> = name.split('/').collect();
-            let (metric, help, labels): (&str, &str, Vec<(&str, String)>) = match parts.as_slice() {
+            let (metric, labels): (&'static str, Vec<(&str, String)>) = match parts.as_slice() {
                 ["allowed", ns, policy, direction] => (
                     "allowed",
-                    "Packets a NetworkPolicy let start a connection, per namespace, policy and direction",
-                    vec![("namespace", ns.to_string()), ("policy", policy.to_string()), ("direction", direction.to_string())],
+                    vec![
+                        ("namespace", ns.to_string()),
+                        ("policy", policy.to_string()),
+                        ("direction", direction.to_string()),
+                    ],
                 ),
                 ["denied", ns, direction] => (
                     "denied",
-                    "Packets dropped as no policy of an isolated pod allows them, per namespace and direction",
-                    vec![("namespace", ns.to_string()), ("direction", direction.to_string())],
+                    vec![
+                        ("namespace", ns.to_string()),
+                        ("direction", direction.to_string()),
+                    ],
                 ),
                 // Names too long for nft, kept as their digest.
-                ["allowed" | "denied", _] => (
-                    if parts[0] == "allowed" { "allowed" } else { "denied" },
-                    "Packets a NetworkPolicy let start a connection, per namespace, policy and direction",
-                    vec![("counter", name.clone())],
-                ),
-                [SPOOFED_COUNTER] => ("spoofed", "Packets a pod sent from an address not its own, dropped at its veth", Vec::new()),
-                [HELD_COUNTER] => ("held", "Packets to or from a new pod not yet classified, dropped", Vec::new()),
+                ["allowed", _] => ("allowed", vec![("counter", name.clone())]),
+                ["denied", _] => ("denied", vec![("counter", name.clone())]),
+                [SPOOFED_COUNTER] => ("spoofed", Vec::new()),
+                [HELD_COUNTER] => ("held", Vec::new()),
                 _ => return None,
             };
-            Some(KernelCount {
+            Some(crate::metrics::KernelCount {
                 name: metric,
-                help,
+                help: count_help(metric),
                 labels,
                 packets,
                 bytes,
@@ -834,6 +846,42 @@ mod tests {
                 "not an element change: {line}\nin {lines:#?}"
             );
         }
+    }
+
+    #[test]
+    fn kernel_counters_become_metrics_with_one_help_per_name() {
+        let counters = [
+            ("allowed/x/web/ingress", (3, 180)),
+            ("allowed/5f1c0ffee123", (1, 60)),
+            ("denied/x/ingress", (7, 420)),
+            ("denied/0123456789ab", (2, 120)),
+            ("spoofed", (4, 240)),
+            ("held", (5, 300)),
+            ("something-else", (9, 9)),
+        ]
+        .into_iter()
+        .map(|(n, v)| (n.to_string(), v))
+        .collect();
+        let counts = kernel_counts(counters);
+        assert_eq!(counts.len(), 6, "{counts:?}");
+        for count in &counts {
+            assert_eq!(count.help, count_help(count.name), "{count:?}");
+        }
+        let denied: Vec<_> = counts.iter().filter(|c| c.name == "denied").collect();
+        assert_eq!(denied.len(), 2);
+        let web = counts
+            .iter()
+            .find(|c| c.name == "allowed" && c.labels.len() == 3)
+            .expect("the readable allowed counter");
+        assert_eq!((web.packets, web.bytes), (3, 180));
+        assert_eq!(
+            web.labels,
+            vec![
+                ("namespace", "x".to_string()),
+                ("policy", "web".to_string()),
+                ("direction", "ingress".to_string())
+            ]
+        );
     }
 
     #[test]
