@@ -261,16 +261,18 @@ impl Cluster {
                 namespace: namespace.clone(),
                 name: name.clone(),
             };
-            let missing =
-                |pod: &Pod| !pod.host_network && ips.iter().any(|ip| !pod.addresses.contains(ip));
-            if !out.pods.get(&key).is_some_and(missing) {
-                continue;
-            }
-            if let Some(pod) = out.pods.get_mut(&key) {
-                for ip in ips {
-                    if !pod.addresses.contains(ip) {
-                        pod.addresses.push(*ip);
-                    }
+            let missing: Vec<IpAddr> = match out.pods.get(&key) {
+                Some(pod) if !pod.host_network => ips
+                    .iter()
+                    .filter(|ip| !pod.addresses.contains(ip))
+                    .copied()
+                    .collect(),
+                _ => continue,
+            };
+            // Only a pod that gains an address is copied.
+            if !missing.is_empty() {
+                if let Some(pod) = out.pods.get_mut(&key) {
+                    pod.addresses.extend(missing);
                 }
             }
         }
@@ -283,10 +285,16 @@ impl Cluster {
             namespace: namespace.to_string(),
             name: String::new(),
         };
-        self.pods
-            .range(first..)
-            .take_while(move |(k, _)| k.namespace == namespace)
-            .map(|(_, p)| p)
+        namespace_range(&self.pods, first, |k| &k.namespace, namespace)
+    }
+
+    /// The policies of one namespace.
+    pub fn policies_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a Policy> + 'a {
+        let first = PolicyKey {
+            namespace: namespace.to_string(),
+            name: String::new(),
+        };
+        namespace_range(&self.policies, first, |k| &k.namespace, namespace)
     }
 
     /// The namespaces with a policy: where a new pod could be isolated.
@@ -324,16 +332,22 @@ impl Cluster {
         direction: Direction,
     ) -> impl Iterator<Item = &'a Policy> + 'a {
         // A policy selects pods of its own namespace only.
-        let first = PolicyKey {
-            namespace: pod.key.namespace.clone(),
-            name: String::new(),
-        };
-        self.policies
-            .range(first..)
-            .take_while(move |(k, _)| k.namespace == pod.key.namespace)
-            .map(|(_, p)| p)
+        self.policies_in(&pod.key.namespace)
             .filter(move |p| p.rules(direction).is_some() && p.selects(pod))
     }
+}
+
+/// The values of `map` whose keys are in `namespace`, from `first` (the smallest key
+/// of it): keys sort by namespace first, so they are one range.
+fn namespace_range<'a, K: Ord + Clone, V>(
+    map: &'a OrdMap<K, V>,
+    first: K,
+    namespace_of: impl Fn(&K) -> &str + 'a,
+    namespace: &'a str,
+) -> impl Iterator<Item = &'a V> + 'a {
+    map.range(first..)
+        .take_while(move |(k, _)| namespace_of(k) == namespace)
+        .map(|(_, v)| v)
 }
 
 /// Whether `ip` is inside `block` and outside its exceptions.
