@@ -77,8 +77,10 @@ impl PolicyController {
         if self.looked_before_listing {
             return true;
         }
-        let written =
-            tokio::task::block_in_place(|| match self.backend.dump(Family::Inet, TABLE)? {
+        // Whether the table is there at all: its chain names say, without reading
+        // its rules and elements (the sync reads the kernel itself).
+        let written = tokio::task::block_in_place(|| {
+            match self.backend.chain_names(Family::Inet, TABLE)? {
                 Some(_) => Ok(false),
                 None => self
                     .sync
@@ -88,7 +90,8 @@ impl PolicyController {
                         true,
                     )
                     .map(|_| true),
-            });
+            }
+        });
         match written {
             Ok(written) => {
                 if written {
